@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Idempotent set-up: .venv at the repository root with torch, the project and its test extra,
+# plus the Node client used by the end-to-end tests. Safe to run again; fast when done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+
+# A machine with an NVIDIA GPU gets the default (CUDA) torch; without one, the CPU build,
+# pinned so that pip takes the local file instead of downloading a multi-GB CUDA build.
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "$VPY" -m pip install -q torch
+  else
+    "$VPY" -m pip install -q torch==2.13.0
+  fi
+fi
+
+stamp=.venv/.flux-setup-stamp
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  "$VPY" -m pip install -q -e ".[test]"
+  touch "$stamp"
+fi
+
+# @fal-ai/client for the JavaScript end-to-end tests (npm registry).
+if [ "${FLUX_SKIP_NODE:-0}" != "1" ] && command -v npm >/dev/null 2>&1; then
+  if [ ! -d tests/e2e/js/node_modules/@fal-ai/client ]; then
+    (cd tests/e2e/js && npm install --no-audit --no-fund --silent)
+  fi
+fi

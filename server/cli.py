@@ -1,0 +1,121 @@
+"""`flux-server` command line: serve | api | worker | generate | make-cert.
+
+Every subcommand's work lives in its own module, imported lazily so that the API process
+never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from server.config import Settings
+
+# Flags shared by serve/api/worker; each maps to a Settings field (env FLUX_<NAME>).
+_SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--model", {"help": "diffusers folder, single-file transformer (.safetensors), or 'tiny'"}),
+    ("--components-dir", {"help": "folder with the other components when --model is a single file"}),
+    ("--safety-checker", {"help": "local image-classification model folder (NSFW checker)"}),
+    ("--data-dir", {"help": "queue database, outputs, tiny model and caches"}),
+    ("--host", {}),
+    ("--port", {"type": int}),
+    ("--public-url", {"help": "base of the URLs the server returns (default: from the request)"}),
+    ("--ssl-certfile", {}),
+    ("--ssl-keyfile", {}),
+    ("--api-key", {"action": "append", "help": "accepted API key (repeatable)"}),
+    ("--api-keys-file", {"help": "file with one API key per line"}),
+    ("--insecure-no-auth", {"action": "store_true", "default": None}),
+    ("--workers", {"type": int, "help": "worker processes (default: one per GPU, else one)"}),
+    ("--device", {"choices": ["auto", "cpu", "cuda"]}),
+    ("--default-acceleration", {"choices": ["none", "regular", "high"]}),
+    ("--presets", {"help": "comma-separated presets to load and warm (none,regular,high)"}),
+    ("--warmup-sizes", {"help": "comma-separated WxH sizes to compile for before ready"}),
+    ("--memory-plan", {"help": "auto, resident, fp8-offload-text, model-offload, sequential-offload"}),
+    ("--retention-seconds", {"type": float}),
+    ("--lease-seconds", {"type": float}),
+    ("--webhook-allowlist", {"help": "comma-separated host names webhooks may be sent to"}),
+]
+
+
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, kwargs in _SERVER_FLAGS:
+        parser.add_argument(flag, **{"default": None, **kwargs})
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Environment first, then every flag the user actually gave."""
+    overrides = {
+        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+        for flag, _ in _SERVER_FLAGS
+        if getattr(args, flag[2:].replace("-", "_"), None) is not None
+    }
+    return Settings(**overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flux-server", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="API and supervised workers (the one command to run)")
+    _add_server_flags(serve)
+    api = sub.add_parser("api", help="the API process alone (no torch)")
+    _add_server_flags(api)
+    worker = sub.add_parser("worker", help="one worker process alone")
+    _add_server_flags(worker)
+    worker.add_argument("--worker-id", default=None)
+    worker.add_argument("--gpu", type=int, default=None, help="CUDA device index")
+
+    gen = sub.add_parser("generate", help="generate images from the command line")
+    gen.add_argument("--model", default="tiny")
+    gen.add_argument("--components-dir", default=None)
+    gen.add_argument("--safety-checker", default=None)
+    gen.add_argument("--data-dir", default=None)
+    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--out", required=True, help="output file; with --num-images N, -1..-N suffixes")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=28)
+    gen.add_argument("--guidance", type=float, default=3.5)
+    gen.add_argument("--size", default="landscape_4_3", help="preset name or WxH")
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--image", default=None, help="input image for image-to-image")
+    gen.add_argument("--strength", type=float, default=0.95)
+    gen.add_argument("--acceleration", default="none", choices=["none", "regular", "high"])
+
+    cert = sub.add_parser("make-cert", help="write a local CA and a server certificate")
+    cert.add_argument("--out", required=True)
+    cert.add_argument("--host", action="append", default=[], help="extra DNS name or IP (repeatable)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        from models.generate_cli import run_generate
+
+        return run_generate(args)
+    if args.command == "make-cert":
+        from server.tls import make_cert_command
+
+        return make_cert_command(args)
+
+    settings = settings_from_args(args)
+    if args.command == "serve":
+        from server.supervisor import serve
+
+        return serve(settings)
+    if args.command == "api":
+        from server.api_main import run_api
+
+        return run_api(settings)
+    if args.command == "worker":
+        from server.worker import run_worker
+
+        return run_worker(settings, worker_id=args.worker_id, gpu=args.gpu)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

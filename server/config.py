@@ -1,0 +1,113 @@
+"""One settings object for every process: environment variables `FLUX_*`, CLI flags override.
+
+The supervisor (`flux-server serve`) passes its resolved settings to the API and worker
+children through the environment, so every process sees the same values.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
+
+    # Weights: a diffusers folder, a single-file transformer (+ components_dir), or "tiny".
+    model: str = "tiny"
+    components_dir: Path | None = None
+    safety_checker: Path | None = None
+
+    # Where the queue database, generated files, the tiny model and compile caches live.
+    data_dir: Path = Path(".flux-data")
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None  # base of returned URLs; default: derived from each request
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    api_key: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    insecure_no_auth: bool = False
+
+    # Workers
+    workers: int | None = None  # default: one per visible GPU, else one on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    lease_seconds: float = 30.0  # a worker that stops renewing loses its job after this
+
+    # Acceleration (see models/presets.py)
+    default_acceleration: Literal["none", "regular", "high"] = "none"
+    presets: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["none", "regular", "high"])
+    warmup_sizes: Annotated[list[str], NoDecode] = Field(default_factory=list)  # "WxH" items
+    memory_plan: str = "auto"
+
+    # Inputs, outputs, retention
+    max_input_image_bytes: int = 20 * 1024 * 1024
+    input_fetch_timeout: float = 10.0
+    retention_seconds: float = 24 * 3600.0
+
+    # Webhooks
+    webhook_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)  # host names
+    webhook_user_id: str = "flux-server"
+
+    @field_validator("api_key", "presets", "warmup_sizes", "webhook_allowlist", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    # --- derived ------------------------------------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "queue.sqlite3"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def run_dir(self) -> Path:
+        """Sockets used to wake processes (short paths: AF_UNIX limits them to ~100 bytes)."""
+        return self.data_dir / "run"
+
+    def all_api_keys(self) -> set[str]:
+        keys = set(self.api_key)
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    keys.add(line)
+        return keys
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.all_api_keys())
+
+    def host_is_loopback(self) -> bool:
+        if self.host in LOOPBACK_NAMES:
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as FLUX_* variables, for child processes."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[f"FLUX_{name.upper()}"] = str(value)
+        return env

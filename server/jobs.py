@@ -1,0 +1,190 @@
+"""The one job model every protocol maps to, and what the queue keeps about it.
+
+A protocol adapter (fal, BFL, OpenAI) validates its own wire format, then builds a `Job`.
+The worker knows nothing about protocols: it turns a `Job` into a `JobResult`. The adapter
+renders the finished `JobRecord` back into its own response shape.
+
+This module imports no torch: the API process and the worker both use it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Task = Literal["text-to-image", "image-to-image", "redux"]
+OutputFormat = Literal["jpeg", "png", "webp"]
+Acceleration = Literal["none", "regular", "high"]
+Priority = Literal["normal", "low"]
+Protocol = Literal["fal", "bfl", "openai", "cli"]
+
+# JavaScript clients lose precision above 2^53, so seeds stay below it (fal's docs show larger).
+MAX_SEED = 2**53
+
+# Pixel bounds for any generated image. Sizes are rounded to a multiple of 16 (the VAE's 8x
+# downscale times the transformer's 2x2 patches) before they are checked against these.
+MIN_SIDE = 64
+MAX_SIDE = 2048
+MAX_PIXELS = 2048 * 2048
+SIZE_MULTIPLE = 16
+
+CONTENT_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+
+# fal's `image_size` presets (width, height), from the fal toolkit.
+IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
+
+
+def round_size(width: int, height: int) -> tuple[int, int]:
+    """Round a requested size to the nearest multiple of 16 and check it against the bounds.
+
+    Raises ValueError with a message meant for the client.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive, got {width}x{height}")
+    w = max(SIZE_MULTIPLE, int(width / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE)
+    h = max(SIZE_MULTIPLE, int(height / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE)
+    for name, value in (("width", w), ("height", h)):
+        if not MIN_SIDE <= value <= MAX_SIDE:
+            raise ValueError(
+                f"{name} {value} (after rounding to a multiple of {SIZE_MULTIPLE}) is outside "
+                f"{MIN_SIDE}..{MAX_SIDE}"
+            )
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"{w}x{h} has more than {MAX_PIXELS} pixels")
+    return w, h
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def draw_seed() -> int:
+    return secrets.randbelow(MAX_SEED)
+
+
+class Status(str, Enum):
+    """The three states fal's clients understand; failures and cancels end as COMPLETED."""
+
+    IN_QUEUE = "IN_QUEUE"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+
+
+class Webhook(BaseModel):
+    """Where to POST the outcome, and how to sign it (fal: Ed25519; BFL: HMAC with secret)."""
+
+    url: str
+    kind: Literal["fal", "bfl"]
+    secret: str | None = None
+
+
+class Job(BaseModel):
+    """A request to generate images, independent of the protocol it arrived on."""
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    # What to generate
+    task: Task = "text-to-image"
+    prompt: str = ""
+    width: int
+    height: int
+    num_inference_steps: int = 28
+    guidance_scale: float = 3.5
+    seed: int | None = None
+    num_images: int = Field(default=1, ge=1, le=4)
+    strength: float = 0.95  # image-to-image only
+    # Input image for image-to-image and redux: already downloaded, decoded and re-encoded as PNG.
+    image: bytes | None = None
+    output_format: OutputFormat = "jpeg"
+    acceleration: Acceleration = "none"
+    enable_safety_checker: bool = True
+    # BFL's 0 (strict) .. 6 (permissive); None means the fal behaviour (flag at the default threshold).
+    safety_tolerance: int | None = None
+    # True: images come back inline as data URIs and no file is stored (fal's sync_mode).
+    inline_images: bool = False
+
+    # Routing metadata: never read by the runtime
+    protocol: Protocol = "fal"
+    app_id: str = "fal-ai/flux"  # owner/app: fal's status and result URLs use only this
+    endpoint: str = "dev"  # the subpath it was submitted on
+    priority: Priority = "normal"
+    start_deadline: float | None = None  # unix time; not started by then -> request_timeout
+    webhook: Webhook | None = None
+
+
+class OutputImage(BaseModel):
+    """One generated image: stored under the data directory (`file_name`) or inline (`data_uri`)."""
+
+    width: int
+    height: int
+    content_type: str
+    file_name: str | None = None
+    data_uri: str | None = None
+    file_size: int
+
+
+class JobResult(BaseModel):
+    """What the worker produced for a successful job."""
+
+    images: list[OutputImage]
+    seed: int
+    prompt: str
+    has_nsfw_concepts: list[bool]
+    # False when no safety checker ran (none configured or disabled by the request): the flags
+    # above are then all False and mean "not checked", never "checked and clean".
+    nsfw_checked: bool
+    timings: dict[str, float]  # seconds: "inference" (fal's key), "encode", "denoise", "decode", ...
+    preset: str  # the acceleration preset that actually ran
+    preset_note: str | None = None  # why it differs from the one asked for
+
+
+class JobError(BaseModel):
+    """A failed job. fal reports it as COMPLETED with error/error_type; the result route
+    answers with `status_code` and `body`."""
+
+    message: str
+    error_type: str
+    status_code: int = 500
+    body: dict | None = None  # e.g. a 422 {"detail": [...]}; default {"detail": message}
+
+
+class LogEntry(BaseModel):
+    message: str
+    level: str = "INFO"
+    source: str = "USER"
+    timestamp: str
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class JobRecord(BaseModel):
+    """Everything the queue knows about one request."""
+
+    id: str
+    job: Job
+    status: Status
+    created_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    completed_at: float | None = None
+    attempts: int = 0
+    worker: str | None = None
+    cancel_requested: bool = False
+    progress: float = 0.0  # 0..1, the share of denoising steps done
+    logs: list[LogEntry] = Field(default_factory=list)
+    result: JobResult | None = None
+    error: JobError | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status is Status.COMPLETED and self.result is not None
