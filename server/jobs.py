@@ -122,6 +122,9 @@ class Job(BaseModel):
     priority: Priority = "normal"
     start_deadline: float | None = None  # unix time; not started by then -> request_timeout
     webhook: Webhook | None = None
+    # Scheme://host[:port] the client used (or --public-url): returned URLs and webhook
+    # payloads are built on it, also when rendered later by another process.
+    base_url: str = "http://127.0.0.1:8000"
 
 
 class OutputImage(BaseModel):
@@ -158,6 +161,28 @@ class JobError(BaseModel):
     error_type: str
     status_code: int = 500
     body: dict | None = None  # e.g. a 422 {"detail": [...]}; default {"detail": message}
+
+
+# The errors the queue itself produces. error_type strings follow fal's documented names.
+def cancelled_error() -> JobError:
+    return JobError(message="Request was cancelled", error_type="request_cancelled", status_code=400)
+
+
+def start_timeout_error() -> JobError:
+    # fal answers 504 with X-Fal-Request-Timeout-Type: user; clients then stop retrying.
+    return JobError(
+        message="Request was not started before its X-Fal-Request-Timeout",
+        error_type="request_timeout",
+        status_code=504,
+    )
+
+
+def disconnected_error() -> JobError:
+    return JobError(
+        message="The worker running this request stopped twice; giving up",
+        error_type="runner_disconnected",
+        status_code=503,
+    )
 
 
 class LogEntry(BaseModel):
