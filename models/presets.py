@@ -1,36 +1,453 @@
-"""Acceleration presets (none / regular / high) as frozen dataclasses.
+"""Acceleration presets (none / regular / high) as frozen dataclasses, and the manager that runs them.
 
-CONTRACT used by models/runtime.py (the full implementation is issue 5's work):
+How the runtime uses it (models/runtime.py):
 
-    manager = PresetManager(transformer, device=..., enabled=["none", "regular", "high"],
-                            data_dir=...)
-    with manager.use(pipe, requested="regular") as active:
-        pipe(...)              # runs with the chosen transformer variant and step cache
+    manager = PresetManager(transformer, device="cuda", enabled=["none", "regular", "high"],
+                            data_dir=data_dir, memory_plan=plan)
+    seconds = manager.warmup(pipe, sizes=[(1024, 1024), (1024, 768)])   # before "ready"
+    with manager.use(pipe, requested="regular") as active:   # not re-entrant: hold a lock
+        pipe(...)              # runs with the chosen transformer variant, compile and step cache
     active.name                # the preset that actually ran
-    active.note                # why it differs from the requested one, or None
+    active.note                # why it differs from what was asked for, or None
 
-This placeholder runs every request with the base transformer and reports that honestly.
+The presets (figures: H100, 1024x1024, 28 steps; see docs/benchmarks.md and
+shared/reference/performance-anchors.md):
+
+- `none`: the weights as loaded (bf16 on a GPU, fp32 on a CPU), eager. The quality reference.
+- `regular`: regional compile of the repeated blocks (`compile_repeated_blocks(dynamic=True)`:
+  ~10 s compile instead of ~70 s, no recompiles across resolutions), fused QKV projections,
+  channels-last VAE and torchao fp8 dynamic row-wise linears (published: ~3.0 s vs ~6.6 s eager).
+  fp8 needs an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper, Blackwell); elsewhere it
+  runs int8 dynamic (int8 tensor cores on Ampere; compiled int8dq on H100 is 3.4 s) and says so.
+- `high`: `regular` plus First Block Cache at threshold 0.12 (the published near-lossless
+  point under fp8; 0.08 for bf16): steps whose first-block residual barely changed reuse the
+  cached output of the remaining blocks.
+
+A preset the machine cannot run is adapted to the nearest runnable form (fp8 -> int8 -> the
+loaded precision; compile -> eager when there is no compiler) and a preset the server did not
+enable is replaced by the nearest enabled one; either way `ActivePreset.note` says exactly why.
+
+Weight sets: the manager keeps one transformer per distinct weight set (precision, fused QKV).
+The base transformer is used as is; a quantized or fused variant is a deep copy that shares
+nothing mutable with it. Compile is applied once per weight set and switched on and off per
+call, so `none` and `regular` never share compiled state by accident. Under a memory plan that
+keeps a single weight set (cards under ~70 GB), every preset runs on the base weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from models.memory import MemoryPlan
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["bf16", "fp8", "int8"]
+CompileMode = Literal["none", "regional", "full"]
+PRESET_ORDER = ("none", "regular", "high")
+
+
+@dataclass(frozen=True)
+class CacheSetting:
+    """A diffusers step-cache hook. Only First Block Cache is wired today."""
+
+    kind: Literal["first_block"] = "first_block"
+    threshold: float = 0.12
+
+    def diffusers_config(self) -> Any:
+        from diffusers import FirstBlockCacheConfig
+
+        return FirstBlockCacheConfig(threshold=self.threshold)
+
+    def describe(self) -> str:
+        return f"First Block Cache {self.threshold:g}"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    # "bf16" means "the weights as loaded": bf16 on a GPU, fp32 on a CPU (no fast bf16 matmuls there).
+    precision: Precision = "bf16"
+    compile: CompileMode = "none"
+    fuse_qkv: bool = False
+    vae_channels_last: bool = False
+    cache: CacheSetting | None = None
+
+    @property
+    def weight_set(self) -> tuple[str, bool]:
+        """Presets with the same weight set share one transformer module."""
+        return (self.precision, self.fuse_qkv)
+
+    def describe(self) -> str:
+        parts = [
+            {"bf16": "weights as loaded", "fp8": "fp8 dynamic row-wise", "int8": "int8 dynamic"}[
+                self.precision
+            ]
+        ]
+        if self.compile != "none":
+            parts.append(f"{self.compile} compile")
+        if self.fuse_qkv:
+            parts.append("fused QKV")
+        if self.vae_channels_last:
+            parts.append("channels-last VAE")
+        if self.cache is not None:
+            parts.append(self.cache.describe())
+        return ", ".join(parts)
+
+
+PRESETS: dict[str, Preset] = {
+    "none": Preset("none"),
+    "regular": Preset("regular", precision="fp8", compile="regional", fuse_qkv=True, vae_channels_last=True),
+    "high": Preset(
+        "high",
+        precision="fp8",
+        compile="regional",
+        fuse_qkv=True,
+        vae_channels_last=True,
+        cache=CacheSetting("first_block", threshold=0.12),
+    ),
+}
 
 
 @dataclass(frozen=True)
 class ActivePreset:
+    """What ran. `name` and `note` are the runtime's contract; the rest is for logs and metrics."""
+
     name: str
     note: str | None
+    requested: str | None = None
+    preset: Preset | None = None
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the machine can run, detected once (tests pass their own)."""
+
+    device_type: str  # "cpu" | "cuda"
+    cuda_capability: tuple[int, int] | None
+    torchao: bool
+    compiler: bool  # can torch.compile's inductor backend build kernels here?
+
+    @classmethod
+    def detect(cls, device: str) -> Hardware:
+        import torch
+
+        device_type = torch.device(device).type
+        capability = torch.cuda.get_device_capability(device) if device_type == "cuda" else None
+        try:
+            import torchao.quantization  # noqa: F401
+
+            torchao = True
+        except Exception:  # torchao is an optional extra ("accel")
+            torchao = False
+        if device_type == "cuda":
+            from torch.utils._triton import has_triton
+
+            compiler = has_triton()
+        else:
+            compiler = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++"))
+        return cls(device_type, capability, torchao, compiler)
+
+    def describe(self) -> str:
+        if self.device_type == "cuda" and self.cuda_capability is not None:
+            return f"CUDA compute capability {self.cuda_capability[0]}.{self.cuda_capability[1]}"
+        return self.device_type.upper()
+
+
+def adapt_to_hardware(
+    preset: Preset, hw: Hardware, *, compile_backend: str = "inductor"
+) -> tuple[Preset, str | None]:
+    """The nearest form of `preset` this machine can run, and why it differs (None if it does not)."""
+    reasons: list[str] = []
+    precision = preset.precision
+    if precision == "fp8" and not (hw.device_type == "cuda" and (hw.cuda_capability or (0, 0)) >= (8, 9)):
+        precision = "int8"
+        reasons.append(
+            f"fp8 dynamic needs an NVIDIA GPU with compute capability 8.9+ (this device: {hw.describe()})"
+        )
+    if precision in ("fp8", "int8") and not hw.torchao:
+        reasons.append(
+            f"{precision} needs torchao, which is not installed (pip install 'flux-server[accel]')"
+        )
+        precision = "bf16"
+    if reasons and precision == "int8":
+        reasons[-1] += "; ran int8 dynamic instead"
+    elif reasons:
+        reasons[-1] += "; ran the loaded precision instead"
+
+    compile_mode = preset.compile
+    if compile_mode != "none" and compile_backend == "inductor" and not hw.compiler:
+        tool = "Triton" if hw.device_type == "cuda" else "a C++ compiler (g++ or clang++)"
+        reasons.append(f"torch.compile's inductor needs {tool}, not found; ran eager")
+        compile_mode = "none"
+
+    adapted = replace(preset, precision=precision, compile=compile_mode)
+    return adapted, ("; ".join(reasons) or None)
+
+
+def nearest_enabled(requested: str, enabled: Iterable[str]) -> str:
+    """The enabled preset closest to `requested` in none < regular < high (ties go to the slower one)."""
+    enabled = list(enabled)
+    if requested in enabled:
+        return requested
+    where = PRESET_ORDER.index(requested) if requested in PRESET_ORDER else 0
+    return min(enabled, key=lambda name: (abs(PRESET_ORDER.index(name) - where), PRESET_ORDER.index(name)))
+
+
+def set_compile_cache_dirs(data_dir: Path) -> Path:
+    """Keep inductor's and Triton's caches in the data directory, so that a restart is fast.
+
+    Must run before the first compile. Importing diffusers already fills
+    TORCHINDUCTOR_CACHE_DIR with torch's default (/tmp/torchinductor_<user>), so only a value
+    other than that default counts as the operator's own choice and is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    cache = Path(data_dir).resolve() / "compile-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "triton"))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 class PresetManager:
-    def __init__(self, transformer: Any, *, device: str, enabled: list[str], data_dir: Any) -> None:
-        self.transformer = transformer
+    def __init__(
+        self,
+        transformer: Any,
+        *,
+        device: str,
+        enabled: list[str],
+        data_dir: Any,
+        presets: dict[str, Preset] | None = None,
+        memory_plan: MemoryPlan | None = None,
+        compile_backend: Any = "inductor",
+        hardware: Hardware | None = None,
+    ) -> None:
+        """Builds every weight set the enabled presets need (quantizes, fuses, compiles lazily).
+
+        `compile_backend` is passed to torch.compile (tests use "eager" or a CompileCounter).
+        `memory_plan`: when it keeps a single weight set, no variant is copied.
+        """
+        self.presets = dict(presets or PRESETS)
+        unknown = [name for name in enabled if name not in self.presets]
+        if unknown or not enabled:
+            raise ValueError(f"unknown or no presets enabled: {enabled!r}; known: {sorted(self.presets)}")
+        self.enabled = [name for name in PRESET_ORDER if name in enabled] + [
+            n for n in enabled if n not in PRESET_ORDER
+        ]
+        self.base = transformer
+        self.device = device
+        self.compile_backend = compile_backend
+        self.hardware = hardware or Hardware.detect(device)
+        self.compile_cache_dir = set_compile_cache_dirs(Path(data_dir))
+        self.single_weight_set = bool(memory_plan and memory_plan.single_weight_set)
+        plan_name = memory_plan.name if memory_plan else ""
+
+        # name -> (the runnable preset, why it differs from the definition)
+        self.runnable: dict[str, tuple[Preset, str | None]] = {}
+        for name in self.enabled:
+            adapted, note = adapt_to_hardware(
+                self.presets[name], self.hardware, compile_backend=str(compile_backend)
+            )
+            if self.single_weight_set and adapted.weight_set != ("bf16", False):
+                extra = (
+                    f"memory plan {plan_name!r} keeps one transformer weight set, "
+                    f"so {adapted.precision} weights and fused QKV were not loaded"
+                )
+                note = f"{note}; {extra}" if note else extra
+                adapted = replace(adapted, precision="bf16", fuse_qkv=False)
+            self.runnable[name] = (adapted, note)
+
+        self._variants: dict[tuple[str, bool], Any] = {}
+        # weight set -> compile mode -> {module: its compiled call}; switched on per call
+        self._compiled: dict[tuple[str, bool], dict[str, dict[Any, Any]]] = {}
+        for preset, note in list(self.runnable.values()):
+            variant, failure = self._variant_for(preset)
+            if failure:  # quantization failed at run time: fall back to the base weights
+                fallback = replace(preset, precision="bf16", fuse_qkv=False)
+                self.runnable[preset.name] = (fallback, f"{note}; {failure}" if note else failure)
+                variant, _ = self._variant_for(fallback)
+                preset = fallback
+            if preset.compile != "none":
+                self._compile(preset.weight_set, variant, preset.compile)
+
+    # ------------------------------------------------------------------ building variants
+
+    def _variant_for(self, preset: Preset) -> tuple[Any, str | None]:
+        key = preset.weight_set
+        if key in self._variants:
+            return self._variants[key], None
+        if key == ("bf16", False):
+            self._variants[key] = self.base
+            return self.base, None
+        variant = copy.deepcopy(self.base)
+        if preset.fuse_qkv:
+            fuse_qkv_dropping_originals(variant)
+        if preset.precision != "bf16":
+            try:
+                quantize(variant, preset.precision)
+            except Exception as exc:  # e.g. torchao's assertion about the CUDA capability
+                del variant
+                return self.base, f"{preset.precision} quantization failed ({exc}); ran the loaded precision"
+        self._variants[key] = variant
+        return variant, None
+
+    def _compile(self, key: tuple[str, bool], variant: Any, mode: str) -> None:
+        """Compile once per weight set; `use` switches it on per call.
+
+        We compile each module's `forward` (not `nn.Module.compile`, which compiles
+        `_call_impl` and would trace diffusers' cache hooks: they graph-break and guard on each
+        block's hook, recompiling per block). With the compiled forward installed first, the
+        cache hooks wrap it from outside and every block shares one graph."""
+        import torch
+
+        modes = self._compiled.setdefault(key, {})
+        if mode in modes:
+            return
+        if mode == "regional":
+            modules = [m for m in variant.modules() if m.__class__.__name__ in variant._repeated_blocks]
+        else:  # whole model; recompiles when the first size was square (see cpu-code-paths.md)
+            modules = [variant]
+        modes[mode] = {
+            m: torch.compile(m.forward, dynamic=True, backend=self.compile_backend) for m in modules
+        }
+
+    def _set_compiled(self, key: tuple[str, bool], mode: str | None) -> None:
+        for each_mode, forwards in self._compiled.get(key, {}).items():
+            for module, compiled_forward in forwards.items():
+                if each_mode == mode:
+                    module.forward = compiled_forward
+                else:
+                    module.__dict__.pop("forward", None)  # back to the class's eager forward
+
+    # ------------------------------------------------------------------ per call
+
+    def resolve(self, requested: str) -> tuple[Preset, str | None]:
+        """The preset that will run for `requested`, and the note explaining any difference."""
+        notes: list[str] = []
+        if requested not in self.presets:
+            notes.append(f"unknown preset {requested!r}")
+        name = nearest_enabled(requested, self.enabled)
+        if name != requested and requested in self.presets:
+            notes.append(
+                f"preset {requested!r} is not enabled on this server (enabled: {', '.join(self.enabled)})"
+            )
+        if name != requested:
+            notes[-1] += f"; ran {name!r}"
+        preset, hw_note = self.runnable[name]
+        if hw_note:
+            notes.append(hw_note)
+        return preset, ("; ".join(notes) or None)
 
     @contextmanager
     def use(self, pipe: Any, requested: str) -> Iterator[ActivePreset]:
-        note = None if requested == "none" else f"preset {requested!r} is not available; ran 'none'"
-        yield ActivePreset(name="none", note=note)
+        """Run `pipe` (any pipeline sharing the transformer, e.g. img2img) with a preset.
+
+        Swaps `pipe.transformer` for the preset's weight set, switches compile and the step
+        cache on for this call only and restores everything afterwards. Not re-entrant.
+        Order matters: compiled forwards go in before the cache hooks wrap them and come out
+        after the hooks are removed."""
+        preset, note = self.resolve(requested)
+        variant = self._variants[preset.weight_set]
+        original = pipe.transformer
+        if variant is not original:
+            pipe.transformer = variant
+        self._set_compiled(preset.weight_set, preset.compile if preset.compile != "none" else None)
+        set_vae_channels_last(pipe.vae, preset.vae_channels_last)
+        if preset.cache is not None:
+            variant.enable_cache(preset.cache.diffusers_config())  # fresh cache state per call
+        try:
+            yield ActivePreset(name=preset.name, note=note, requested=requested, preset=preset)
+        finally:
+            if preset.cache is not None:
+                variant.disable_cache()
+            self._set_compiled(preset.weight_set, None)
+            if variant is not original:
+                pipe.transformer = original
+
+    # ------------------------------------------------------------------ warm-up
+
+    def warmup(
+        self, pipe: Any, sizes: Iterable[tuple[int, int]], *, steps: int = 2, max_images: int = 1
+    ) -> dict[str, float]:
+        """Compile and warm every enabled preset at every size; returns seconds per preset.
+
+        Call before the worker reports ready. Compiles with dynamic shapes, so after this no
+        configured size recompiles; `max_images > 1` also warms a batch of 2 (batch 1 -> 2
+        recompiles once; larger batches reuse that graph)."""
+        import torch
+
+        sizes = list(sizes) or [(1024, 1024)]
+        seconds: dict[str, float] = {}
+        for name in self.enabled:
+            runs = [(w, h, 1) for w, h in sizes]
+            if max_images > 1:
+                runs.append((*min(sizes, key=lambda s: s[0] * s[1]), 2))
+            start = time.perf_counter()
+            for width, height, count in runs:
+                with self.use(pipe, name):
+                    pipe(
+                        prompt="warm-up",
+                        width=width,
+                        height=height,
+                        num_inference_steps=steps,
+                        num_images_per_prompt=count,
+                        generator=torch.Generator("cpu").manual_seed(0),
+                        output_type="latent",
+                    )
+            seconds[name] = time.perf_counter() - start
+            log.info(
+                "warmed preset %s in %.1f s (%s)", name, seconds[name], self.runnable[name][0].describe()
+            )
+        return seconds
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def quantize(transformer: Any, precision: str) -> None:
+    """torchao dynamic-activation quantization of every linear layer, in place."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        PerRow,
+        quantize_,
+    )
+
+    if precision == "fp8":
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    elif precision == "int8":
+        config = Int8DynamicActivationInt8WeightConfig()
+    else:
+        raise ValueError(f"unknown precision {precision!r}")
+    quantize_(transformer, config)
+
+
+def fuse_qkv_dropping_originals(transformer: Any) -> None:
+    """Fuse Q/K/V (one wider GEMM) and drop the unfused copies, so each weight is held once."""
+    transformer.fuse_qkv_projections()
+    for module in transformer.modules():
+        if getattr(module, "fused_projections", False):
+            for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+                if name in module._modules:
+                    del module._modules[name]
+
+
+def set_vae_channels_last(vae: Any, channels_last: bool) -> None:
+    """NHWC convolutions in the VAE (a small, lossless gain); converts only when it changes."""
+    import torch
+
+    wanted = torch.channels_last if channels_last else torch.contiguous_format
+    if getattr(vae, "_flux_memory_format", torch.contiguous_format) != wanted:
+        vae.to(memory_format=wanted)
+        vae._flux_memory_format = wanted

@@ -1,19 +1,251 @@
 """App factory: one FastAPI app carrying every protocol, on one queue.
 
 Router order matters: fal's routes are path patterns (`/{owner}/{app}/...`) that would also
-match `/v1/...`, so the fixed-path protocols are included first.
+match `/v1/...`, so the fixed-path routers (health, files, the optional protocol packages)
+are included first, then fal's `/run/...` routes, then fal's queue routes last.
 
-CONTRACT for protocol packages: `server/protocols/<name>/routes.py` exposes `router:
-APIRouter`. Shared objects live on `app.state` (see server/deps.py): `settings`, `queue`,
-`storage`.
+CONTRACT for protocol packages: a module in `OPTIONAL_MODULES` may expose `router:
+APIRouter` (included in that order) and `setup(app: FastAPI) -> None` (called once, e.g. to
+register an error renderer or append to `app.state.background`). A module that does not exist
+yet is skipped. Shared objects live on `app.state` (see server/deps.py): `settings`, `queue`,
+`storage`, plus:
+
+- `app.state.background`: zero-argument coroutine functions started with the app and
+  cancelled at shutdown (the webhook dispatcher is one).
+- `app.state.error_renderers`: (path prefix, renderer) pairs. A protocol claims its paths so
+  that validation errors, HTTP errors and unexpected exceptions there are rendered in its own
+  error shape; other paths get fal's (FastAPI's) shapes. See `register_error_renderer`.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import asyncio
+import importlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
+from server.protocols.fal import queue_routes, run_routes
+from server.protocols.fal.proxy import FalProxyMiddleware
+from server.queue.base import JobQueue
+from server.routes import files, health
+
+log = logging.getLogger("flux_server.api")
+
+# Imported when present (other packages of the tree provide them); see the module docstring.
+OPTIONAL_MODULES = (
+    "server.routes.jwks",
+    "server.protocols.bfl.routes",
+    "server.protocols.openai.routes",
+)
+
+RECOVER_INTERVAL = 1.0  # seconds between lease/deadline checks
+PURGE_INTERVAL = 60.0  # seconds between retention sweeps
+
+ErrorRenderer = Callable[[Request, Exception], Awaitable[Response]]
 
 
-def create_app(settings: Settings) -> FastAPI:
-    raise NotImplementedError("built by the fal queue work (issue 3)")
+def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
+    owns_queue = queue is None
+    if queue is None:
+        from server.queue.sqlite import SQLiteQueue
+
+        queue = SQLiteQueue(
+            settings.db_path, settings.run_dir, role="api", lease_seconds=settings.lease_seconds
+        )
+    from server.storage import LocalStorage
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(maintain_queue(app))]
+        tasks += [asyncio.create_task(run_forever(factory)) for factory in app.state.background]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if owns_queue:
+                queue.close()
+
+    # Trailing slashes are stripped by middleware instead of answered with redirects.
+    app = FastAPI(title="flux-server", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
+    app.state.settings = settings
+    app.state.api_keys = settings.all_api_keys()  # read once: not a file read per request
+    app.state.queue = queue
+    app.state.storage = LocalStorage(settings.files_dir)
+    app.state.background = []
+    app.state.error_renderers = []
+
+    app.include_router(health.router)
+    app.include_router(files.router)
+    for module in optional_modules():
+        if hasattr(module, "router"):
+            app.include_router(module.router)
+        if hasattr(module, "setup"):
+            module.setup(app)
+    start_webhook_dispatcher(app)
+    app.include_router(run_routes.router)
+    app.include_router(queue_routes.router)  # last: its patterns match almost any path
+
+    app.add_exception_handler(RequestValidationError, handle_error)
+    app.add_exception_handler(StarletteHTTPException, handle_error)
+    app.add_exception_handler(Exception, handle_error)
+
+    # Added innermost first: the proxy rewrites the path, then slashes are stripped, then
+    # the request-id header is added on the way out.
+    app.add_middleware(RequestIdHeaderMiddleware)
+    app.add_middleware(StripTrailingSlashMiddleware)
+    app.add_middleware(FalProxyMiddleware)
+    return app
+
+
+def optional_modules() -> list:
+    modules = []
+    for name in OPTIONAL_MODULES:
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            # Only the module itself may be missing; a broken import inside it must surface.
+            if exc.name is None or not name.startswith(exc.name):
+                raise
+    return modules
+
+
+def start_webhook_dispatcher(app: FastAPI) -> None:
+    try:
+        from server.webhooks import start_dispatcher
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not "server.webhooks".startswith(exc.name):
+            raise
+        return
+    app.state.background.append(start_dispatcher(app.state.settings, app.state.queue))
+
+
+# --- background ---------------------------------------------------------------------------
+
+
+async def maintain_queue(app: FastAPI) -> None:
+    """Requeue or fail jobs whose lease or start deadline ran out; purge expired results."""
+    queue: JobQueue = app.state.queue
+    settings: Settings = app.state.settings
+    next_purge = time.monotonic()
+    while True:
+        try:
+            queue.recover_expired()
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + PURGE_INTERVAL
+                purge_expired(app, time.time() - settings.retention_seconds)
+        except Exception:
+            log.exception("queue maintenance failed; retrying")
+        await asyncio.sleep(RECOVER_INTERVAL)
+
+
+def purge_expired(app: FastAPI, older_than: float) -> int:
+    """Delete results finished before `older_than` and their files; returns the count."""
+    records = app.state.queue.purge(older_than)
+    for record in records:
+        for image in record.result.images if record.result else []:
+            if image.file_name:
+                app.state.storage.delete(image.file_name)
+    return len(records)
+
+
+async def run_forever(factory: Callable[[], Awaitable[None]]) -> None:
+    """Run a background coroutine; restart it after a crash instead of losing it silently."""
+    while True:
+        try:
+            await factory()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "background task %s crashed; restarting in 1 s", getattr(factory, "__name__", factory)
+            )
+            await asyncio.sleep(1.0)
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def register_error_renderer(app: FastAPI, prefix: str, renderer: ErrorRenderer) -> None:
+    """Render errors on paths starting with `prefix` with `renderer(request, exc)`.
+
+    `exc` is a RequestValidationError, a starlette HTTPException or any other exception (then
+    answer 500 in the protocol's shape). The longest matching prefix wins."""
+    app.state.error_renderers.append((prefix, renderer))
+    app.state.error_renderers.sort(key=lambda item: len(item[0]), reverse=True)
+
+
+async def handle_error(request: Request, exc: Exception) -> Response:
+    for prefix, renderer in request.app.state.error_renderers:
+        if request.url.path.startswith(prefix):
+            return await renderer(request, exc)
+    return fal_error(request, exc)
+
+
+def fal_error(request: Request, exc: Exception) -> Response:
+    """fal's (FastAPI's) error shapes."""
+    if isinstance(exc, RequestValidationError):
+        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+    if isinstance(exc, StarletteHTTPException):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        {"detail": "Internal server error", "error_type": "internal_server_error"},
+        status_code=500,
+        headers={"x-fal-error-type": "internal_server_error"},
+    )
+
+
+# --- middleware ---------------------------------------------------------------------------
+
+
+class StripTrailingSlashMiddleware:
+    """`/status/` is `/status`: fal's SDK requests paths with a trailing slash."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            stripped = path.rstrip("/") or "/"
+            scope = dict(scope, path=stripped)
+            if scope.get("raw_path"):
+                scope["raw_path"] = scope["raw_path"].rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
+
+
+class RequestIdHeaderMiddleware:
+    """Adds `x-fal-request-id` to responses of routes that set `request.state.fal_request_id`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                request_id = state.get("fal_request_id")
+                if request_id:
+                    headers = list(message.get("headers", []))
+                    headers.append((b"x-fal-request-id", str(request_id).encode("latin-1", "replace")))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

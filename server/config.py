@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     # Webhooks
     webhook_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)  # host names
     webhook_user_id: str = "flux-server"
+    # First retry delay; doubles per failed attempt (10 attempts over about 2 h with 15 s).
+    webhook_retry_base_seconds: float = 15.0
 
     @field_validator("api_key", "presets", "warmup_sizes", "webhook_allowlist", mode="before")
     @classmethod

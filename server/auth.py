@@ -1,0 +1,66 @@
+"""API keys: `Authorization: Key <k>`, `Authorization: Bearer <k>` or `x-key: <k>`.
+
+With no key configured, authentication is off (the API process refuses to listen on a
+non-loopback address in that case unless told `--insecure-no-auth`). Keys are compared whole,
+so fal's `Key id:secret` form works when the configured key is `id:secret`.
+
+Every protocol uses `check_api_key`; each renders the 401 in its own error shape. fal's
+shape is FastAPI's `{"detail": "..."}`, provided by `require_fal_key`.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import HTTPException, Request
+
+from server.config import Settings
+
+SCHEMES = ("key", "bearer")
+
+
+def presented_key(request: Request) -> str | None:
+    """The key a request carries, from whichever header it used."""
+    authorization = request.headers.get("authorization")
+    if authorization:
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() in SCHEMES and value.strip():
+            return value.strip()
+    x_key = request.headers.get("x-key")
+    if x_key and x_key.strip():
+        return x_key.strip()
+    return None
+
+
+def key_is_valid(settings: Settings, key: str | None, keys: set[str] | None = None) -> bool:
+    """`keys` defaults to the settings' keys (read afresh, keys file included)."""
+    if keys is None:
+        keys = settings.all_api_keys()
+    if not keys:
+        return True
+    if key is None:
+        return False
+    # Compare against every key without stopping early, so timing reveals nothing.
+    matched = False
+    for candidate in keys:
+        matched |= hmac.compare_digest(candidate.encode(), key.encode())
+    return matched
+
+
+def check_api_key(request: Request) -> bool:
+    """True when auth is off or the request carries a configured key."""
+    state = request.app.state
+    # create_app reads the keys (file included) once; a changed keys file needs a restart.
+    keys = getattr(state, "api_keys", None)
+    return key_is_valid(state.settings, presented_key(request), keys)
+
+
+async def require_fal_key(request: Request) -> None:
+    """FastAPI dependency for fal routes: 401 `{"detail": ...}` without a valid key."""
+    if check_api_key(request):
+        return
+    if presented_key(request) is None:
+        detail = "Missing API key: send 'Authorization: Key <key>' or 'Authorization: Bearer <key>'"
+    else:
+        detail = "Invalid API key"
+    raise HTTPException(status_code=401, detail=detail)

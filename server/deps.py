@@ -1,0 +1,58 @@
+"""Accessors for the objects every route shares, and the base URL of returned links.
+
+`create_app` puts `settings`, `queue` and `storage` on `app.state`; routes read them through
+these functions (usable directly or as FastAPI dependencies) rather than importing globals,
+so that a test can build several apps side by side.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+from server.config import Settings
+from server.queue.base import JobQueue
+
+if TYPE_CHECKING:  # the storage module belongs to another part of the tree
+    from server.storage import LocalStorage
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_queue(request: Request) -> JobQueue:
+    return request.app.state.queue
+
+
+def get_storage(request: Request) -> LocalStorage:
+    return request.app.state.storage
+
+
+def public_base_url(request: Request) -> str:
+    """scheme://host[:port] that clients should use for every URL the server returns.
+
+    `settings.public_url` wins when set. Otherwise the URL is derived from the request: the
+    `Host` header and the scheme the connection arrived on. `X-Forwarded-Proto` and
+    `X-Forwarded-Host` are honoured too, so that a TLS-terminating reverse proxy in front of
+    the server yields https URLs; a deployment that exposes the server directly to untrusted
+    clients and cares about that should set `--public-url`.
+    """
+    settings = get_settings(request)
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    headers = request.headers
+    scheme = _first(headers.get("x-forwarded-proto")) or request.url.scheme
+    host = _first(headers.get("x-forwarded-host")) or headers.get("host")
+    if not host:
+        server = request.scope.get("server") or ("127.0.0.1", 80)
+        host = f"{server[0]}:{server[1]}"
+    return f"{scheme}://{host}"
+
+
+def _first(value: str | None) -> str | None:
+    """The first item of a comma-separated forwarded header (the client-facing hop)."""
+    if not value:
+        return None
+    return value.split(",", 1)[0].strip() or None

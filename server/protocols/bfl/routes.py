@@ -1,0 +1,151 @@
+"""BFL's API for FLUX.1 [dev]: `POST /v1/flux-dev` and `GET /v1/get_result?id=`.
+
+Errors keep BFL's shapes whatever handlers the app installs elsewhere: the routes use
+`BflRoute`, which answers validation errors with `422 {"detail": [{loc, msg, type}]}` and HTTP
+errors with `{"detail": "..."}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.auth import check_api_key, presented_key
+from server.deps import get_queue, get_settings, public_base_url
+from server.inputs import InputImageError, decode_image, fetch_bytes
+from server.jobs import draw_seed
+from server.protocols.bfl import adapter
+from server.protocols.bfl.models import AsyncResponse, AsyncWebhookResponse, FluxDevInputs, ResultResponse
+from server.webhooks import validate_webhook_url
+
+logger = logging.getLogger(__name__)
+PATH_PREFIXES = ("/v1/flux-dev", "/v1/get_result")
+
+
+def _error(loc: list[str | int], msg: str, error_type: str) -> dict[str, Any]:
+    return {"loc": loc, "msg": msg, "type": error_type}
+
+
+def validation_response(exc: RequestValidationError) -> JSONResponse:
+    # Only loc/msg/type: pydantic's `input` would echo a whole base64 image back.
+    detail = [
+        _error(list(e.get("loc", ())), str(e.get("msg", "")), str(e.get("type", ""))) for e in exc.errors()
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+class BflRoute(APIRoute):
+    """Renders this router's errors in BFL's shapes, independent of app-level handlers."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bfl_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return validation_response(exc)
+            except HTTPException as exc:
+                return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+        return bfl_handler
+
+
+async def render_error(request: Request, exc: Exception) -> Response:
+    """App-level renderer for errors outside the routes (404/405, unexpected exceptions)."""
+    if isinstance(exc, RequestValidationError):
+        return validation_response(exc)
+    if isinstance(exc, StarletteHTTPException):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "Internal server error"}, status_code=500)
+
+
+def setup(app: FastAPI) -> None:
+    from server.app import register_error_renderer
+
+    for prefix in PATH_PREFIXES:
+        register_error_renderer(app, prefix, render_error)
+
+
+async def require_bfl_key(request: Request) -> None:
+    if check_api_key(request):
+        return
+    if presented_key(request) is None:
+        raise HTTPException(
+            status_code=401, detail="Not authenticated: send your API key in the x-key header"
+        )
+    raise HTTPException(status_code=403, detail="Invalid API key")
+
+
+router = APIRouter(route_class=BflRoute, dependencies=[Depends(require_bfl_key)], tags=["BFL"])
+
+
+async def _decode_image_prompt(value: str, max_bytes: int, timeout: float) -> bytes:
+    """`image_prompt` as PNG bytes: BFL sends bare base64; a data: URI or http(s) URL works too."""
+    try:
+        if value.strip().lower().startswith(("data:", "http://", "https://")):
+            data = await fetch_bytes(value, max_bytes=max_bytes, timeout=timeout)
+        else:
+            try:
+                data = base64.b64decode(value.strip(), validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise InputImageError("image_load_error", f"image_prompt is not valid base64: {exc}") from exc
+            if len(data) > max_bytes:
+                raise InputImageError("file_too_large", f"image_prompt is larger than {max_bytes} bytes")
+        return (await asyncio.to_thread(decode_image, data)).png
+    except InputImageError as exc:
+        raise RequestValidationError(
+            [_error(["body", "image_prompt"], exc.message, exc.error_type)]
+        ) from None
+
+
+@router.post(
+    "/v1/flux-dev",
+    response_model=AsyncResponse | AsyncWebhookResponse,
+    summary="Generate an image with FLUX.1 [dev] (BFL API)",
+)
+async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
+    settings = get_settings(request)
+    if inputs.webhook_url:
+        try:
+            validate_webhook_url(inputs.webhook_url, settings)
+        except ValueError as exc:
+            raise RequestValidationError([_error(["body", "webhook_url"], str(exc), "value_error")]) from None
+    image_png = None
+    if inputs.image_prompt:
+        image_png = await _decode_image_prompt(
+            inputs.image_prompt, settings.max_input_image_bytes, settings.input_fetch_timeout
+        )
+    if inputs.seed is None:
+        inputs = inputs.model_copy(update={"seed": draw_seed()})
+    base_url = public_base_url(request)
+    job = adapter.inputs_to_job(inputs, base_url=base_url, image_png=image_png)
+    record = get_queue(request).submit(job)
+    polling_url = adapter.polling_url(base_url, record.id)
+    body: AsyncResponse | AsyncWebhookResponse
+    if inputs.webhook_url:
+        body = AsyncWebhookResponse(
+            id=record.id, status="Pending", webhook_url=inputs.webhook_url, polling_url=polling_url
+        )
+    else:
+        body = AsyncResponse(id=record.id, polling_url=polling_url)
+    return JSONResponse(body.model_dump())
+
+
+@router.get("/v1/get_result", response_model=ResultResponse, summary="Poll a BFL task")
+async def get_result(
+    request: Request, id: str = Query(..., description="Task id from the submit")
+) -> JSONResponse:
+    record = get_queue(request).get(id)
+    return JSONResponse(adapter.record_to_result(record, id).model_dump(mode="json"))

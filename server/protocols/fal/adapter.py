@@ -1,0 +1,304 @@
+"""fal wire format <-> the protocol-free Job / JobRecord.
+
+Inbound: `build_job` validates a request body for one endpoint and maps it to a `Job`.
+Outbound: `submit_body`, `status_body`, `output_body` and `error_parts` render a `JobRecord`
+in fal's shapes (protocols reference §3, §5, §9). Webhook delivery renders with the same
+functions, so a payload and a result route can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from server.config import Settings
+from server.inputs import InputImageError, load_image
+from server.jobs import (
+    Job,
+    JobError,
+    JobRecord,
+    JobResult,
+    Priority,
+    Status,
+    Task,
+    Webhook,
+    draw_seed,
+    round_size,
+)
+from server.protocols.fal.models import (
+    FalImage,
+    FalOutput,
+    FluxDevInput,
+    FluxImageToImageInput,
+    FluxReduxInput,
+    SizedInput,
+    resolve_image_size,
+)
+from server.webhooks import validate_webhook_url
+
+APPS = frozenset({"fal-ai/flux", "fal-ai/flux-1"})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    input_model: type[BaseModel]
+    task: Task
+
+
+ENDPOINTS: dict[str, Endpoint] = {
+    "dev": Endpoint(FluxDevInput, "text-to-image"),
+    "dev/image-to-image": Endpoint(FluxImageToImageInput, "image-to-image"),
+    "dev/redux": Endpoint(FluxReduxInput, "redux"),
+}
+
+ERRORS_URL = "https://docs.fal.ai/errors/#"
+
+
+def validation_error(loc: list[str | int], message: str, error_type: str, **extra: Any) -> dict[str, Any]:
+    """One entry of fal's 422 `detail` list."""
+    return {"loc": loc, "msg": message, "type": error_type, "url": ERRORS_URL + error_type, **extra}
+
+
+def pydantic_errors(exc: ValidationError, prefix: str = "body") -> list[dict[str, Any]]:
+    """pydantic's errors, located under `prefix` and safe to serialise as JSON."""
+    errors = []
+    for error in exc.errors(include_url=False):
+        entry: dict[str, Any] = {
+            "loc": [prefix, *error["loc"]],
+            "msg": error["msg"],
+            "type": error["type"],
+        }
+        value = error.get("input")
+        # Echo small scalar inputs only: a body-level error would otherwise echo the whole
+        # request, data-URI images included.
+        if isinstance(value, (int, float, bool)) or (isinstance(value, str) and len(value) <= 200):
+            entry["input"] = value
+        if "ctx" in error:
+            entry["ctx"] = {
+                key: v if isinstance(v, (int, float, bool, str)) or v is None else str(v)
+                for key, v in error["ctx"].items()
+            }
+        errors.append(entry)
+    return errors
+
+
+def parse_body(raw: bytes) -> Any:
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestValidationError(
+            [validation_error(["body"], f"Invalid JSON body: {exc}", "json_invalid")]
+        ) from None
+
+
+def parse_priority(value: str | None) -> Priority:
+    if value is None or not value.strip():
+        return "normal"
+    lowered = value.strip().lower()
+    if lowered not in ("normal", "low"):
+        raise RequestValidationError(
+            [validation_error(["header", "x-fal-queue-priority"], "must be 'normal' or 'low'", "enum")]
+        )
+    return lowered  # type: ignore[return-value]
+
+
+def parse_start_deadline(value: str | None, now: float) -> float | None:
+    """X-Fal-Request-Timeout: seconds (a float string) the request may wait to be started."""
+    if value is None or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise RequestValidationError(
+            [
+                validation_error(
+                    ["header", "x-fal-request-timeout"],
+                    "must be a positive number of seconds",
+                    "float_parsing",
+                )
+            ]
+        )
+    return now + seconds
+
+
+def parse_webhook(url: str | None, settings: Settings) -> Webhook | None:
+    """`?fal_webhook=`: an http(s) URL, on the allow-list when one is configured."""
+    if url is None:
+        return None
+    try:
+        checked = validate_webhook_url(url, settings)
+    except ValueError as exc:
+        raise RequestValidationError(
+            [validation_error(["query", "fal_webhook"], str(exc), "url_parsing")]
+        ) from None
+    return Webhook(url=checked, kind="fal")
+
+
+async def build_job(
+    *,
+    app_id: str,
+    endpoint: str,
+    body: Any,
+    settings: Settings,
+    base_url: str,
+    priority: Priority = "normal",
+    start_deadline: float | None = None,
+    webhook: Webhook | None = None,
+) -> Job:
+    """Validate `body` for `endpoint` and map it to a Job. Raises RequestValidationError."""
+    spec = ENDPOINTS[endpoint]
+    try:
+        data = spec.input_model.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(pydantic_errors(exc)) from None
+
+    image: bytes | None = None
+    if isinstance(data, SizedInput):
+        width, height = resolve_image_size(data.image_size)
+    if isinstance(data, (FluxImageToImageInput, FluxReduxInput)):
+        try:
+            loaded = await load_image(
+                data.image_url,
+                max_bytes=settings.max_input_image_bytes,
+                timeout=settings.input_fetch_timeout,
+            )
+        except InputImageError as exc:
+            raise RequestValidationError(
+                [validation_error(["body", "image_url"], exc.message, exc.error_type)]
+            ) from None
+        image = loaded.png
+        if isinstance(data, FluxImageToImageInput):
+            try:
+                width, height = round_size(loaded.width, loaded.height)
+            except ValueError as exc:
+                kind = "image_too_small" if min(loaded.width, loaded.height) < 64 else "image_too_large"
+                raise RequestValidationError(
+                    [validation_error(["body", "image_url"], f"Input image: {exc}", kind)]
+                ) from None
+
+    return Job(
+        task=spec.task,
+        prompt=getattr(data, "prompt", "") if spec.task != "redux" else "",
+        width=width,
+        height=height,
+        num_inference_steps=data.num_inference_steps,
+        guidance_scale=data.guidance_scale,
+        seed=data.seed if data.seed is not None else draw_seed(),
+        num_images=data.num_images,
+        strength=getattr(data, "strength", 0.95),
+        image=image,
+        output_format=data.output_format,
+        acceleration=data.acceleration or settings.default_acceleration,
+        enable_safety_checker=data.enable_safety_checker,
+        inline_images=data.sync_mode,
+        protocol="fal",
+        app_id=app_id,
+        endpoint=endpoint,
+        priority=priority,
+        start_deadline=start_deadline,
+        webhook=webhook,
+        base_url=base_url,
+    )
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def request_urls(base_url: str, app_id: str, request_id: str) -> dict[str, str]:
+    response_url = f"{base_url}/{app_id}/requests/{request_id}"
+    return {
+        "response_url": response_url,
+        "status_url": response_url + "/status",
+        "cancel_url": response_url + "/cancel",
+    }
+
+
+def submit_body(record: JobRecord, base_url: str, position: int | None) -> dict[str, Any]:
+    return {
+        "status": record.status.value,
+        "request_id": record.id,
+        "gateway_request_id": record.id,
+        **request_urls(base_url, record.job.app_id, record.id),
+        "queue_position": position or 0,
+        "logs": None,
+        "metrics": {},
+    }
+
+
+def status_body(record: JobRecord, base_url: str, *, with_logs: bool, position: int | None) -> dict[str, Any]:
+    """The status route's body; also each event of the status stream."""
+    body: dict[str, Any] = {
+        "status": record.status.value,
+        "request_id": record.id,
+        **request_urls(base_url, record.job.app_id, record.id),
+    }
+    if record.status is Status.IN_QUEUE:
+        body["queue_position"] = position or 0
+    # fal_client reads data["logs"] in every state but IN_QUEUE; JS sample code maps over it.
+    body["logs"] = [entry.model_dump() for entry in record.logs] if with_logs else []
+    body["metrics"] = {}
+    if record.status is Status.COMPLETED:
+        inference = inference_seconds(record)
+        if inference is not None:
+            body["metrics"] = {"inference_time": inference}
+        if record.error is not None:
+            body["error"] = record.error.message
+            body["error_type"] = record.error.error_type
+    return body
+
+
+def inference_seconds(record: JobRecord) -> float | None:
+    if record.result is not None and "inference" in record.result.timings:
+        return record.result.timings["inference"]
+    if record.started_at is not None and record.completed_at is not None:
+        return max(0.0, record.completed_at - record.started_at)
+    return None
+
+
+def file_url(base_url: str, file_name: str) -> str:
+    return f"{base_url}/files/{file_name}"
+
+
+def output_body(result: JobResult, base_url: str) -> dict[str, Any]:
+    """The raw model output (§9.2): what the result route and sync run return."""
+    images = [
+        FalImage(
+            url=image.data_uri or file_url(base_url, image.file_name or ""),
+            width=image.width,
+            height=image.height,
+            content_type=image.content_type,
+            file_name=image.file_name,
+            file_size=image.file_size,
+        )
+        for image in result.images
+    ]
+    output = FalOutput(
+        images=images,
+        timings=result.timings,
+        seed=result.seed,
+        has_nsfw_concepts=result.has_nsfw_concepts,
+        prompt=result.prompt,
+        acceleration=result.preset,
+        acceleration_note=result.preset_note,
+    )
+    return output.model_dump(exclude_none=True)
+
+
+def error_parts(error: JobError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status code, body and headers for a failed job (result route, sync run)."""
+    body = error.body if error.body is not None else {"detail": error.message, "error_type": error.error_type}
+    headers = {"x-fal-error-type": error.error_type}
+    status_code = error.status_code
+    if error.error_type == "request_timeout":
+        # fal's start-timeout answer: both clients stop retrying on this header.
+        status_code = 504
+        headers["x-fal-request-timeout-type"] = "user"
+    return status_code, body, headers

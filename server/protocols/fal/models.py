@@ -1,0 +1,112 @@
+"""fal's wire models for FLUX.1 [dev] (protocols reference §9), as pydantic models.
+
+These are fal's public schemas: `FluxDevInput` (text-to-image), `FluxImageToImageInput`
+(`BaseImageToInput` in fal's JS types) and `FluxReduxInput` (`BaseReduxInput`). Unknown fields
+are ignored, as fal's own FastAPI apps do. The output models document the response shape that
+`adapter.py` renders.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from server.jobs import IMAGE_SIZE_PRESETS, MAX_SEED, Acceleration, round_size
+
+ImageSizePreset = Literal[
+    "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
+]
+
+
+class ImageSize(BaseModel):
+    # fal's toolkit: each side > 0 and <= 14142, 512 when omitted; our bounds apply after.
+    width: int = Field(default=512, gt=0, le=14142)
+    height: int = Field(default=512, gt=0, le=14142)
+
+
+def resolve_image_size(value: ImageSizePreset | ImageSize) -> tuple[int, int]:
+    """Pixels for a preset or an explicit size, rounded to what the model can generate."""
+    if isinstance(value, str):
+        return IMAGE_SIZE_PRESETS[value]
+    return round_size(value.width, value.height)
+
+
+class FalInput(BaseModel):
+    """Fields shared by every FLUX.1 [dev] endpoint."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    num_inference_steps: int = Field(default=28, ge=1, le=50)
+    seed: int | None = Field(default=None, ge=0, lt=MAX_SEED, description="Random when omitted")
+    guidance_scale: float = Field(default=3.5, ge=1, le=20)
+    sync_mode: bool = Field(default=False, description="Return images as data URIs; store nothing")
+    num_images: int = Field(default=1, ge=1, le=4)
+    enable_safety_checker: bool = True
+    output_format: Literal["jpeg", "png"] = "jpeg"
+    acceleration: Acceleration | None = Field(default=None, description="Server default when omitted")
+
+
+class SizedInput(FalInput):
+    image_size: ImageSizePreset | ImageSize = "landscape_4_3"
+
+    @field_validator("image_size", mode="wrap")
+    @classmethod
+    def _check_image_size(cls, value: Any, handler: Any) -> ImageSizePreset | ImageSize:
+        try:
+            size = handler(value)
+        except ValidationError:
+            # One clear message instead of one error per member of the union.
+            presets = ", ".join(IMAGE_SIZE_PRESETS)
+            raise ValueError(
+                f"image_size must be one of {presets} or an object {{width, height}} of positive integers"
+            ) from None
+        resolve_image_size(size)  # raises ValueError for sizes out of bounds
+        return size
+
+
+class FluxDevInput(SizedInput):
+    """`fal-ai/flux/dev` and `fal-ai/flux-1/dev`."""
+
+    prompt: str
+
+
+class FluxImageToImageInput(FalInput):
+    """`.../dev/image-to-image`: no image_size, the output follows the input image's size."""
+
+    prompt: str
+    image_url: str
+    strength: float = Field(default=0.95, ge=0.01, le=1)
+    num_inference_steps: int = Field(default=40, ge=10, le=50)
+
+
+class FluxReduxInput(SizedInput):
+    """`.../dev/redux`: no prompt in fal's schema; one sent anyway is accepted and ignored."""
+
+    image_url: str
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+class FalImage(BaseModel):
+    url: str
+    width: int
+    height: int
+    content_type: str
+    file_name: str | None = None
+    file_size: int | None = None
+
+
+class FalOutput(BaseModel):
+    """The raw model output that the result route, sync run and webhooks return (§9.2).
+
+    `acceleration` is an extension: the preset that actually ran (clients ignore extra keys)."""
+
+    images: list[FalImage]
+    timings: dict[str, float]
+    seed: int
+    has_nsfw_concepts: list[bool]
+    prompt: str
+    acceleration: str | None = None
+    acceleration_note: str | None = None

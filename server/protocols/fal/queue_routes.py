@@ -1,0 +1,192 @@
+"""fal's queue API (host queue.fal.run): submit, status, status stream, result, cancel.
+
+Paths follow the protocols reference §3: submit uses the full model id
+`/{owner}/{app}/{endpoint}`; status, result and cancel use only `/{owner}/{app}` and find the
+request whatever endpoint it was submitted on. Trailing slashes are stripped by the app's
+middleware before routing. Every response about a request carries `x-fal-request-id` (set
+through `request.state.fal_request_id`, see server/app.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.auth import require_fal_key
+from server.deps import get_queue, get_settings, public_base_url
+from server.jobs import JobRecord, Status
+from server.protocols.fal import adapter
+from server.queue.base import CancelOutcome
+
+router = APIRouter(dependencies=[Depends(require_fal_key)], tags=["fal queue"])
+
+# Seconds between keep-alive comments on an idle event stream (fal: "every 15 seconds").
+PING_INTERVAL = 15.0
+# Room for the JSON around a data-URI image in a request body.
+BODY_OVERHEAD = 1024 * 1024
+# Longest wait on the queue's change notification before re-reading the record anyway.
+WAIT_SLICE = 1.0
+
+
+def check_endpoint(owner: str, app: str, endpoint: str) -> str:
+    app_id = f"{owner}/{app}"
+    if app_id not in adapter.APPS:
+        raise HTTPException(status_code=404, detail=f"Application '{app_id}' not found")
+    if endpoint not in adapter.ENDPOINTS:
+        raise HTTPException(status_code=404, detail=f"Endpoint '{endpoint}' of '{app_id}' not found")
+    return app_id
+
+
+async def submit_request(request: Request, owner: str, app: str, endpoint: str) -> JobRecord:
+    """Validate a submit and put it on the queue; shared by the queue and run routes."""
+    app_id = check_endpoint(owner, app, endpoint.strip("/"))
+    settings = get_settings(request)
+    body = adapter.parse_body(await read_body(request, settings.max_input_image_bytes))
+    job = await adapter.build_job(
+        app_id=app_id,
+        endpoint=endpoint.strip("/"),
+        body=body,
+        settings=settings,
+        base_url=public_base_url(request),
+        priority=adapter.parse_priority(request.headers.get("x-fal-queue-priority")),
+        start_deadline=adapter.parse_start_deadline(
+            request.headers.get("x-fal-request-timeout"), time.time()
+        ),
+        webhook=adapter.parse_webhook(request.query_params.get("fal_webhook"), settings),
+    )
+    record = get_queue(request).submit(job)
+    request.state.fal_request_id = record.id
+    return record
+
+
+async def read_body(request: Request, max_image_bytes: int) -> bytes:
+    """The request body, refused (422 file_too_large) when it is far above what one input
+    image (base64-encoded in a data URI) needs."""
+    limit = max_image_bytes * 4 // 3 + BODY_OVERHEAD
+    declared = request.headers.get("content-length", "")
+    too_large = [
+        adapter.validation_error(["body"], f"Request body is larger than {limit} bytes", "file_too_large")
+    ]
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestValidationError(too_large)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestValidationError(too_large)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def find_record(request: Request, owner: str, app: str, request_id: str) -> JobRecord | None:
+    """The fal request `request_id` of app `owner/app`, or None (unknown or another app's)."""
+    request.state.fal_request_id = request_id
+    record = get_queue(request).get(request_id)
+    if record is None or record.job.protocol != "fal" or record.job.app_id != f"{owner}/{app}":
+        return None
+    return record
+
+
+def require_record(request: Request, owner: str, app: str, request_id: str) -> JobRecord:
+    record = find_record(request, owner, app, request_id)
+    if record is None:
+        raise HTTPException(status_code=404, detail="Request not found")
+    return record
+
+
+def logs_requested(request: Request) -> bool:
+    return request.query_params.get("logs", "").strip().lower() in ("1", "true", "yes")
+
+
+def status_json(request: Request, record: JobRecord, with_logs: bool) -> dict:
+    position = get_queue(request).position(record.id) if record.status is Status.IN_QUEUE else None
+    return adapter.status_body(record, public_base_url(request), with_logs=with_logs, position=position)
+
+
+def result_response(request: Request, record: JobRecord) -> JSONResponse:
+    """The finished job as fal's result route answers it: output, or the error's status and body."""
+    if record.result is not None:
+        return JSONResponse(adapter.output_body(record.result, public_base_url(request)))
+    if record.error is not None:
+        status_code, body, headers = adapter.error_parts(record.error)
+        return JSONResponse(body, status_code=status_code, headers=headers)
+    raise HTTPException(status_code=400, detail="Request is still in progress")
+
+
+# Routes with the fixed `requests` segment come before the catch-all submit pattern.
+
+
+@router.get("/{owner}/{app}/requests/{request_id}/status/stream")
+async def status_stream(owner: str, app: str, request_id: str, request: Request) -> StreamingResponse:
+    require_record(request, owner, app, request_id)
+    with_logs = logs_requested(request)
+    return StreamingResponse(
+        status_events(request, request_id, with_logs),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+async def status_events(request: Request, request_id: str, with_logs: bool) -> AsyncIterator[str]:
+    """`data: <status>` on every change, `: ping` when idle; ends after COMPLETED."""
+    queue = get_queue(request)
+    last_sent: str | None = None
+    last_write = time.monotonic()
+    # Read the record, then wait with no await in between (the queue's contract): after
+    # anything was sent, loop round to read again before waiting.
+    while not await request.is_disconnected():
+        record = queue.get(request_id)
+        if record is None:  # purged while streaming
+            return
+        event = json.dumps(status_json(request, record, with_logs))
+        if event != last_sent:
+            yield f"data: {event}\n\n"
+            if record.status is Status.COMPLETED:
+                return
+            last_sent, last_write = event, time.monotonic()
+            continue
+        if time.monotonic() - last_write >= PING_INTERVAL:
+            yield ": ping\n\n"
+            last_write = time.monotonic()
+            continue
+        await queue.wait_for_change(request_id, timeout=WAIT_SLICE)
+
+
+@router.get("/{owner}/{app}/requests/{request_id}/status")
+async def status(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
+    record = require_record(request, owner, app, request_id)
+    body = status_json(request, record, logs_requested(request))
+    return JSONResponse(body, status_code=200 if record.status is Status.COMPLETED else 202)
+
+
+@router.put("/{owner}/{app}/requests/{request_id}/cancel")
+async def cancel(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
+    if find_record(request, owner, app, request_id) is None:
+        return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
+    outcome = get_queue(request).cancel(request_id)
+    if outcome in (CancelOutcome.CANCELLED, CancelOutcome.REQUESTED):
+        return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
+    if outcome is CancelOutcome.ALREADY_COMPLETED:
+        return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
+    return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
+
+
+@router.get("/{owner}/{app}/requests/{request_id}")
+async def result(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
+    record = require_record(request, owner, app, request_id)
+    if record.status is not Status.COMPLETED:
+        # Not 408/409/429: fal_client retries those as if they were transient.
+        raise HTTPException(status_code=400, detail="Request is still in progress")
+    return result_response(request, record)
+
+
+@router.post("/{owner}/{app}/{endpoint:path}")
+async def submit(owner: str, app: str, endpoint: str, request: Request) -> JSONResponse:
+    record = await submit_request(request, owner, app, endpoint)
+    position = get_queue(request).position(record.id)
+    return JSONResponse(adapter.submit_body(record, public_base_url(request), position))

@@ -1,0 +1,501 @@
+"""`flux-server serve`: the API process and the workers as supervised child processes.
+
+    supervisor (this module; imports no torch)
+      ├─ python -m server.cli api                         (restarted if it crashes)
+      └─ python -m server.cli worker --worker-id w<i> [--gpu i]   (one per GPU, or one on CPU)
+
+The children get the resolved settings through FLUX_* environment variables. A worker that
+crashes is restarted with exponential backoff (1 s doubling to 30 s, reset after it ran
+stably for a minute) and its leased job is released at once, so the job is retried without
+waiting for the lease to run out. A worker that exits with code 2 could not load its model:
+restarting it would fail the same way, so it stays down, marked "failed", and /health reports
+the reason. SIGINT/SIGTERM stop the children (SIGTERM, then SIGKILL after a grace period) and
+end with exit status 0.
+
+The pids of the children are written to <data_dir>/run/processes.json for operators and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.config import Settings
+
+logger = logging.getLogger("flux_server.supervisor")
+
+EXIT_USAGE = 2  # bad configuration, refused to start
+WORKER_LOAD_FAILED = 2  # a worker's exit code when its model cannot be loaded
+BACKOFF_START = 1.0
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0  # a child that ran this long gets its backoff reset
+STOP_GRACE = 20.0  # seconds between SIGTERM and SIGKILL at shutdown
+API_START_TIMEOUT = 60.0  # the first API process must listen within this, or serve gives up
+MAINTENANCE_EVERY = 1.0  # seconds between lease-recovery sweeps
+
+
+def purge_interval(retention_seconds: float) -> float:
+    """Sweep for expired results a few times per retention period, at most once a second."""
+    return min(max(retention_seconds / 4, MAINTENANCE_EVERY), 300.0)
+
+
+class ConfigError(Exception):
+    """A setting that makes the server refuse to start (exit status 2)."""
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse configurations that would be unsafe or cannot work. Raises ConfigError."""
+    if not settings.host_is_loopback() and not settings.insecure_no_auth:
+        try:
+            keys = settings.all_api_keys()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --api-keys-file: {exc}") from exc
+        if not keys:
+            raise ConfigError(
+                f"refusing to listen on {settings.host} (not a loopback address) without an API key: "
+                "give --api-key KEY (or --api-keys-file FILE), or --insecure-no-auth to accept "
+                "requests from anyone who can reach this port"
+            )
+    if (settings.ssl_certfile is None) != (settings.ssl_keyfile is None):
+        raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile (only one was given)")
+    for flag, path in (("--ssl-certfile", settings.ssl_certfile), ("--ssl-keyfile", settings.ssl_keyfile)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+    if settings.api_keys_file is not None and not Path(settings.api_keys_file).is_file():
+        raise ConfigError(f"--api-keys-file {settings.api_keys_file}: no such file")
+    if settings.workers is not None and settings.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {settings.workers}")
+
+
+def check_model(settings: Settings) -> None:
+    """Fail fast on a --model that cannot be loaded, before any worker starts.
+
+    models.weights.resolve_model checks file names, configs and safetensors headers only, and
+    imports no torch. The tiny model is skipped: building it is the worker's job (it needs torch).
+    """
+    if settings.model == "tiny" or str(settings.components_dir) == "tiny":
+        return
+    from models.weights import WeightsError, resolve_model
+
+    try:
+        resolve_model(settings.model, data_dir=settings.data_dir, components_dir=settings.components_dir)
+    except (WeightsError, OSError, ValueError) as exc:
+        raise ConfigError(f"--model {settings.model}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- worker plan
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    worker_id: str
+    gpu: int | None
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.gpu is None else f"cuda:{self.gpu}"
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process may use, without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        items = [v.strip() for v in visible.split(",") if v.strip()]
+        # CUDA stops at the first invalid entry; "-1" is the usual way to hide every GPU.
+        count = 0
+        for item in items:
+            if item.startswith("-"):
+                break
+            count += 1
+        return count
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    if out.returncode != 0:
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def plan_workers(settings: Settings, gpu_count: int | None = None) -> list[WorkerSlot]:
+    """One worker per visible GPU (or --workers N spread over them), else one CPU worker."""
+    gpus = 0 if settings.device == "cpu" else (visible_gpu_count() if gpu_count is None else gpu_count)
+    if settings.device == "cuda" and gpus == 0:
+        raise ConfigError("--device cuda, but no GPU is visible (nvidia-smi -L / CUDA_VISIBLE_DEVICES)")
+    count = settings.workers or (gpus if gpus > 0 else 1)
+    return [WorkerSlot(f"w{i}", (i % gpus) if gpus > 0 else None) for i in range(count)]
+
+
+# --------------------------------------------------------------------------- children
+
+
+@dataclass
+class Child:
+    """One supervised process and its restart bookkeeping."""
+
+    name: str  # "api" or a worker id
+    argv: list[str]
+    slot: WorkerSlot | None = None
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    backoff: float = BACKOFF_START
+    restart_at: float | None = None  # when a crashed child is due to start again
+    failed: bool = False  # stays down (model load failure)
+    restarts: int = 0
+    ever_listened: bool = False  # API only: it accepted a connection once
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+
+def _set_parent_death_signal() -> None:
+    """In the child, before exec: get SIGTERM when the supervisor dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class Supervisor:
+    settings: Settings
+    slots: list[WorkerSlot]
+    children: list[Child] = field(default_factory=list)
+    queue: Any = None
+    stopping: bool = False
+    _next_purge: float = 0.0
+
+    def __post_init__(self) -> None:
+        base = [sys.executable, "-m", "server.cli"]
+        self.children.append(Child("api", [*base, "api"]))
+        for slot in self.slots:
+            argv = [*base, "worker", "--worker-id", slot.worker_id]
+            if slot.gpu is not None:
+                argv += ["--gpu", str(slot.gpu)]
+            self.children.append(Child(slot.worker_id, argv, slot=slot))
+        self._env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+
+    # --- processes ---------------------------------------------------------------------
+    def _start(self, child: Child) -> None:
+        preexec = _set_parent_death_signal if sys.platform.startswith("linux") else None
+        child.process = subprocess.Popen(child.argv, env=self._env, preexec_fn=preexec)
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        logger.info("started %s (pid %d)", child.name, child.process.pid)
+        self._write_pids()
+
+    def _write_pids(self) -> None:
+        info = {
+            "supervisor": os.getpid(),
+            "api": next((c.pid for c in self.children if c.slot is None), None),
+            "workers": {c.name: c.pid for c in self.children if c.slot is not None},
+        }
+        path = self.settings.run_dir / "processes.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=1) + "\n")
+        tmp.replace(path)
+
+    def _on_exit(self, child: Child, code: int) -> None:
+        now = time.monotonic()
+        ran = now - child.started_at
+        child.process = None
+        if child.slot is not None:
+            released = self._release(child.name)
+            if released:
+                logger.warning("%s held %s; released for retry", child.name, ", ".join(released))
+        if child.slot is not None and code == WORKER_LOAD_FAILED:
+            child.failed = True
+            logger.error(
+                "%s could not load the model (exit status 2); not restarting it. Fix the model "
+                "settings and restart flux-server.",
+                child.name,
+            )
+            self._mark_worker(child, "failed", "the model could not be loaded (worker exit status 2)")
+            return
+        if child.slot is None and not child.ever_listened:
+            # The API never came up (port in use, bad certificate...): retrying cannot help.
+            raise ConfigError(f"the API process exited with status {code} before it started listening")
+        if ran >= STABLE_AFTER:
+            child.backoff = BACKOFF_START
+        delay = child.backoff
+        child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+        child.restart_at = now + delay
+        child.restarts += 1
+        logger.warning(
+            "%s exited with status %d after %.1f s; restarting in %.0f s (restart #%d)",
+            child.name,
+            code,
+            ran,
+            delay,
+            child.restarts,
+        )
+        if child.slot is not None:
+            self._mark_worker(child, "stopped", f"exited with status {code}; restarting in {delay:.0f} s")
+
+    # --- queue ------------------------------------------------------------------------
+    def _open_queue(self) -> None:
+        try:
+            from server.queue.sqlite import SQLiteQueue
+        except ImportError:
+            logger.warning("server.queue.sqlite is not available; leases are not released on crashes")
+            return
+        self.queue = SQLiteQueue(
+            self.settings.db_path,
+            self.settings.run_dir,
+            role="supervisor",
+            lease_seconds=self.settings.lease_seconds,
+        )
+        # Rows left by an earlier run with more workers would keep /health at 503 forever.
+        planned = {slot.worker_id for slot in self.slots}
+        for worker in self.queue.workers():
+            if worker.worker_id not in planned and worker.state in ("stopped", "failed"):
+                self.queue.remove_worker(worker.worker_id)
+
+    def _release(self, worker_id: str) -> list[str]:
+        if self.queue is None:
+            return []
+        try:
+            return list(self.queue.release_worker(worker_id))
+        except Exception:
+            logger.exception("could not release the jobs of %s", worker_id)
+            return []
+
+    def _mark_worker(self, child: Child, state: str, detail: str) -> None:
+        if self.queue is None or child.slot is None:
+            return
+        try:
+            if state == "failed":
+                # Keep the worker's own, more precise reason (e.g. the missing files).
+                current = {w.worker_id: w for w in self.queue.workers()}.get(child.name)
+                if current is not None and current.state == "failed" and current.detail:
+                    return
+            self.queue.set_worker_state(
+                child.name, state, device=child.slot.device, model=self.settings.model, detail=detail
+            )
+        except Exception:
+            logger.exception("could not record the state of %s", child.name)
+
+    def _maintenance(self, now: float) -> None:
+        """Leases that ran out (workers on other machines, hung workers) and expired results.
+
+        The API may run the same sweeps; both are idempotent transactions."""
+        if self.queue is None:
+            return
+        try:
+            recovered = self.queue.recover_expired()
+            if recovered:
+                logger.warning("requeued or failed (lost lease or start deadline): %s", ", ".join(recovered))
+            if now >= self._next_purge:
+                self._next_purge = now + purge_interval(self.settings.retention_seconds)
+                self._purge()
+        except Exception:
+            logger.exception("queue maintenance failed")
+
+    def _purge(self) -> None:
+        from server.storage import LocalStorage
+
+        expired = self.queue.purge(time.time() - self.settings.retention_seconds)
+        if not expired:
+            return
+        storage = LocalStorage(self.settings.files_dir)
+        for record in expired:
+            for image in record.result.images if record.result is not None else []:
+                if image.file_name:
+                    storage.delete(image.file_name)
+        logger.info("deleted %d result(s) older than %.0f s", len(expired), self.settings.retention_seconds)
+
+    # --- main loop ----------------------------------------------------------------------
+    def _api_listening(self) -> bool:
+        host = self.settings.host
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1" if host != "::" else "::1"
+        try:
+            with socket.create_connection((host, self.settings.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def run(self) -> int:
+        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        self._open_queue()
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        os.set_blocking(wake_r, False)
+        previous = {
+            sig: signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)
+        }
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        api = self.children[0]
+        try:
+            for child in self.children:
+                self._start(child)
+            api_deadline = time.monotonic() + API_START_TIMEOUT
+            next_maintenance = 0.0
+            while not self.stopping:
+                select.select([wake_r], [], [], self._sleep_time())
+                try:
+                    while os.read(wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                if self.stopping:
+                    break
+                if not api.ever_listened and api.process is not None:
+                    if self._api_listening():
+                        api.ever_listened = True
+                        logger.info("API listening on %s", base_url(self.settings))
+                    elif time.monotonic() > api_deadline:
+                        raise ConfigError(f"the API did not start listening within {API_START_TIMEOUT:.0f} s")
+                self._reap_and_restart()
+                now = time.monotonic()
+                if now >= next_maintenance:
+                    self._maintenance(now)
+                    next_maintenance = now + MAINTENANCE_EVERY
+            return 0
+        except ConfigError as exc:
+            print(f"flux-server: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            self._stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            os.close(wake_r)
+            os.close(wake_w)
+            if self.queue is not None:
+                self.queue.close()
+
+    def _sleep_time(self) -> float:
+        """Until the next restart is due, at most half a second."""
+        due = [c.restart_at for c in self.children if c.process is None and c.restart_at is not None]
+        return max(0.0, min([0.5, *(t - time.monotonic() for t in due)]))
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum in (signal.SIGINT, signal.SIGTERM) and not self.stopping:
+            self.stopping = True
+            logger.info("received %s; stopping", signal.Signals(signum).name)
+
+    def _reap_and_restart(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.process is not None:
+                code = child.process.poll()
+                if code is not None:
+                    self._on_exit(child, code)
+            due = child.restart_at is not None and now >= child.restart_at
+            if child.process is None and not child.failed and due:
+                self._start(child)
+
+    def _stop_all(self) -> None:
+        running = [c for c in self.children if c.process is not None and c.process.poll() is None]
+        for child in running:
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        deadline = time.monotonic() + STOP_GRACE
+        for child in running:
+            assert child.process is not None
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop within %.0f s; killing it", child.name, STOP_GRACE)
+                child.process.kill()
+                child.process.wait()
+        for child in self.children:
+            if child.slot is not None:
+                # A job a worker was still running goes back to the queue for the next start.
+                self._release(child.name)
+                if not child.failed:
+                    self._mark_worker(child, "stopped", "flux-server stopped")
+        logger.info("stopped")
+
+
+# --------------------------------------------------------------------------- banner
+
+
+def base_url(settings: Settings) -> str:
+    scheme = "https" if settings.ssl_certfile else "http"
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{settings.port}"
+
+
+def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
+    url = base_url(settings)
+    hostport = url.split("://", 1)[1]
+    tls = settings.ssl_certfile is not None
+    auth = settings.auth_enabled
+    devices = ", ".join(f"{s.worker_id} on {s.device}" for s in slots)
+    lines: list[str | None] = [
+        "flux-server",
+        f"  URL      {url}"
+        + (f"  (listening on {settings.host})" if settings.host in ("0.0.0.0", "::") else ""),
+        f"  public   {settings.public_url}" if settings.public_url else None,
+        f"  model    {settings.model}",
+        f"  workers  {len(slots)}: {devices}",
+        f"  auth     {'on (' + str(len(settings.all_api_keys())) + ' key(s))' if auth else 'off'}",
+        f"  TLS      {'on' if tls else 'off'}",
+        f"  data     {settings.data_dir}",
+        "",
+        "Point fal_client (Python) at it:",
+        f"  export FAL_QUEUE_RUN_HOST={hostport}",
+        f"  export FAL_RUN_HOST={hostport}/run",
+        f"  export FAL_KEY={'<one of your API keys>' if auth else 'anything'}",
+    ]
+    if tls:
+        lines.append("  export SSL_CERT_FILE=<bundle.pem from flux-server make-cert>")
+    else:
+        lines.append(
+            "  (fal_client always uses https: serve with --ssl-certfile/--ssl-keyfile; see make-cert)"
+        )
+    lines += [
+        "@fal-ai/client (JS): proxyUrl {url: " + repr(url + "/api/fal/proxy") + ', when: "always"}',
+        f"Health: {url}/health",
+    ]
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def serve(settings: Settings) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s supervisor: %(message)s", stream=sys.stderr
+    )
+    try:
+        check_settings(settings)
+        settings = settings.model_copy(update={"data_dir": Path(settings.data_dir).resolve()})
+        check_model(settings)
+        slots = plan_workers(settings)
+        # The children see the resolved count: the API reports ready only when all are.
+        settings = settings.model_copy(update={"workers": len(slots)})
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except (ConfigError, OSError) as exc:
+        print(f"flux-server: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(banner(settings, slots), flush=True)
+    return Supervisor(settings, slots).run()

@@ -1,0 +1,274 @@
+"""The worker process: load the model once, then claim -> generate -> store -> complete.
+
+Three threads:
+- the main loop claims a job (blocking on the queue's wake-up socket), runs it on the
+  runtime, and hands the finished images to the finisher so the device never waits on Python
+  (encoding, writing files, the database) between two jobs;
+- the finisher encodes and stores the images and completes the job;
+- the heartbeat renews the lease of every job this worker holds, every lease/3 seconds; a lease
+  it cannot renew belongs to someone else now, so that job is abandoned at its next step.
+
+SIGTERM (or SIGINT) stops the worker cleanly: the running job stops at its next step and goes
+back to the head of the queue without counting as an attempt, the images already generated are
+finished, the worker's state becomes "stopped", and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from server.config import Settings
+from server.images import content_type, encode_image, to_data_uri
+from server.jobs import JobError, JobRecord, JobResult, OutputImage, cancelled_error
+from server.queue.sqlite import SQLiteQueue
+from server.storage import LocalStorage
+
+if TYPE_CHECKING:
+    from models.runtime import FluxRuntime, Generation
+
+logger = logging.getLogger(__name__)
+
+# Exit code for a model that cannot load: the supervisor must not restart it in a tight loop.
+EXIT_LOAD_FAILED = 2
+CLAIM_TIMEOUT_SECONDS = 1.0
+
+
+def input_error(message: str) -> JobError:
+    """The client's fault (bad size, undecodable image, task not loaded): a fal-style 422."""
+    return JobError(
+        message=message,
+        error_type="validation_error",
+        status_code=422,
+        body={"detail": [{"loc": ["body"], "msg": message, "type": "value_error"}]},
+    )
+
+
+def internal_error(message: str) -> JobError:
+    return JobError(message=message, error_type="internal_server_error", status_code=500)
+
+
+def parse_sizes(items: list[str]) -> list[tuple[int, int]]:
+    sizes = []
+    for item in items:
+        width, sep, height = item.lower().partition("x")
+        if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+            raise ValueError(f"warm-up size {item!r} is not of the form WIDTHxHEIGHT")
+        sizes.append((int(width), int(height)))
+    return sizes
+
+
+@dataclass
+class _Finished:
+    record: JobRecord
+    generation: Generation
+    seconds: float
+
+
+class Worker:
+    def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.queue = SQLiteQueue(
+            settings.db_path, settings.run_dir, role="worker", lease_seconds=settings.lease_seconds
+        )
+        self.storage = LocalStorage(settings.files_dir)
+        self.device = settings.device
+        self._stop = threading.Event()
+        self._held: dict[str, threading.Event] = {}  # request id -> set when its lease is lost
+        self._held_lock = threading.Lock()
+        self._finished: queue.Queue[_Finished | None] = queue.Queue()
+        self._heartbeat_stop = threading.Event()
+
+    # --- control -------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the worker to stop (safe from a signal handler or another thread)."""
+        self._stop.set()
+        self.queue.notifier.wake_self()
+
+    def _state(self, state: str, detail: str = "") -> None:
+        self.queue.set_worker_state(
+            self.worker_id, state, device=self.device, model=self.settings.model, detail=detail
+        )
+
+    # --- main loop -----------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            runtime = self._load()
+        except Exception as exc:
+            logger.exception("worker %s could not load the model", self.worker_id)
+            self._state("failed", f"{type(exc).__name__}: {exc}")
+            self.queue.close()
+            return EXIT_LOAD_FAILED
+
+        threads = [
+            threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True),
+            threading.Thread(target=self._finisher, name="finisher", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        self._state("ready")
+        logger.info("worker %s ready on %s", self.worker_id, self.device)
+        try:
+            while not self._stop.is_set():
+                record = self.queue.claim(self.worker_id, timeout=CLAIM_TIMEOUT_SECONDS)
+                if record is not None:
+                    self._run_job(runtime, record)
+        finally:
+            self._finished.put(None)
+            threads[1].join()
+            self._heartbeat_stop.set()  # only now: the finisher's jobs needed their leases
+            threads[0].join()
+            self._state("stopped")
+            self.queue.close()
+        return 0
+
+    def _load(self) -> FluxRuntime:
+        from models.runtime import FluxRuntime, resolve_device
+
+        self._state("loading")
+        self.device = resolve_device(self.settings.device)
+        self._state("loading")
+        runtime = FluxRuntime.load(
+            self.settings.model,
+            data_dir=self.settings.data_dir,
+            components_dir=self.settings.components_dir,
+            safety_checker=self.settings.safety_checker,
+            device=self.device,
+            presets=self.settings.presets,
+            memory_plan=self.settings.memory_plan,
+        )
+        sizes = parse_sizes(self.settings.warmup_sizes)
+        if sizes:
+            self._state("warming", ", ".join(f"{w}x{h}" for w, h in sizes))
+            seconds = runtime.warmup(sizes)
+            logger.info("warmed up %d size(s) in %.1f s", len(sizes), seconds)
+        return runtime
+
+    def _run_job(self, runtime: FluxRuntime, record: JobRecord) -> None:
+        request_id = record.id
+        lease_lost = threading.Event()
+        with self._held_lock:
+            self._held[request_id] = lease_lost
+
+        def on_step(step: int, total: int) -> None:
+            self.queue.log(request_id, f"step {step}/{total}", progress=step / total)
+
+        def should_cancel() -> bool:
+            return self._stop.is_set() or lease_lost.is_set() or self.queue.is_cancel_requested(request_id)
+
+        started = time.perf_counter()
+        try:
+            generation = runtime.generate(record.job, on_step=on_step, should_cancel=should_cancel)
+        except ValueError as exc:  # the input's fault, the runtime's TaskUnavailable included
+            self._release(request_id)
+            self.queue.fail(request_id, self.worker_id, input_error(str(exc)))
+            return
+        except Exception as exc:
+            logger.exception("job %s failed", request_id)
+            self._release(request_id)
+            self.queue.fail(request_id, self.worker_id, internal_error(f"{type(exc).__name__}: {exc}"))
+            return
+
+        if generation.cancelled or lease_lost.is_set():
+            self._release(request_id)
+            if lease_lost.is_set():
+                logger.warning("job %s: lease lost; abandoned", request_id)
+            elif self.queue.is_cancel_requested(request_id):
+                self.queue.fail(request_id, self.worker_id, cancelled_error())
+            else:  # stopping
+                self.queue.requeue(request_id, self.worker_id)
+            return
+        # Still held: the heartbeat keeps renewing the lease until the finisher completes it.
+        self._finished.put(_Finished(record, generation, time.perf_counter() - started))
+
+    def _release(self, request_id: str) -> None:
+        with self._held_lock:
+            self._held.pop(request_id, None)
+
+    # --- finisher --------------------------------------------------------------------------
+    def _finisher(self) -> None:
+        while (item := self._finished.get()) is not None:
+            try:
+                self._finish(item)
+            except Exception as exc:
+                logger.exception("job %s: storing the output failed", item.record.id)
+                self.queue.fail(
+                    item.record.id, self.worker_id, internal_error(f"{type(exc).__name__}: {exc}")
+                )
+            finally:
+                self._release(item.record.id)
+
+    def _finish(self, item: _Finished) -> None:
+        job, generation, request_id = item.record.job, item.generation, item.record.id
+        started = time.perf_counter()
+        images: list[OutputImage] = []
+        kind = content_type(job.output_format)
+        for image in generation.images:
+            data = encode_image(image, job.output_format)
+            inline = job.inline_images
+            images.append(
+                OutputImage(
+                    width=image.width,
+                    height=image.height,
+                    content_type=kind,
+                    file_size=len(data),
+                    data_uri=to_data_uri(data, kind) if inline else None,
+                    file_name=None if inline else self.storage.save(data, job.output_format),
+                )
+            )
+        timings = {"inference": item.seconds, **generation.timings}
+        timings["store"] = time.perf_counter() - started
+        result = JobResult(
+            images=images,
+            seed=generation.seed,
+            prompt=job.prompt,
+            has_nsfw_concepts=generation.has_nsfw_concepts,
+            nsfw_checked=generation.nsfw_checked,
+            timings=timings,
+            preset=generation.preset,
+            preset_note=generation.preset_note,
+        )
+        self.queue.log(
+            request_id,
+            f"Generated {len(images)} image(s) in {item.seconds:.2f} s (preset {generation.preset})",
+        )
+        if not self.queue.complete(request_id, self.worker_id, result):
+            logger.warning("job %s: lease lost before completion; output discarded", request_id)
+            for output in images:
+                if output.file_name:
+                    self.storage.delete(output.file_name)
+
+    # --- heartbeat -------------------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        interval = max(self.settings.lease_seconds / 3, 0.05)
+        while not self._heartbeat_stop.wait(interval):
+            with self._held_lock:
+                held = list(self._held.items())
+            for request_id, lease_lost in held:
+                if not self.queue.renew(request_id, self.worker_id):
+                    lease_lost.set()
+
+
+def run_worker(settings: Settings, worker_id: str | None = None, gpu: int | None = None) -> int:
+    """`flux-server worker`: serve jobs until SIGTERM; exit 0, or 2 if the model cannot load."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before anything imports torch
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = Worker(settings, worker_id=worker_id)
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        worker.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    return worker.run()

@@ -1,0 +1,257 @@
+"""Acceleration presets on the tiny model, on the CPU (real diffusers pipelines, real torchao)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.presets import (
+    PRESETS,
+    CacheSetting,
+    Hardware,
+    Preset,
+    PresetManager,
+    adapt_to_hardware,
+    nearest_enabled,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+DATA_DIR = REPO / ".pytest-data"
+CPU = Hardware("cpu", None, torchao=True, compiler=True)
+
+# The tiny model's first-block residual changes by 0.24-0.6 per step, so the shipped threshold
+# (0.12) never skips on it; 0.5 gives a known skip pattern (cpu-code-paths.md).
+TINY_PRESETS = {**PRESETS, "high": replace(PRESETS["high"], cache=CacheSetting("first_block", 0.5))}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir() -> Path:
+    from models.tiny import ensure_tiny
+
+    return ensure_tiny(DATA_DIR)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir: Path):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def manager(pipe) -> PresetManager:
+    torch._dynamo.reset()
+    # backend="eager" exercises the compile plumbing in seconds; one test below uses inductor.
+    return PresetManager(
+        pipe.transformer,
+        device="cpu",
+        enabled=["none", "regular", "high"],
+        data_dir=DATA_DIR,
+        presets=TINY_PRESETS,
+        compile_backend="eager",
+    )
+
+
+def generate(pipe, size: tuple[int, int] = (64, 64), steps: int = 2, output_type: str = "pt"):
+    return pipe(
+        prompt="a red chair",
+        width=size[0],
+        height=size[1],
+        num_inference_steps=steps,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type=output_type,
+    ).images
+
+
+def count_block_bodies(transformer) -> tuple[list[int], list]:
+    """Calls of a leaf inside every block: fires only when the block really computes."""
+    calls = [0]
+
+    @torch.compiler.disable
+    def count(*_args) -> None:
+        calls[0] += 1
+
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    return calls, [block.attn.norm_q.register_forward_hook(count) for block in blocks]
+
+
+# ---------------------------------------------------------------------- definitions and fallback
+
+
+def test_default_mapping() -> None:
+    assert PRESETS["none"] == Preset("none")  # loaded precision, eager, no cache: the reference
+    regular, high = PRESETS["regular"], PRESETS["high"]
+    assert (regular.precision, regular.compile, regular.fuse_qkv, regular.cache) == (
+        "fp8",
+        "regional",
+        True,
+        None,
+    )
+    assert replace(high, name="regular", cache=None) == regular
+    assert high.cache is not None and 0.08 <= high.cache.threshold <= 0.12
+    with pytest.raises(AttributeError):
+        regular.precision = "int8"  # frozen
+
+
+def test_fp8_falls_back_by_hardware() -> None:
+    fp8 = PRESETS["regular"]
+    on_cpu, note = adapt_to_hardware(fp8, CPU)
+    assert on_cpu.precision == "int8"
+    assert note == (
+        "fp8 dynamic needs an NVIDIA GPU with compute capability 8.9+ (this device: CPU); ran int8 dynamic instead"
+    )
+    h100 = Hardware("cuda", (9, 0), torchao=True, compiler=True)
+    assert adapt_to_hardware(fp8, h100) == (fp8, None)
+    a100, note = adapt_to_hardware(fp8, Hardware("cuda", (8, 0), torchao=True, compiler=True))
+    assert a100.precision == "int8" and "compute capability 8.0" in note
+    bare, note = adapt_to_hardware(fp8, Hardware("cpu", None, torchao=False, compiler=False))
+    assert (bare.precision, bare.compile) == ("bf16", "none")
+    assert "torchao, which is not installed" in note and "needs a C++ compiler" in note
+
+
+def test_nearest_enabled_preset() -> None:
+    assert nearest_enabled("high", ["none", "regular"]) == "regular"
+    assert nearest_enabled("none", ["regular", "high"]) == "regular"
+    assert nearest_enabled("regular", ["none", "high"]) == "none"  # ties go to the slower one
+    assert nearest_enabled("turbo", ["high"]) == "high"
+
+
+def test_disabled_preset_runs_the_nearest_and_says_so(pipe) -> None:
+    only_none = PresetManager(
+        pipe.transformer, device="cpu", enabled=["none"], data_dir=DATA_DIR, hardware=CPU
+    )
+    with only_none.use(pipe, "high") as active:
+        assert pipe.transformer is only_none.base
+        generate(pipe)
+    assert active.name == "none" and active.requested == "high"
+    assert active.note == "preset 'high' is not enabled on this server (enabled: none); ran 'none'"
+    with pytest.raises(ValueError, match="unknown or no presets"):
+        PresetManager(pipe.transformer, device="cpu", enabled=["turbo"], data_dir=DATA_DIR)
+
+
+# ---------------------------------------------------------------------- end to end
+
+
+def test_each_preset_runs_end_to_end_and_reports_what_ran(pipe, manager) -> None:
+    base = pipe.transformer
+    images = {}
+    for name in ("none", "regular", "high"):
+        with manager.use(pipe, name) as active:
+            ran_with = pipe.transformer
+            images[name] = generate(pipe, steps=4)
+        assert pipe.transformer is base  # restored
+        assert active.name == name
+        images[name + "_transformer"] = ran_with
+    assert images["none_transformer"] is base
+    assert images["regular_transformer"] is images["high_transformer"] is not base  # one weight set
+    assert manager.runnable["regular"][0].precision == "int8"
+    assert "compute capability 8.9+" in active.note and "int8 dynamic" in active.note
+
+    # int8 weights live only in the variant; the base keeps plain float weights.
+    variant_linear = images["regular_transformer"].single_transformer_blocks[0].proj_mlp
+    assert "Int8" in type(variant_linear.weight).__name__
+    assert type(base.single_transformer_blocks[0].proj_mlp.weight) is torch.nn.Parameter
+    assert images["regular_transformer"].transformer_blocks[0].attn.fused_projections
+    assert not base.transformer_blocks[0].attn.fused_projections
+
+    # Quantized output stays close to the reference; all outputs are real images.
+    reference = images["none"]
+    assert reference.shape == (1, 3, 64, 64) and torch.isfinite(images["regular"]).all()
+    rel = float((images["regular"] - reference).norm() / reference.norm())
+    assert 0 < rel < 0.2
+
+
+def test_cache_preset_skips_transformer_work(pipe, manager) -> None:
+    steps = 8
+    done = {}
+    for name in ("regular", "high"):
+        with manager.use(pipe, name):
+            calls, hooks = count_block_bodies(pipe.transformer)
+            generate(pipe, steps=steps)
+            for hook in hooks:
+                hook.remove()
+        done[name] = calls[0]
+    assert done["regular"] == 3 * steps  # 1 double + 2 single blocks every step
+    assert done["high"] < 0.7 * done["regular"]
+    # The cache is switched off after the call: the same weight set runs fully again.
+    with manager.use(pipe, "regular"):
+        calls, hooks = count_block_bodies(pipe.transformer)
+        generate(pipe, steps=steps)
+        for hook in hooks:
+            hook.remove()
+    assert calls[0] == 3 * steps
+
+
+def test_img2img_pipeline_sharing_components(pipe, manager) -> None:
+    from diffusers import FluxImg2ImgPipeline
+    from PIL import Image
+
+    img2img = FluxImg2ImgPipeline.from_pipe(pipe)
+    with manager.use(img2img, "regular") as active:
+        assert img2img.transformer is not manager.base and pipe.transformer is manager.base
+        out = img2img(
+            prompt="a chair",
+            image=Image.new("RGB", (64, 64), "red"),
+            width=64,
+            height=64,
+            strength=0.6,
+            num_inference_steps=3,
+            generator=torch.Generator("cpu").manual_seed(0),
+        ).images[0]
+    assert active.name == "regular" and out.size == (64, 64)
+    assert img2img.transformer is manager.base
+
+
+def test_configured_sizes_do_not_recompile(pipe) -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled_only = {
+        "none": PRESETS["none"],
+        "regular": Preset("regular", compile="regional"),
+        "high": Preset("high", compile="regional", cache=CacheSetting("first_block", 0.5)),
+    }
+    manager = PresetManager(
+        pipe.transformer,
+        device="cpu",
+        enabled=["regular", "high"],
+        data_dir=DATA_DIR,
+        presets=compiled_only,
+        compile_backend=counter,
+    )
+    sizes = [(64, 64), (96, 64), (64, 128)]
+    seconds = manager.warmup(pipe, sizes[:1])
+    assert set(seconds) == {"regular", "high"} and all(s > 0 for s in seconds.values())
+    after_first_size = counter.frame_count
+    assert after_first_size >= 2  # the double and the single block each got a graph
+
+    manager.warmup(pipe, sizes)
+    for size in reversed(sizes):
+        for name in ("regular", "high"):
+            with manager.use(pipe, name):
+                generate(pipe, size=size)
+    assert counter.frame_count == after_first_size
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"]  # set before any compile (data dir unless overridden)
+
+
+@pytest.mark.slow
+def test_regular_compiles_with_inductor(pipe) -> None:
+    """The one real inductor compile: int8 + regional compile of the tiny model."""
+    torch._dynamo.reset()
+    manager = PresetManager(pipe.transformer, device="cpu", enabled=["none", "regular"], data_dir=DATA_DIR)
+    seconds = manager.warmup(pipe, [(64, 64)])
+    with manager.use(pipe, "none"):
+        reference = generate(pipe)
+    with manager.use(pipe, "regular") as active:
+        compiled = generate(pipe, size=(64, 64))
+        generate(pipe, size=(96, 64))
+    assert active.preset.compile == "regional" and active.preset.precision == "int8"
+    assert seconds["regular"] > seconds["none"]  # the compile happened during warm-up
+    rel = float((compiled - reference).norm() / reference.norm())
+    assert 0 < rel < 0.2
+    assert any(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).iterdir())
