@@ -12,12 +12,15 @@ Plans, from most to least resident. Peaks at 1024x1024, batch 1, are the EXPECTE
 from published measurements (shared/reference/performance-anchors.md), NOT measured by this
 project: no GPU was available; `scripts/bench_gpu.py` measures them when run on one.
 
-| plan                | VRAM chosen for | what lives where                                  | expected peak |
-|---------------------|-----------------|---------------------------------------------------|---------------|
-| resident            | >= 70 GiB       | everything on the GPU; every preset's weight set  | ~34 GiB bf16 (+~12 GiB fp8 variant) |
-| fp8-offload-text    | 22-70 GiB       | transformer fp8 storage on GPU; CLIP/T5 on the GPU only while encoding | ~21 GiB (T5 + fp8 transformer while encoding) |
-| model-offload       | 12-22 GiB       | fp8-storage transformer; each component on the GPU only while it runs | ~14 GiB |
-| sequential-offload  | < 12 GiB        | weights stream to the GPU layer by layer (slow: last resort) | ~3 GiB |
+- resident (>= 70 GiB): everything on the GPU, and every preset's weight set. Expected peak
+  ~34 GiB with bf16 only (33.9 GiB published), ~46 GiB with the fp8 variant of `regular` too.
+- fp8-offload-text (22-70 GiB): transformer stored in fp8 (layerwise casting) on the GPU; CLIP
+  and T5 visit the GPU only while encoding. Expected peak ~21 GiB (T5 9.5 GB + the fp8
+  transformer ~12 GB during encoding; ~14 GiB while denoising).
+- model-offload (12-22 GiB): fp8-storage transformer; each component on the GPU only while it
+  runs. Expected peak ~14 GiB (transformer + activations).
+- sequential-offload (< 12 GiB): weights stream to the GPU layer by layer; slow, last resort.
+  Expected peak ~3 GiB.
 
 Thresholds are in GiB of total device memory as CUDA reports it (an "80 GB" H100 reports
 ~79 GiB, a "24 GB" card ~23.6 GiB). Without a GPU (`vram_bytes is None`) everything stays
@@ -52,7 +55,9 @@ PLANS: dict[str, MemoryPlan] = {
     "fp8-offload-text": MemoryPlan(
         "fp8-offload-text", 22, "fp8", "offload-after-encode", "none", True, expected_peak_gib=21.0
     ),
-    "model-offload": MemoryPlan("model-offload", 12, "fp8", "offloaded", "model", True, expected_peak_gib=14.0),
+    "model-offload": MemoryPlan(
+        "model-offload", 12, "fp8", "offloaded", "model", True, expected_peak_gib=14.0
+    ),
     "sequential-offload": MemoryPlan(
         "sequential-offload", 0, "as-loaded", "offloaded", "sequential", True, expected_peak_gib=3.0
     ),
@@ -95,7 +100,7 @@ def apply_plan(pipe: Any, plan: MemoryPlan, device: str) -> None:
         # Storage only: weights are held in fp8 and upcast per layer (~half the memory of bf16).
         pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
 
-    if not on_gpu or plan.offload == "none" and plan.text_encoders == "resident":
+    if not on_gpu or (plan.offload == "none" and plan.text_encoders == "resident"):
         pipe.to(device)
     elif plan.offload == "model":
         pipe.enable_model_cpu_offload(device=device)

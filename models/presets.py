@@ -145,7 +145,7 @@ class Hardware:
         device_type = torch.device(device).type
         capability = torch.cuda.get_device_capability(device) if device_type == "cuda" else None
         try:
-            import torchao.quantization  # noqa: F401
+            import torchao.quantization
 
             torchao = True
         except Exception:  # torchao is an optional extra ("accel")

@@ -295,8 +295,9 @@ def resolve_model(model: str, *, data_dir: Path, components_dir: Path | None = N
     check_single_file(path)
     if components_dir is None:
         raise WeightsError(
-            f"{path} is a single-file transformer: also give a diffusers FLUX.1 folder for the other "
-            "components (VAE, text encoders, tokenizers, scheduler and transformer/config.json)"
+            f"{path} is a single-file transformer: also give (--components-dir) a diffusers FLUX.1 "
+            "folder for the other components (VAE, text encoders, tokenizers, scheduler and "
+            "transformer/config.json)"
         )
     if str(components_dir) == "tiny" and not Path(components_dir).exists():
         folder = ensure_tiny(data_dir)

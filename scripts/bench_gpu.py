@@ -46,7 +46,13 @@ FULL_TRANSFORMER = dict(
     axes_dims_rope=(16, 56, 56),
 )
 FULL_T5 = dict(
-    d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128, feed_forward_proj="gated-gelu"
+    d_model=4096,
+    d_ff=10240,
+    d_kv=64,
+    num_heads=64,
+    num_layers=24,
+    vocab_size=32128,
+    feed_forward_proj="gated-gelu",
 )
 FULL_CLIP = dict(
     hidden_size=768,
@@ -122,7 +128,14 @@ def build_full_pipeline(tiny_dir: Path) -> Any:
     vocabulary sizes); the CLIP end-of-text id must match the tokenizer's, since pooling uses it."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5Tokenizer,
+    )
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer", model_max_length=77)
     tokenizer_2 = T5Tokenizer.from_pretrained(tiny_dir / "tokenizer_2")
@@ -134,7 +147,9 @@ def build_full_pipeline(tiny_dir: Path) -> Any:
             transformer = FluxTransformer2DModel(**FULL_TRANSFORMER)
             text_encoder_2 = T5EncoderModel(T5Config(**FULL_T5, pad_token_id=0, eos_token_id=1))
             text_encoder = CLIPTextModel(
-                CLIPTextConfig(**FULL_CLIP, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=eos)
+                CLIPTextConfig(
+                    **FULL_CLIP, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=eos
+                )
             )
             vae = AutoencoderKL(**FULL_VAE)
     finally:
@@ -275,9 +290,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or 'cpu'})",
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"CPU ({platform.processor() or 'cpu'})",
         "cpu_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
         "size": f"{args.width}x{args.height}",
         "steps": args.steps,
         "runs": args.runs,
@@ -294,22 +315,25 @@ def markdown_table(report: dict[str, Any]) -> str:
     def fmt(value: float | None, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
+    versions = report["versions"]
     lines = [
-        f"{report['device']}, torch {report['versions']['torch']}, diffusers {report['versions']['diffusers']}, "
-        f"{report['size']}, {report['steps']} steps, median of {report['runs']}, memory plan "
-        f"{report['memory_plan']}; matmul {report['matmul_tflops']:.3g} TFLOP/s, floor {report['floor_s']:.3g} s",
+        f"{report['device']}, torch {versions['torch']}, diffusers {versions['diffusers']}, "
+        f"{report['size']}, "
+        f"{report['steps']} steps, median of {report['runs']}, memory plan {report['memory_plan']}; "
+        f"matmul {report['matmul_tflops']:.3g} TFLOP/s, floor {report['floor_s']:.3g} s",
         "",
-        "| mode | ran | s/image | warm-up s | peak GiB | vs baseline | vs floor | block work | latent rel. error |",
+        "| mode | ran | s/image | warm-up s | peak GiB | vs baseline | vs floor | block work "
+        "| latent rel. error |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         lines.append(
-            f"| {row['mode']} | {row['ran']} | {row['seconds']:.3f} | {row['warmup_s']:.1f} | "
-            f"{fmt(row['peak_gib'], '.1f')} | {fmt(row['vs_baseline'], '.2f')}x | {fmt(row['vs_floor'], '.2f')}x | "
-            f"{row['block_work']:.0%} | {row['rel_error']:.2e} |"
+            f"| {row['mode']} | {row['ran']} | {row['seconds']:.3f} | {row['warmup_s']:.1f} "
+            f"| {fmt(row['peak_gib'], '.1f')} | {fmt(row['vs_baseline'], '.2f')}x "
+            f"| {fmt(row['vs_floor'], '.2f')}x | {row['block_work']:.0%} | {row['rel_error']:.2e} |"
         )
     notes = [f"- {row['mode']}: {row['note']}" for row in report["rows"] if row["note"]]
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return "\n".join(lines + (["", *notes] if notes else []))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -382,6 +382,9 @@ def start_dispatcher(settings: Settings, queue: JobQueue) -> Callable[[], Any]:
     """A coroutine factory for `app.state.background` (the app starts and cancels it)."""
 
     async def dispatcher() -> None:
+        if not hasattr(queue, "connect"):
+            logger.warning("%s keeps no deliveries table: webhooks are not sent", type(queue).__name__)
+            return
         await WebhookDispatcher(settings, queue).run()
 
     return dispatcher

@@ -133,7 +133,7 @@ class Worker:
     def _load(self) -> FluxRuntime:
         from models.runtime import FluxRuntime, resolve_device
 
-        self._state("loading")
+        self._state("loading")  # first with the asked-for device ("auto"), then the real one
         self.device = resolve_device(self.settings.device)
         self._state("loading")
         runtime = FluxRuntime.load(

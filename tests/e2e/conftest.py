@@ -17,10 +17,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from e2e_support import AUTH_KEY
 
 from server.tls import CertPaths
-
-AUTH_KEY = "e2e-secret-key"
 
 
 @dataclass

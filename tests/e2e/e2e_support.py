@@ -18,6 +18,7 @@ from PIL import Image
 APP = "fal-ai/flux"  # status, result and cancel URLs use owner/app only
 DEV = "fal-ai/flux/dev"
 PROMPT = "a watercolor fox in a snowy forest"
+AUTH_KEY = "e2e-secret-key"  # the key of the shared auth-on server (tests/e2e/conftest.py)
 
 
 def small_input(**overrides: object) -> dict:

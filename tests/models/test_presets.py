@@ -43,7 +43,23 @@ def pipe(tiny_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def manager(pipe) -> PresetManager:
+def block_bodies(pipe) -> list[int]:
+    """Counts block bodies that really computed: a hook on a leaf inside every block (a hook on
+    the block itself still fires when the cache short-circuits it). Registered before the
+    manager copies and compiles the transformer, so every weight set and graph carries it."""
+    calls = [0]
+
+    @torch.compiler.disable
+    def count(*_args) -> None:
+        calls[0] += 1
+
+    for block in [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]:
+        block.attn.norm_q.register_forward_hook(count)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def manager(pipe, block_bodies) -> PresetManager:
     torch._dynamo.reset()
     # backend="eager" exercises the compile plumbing in seconds; one test below uses inductor.
     return PresetManager(
@@ -65,18 +81,6 @@ def generate(pipe, size: tuple[int, int] = (64, 64), steps: int = 2, output_type
         generator=torch.Generator("cpu").manual_seed(0),
         output_type=output_type,
     ).images
-
-
-def count_block_bodies(transformer) -> tuple[list[int], list]:
-    """Calls of a leaf inside every block: fires only when the block really computes."""
-    calls = [0]
-
-    @torch.compiler.disable
-    def count(*_args) -> None:
-        calls[0] += 1
-
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-    return calls, [block.attn.norm_q.register_forward_hook(count) for block in blocks]
 
 
 # ---------------------------------------------------------------------- definitions and fallback
@@ -102,7 +106,8 @@ def test_fp8_falls_back_by_hardware() -> None:
     on_cpu, note = adapt_to_hardware(fp8, CPU)
     assert on_cpu.precision == "int8"
     assert note == (
-        "fp8 dynamic needs an NVIDIA GPU with compute capability 8.9+ (this device: CPU); ran int8 dynamic instead"
+        "fp8 dynamic needs an NVIDIA GPU with compute capability 8.9+ (this device: CPU); "
+        "ran int8 dynamic instead"
     )
     h100 = Hardware("cuda", (9, 0), torchao=True, compiler=True)
     assert adapt_to_hardware(fp8, h100) == (fp8, None)
@@ -142,7 +147,7 @@ def test_each_preset_runs_end_to_end_and_reports_what_ran(pipe, manager) -> None
     for name in ("none", "regular", "high"):
         with manager.use(pipe, name) as active:
             ran_with = pipe.transformer
-            images[name] = generate(pipe, steps=4)
+            images[name] = generate(pipe, steps=3)
         assert pipe.transformer is base  # restored
         assert active.name == name
         images[name + "_transformer"] = ran_with
@@ -165,25 +170,16 @@ def test_each_preset_runs_end_to_end_and_reports_what_ran(pipe, manager) -> None
     assert 0 < rel < 0.2
 
 
-def test_cache_preset_skips_transformer_work(pipe, manager) -> None:
-    steps = 8
+def test_cache_preset_skips_transformer_work(pipe, manager, block_bodies) -> None:
+    steps = 6
     done = {}
-    for name in ("regular", "high"):
+    for name in ("regular", "high", "regular"):  # the cache is off again after the call
         with manager.use(pipe, name):
-            calls, hooks = count_block_bodies(pipe.transformer)
+            before = block_bodies[0]
             generate(pipe, steps=steps)
-            for hook in hooks:
-                hook.remove()
-        done[name] = calls[0]
-    assert done["regular"] == 3 * steps  # 1 double + 2 single blocks every step
-    assert done["high"] < 0.7 * done["regular"]
-    # The cache is switched off after the call: the same weight set runs fully again.
-    with manager.use(pipe, "regular"):
-        calls, hooks = count_block_bodies(pipe.transformer)
-        generate(pipe, steps=steps)
-        for hook in hooks:
-            hook.remove()
-    assert calls[0] == 3 * steps
+        done.setdefault(name, []).append(block_bodies[0] - before)
+    assert done["regular"] == [3 * steps, 3 * steps]  # 1 double + 2 single blocks every step
+    assert done["high"][0] <= 0.6 * 3 * steps  # threshold 0.5: [3, 1, 1, 1, 3, 1] on this model
 
 
 def test_img2img_pipeline_sharing_components(pipe, manager) -> None:
@@ -206,7 +202,10 @@ def test_img2img_pipeline_sharing_components(pipe, manager) -> None:
     assert img2img.transformer is manager.base
 
 
-def test_configured_sizes_do_not_recompile(pipe) -> None:
+def test_configured_sizes_do_not_recompile(tiny_dir: Path) -> None:
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_dir)
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
@@ -225,33 +224,39 @@ def test_configured_sizes_do_not_recompile(pipe) -> None:
         compile_backend=counter,
     )
     sizes = [(64, 64), (96, 64), (64, 128)]
-    seconds = manager.warmup(pipe, sizes[:1])
+    seconds = manager.warmup(pipe, sizes[:1], steps=1)
     assert set(seconds) == {"regular", "high"} and all(s > 0 for s in seconds.values())
     after_first_size = counter.frame_count
     assert after_first_size >= 2  # the double and the single block each got a graph
 
-    manager.warmup(pipe, sizes)
+    manager.warmup(pipe, sizes, steps=1)
     for size in reversed(sizes):
         for name in ("regular", "high"):
             with manager.use(pipe, name):
                 generate(pipe, size=size)
     assert counter.frame_count == after_first_size
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"]  # set before any compile (data dir unless overridden)
 
 
 @pytest.mark.slow
-def test_regular_compiles_with_inductor(pipe) -> None:
-    """The one real inductor compile: int8 + regional compile of the tiny model."""
+def test_regional_compile_with_inductor(tiny_dir: Path) -> None:
+    """The one real inductor compile (30-40 s on 2 idle cores; seconds with a warm cache in
+    .pytest-data/compile-cache). int8 under inductor takes minutes on 2 cores, so this runs the
+    regional compile and fused QKV of `regular` at the loaded precision."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_dir)
     torch._dynamo.reset()
-    manager = PresetManager(pipe.transformer, device="cpu", enabled=["none", "regular"], data_dir=DATA_DIR)
-    seconds = manager.warmup(pipe, [(64, 64)])
+    presets = {"none": PRESETS["none"], "regular": replace(PRESETS["regular"], precision="bf16")}
+    manager = PresetManager(
+        pipe.transformer, device="cpu", enabled=["none", "regular"], data_dir=DATA_DIR, presets=presets
+    )
+    assert manager.compile_cache_dir == Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    seconds = manager.warmup(pipe, [(64, 64)], steps=1)
     with manager.use(pipe, "none"):
         reference = generate(pipe)
     with manager.use(pipe, "regular") as active:
-        compiled = generate(pipe, size=(64, 64))
-        generate(pipe, size=(96, 64))
-    assert active.preset.compile == "regional" and active.preset.precision == "int8"
+        compiled = generate(pipe)
+    assert active.note is None and active.preset.compile == "regional"
     assert seconds["regular"] > seconds["none"]  # the compile happened during warm-up
-    rel = float((compiled - reference).norm() / reference.norm())
-    assert 0 < rel < 0.2
-    assert any(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).iterdir())
+    assert float((compiled - reference).norm() / reference.norm()) < 1e-4
+    assert any(manager.compile_cache_dir.iterdir())

@@ -20,7 +20,6 @@ from models.runtime import FluxRuntime, Generation, TaskUnavailable, img2img_ste
 from server.jobs import IMAGE_SIZE_PRESETS, MAX_SEED, Job, round_size
 
 
-
 @pytest.fixture(scope="module")
 def data_dir(tiny_model_dir: Path) -> Path:
     # The tiny model lives in <data_dir>/tiny-flux: reuse the folder the shared fixture built.
