@@ -58,12 +58,12 @@ def _output_format(out: Path) -> str:
 def _build_job(args: argparse.Namespace, output_format: str):  # -> server.jobs.Job
     from PIL import Image, UnidentifiedImageError
 
-    from server.jobs import MAX_SEED, Job, round_size
+    from server.jobs import SEED_LIMIT, Job, round_size
 
     if not 1 <= args.num_images <= 4:
         raise UsageError(f"--num-images must be between 1 and 4, got {args.num_images}")
-    if args.seed is not None and not 0 <= args.seed < MAX_SEED:
-        raise UsageError(f"--seed must be in [0, 2^53), got {args.seed}")
+    if args.seed is not None and not 0 <= args.seed < SEED_LIMIT:
+        raise UsageError(f"--seed must be in [0, 2^64), got {args.seed}")
     fields: dict = {
         "prompt": args.prompt,
         "num_inference_steps": args.steps,

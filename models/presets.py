@@ -318,9 +318,7 @@ class PresetManager:
             modules = [m for m in variant.modules() if m.__class__.__name__ in variant._repeated_blocks]
         else:  # whole model; recompiles when the first size was square (see cpu-code-paths.md)
             modules = [variant]
-        modes[mode] = {
-            m: torch.compile(m.forward, dynamic=True, backend=self.compile_backend) for m in modules
-        }
+        modes[mode] = {m: _compile_forward(m.forward, self.compile_backend) for m in modules}
 
     def _set_compiled(self, key: tuple[str, bool], mode: str | None) -> None:
         for each_mode, forwards in self._compiled.get(key, {}).items():
@@ -413,6 +411,27 @@ class PresetManager:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _compile_forward(forward: Any, backend: Any) -> Any:
+    """torch.compile with dynamic shapes and without duck sizing.
+
+    Duck sizing gives equal sizes one symbol: at 1024x768 FLUX has 3072 image tokens, the same
+    as its hidden size, so a warm-up there would specialise and 1024x1024 would recompile.
+    (The tiny model: 16 image tokens at 64x64 = its head dim.)"""
+    import functools
+
+    import torch
+    import torch.fx.experimental._config as fx_config
+
+    compiled = torch.compile(forward, dynamic=True, backend=backend)
+
+    @functools.wraps(forward)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 def quantize(transformer: Any, precision: str) -> None:

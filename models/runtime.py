@@ -92,9 +92,10 @@ def validate_job(job: Job) -> None:
         raise ValueError(f"guidance_scale must be between 0 and {MAX_GUIDANCE}, got {job.guidance_scale}")
     if job.task in ("image-to-image", "redux") and not job.image:
         raise ValueError(f"task {job.task!r} needs an input image")
-    if job.task == "image-to-image":
-        if not (math.isfinite(job.strength) and 0 < job.strength <= 1):
-            raise ValueError(f"strength must be in (0, 1], got {job.strength}")
+    if job.task == "image-to-image" and not (math.isfinite(job.strength) and 0 < job.strength <= 1):
+        raise ValueError(f"strength must be in (0, 1], got {job.strength}")
+    if job.safety_tolerance is not None and not 0 <= job.safety_tolerance <= 6:
+        raise ValueError(f"safety_tolerance must be between 0 and 6, got {job.safety_tolerance}")
 
 
 def img2img_steps(steps: int, strength: float) -> int:

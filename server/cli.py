@@ -36,7 +36,7 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--retention-seconds", {"type": float}),
     ("--lease-seconds", {"type": float}),
     ("--webhook-allowlist", {"help": "comma-separated host names webhooks may be sent to"}),
-    ("--webhook-retry-base-seconds", {"type": float, "help": "first webhook retry delay; doubles per attempt"}),
+    ("--webhook-retry-base-seconds", {"type": float, "help": "first webhook retry delay (doubles)"}),
 ]
 
 

@@ -23,8 +23,10 @@ Acceleration = Literal["none", "regular", "high"]
 Priority = Literal["normal", "low"]
 Protocol = Literal["fal", "bfl", "openai", "cli"]
 
-# JavaScript clients lose precision above 2^53, so seeds stay below it (fal's docs show larger).
+# Seeds the server draws stay below 2^53, where JavaScript numbers are still exact; seeds a
+# client sends may use torch's whole 64-bit generator range (fal's docs show seeds near 1.6e19).
 MAX_SEED = 2**53
+SEED_LIMIT = 2**64
 
 # Pixel bounds for any generated image. Sizes are rounded to a multiple of 16 (the VAE's 8x
 # downscale times the transformer's 2x2 patches) before they are checked against these.
@@ -102,7 +104,7 @@ class Job(BaseModel):
     height: int
     num_inference_steps: int = 28
     guidance_scale: float = 3.5
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     num_images: int = Field(default=1, ge=1, le=4)
     strength: float = 0.95  # image-to-image only
     # Input image for image-to-image and redux: already downloaded, decoded and re-encoded as PNG.

@@ -29,10 +29,8 @@ TINY_PRESETS = {**PRESETS, "high": replace(PRESETS["high"], cache=CacheSetting("
 
 
 @pytest.fixture(scope="module")
-def tiny_dir() -> Path:
-    from models.tiny import ensure_tiny
-
-    return ensure_tiny(DATA_DIR)
+def tiny_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir  # the session's tiny model (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

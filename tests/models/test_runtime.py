@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -160,6 +159,7 @@ def test_unrounded_size_is_refused_not_silently_rounded(runtime: FluxRuntime) ->
         ({"task": "redux"}, "needs an input image"),
         ({"task": "image-to-image", "image": b"x", "strength": 0.0}, r"strength must be in \(0, 1\]"),
         ({"task": "image-to-image", "image": b"x", "strength": 1.5}, r"strength must be in \(0, 1\]"),
+        ({"safety_tolerance": 7}, "safety_tolerance must be between 0 and 6"),
         ({"task": "image-to-image", "image": b"not a png"}, "input image cannot be decoded"),
         ({"task": "redux", "image": b"not a png"}, "input image cannot be decoded"),
     ],

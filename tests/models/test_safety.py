@@ -47,7 +47,9 @@ def never_runtime(tiny_model_dir: Path, never_flag_dir: Path) -> FluxRuntime:
 
 
 def job(**fields) -> Job:
-    return Job(**{"width": 64, "height": 64, "prompt": "a cat", "num_inference_steps": 2, "seed": 3, **fields})
+    return Job(
+        **{"width": 64, "height": 64, "prompt": "a cat", "num_inference_steps": 2, "seed": 3, **fields}
+    )
 
 
 def is_black(image: Image.Image) -> bool:
@@ -139,7 +141,9 @@ def test_clean_images_are_kept_and_reported_checked(never_runtime: FluxRuntime) 
     assert not is_black(out.images[0])
 
 
-def test_flagging_does_not_change_unflagged_runs(always_runtime: FluxRuntime, never_runtime: FluxRuntime) -> None:
+def test_flagging_does_not_change_unflagged_runs(
+    always_runtime: FluxRuntime, never_runtime: FluxRuntime
+) -> None:
     # Same weights and seed: the never-flag runtime returns exactly the unchecked image.
     unchecked = always_runtime.generate(job(enable_safety_checker=False))
     kept = never_runtime.generate(job())

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.jobs import SEED_LIMIT
+
 SIDE_MULTIPLE = 32
 
 
@@ -36,7 +38,7 @@ class FluxDevInputs(BaseModel):
     height: int = Field(default=768, ge=256, le=1440, description="Multiple of 32.")
     steps: int | None = Field(default=28, ge=1, le=50)
     prompt_upsampling: bool = Field(default=False, description="Accepted; not applied by this server.")
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     guidance: float | None = Field(default=3.0, ge=1.5, le=5)
     safety_tolerance: int = Field(default=2, ge=0, le=6, description="0 (strict) .. 6 (permissive).")
     output_format: Literal["jpeg", "png", "webp"] | None = "jpeg"

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from server.jobs import IMAGE_SIZE_PRESETS, MAX_SEED, Acceleration, round_size
+from server.jobs import IMAGE_SIZE_PRESETS, SEED_LIMIT, Acceleration, round_size
 
 ImageSizePreset = Literal[
     "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
@@ -38,7 +38,7 @@ class FalInput(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     num_inference_steps: int = Field(default=28, ge=1, le=50)
-    seed: int | None = Field(default=None, ge=0, lt=MAX_SEED, description="Random when omitted")
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT, description="Random when omitted")
     guidance_scale: float = Field(default=3.5, ge=1, le=20)
     sync_mode: bool = Field(default=False, description="Return images as data URIs; store nothing")
     num_images: int = Field(default=1, ge=1, le=4)

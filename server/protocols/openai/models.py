@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.jobs import SEED_LIMIT
+
 DEFAULT_MODEL_ID = "flux.1-dev"
 DEFAULT_SIZE = (1024, 1024)
 
@@ -31,7 +33,7 @@ class ImageGenerationRequest(BaseModel):
     style: str | None = None
     user: str | None = None
     # Extensions
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     steps: int | None = Field(default=None, ge=1, le=50)
     guidance: float | None = Field(default=None, ge=0, le=20)
 
@@ -47,7 +49,7 @@ class ImageEditFields(BaseModel):
     size: str | None = "auto"
     response_format: ResponseFormat | None = "url"
     output_format: OutputFormat | None = "png"
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     steps: int | None = Field(default=None, ge=1, le=50)
     guidance: float | None = Field(default=None, ge=0, le=20)
     strength: float = Field(default=0.85, gt=0, le=1)

@@ -239,7 +239,8 @@ def detail_of(response: httpx.Response) -> dict:
         ({"prompt": "p", "num_images": 5}, ["body", "num_images"], "less_than_equal"),
         ({"prompt": "p", "num_inference_steps": 0}, ["body", "num_inference_steps"], "greater_than_equal"),
         ({"prompt": "p", "guidance_scale": 25}, ["body", "guidance_scale"], "less_than_equal"),
-        ({"prompt": "p", "seed": 2**53}, ["body", "seed"], "less_than"),
+        ({"prompt": "p", "seed": 2**64}, ["body", "seed"], "less_than"),
+        ({"prompt": "p", "seed": -1}, ["body", "seed"], "greater_than_equal"),
         ({"prompt": "p", "output_format": "gif"}, ["body", "output_format"], "literal_error"),
         ({"prompt": "p", "image_size": "huge"}, ["body", "image_size"], "value_error"),
         (

@@ -1,0 +1,53 @@
+"""scripts/bench_gpu.py: its arithmetic, and its CPU mode run end to end as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bench_gpu  # noqa: E402
+
+
+def test_flops_match_the_published_count() -> None:
+    full = SimpleNamespace(**bench_gpu.FULL_TRANSFORMER)
+    per_image = bench_gpu.flops_per_image(full, 1024, 1024, 28)
+    assert abs(per_image / 2.08e15 - 1) < 0.01  # 74.4 TFLOP per step (performance-anchors §6)
+    assert abs(bench_gpu.flops_per_image(full, 512, 512, 1) / 21.5e12 - 1) < 0.02
+
+
+def test_tiny_mode_runs_and_writes_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "bench_gpu.py"),
+        "--tiny",
+        "--runs=1",
+        "--steps=2",
+        "--compile-backend=eager",  # the inductor compile is tested in tests/models/test_presets.py
+        f"--data-dir={REPO / '.pytest-data'}",
+        f"--out={out}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| mode | ran | s/image")
+    modes = [line.split("|")[1].strip() for line in table[1:]]
+    assert modes == ["diffusers bf16 eager (baseline)", "preset none", "preset regular", "preset high"]
+
+    report = json.loads(out.read_text())
+    assert report["size"] == "64x64" and report["steps"] == 2 and report["memory_plan"] == "resident"
+    assert report["device"].startswith("CPU") and report["floor_s"] > 0
+    baseline, none, regular, high = report["rows"]
+    assert baseline["vs_baseline"] == 1.0 and baseline["rel_error"] == 0.0
+    assert none["rel_error"] < 1e-6  # the `none` preset is plain diffusers
+    assert "int8 dynamic" in regular["ran"] and "compute capability 8.9+" in regular["note"]
+    assert 0 < regular["rel_error"] < 0.5
+    assert high["vs_baseline"] is None and "not measurable" in high["note"]
+    assert all(row["seconds"] > 0 and row["peak_gib"] is None for row in report["rows"])
