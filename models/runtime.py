@@ -367,6 +367,9 @@ class FluxRuntime:
         from server.jobs import Job
 
         started = time.perf_counter()
+        # Compiles every enabled preset for every size (dynamic shapes: no later recompiles).
+        per_preset = self.presets.warmup(self.pipe, sizes)
+        logger.info("preset warm-up: %s", ", ".join(f"{n} {s:.1f}s" for n, s in per_preset.items()))
         for width, height in sizes:
             job = Job(
                 width=width,

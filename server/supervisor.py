@@ -55,6 +55,10 @@ class ConfigError(Exception):
     """A setting that makes the server refuse to start (exit status 2)."""
 
 
+class StartupError(Exception):
+    """The API process could not come up (port in use, unreadable certificate...): exit 1."""
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -96,6 +100,18 @@ def check_model(settings: Settings) -> None:
         resolve_model(settings.model, data_dir=settings.data_dir, components_dir=settings.components_dir)
     except (WeightsError, OSError, ValueError) as exc:
         raise ConfigError(f"--model {settings.model}: {exc}") from exc
+
+
+def check_port_free(settings: Settings) -> None:
+    """Bind the API's address once, as uvicorn will, so that a busy port fails before any
+    worker loads a model. Raises StartupError."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.host, settings.port))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from exc
 
 
 # --------------------------------------------------------------------------- worker plan
@@ -235,7 +251,7 @@ class Supervisor:
             return
         if child.slot is None and not child.ever_listened:
             # The API never came up (port in use, bad certificate...): retrying cannot help.
-            raise ConfigError(f"the API process exited with status {code} before it started listening")
+            raise StartupError(f"the API process exited with status {code} before it started listening")
         if ran >= STABLE_AFTER:
             child.backoff = BACKOFF_START
         delay = child.backoff
@@ -255,11 +271,8 @@ class Supervisor:
 
     # --- queue ------------------------------------------------------------------------
     def _open_queue(self) -> None:
-        try:
-            from server.queue.sqlite import SQLiteQueue
-        except ImportError:
-            logger.warning("server.queue.sqlite is not available; leases are not released on crashes")
-            return
+        from server.queue.sqlite import SQLiteQueue
+
         self.queue = SQLiteQueue(
             self.settings.db_path,
             self.settings.run_dir,
@@ -367,14 +380,14 @@ class Supervisor:
                         api.ever_listened = True
                         logger.info("API listening on %s", base_url(self.settings))
                     elif time.monotonic() > api_deadline:
-                        raise ConfigError(f"the API did not start listening within {API_START_TIMEOUT:.0f} s")
+                        raise StartupError(f"the API did not listen within {API_START_TIMEOUT:.0f} s")
                 self._reap_and_restart()
                 now = time.monotonic()
                 if now >= next_maintenance:
                     self._maintenance(now)
                     next_maintenance = now + MAINTENANCE_EVERY
             return 0
-        except ConfigError as exc:
+        except StartupError as exc:
             print(f"flux-server: {exc}", file=sys.stderr)
             return 1
         finally:
@@ -497,5 +510,10 @@ def serve(settings: Settings) -> int:
     except (ConfigError, OSError) as exc:
         print(f"flux-server: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        check_port_free(settings)
+    except StartupError as exc:
+        print(f"flux-server: {exc}", file=sys.stderr)
+        return 1
     print(banner(settings, slots), flush=True)
     return Supervisor(settings, slots).run()

@@ -96,6 +96,18 @@ def test_worker_killed_twice_on_one_job_completes_with_runner_disconnected(serve
     server.wait_healthy(timeout=180)  # the worker is back for the next request
 
 
+def test_api_process_killed_is_restarted(server) -> None:
+    server.wait_healthy(timeout=180)
+    api_pid = server.processes()["api"]
+    os.kill(api_pid, signal.SIGKILL)
+    server.wait_healthy(timeout=60)
+    assert server.processes()["api"] != api_pid
+    assert "api exited with status -9" in server.log()
+    with server.client() as client:
+        output = client.post(f"/run/{DEV}", json=small_input(seed=5)).json()
+        check_output(client, output)
+
+
 def test_restart_of_serve_keeps_queued_and_running_jobs(
     server, launch_flux_server, tiny_model_dir: Path, certs
 ) -> None:

@@ -8,6 +8,7 @@ import socket
 import ssl
 import subprocess
 
+import certifi
 import httpx
 import pytest
 from cryptography import x509
@@ -34,11 +35,14 @@ def test_https_works_with_the_bundle_and_fails_verification_without_it(flux_serv
     bundle = ssl.create_default_context(cafile=str(flux_server.certs.bundle))
     with httpx.Client(verify=bundle) as client:
         assert client.get(f"{flux_server.base_url}/health").status_code == 200
-    with httpx.Client() as client, pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-        client.get(f"{flux_server.base_url}/health")  # certifi alone does not know our CA
+    # The system CAs alone (explicitly: SSL_CERT_FILE may point at the bundle in this process).
+    system_only = ssl.create_default_context(cafile=certifi.where())
+    with httpx.Client(verify=system_only) as client, pytest.raises(httpx.ConnectError, match="VERIFY_FAILED"):
+        client.get(f"{flux_server.base_url}/health")
     curl = shutil.which("curl")
     assert curl is not None
-    refused = subprocess.run([curl, "-sS", f"{flux_server.base_url}/health"], capture_output=True, timeout=30)
+    argv = [curl, "-sS", "--cacert", certifi.where(), f"{flux_server.base_url}/health"]
+    refused = subprocess.run(argv, capture_output=True, timeout=30)
     assert refused.returncode == 60  # curl: peer certificate cannot be authenticated
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -32,8 +33,6 @@ def settings(**kwargs: object) -> Settings:
 
 @pytest.fixture(autouse=True)
 def no_flux_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     for name in list(os.environ):
         if name.startswith("FLUX_"):
             monkeypatch.delenv(name)
@@ -208,3 +207,15 @@ def test_supervisor_restarts_crashed_workers_with_backoff_and_parks_load_failure
     assert states["w1"].state == "failed"
     assert "could not be loaded" in states["w1"].detail
     assert states["w0"].state == "stopped"
+
+
+def test_serve_refuses_a_busy_port_before_starting_workers(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(tmp_path), "--port", str(port)]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert not (tmp_path / "run" / "processes.json").exists()  # no child was started
