@@ -309,7 +309,6 @@ class PresetManager:
         `_call_impl` and would trace diffusers' cache hooks: they graph-break and guard on each
         block's hook, recompiling per block). With the compiled forward installed first, the
         cache hooks wrap it from outside and every block shares one graph."""
-        import torch
 
         modes = self._compiled.setdefault(key, {})
         if mode in modes:
