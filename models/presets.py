@@ -195,6 +195,18 @@ def adapt_to_hardware(
     return adapted, ("; ".join(reasons) or None)
 
 
+def default_presets(device: str) -> list[str]:
+    """Every preset on a GPU; only `none` on a CPU, where compiling the int8 transformer takes
+    minutes (43-234 s for the tiny model on 2 cores): far too long for a request to wait."""
+    return list(PRESET_ORDER) if device == "cuda" else ["none"]
+
+
+def default_warmup_sizes(device: str) -> list[tuple[int, int]]:
+    """Sizes compiled before a GPU worker reports ready: fal's default (landscape_4_3) and
+    square_hd. Other sizes reuse the same graphs (regional compile is dynamic in shape)."""
+    return [(1024, 768), (1024, 1024)] if device == "cuda" else []
+
+
 def nearest_enabled(requested: str, enabled: Iterable[str]) -> str:
     """The enabled preset closest to `requested` in none < regular < high (ties go to the slower one)."""
     enabled = list(enabled)

@@ -137,9 +137,11 @@ class FluxRuntime:
         components_dir: Path | None = None,
         safety_checker: Path | None = None,
         device: str = "auto",
-        presets: Sequence[str] = ("none", "regular", "high"),
+        presets: Sequence[str] | None = None,
         memory_plan: str = "auto",
     ) -> FluxRuntime:
+        """`presets`: the acceleration presets to prepare; None or empty: the device's default
+        (models.presets.default_presets)."""
         from models.weights import enforce_offline, load_components, resolve_model
 
         enforce_offline()  # before anything can reach for the hub
@@ -149,7 +151,7 @@ class FluxRuntime:
         import torch
         from diffusers import FluxImg2ImgPipeline, FluxPipeline, FluxPriorReduxPipeline
 
-        from models.presets import PresetManager
+        from models.presets import PresetManager, default_presets
         from models.safety import SafetyChecker
 
         device = resolve_device(device)
@@ -188,7 +190,11 @@ class FluxRuntime:
             )
 
         preset_manager = PresetManager(
-            pipe.transformer, device=device, enabled=list(presets), data_dir=Path(data_dir), memory_plan=plan
+            pipe.transformer,
+            device=device,
+            enabled=list(presets) if presets else default_presets(device),
+            data_dir=Path(data_dir),
+            memory_plan=plan,
         )
         logger.info(
             "loaded %s on %s (%s, memory plan %s) in %.1fs; redux %s",

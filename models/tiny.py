@@ -26,7 +26,7 @@ from pathlib import Path
 
 TINY_DIRNAME = "tiny-flux"
 # Bump when the build changes: an existing folder with another stamp is rebuilt.
-TINY_BUILD_VERSION = "1"
+TINY_BUILD_VERSION = "2"
 _STAMP_FILE = "tiny-build.json"
 
 # Sizes (see docs in shared/reference/tiny-model-notes.md): T5 d_model and CLIP hidden are both
@@ -263,8 +263,8 @@ def _build_pipeline(root: Path) -> None:
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
-        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
-        tokenizer_2=T5Tokenizer.from_pretrained(root / "tokenizer_2"),
+        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
+        tokenizer_2=T5Tokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True),
     )
     pipe.save_pretrained(root, safe_serialization=True)
 

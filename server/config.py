@@ -44,7 +44,8 @@ class Settings(BaseSettings):
 
     # Acceleration (see models/presets.py)
     default_acceleration: Literal["none", "regular", "high"] = "none"
-    presets: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["none", "regular", "high"])
+    # Empty means the device's defaults (models/presets.py: default_presets, default_warmup_sizes).
+    presets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     warmup_sizes: Annotated[list[str], NoDecode] = Field(default_factory=list)  # "WxH" items
     memory_plan: str = "auto"
 

@@ -131,6 +131,7 @@ class Worker:
         return 0
 
     def _load(self) -> FluxRuntime:
+        from models.presets import default_warmup_sizes
         from models.runtime import FluxRuntime, resolve_device
 
         self._state("loading")  # first with the asked-for device ("auto"), then the real one
@@ -145,7 +146,7 @@ class Worker:
             presets=self.settings.presets,
             memory_plan=self.settings.memory_plan,
         )
-        sizes = parse_sizes(self.settings.warmup_sizes)
+        sizes = parse_sizes(self.settings.warmup_sizes) or default_warmup_sizes(self.device)
         if sizes:
             self._state("warming", ", ".join(f"{w}x{h}" for w, h in sizes))
             seconds = runtime.warmup(sizes)

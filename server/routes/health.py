@@ -1,4 +1,4 @@
-"""`GET /health`: 200 only when every registered worker has its model loaded and warmed.
+"""`GET /health`: 200 only when every expected worker has its model loaded and warmed.
 
 Load balancers and `flux-server serve` use it; the body says why the server is not ready.
 """
@@ -19,12 +19,16 @@ async def health(request: Request) -> JSONResponse:
     settings = get_settings(request)
     workers = queue.workers()
     not_ready = [w for w in workers if w.state != "ready"]
+    # `serve` tells its API how many workers it started; a standalone API waits for one.
+    expected = settings.workers or 1
     if not workers:
         reason = "no worker has registered yet"
     elif not_ready:
         reason = "; ".join(
             f"worker {w.worker_id} is {w.state}" + (f": {w.detail}" if w.detail else "") for w in not_ready
         )
+    elif len(workers) < expected:
+        reason = f"{len(workers)} of {expected} workers ready"
     else:
         reason = None
     body = {

@@ -16,6 +16,8 @@ from models.presets import (
     Preset,
     PresetManager,
     adapt_to_hardware,
+    default_presets,
+    default_warmup_sizes,
     nearest_enabled,
 )
 
@@ -258,3 +260,10 @@ def test_regional_compile_with_inductor(tiny_dir: Path) -> None:
     assert seconds["regular"] > seconds["none"]  # the compile happened during warm-up
     assert float((compiled - reference).norm() / reference.norm()) < 1e-4
     assert any(manager.compile_cache_dir.iterdir())
+
+
+def test_device_defaults_keep_minutes_of_compile_off_the_cpu() -> None:
+    assert default_presets("cuda") == ["none", "regular", "high"]
+    assert default_presets("cpu") == ["none"]
+    assert default_warmup_sizes("cuda") == [(1024, 768), (1024, 1024)]
+    assert default_warmup_sizes("cpu") == []

@@ -43,6 +43,17 @@ def test_health_is_503_until_every_worker_is_ready(tmp_path):
         assert set(body["workers"][0]) == {"id", "state", "device", "model", "detail"}
 
 
+def test_health_waits_for_every_worker_serve_started(tmp_path):
+    # `serve --workers 2` passes FLUX_WORKERS=2: one ready worker is not enough.
+    with run_api_server(api_settings(tmp_path, workers=2)) as api:
+        api.worker.set_worker_state("w0", "ready", device="cpu", model="tiny")
+        response = api.client.get("/health")
+        assert response.status_code == 503
+        assert response.json()["reason"] == "1 of 2 workers ready"
+        api.worker.set_worker_state("w1", "ready", device="cpu", model="tiny")
+        assert api.client.get("/health").status_code == 200
+
+
 def test_files_are_served_with_type_and_caching(api):
     storage = LocalStorage(api.settings.files_dir)
     png = storage.save(png_bytes(8, 8), "png")
