@@ -37,6 +37,7 @@ keeps a single weight set (cards under ~70 GB), every preset runs on the base we
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
 import shutil
@@ -144,12 +145,9 @@ class Hardware:
 
         device_type = torch.device(device).type
         capability = torch.cuda.get_device_capability(device) if device_type == "cuda" else None
-        try:
-            import torchao.quantization
-
-            torchao = True
-        except Exception:  # torchao is an optional extra ("accel")
-            torchao = False
+        # torchao is an optional extra ("accel"); importing it only to look costs a second and
+        # logs warnings about GPU kernels, so look without importing.
+        torchao = importlib.util.find_spec("torchao") is not None
         if device_type == "cuda":
             from torch.utils._triton import has_triton
 
