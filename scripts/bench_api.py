@@ -14,7 +14,7 @@ Phases 3 and 4 run against the API process alone (`flux-server api`, no worker):
 the worker computes on the GPU, while on a 2-core CPU box a busy CPU worker would take the
 cores the API needs.
 
-    .venv/bin/python scripts/bench_api.py [--burst 1000] [--out results.json]
+    .venv/bin/python scripts/bench_api.py [--burst 1000] [--api-processes N] [--out results.json]
 """
 
 from __future__ import annotations
@@ -53,12 +53,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(data_dir: Path, workers: int) -> Iterator[str]:
+def running_server(data_dir: Path, workers: int, api_processes: int = 1) -> Iterator[str]:
     port = free_port()
     log = open(data_dir / f"serve-{workers}.log", "w")  # noqa: SIM115 - closed below
     # No workers: the API process alone (`flux-server api`), as on a box whose workers run
     # elsewhere.
     command = ["serve", "--workers", str(workers)] if workers else ["api"]
+    command += ["--api-processes", str(api_processes)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", *command, "--model", "tiny", "--device", "cpu",
          "--data-dir", str(data_dir), "--port", str(port)],
@@ -70,7 +71,11 @@ def running_server(data_dir: Path, workers: int) -> Iterator[str]:
         while time.time() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 response = httpx.get(base + "/health", timeout=2)
-                if response.status_code == 200 or (workers == 0 and response.status_code == 503):
+                # Every API process must be up: the first one ready would take every connection.
+                started = Path(log.name).read_text().count("Application startup complete")
+                if started >= api_processes and (
+                    response.status_code == 200 or (workers == 0 and response.status_code == 503)
+                ):
                     break
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited; see {log.name}")
@@ -197,6 +202,7 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--waiting", type=int, default=500)
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--api-processes", type=int, default=1, help="passed to `serve` and `api`")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
 
@@ -204,24 +210,25 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "python": platform.python_version(),
+        "api_processes": args.api_processes,
     }
     with tempfile.TemporaryDirectory(prefix="flux-bench-") as tmp:
         busy_dir, idle_dir = Path(tmp) / "busy", Path(tmp) / "queue-only"
         busy_dir.mkdir()
         idle_dir.mkdir()
-        with running_server(busy_dir, workers=1) as base:
+        with running_server(busy_dir, workers=1, api_processes=args.api_processes) as base:
             queue = SQLiteQueue(busy_dir / "queue.sqlite3", busy_dir / "run", role="bench")
             results["dispatch"] = measure_dispatch(base, queue, args.dispatch_jobs)
             results["inter_job"] = measure_gap(base, queue, args.gap_jobs)
             queue.close()
-        with running_server(idle_dir, workers=0) as base:
+        with running_server(idle_dir, workers=0, api_processes=args.api_processes) as base:
             queue = SQLiteQueue(idle_dir / "queue.sqlite3", idle_dir / "run", role="bench")
             results["burst"] = measure_burst(base, queue, args.burst)
             queue.close()
         # A fresh queue-only server, so that exactly `waiting` jobs wait.
         shutil.rmtree(idle_dir)
         idle_dir.mkdir()
-        with running_server(idle_dir, workers=0) as base:
+        with running_server(idle_dir, workers=0, api_processes=args.api_processes) as base:
             queue = SQLiteQueue(idle_dir / "queue.sqlite3", idle_dir / "run", role="bench")
             results["status"] = measure_status_rps(base, queue, args.waiting, args.seconds)
             queue.close()

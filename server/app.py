@@ -8,7 +8,7 @@ CONTRACT for protocol packages: a module in `OPTIONAL_MODULES` may expose `route
 APIRouter` (included in that order) and `setup(app: FastAPI) -> None` (called once, e.g. to
 register an error renderer or append to `app.state.background`). A module that does not exist
 yet is skipped. Shared objects live on `app.state` (see server/deps.py): `settings`, `queue`,
-`storage`, plus:
+`storage`, `submit_batcher` (server/queue/batch.py), plus:
 
 - `app.state.background`: zero-argument coroutine functions started with the app and
   cancelled at shutdown (the webhook dispatcher is one).
@@ -37,6 +37,7 @@ from server.config import Settings
 from server.protocols.fal import queue_routes, run_routes
 from server.protocols.fal.proxy import FalProxyMiddleware
 from server.queue.base import JobQueue
+from server.queue.batch import SubmitBatcher
 from server.routes import files, health
 
 log = logging.getLogger("flux_server.api")
@@ -82,6 +83,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.api_keys = settings.all_api_keys()  # read once: not a file read per request
     app.state.queue = queue
+    app.state.submit_batcher = SubmitBatcher(queue)  # group commit for concurrent submits
     app.state.storage = LocalStorage(settings.files_dir)
     app.state.background = []
     app.state.error_renderers = []

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_keys_file: Path | None = None
     insecure_no_auth: bool = False
+    # API processes sharing the port (uvicorn workers); each is a full API on the same queue.
+    api_processes: int = Field(default=1, ge=1)
 
     # Workers
     workers: int | None = None  # default: one per visible GPU, else one on CPU

@@ -13,6 +13,7 @@ from fastapi import Request
 
 from server.config import Settings
 from server.queue.base import JobQueue
+from server.queue.batch import SubmitBatcher
 
 if TYPE_CHECKING:  # the storage module belongs to another part of the tree
     from server.storage import LocalStorage
@@ -24,6 +25,10 @@ def get_settings(request: Request) -> Settings:
 
 def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
+
+
+def get_submit_batcher(request: Request) -> SubmitBatcher:
+    return request.app.state.submit_batcher
 
 
 def get_storage(request: Request) -> LocalStorage:
@@ -43,7 +48,7 @@ def public_base_url(request: Request) -> str:
     if settings.public_url:
         return settings.public_url.rstrip("/")
     headers = request.headers
-    scheme = _first(headers.get("x-forwarded-proto")) or request.url.scheme
+    scheme = _first(headers.get("x-forwarded-proto")) or request.scope.get("scheme", "http")
     host = _first(headers.get("x-forwarded-host")) or headers.get("host")
     if not host:
         server = request.scope.get("server") or ("127.0.0.1", 80)

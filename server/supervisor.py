@@ -182,13 +182,13 @@ class Child:
         return self.process.pid if self.process is not None else None
 
 
-def _set_parent_death_signal() -> None:
-    """In the child, before exec: get SIGTERM when the supervisor dies (even by SIGKILL)."""
+def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
+    """In a child process: get `signum` when the parent dies (even by SIGKILL)."""
     try:
         import ctypes
 
         pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signum)
     except (OSError, AttributeError):
         pass
 
@@ -214,7 +214,7 @@ class Supervisor:
 
     # --- processes ---------------------------------------------------------------------
     def _start(self, child: Child) -> None:
-        preexec = _set_parent_death_signal if sys.platform.startswith("linux") else None
+        preexec = set_parent_death_signal if sys.platform.startswith("linux") else None
         child.process = subprocess.Popen(child.argv, env=self._env, preexec_fn=preexec)
         child.started_at = time.monotonic()
         child.restart_at = None

@@ -42,6 +42,17 @@ class JobQueue(ABC):
     def submit(self, job: Job, request_id: str | None = None) -> JobRecord:
         """Store a job durably (committed before this returns) and wake a waiting worker."""
 
+    def submit_with_position(self, job: Job, request_id: str | None = None) -> tuple[JobRecord, int]:
+        """`submit`, plus the number of jobs ahead of the new one (its queue position) as it
+        was stored. A backend may override this to answer both in one step."""
+        record = self.submit(job, request_id)
+        return record, self.position(record.id) or 0
+
+    def submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
+        """Several `submit_with_position`s, in order; a backend may store them in one step
+        (see server/queue/batch.py)."""
+        return [self.submit_with_position(job) for job in jobs]
+
     @abstractmethod
     def get(self, request_id: str) -> JobRecord | None: ...
 

@@ -52,7 +52,10 @@ WORKERS_KEY = "workers"
 PRIORITY_RANK = {"normal": 0, "low": 1}
 _JOB_CACHE_SIZE = 4096
 
+# One transaction: several processes may open a new database at once, and the counts table
+# must be filled from the jobs already queued before its triggers start keeping it.
 SCHEMA = """
+BEGIN IMMEDIATE;
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
@@ -104,6 +107,33 @@ CREATE TABLE IF NOT EXISTS workers (
     pid INTEGER NOT NULL,
     updated_at REAL NOT NULL
 );
+-- Queued jobs per priority class, kept by the triggers below: a new job's queue position and
+-- the queue depth are one small read however long the queue is. (A job's class never changes.)
+CREATE TABLE IF NOT EXISTS queue_counts (
+    priority_rank INTEGER PRIMARY KEY,
+    queued INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO queue_counts (priority_rank, queued)
+    SELECT priority_rank, COUNT(*) FROM jobs WHERE status = 'IN_QUEUE' GROUP BY priority_rank;
+CREATE TRIGGER IF NOT EXISTS queue_counts_submit AFTER INSERT ON jobs
+WHEN NEW.status = 'IN_QUEUE' BEGIN
+    INSERT INTO queue_counts (priority_rank, queued) VALUES (NEW.priority_rank, 1)
+        ON CONFLICT (priority_rank) DO UPDATE SET queued = queued + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS queue_counts_requeue AFTER UPDATE OF status ON jobs
+WHEN OLD.status != 'IN_QUEUE' AND NEW.status = 'IN_QUEUE' BEGIN
+    INSERT INTO queue_counts (priority_rank, queued) VALUES (NEW.priority_rank, 1)
+        ON CONFLICT (priority_rank) DO UPDATE SET queued = queued + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS queue_counts_leave AFTER UPDATE OF status ON jobs
+WHEN OLD.status = 'IN_QUEUE' AND NEW.status != 'IN_QUEUE' BEGIN
+    UPDATE queue_counts SET queued = queued - 1 WHERE priority_rank = OLD.priority_rank;
+END;
+CREATE TRIGGER IF NOT EXISTS queue_counts_delete AFTER DELETE ON jobs
+WHEN OLD.status = 'IN_QUEUE' BEGIN
+    UPDATE queue_counts SET queued = queued - 1 WHERE priority_rank = OLD.priority_rank;
+END;
+COMMIT;
 """
 
 _RECORD_COLUMNS = (
@@ -287,28 +317,45 @@ class SQLiteQueue(JobQueue):
 
     # --- producer side -------------------------------------------------------------------
     def submit(self, job: Job, request_id: str | None = None) -> JobRecord:
-        request_id = request_id or new_request_id()
+        return self._store([(job, request_id or new_request_id())])[0][0]
+
+    def submit_with_position(self, job: Job, request_id: str | None = None) -> tuple[JobRecord, int]:
+        return self._store([(job, request_id or new_request_id())])[0]
+
+    def submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
+        return self._store([(job, new_request_id()) for job in jobs])
+
+    def _store(self, entries: list[tuple[Job, str]]) -> list[tuple[JobRecord, int]]:
+        """Insert the jobs in order in one transaction (one commit); each with its position."""
         now = time.time()
-        bare = job.model_copy(update={"image": None}) if job.image is not None else job
-        job_json = bare.model_dump_json()
-        with self._write_lock:
-            self._conn().execute(
-                "INSERT INTO jobs (id, app_id, status, priority_rank, job_json, image, created_at, "
-                "start_deadline, webhook) VALUES (?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?, ?)",
-                (
-                    request_id,
-                    job.app_id,
-                    PRIORITY_RANK[job.priority],
-                    job_json,
-                    job.image,
-                    now,
-                    job.start_deadline,
-                    int(job.webhook is not None),
-                ),
-            )
-        self._cache_job(request_id, bare)
+        bare_jobs = [
+            job.model_copy(update={"image": None}) if job.image is not None else job for job, _ in entries
+        ]
+        rows = [
+            (request_id, job.app_id, PRIORITY_RANK[job.priority], bare.model_dump_json(), job.image, now,
+             job.start_deadline, int(job.webhook is not None))
+            for (job, request_id), bare in zip(entries, bare_jobs, strict=True)
+        ]  # fmt: skip
+        positions = []
+        with self._write() as conn:
+            for row in rows:
+                # Queued jobs of this class and the ones before it, the new one not yet among them.
+                (ahead,) = conn.execute(
+                    "SELECT COALESCE(SUM(queued), 0) FROM queue_counts WHERE priority_rank <= ?", (row[2],)
+                ).fetchone()
+                positions.append(int(ahead))
+                conn.execute(
+                    "INSERT INTO jobs (id, app_id, status, priority_rank, job_json, image, created_at, "
+                    "start_deadline, webhook) VALUES (?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+        for (_, request_id), bare in zip(entries, bare_jobs, strict=True):
+            self._cache_job(request_id, bare)
         self.notifier.notify("worker")
-        return JobRecord(id=request_id, job=job, status=Status.IN_QUEUE, created_at=now)
+        return [
+            (JobRecord(id=request_id, job=job, status=Status.IN_QUEUE, created_at=now), position)
+            for (job, request_id), position in zip(entries, positions, strict=True)
+        ]
 
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
         """The record; `with_logs=False` skips reading the log lines (a cheaper status)."""
@@ -319,14 +366,14 @@ class SQLiteQueue(JobQueue):
         return self._record(row, self._logs(conn, request_id) if with_logs else [])
 
     def position(self, request_id: str) -> int | None:
-        # Two index range counts (higher classes, then earlier in its own class): the cost
-        # grows with the position itself, not with the length of the queue.
+        # The higher classes' counts, then one index range count of the earlier jobs in its
+        # own class: the cost grows with the position in the class, not with the queue length.
         row = (
             self._conn()
             .execute(
                 "SELECT j.status, "
-                "(SELECT COUNT(*) FROM jobs q WHERE q.status = 'IN_QUEUE' "
-                "AND q.priority_rank < j.priority_rank) + "
+                "(SELECT COALESCE(SUM(queued), 0) FROM queue_counts c "
+                "WHERE c.priority_rank < j.priority_rank) + "
                 "(SELECT COUNT(*) FROM jobs q WHERE q.status = 'IN_QUEUE' "
                 "AND q.priority_rank = j.priority_rank AND q.seq < j.seq) "
                 "FROM jobs j WHERE j.id = ?",
@@ -339,7 +386,7 @@ class SQLiteQueue(JobQueue):
         return int(row[1])
 
     def depth(self) -> int:
-        (count,) = self._conn().execute("SELECT COUNT(*) FROM jobs WHERE status = 'IN_QUEUE'").fetchone()
+        (count,) = self._conn().execute("SELECT COALESCE(SUM(queued), 0) FROM queue_counts").fetchone()
         return int(count)
 
     def cancel(self, request_id: str) -> CancelOutcome:

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.auth import require_fal_key
-from server.deps import get_queue, get_settings, public_base_url
+from server.deps import get_queue, get_settings, get_submit_batcher, public_base_url
 from server.jobs import JobRecord, Status
 from server.protocols.fal import adapter
 from server.queue.base import CancelOutcome
@@ -42,8 +42,9 @@ def check_endpoint(owner: str, app: str, endpoint: str) -> str:
     return app_id
 
 
-async def submit_request(request: Request, owner: str, app: str, endpoint: str) -> JobRecord:
-    """Validate a submit and put it on the queue; shared by the queue and run routes."""
+async def submit_request(request: Request, owner: str, app: str, endpoint: str) -> tuple[JobRecord, int]:
+    """Validate a submit and put it on the queue; shared by the queue and run routes.
+    Returns the record and its queue position."""
     app_id = check_endpoint(owner, app, endpoint.strip("/"))
     settings = get_settings(request)
     body = adapter.parse_body(await read_body(request, settings.max_input_image_bytes))
@@ -59,9 +60,9 @@ async def submit_request(request: Request, owner: str, app: str, endpoint: str) 
         ),
         webhook=adapter.parse_webhook(request.query_params.get("fal_webhook"), settings),
     )
-    record = get_queue(request).submit(job)
+    record, position = await get_submit_batcher(request).submit(job)
     request.state.fal_request_id = record.id
-    return record
+    return record, position
 
 
 async def read_body(request: Request, max_image_bytes: int) -> bytes:
@@ -187,6 +188,5 @@ async def result(owner: str, app: str, request_id: str, request: Request) -> JSO
 
 @router.post("/{owner}/{app}/{endpoint:path}")
 async def submit(owner: str, app: str, endpoint: str, request: Request) -> JSONResponse:
-    record = await submit_request(request, owner, app, endpoint)
-    position = get_queue(request).position(record.id)
-    return JSONResponse(adapter.submit_body(record, public_base_url(request), position))
+    record, position = await submit_request(request, owner, app, endpoint)
+    return JSONResponse(adapter.submit_body(record, record.job.base_url, position))

@@ -37,7 +37,7 @@ class ClientGone(Exception):
 async def run(owner: str, app: str, endpoint: str, request: Request) -> Response:
     if endpoint.endswith(STREAM_SUFFIX):
         return await run_stream(owner, app, endpoint.removesuffix(STREAM_SUFFIX), request)
-    record = await submit_request(request, owner, app, endpoint)
+    record, _ = await submit_request(request, owner, app, endpoint)
     try:
         finished = await wait_until_completed(request, record.id)
     except ClientGone:
@@ -62,7 +62,7 @@ async def wait_until_completed(request: Request, request_id: str) -> JobRecord:
 
 
 async def run_stream(owner: str, app: str, endpoint: str, request: Request) -> StreamingResponse:
-    record = await submit_request(request, owner, app, endpoint)
+    record, _ = await submit_request(request, owner, app, endpoint)
     return StreamingResponse(
         run_events(request, record.id),
         media_type="text/event-stream",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -77,6 +78,64 @@ def test_submit_get_and_positions_honour_priority_then_fifo(api: SQLiteQueue, wo
     assert started.status is Status.IN_PROGRESS and started.worker == "w1" and started.attempts == 1
     assert started.logs[0].message == "Started on w1"
     assert len(started.logs[0].timestamp) == len("2024-12-20T15:37:17.120314")
+
+
+def counted_ahead(queue: SQLiteQueue, rank: int) -> int:
+    """What the counts table says a new job of class `rank` would have ahead of it."""
+    with contextlib.closing(queue.connect()) as conn:
+        return conn.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'IN_QUEUE' AND priority_rank <= ?", (rank,)
+        ).fetchone()[0]
+
+
+def test_submit_position_and_depth_follow_every_way_in_and_out_of_the_queue(
+    api: SQLiteQueue, worker: SQLiteQueue
+) -> None:
+    def check() -> None:
+        # The counts the triggers keep agree with counting the rows.
+        for rank in (0, 1):
+            assert api.submit_with_position(make_job(priority="low" if rank else "normal"))[1] == (
+                counted_ahead(api, rank) - 1
+            )
+        assert api.depth() == counted_ahead(api, 1)
+
+    low, low_position = api.submit_with_position(make_job(priority="low"))
+    normal, normal_position = api.submit_with_position(make_job())
+    assert (low_position, normal_position) == (0, 0)  # a normal job goes before the low one
+    assert api.submit_with_position(make_job(priority="low"))[1] == 2
+    assert api.depth() == 3
+    check()
+    running = worker.claim("w1", timeout=0)
+    assert running is not None and running.id == normal.id
+    check()
+    assert worker.requeue(running.id, "w1")  # back to the queue
+    check()
+    assert api.cancel(low.id) is CancelOutcome.CANCELLED  # leaves from the middle
+    check()
+    running = worker.claim("w1", timeout=0)
+    assert worker.complete(running.id, "w1", make_result())
+    assert api.release_worker("w1") == []
+    check()
+    api.purge(older_than=time.time() + 1)
+    check()
+
+
+def test_counts_of_a_database_made_before_them_start_from_its_queued_jobs(paths: tuple[Path, Path]) -> None:
+    first = SQLiteQueue(*paths, role="api")
+    for priority in ("normal", "low", "low"):
+        first.submit(make_job(priority=priority))
+    with contextlib.closing(first.connect()) as conn:  # as a database made by an earlier version
+        conn.execute("DROP TABLE queue_counts")
+        for trigger in ("submit", "requeue", "leave", "delete"):
+            conn.execute(f"DROP TRIGGER queue_counts_{trigger}")
+    first.close()
+    reopened = SQLiteQueue(*paths, role="api")
+    try:
+        assert reopened.depth() == 3
+        assert reopened.submit_with_position(make_job())[1] == 1
+        assert reopened.submit_with_position(make_job(priority="low"))[1] == 4
+    finally:
+        reopened.close()
 
 
 def test_submit_with_given_id_and_durability_across_instances(paths: tuple[Path, Path]) -> None:
