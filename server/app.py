@@ -4,10 +4,9 @@ Router order matters: fal's routes are path patterns (`/{owner}/{app}/...`) that
 match `/v1/...`, so the fixed-path routers (health, files, the optional protocol packages)
 are included first, then fal's `/run/...` routes, then fal's queue routes last.
 
-CONTRACT for protocol packages: a module in `OPTIONAL_MODULES` may expose `router:
-APIRouter` (included in that order) and `setup(app: FastAPI) -> None` (called once, e.g. to
-register an error renderer or append to `app.state.background`). A module that does not exist
-yet is skipped. Shared objects live on `app.state` (see server/deps.py): `settings`, `queue`,
+A protocol package's `routes` module exposes `router: APIRouter` and may expose `setup(app:
+FastAPI) -> None` (called once, e.g. to register its error renderer); adding a protocol is one
+entry in `PROTOCOL_ROUTES`. Shared objects live on `app.state` (see server/deps.py): `settings`, `queue`,
 `storage`, `submit_batcher` (server/queue/batch.py), plus:
 
 - `app.state.background`: zero-argument coroutine functions started with the app and
@@ -20,7 +19,6 @@ yet is skipped. Shared objects live on `app.state` (see server/deps.py): `settin
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,20 +32,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
+from server.protocols.bfl import routes as bfl_routes
 from server.protocols.fal import queue_routes, run_routes
 from server.protocols.fal.proxy import FalProxyMiddleware
+from server.protocols.openai import routes as openai_routes
 from server.queue.base import JobQueue
 from server.queue.batch import SubmitBatcher
-from server.routes import files, health
+from server.routes import files, health, jwks
+from server.webhooks import start_dispatcher
 
 log = logging.getLogger("flux_server.api")
 
-# Imported when present (other packages of the tree provide them); see the module docstring.
-OPTIONAL_MODULES = (
-    "server.routes.jwks",
-    "server.protocols.bfl.routes",
-    "server.protocols.openai.routes",
-)
+# Fixed-path routers, included before fal's pattern routes (see the module docstring).
+PROTOCOL_ROUTES = (jwks, bfl_routes, openai_routes)
 
 RECOVER_INTERVAL = 1.0  # seconds between lease/deadline checks
 PURGE_INTERVAL = 60.0  # seconds between retention sweeps
@@ -90,12 +87,11 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(files.router)
-    for module in optional_modules():
-        if hasattr(module, "router"):
-            app.include_router(module.router)
+    for module in PROTOCOL_ROUTES:
+        app.include_router(module.router)
         if hasattr(module, "setup"):
             module.setup(app)
-    start_webhook_dispatcher(app)
+    app.state.background.append(start_dispatcher(settings, queue))
     app.include_router(run_routes.router)
     app.include_router(queue_routes.router)  # last: its patterns match almost any path
 
@@ -109,28 +105,6 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.add_middleware(StripTrailingSlashMiddleware)
     app.add_middleware(FalProxyMiddleware)
     return app
-
-
-def optional_modules() -> list:
-    modules = []
-    for name in OPTIONAL_MODULES:
-        try:
-            modules.append(importlib.import_module(name))
-        except ModuleNotFoundError as exc:
-            # Only the module itself may be missing; a broken import inside it must surface.
-            if exc.name is None or not name.startswith(exc.name):
-                raise
-    return modules
-
-
-def start_webhook_dispatcher(app: FastAPI) -> None:
-    try:
-        from server.webhooks import start_dispatcher
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not "server.webhooks".startswith(exc.name):
-            raise
-        return
-    app.state.background.append(start_dispatcher(app.state.settings, app.state.queue))
 
 
 # --- background ---------------------------------------------------------------------------
