@@ -33,6 +33,13 @@ def unsafe_listen_reason(settings: Settings) -> str | None:
     )
 
 
+def default_api_processes(cpu_count: int | None = None) -> int:
+    """Two API processes where the cores allow (they halve burst latency: docs/benchmarks.md);
+    one on a machine of fewer than 4 cores, where a second would take a core from the worker."""
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return 2 if cores >= 4 else 1
+
+
 def app_from_environment() -> FastAPI:
     """The app factory each of several API processes calls (settings from FLUX_*)."""
     if sys.platform.startswith("linux"):
@@ -57,7 +64,7 @@ def run_api(settings: Settings) -> int:
     if reason is not None:
         print(f"flux-server: {reason}", file=sys.stderr)
         return EXIT_UNSAFE
-    processes = settings.api_processes
+    processes = settings.api_processes or default_api_processes()
     app: FastAPI | str
     if processes > 1:
         # uvicorn starts its processes from an import string; they inherit the environment.

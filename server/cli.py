@@ -27,7 +27,7 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--api-key", {"action": "append", "help": "accepted API key (repeatable)"}),
     ("--api-keys-file", {"help": "file with one API key per line"}),
     ("--insecure-no-auth", {"action": "store_true", "default": None}),
-    ("--api-processes", {"type": int, "help": "API processes sharing the port (default 1)"}),
+    ("--api-processes", {"type": int, "help": "API processes sharing the port (default 2, 1 below 4 cores)"}),
     ("--workers", {"type": int, "help": "worker processes (default: one per GPU, else one)"}),
     ("--device", {"choices": ["auto", "cpu", "cuda"]}),
     ("--default-acceleration", {"choices": ["none", "regular", "high"]}),

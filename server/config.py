@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     insecure_no_auth: bool = False
     # API processes sharing the port (uvicorn workers); each is a full API on the same queue.
-    api_processes: int = Field(default=1, ge=1)
+    api_processes: int | None = Field(default=None, ge=1)  # None: server.api_main decides
 
     # Workers
     workers: int | None = None  # default: one per visible GPU, else one on CPU

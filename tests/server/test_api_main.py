@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from server.api_main import default_api_processes
 from server.cli import build_parser, settings_from_args
 from server.jobs import Status
 from server.queue.notify import socket_dir
@@ -32,7 +33,9 @@ def free_port() -> int:
 
 
 def test_api_processes_flag_and_environment_reach_the_settings(monkeypatch) -> None:
-    assert settings_from_args(build_parser().parse_args(["api"])).api_processes == 1
+    assert settings_from_args(build_parser().parse_args(["api"])).api_processes is None
+    # Unset: two processes where there are cores to spare, one on a small machine.
+    assert default_api_processes(16) == 2 and default_api_processes(2) == 1
     monkeypatch.setenv("FLUX_API_PROCESSES", "3")
     assert settings_from_args(build_parser().parse_args(["api"])).api_processes == 3
     args = build_parser().parse_args(["serve", "--api-processes", "2"])
@@ -71,6 +74,9 @@ def test_several_api_processes_share_the_port_queue_and_wake_ups(tmp_path: Path)
             assert proc.poll() is None, "the API exited"
             time.sleep(0.1)
         assert len(sockets) == 2, sockets  # one wake-up socket per process
+        while not answers(base):  # the sockets exist a moment before HTTP is served
+            assert time.monotonic() < deadline and proc.poll() is None, "the API does not answer"
+            time.sleep(0.1)
 
         # New connections each time, spread over both processes: positions follow one queue.
         positions = []
@@ -105,6 +111,14 @@ def test_several_api_processes_share_the_port_queue_and_wake_ups(tmp_path: Path)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
+
+
+def answers(base: str) -> bool:
+    try:
+        httpx.get(f"{base}/health", timeout=2)
+    except httpx.TransportError:
+        return False
+    return True
 
 
 def port_open(port: int) -> bool:
