@@ -20,7 +20,9 @@ ResponseFormat = Literal["url", "b64_json"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageFields(BaseModel):
+    """The fields generations and edits share."""
+
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = Field(min_length=1)
@@ -29,29 +31,21 @@ class ImageGenerationRequest(BaseModel):
     size: str | None = "auto"
     response_format: ResponseFormat | None = "url"
     output_format: OutputFormat | None = "png"
-    quality: str | None = None
-    style: str | None = None
-    user: str | None = None
     # Extensions
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     steps: int | None = Field(default=None, ge=1, le=50)
     guidance: float | None = Field(default=None, ge=0, le=20)
 
 
-class ImageEditFields(BaseModel):
+class ImageGenerationRequest(ImageFields):
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+
+
+class ImageEditFields(ImageFields):
     """The non-file fields of the multipart edits request, validated like a JSON body."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    prompt: str = Field(min_length=1)
-    model: str | None = DEFAULT_MODEL_ID
-    n: int = Field(default=1, ge=1, le=4)
-    size: str | None = "auto"
-    response_format: ResponseFormat | None = "url"
-    output_format: OutputFormat | None = "png"
-    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
-    steps: int | None = Field(default=None, ge=1, le=50)
-    guidance: float | None = Field(default=None, ge=0, le=20)
     strength: float = Field(default=0.85, gt=0, le=1)
 
 
