@@ -47,7 +47,12 @@ log = logging.getLogger("flux_server.api")
 PROTOCOL_ROUTES = (jwks, bfl_routes, openai_routes)
 
 RECOVER_INTERVAL = 1.0  # seconds between lease/deadline checks
-PURGE_INTERVAL = 60.0  # seconds between retention sweeps
+
+
+def purge_interval(retention_seconds: float) -> float:
+    """Sweep for expired results a few times per retention period, at most once a second."""
+    return min(max(retention_seconds / 4, RECOVER_INTERVAL), 300.0)
+
 
 ErrorRenderer = Callable[[Request, Exception], Awaitable[Response]]
 
@@ -111,16 +116,22 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
 
 
 async def maintain_queue(app: FastAPI) -> None:
-    """Requeue or fail jobs whose lease or start deadline ran out; purge expired results."""
+    """Requeue or fail jobs whose lease or start deadline ran out (workers that died, hung,
+    or run on other machines); purge expired results. Idempotent transactions, so several
+    API processes may all run it."""
     queue: JobQueue = app.state.queue
     settings: Settings = app.state.settings
     next_purge = time.monotonic()
     while True:
         try:
-            queue.recover_expired()
+            recovered = queue.recover_expired()
+            if recovered:
+                log.warning("requeued or failed (lost lease or start deadline): %s", ", ".join(recovered))
             if time.monotonic() >= next_purge:
-                next_purge = time.monotonic() + PURGE_INTERVAL
-                purge_expired(app, time.time() - settings.retention_seconds)
+                next_purge = time.monotonic() + purge_interval(settings.retention_seconds)
+                purged = purge_expired(app, time.time() - settings.retention_seconds)
+                if purged:
+                    log.info("deleted %d result(s) older than %.0f s", purged, settings.retention_seconds)
         except Exception:
             log.exception("queue maintenance failed; retrying")
         await asyncio.sleep(RECOVER_INTERVAL)

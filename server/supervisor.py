@@ -43,12 +43,6 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a child that ran this long gets its backoff reset
 STOP_GRACE = 20.0  # seconds between SIGTERM and SIGKILL at shutdown
 API_START_TIMEOUT = 60.0  # the first API process must listen within this, or serve gives up
-MAINTENANCE_EVERY = 1.0  # seconds between lease-recovery sweeps
-
-
-def purge_interval(retention_seconds: float) -> float:
-    """Sweep for expired results a few times per retention period, at most once a second."""
-    return min(max(retention_seconds / 4, MAINTENANCE_EVERY), 300.0)
 
 
 class ConfigError(Exception):
@@ -200,7 +194,6 @@ class Supervisor:
     children: list[Child] = field(default_factory=list)
     queue: Any = None
     stopping: bool = False
-    _next_purge: float = 0.0
 
     def __post_init__(self) -> None:
         base = [sys.executable, "-m", "server.cli"]
@@ -309,35 +302,6 @@ class Supervisor:
         except Exception:
             logger.exception("could not record the state of %s", child.name)
 
-    def _maintenance(self, now: float) -> None:
-        """Leases that ran out (workers on other machines, hung workers) and expired results.
-
-        The API may run the same sweeps; both are idempotent transactions."""
-        if self.queue is None:
-            return
-        try:
-            recovered = self.queue.recover_expired()
-            if recovered:
-                logger.warning("requeued or failed (lost lease or start deadline): %s", ", ".join(recovered))
-            if now >= self._next_purge:
-                self._next_purge = now + purge_interval(self.settings.retention_seconds)
-                self._purge()
-        except Exception:
-            logger.exception("queue maintenance failed")
-
-    def _purge(self) -> None:
-        from server.storage import LocalStorage
-
-        expired = self.queue.purge(time.time() - self.settings.retention_seconds)
-        if not expired:
-            return
-        storage = LocalStorage(self.settings.files_dir)
-        for record in expired:
-            for image in record.result.images if record.result is not None else []:
-                if image.file_name:
-                    storage.delete(image.file_name)
-        logger.info("deleted %d result(s) older than %.0f s", len(expired), self.settings.retention_seconds)
-
     # --- main loop ----------------------------------------------------------------------
     def _api_listening(self) -> bool:
         host = self.settings.host
@@ -365,7 +329,6 @@ class Supervisor:
             for child in self.children:
                 self._start(child)
             api_deadline = time.monotonic() + API_START_TIMEOUT
-            next_maintenance = 0.0
             while not self.stopping:
                 select.select([wake_r], [], [], self._sleep_time())
                 try:
@@ -382,10 +345,6 @@ class Supervisor:
                     elif time.monotonic() > api_deadline:
                         raise StartupError(f"the API did not listen within {API_START_TIMEOUT:.0f} s")
                 self._reap_and_restart()
-                now = time.monotonic()
-                if now >= next_maintenance:
-                    self._maintenance(now)
-                    next_maintenance = now + MAINTENANCE_EVERY
             return 0
         except StartupError as exc:
             print(f"flux-server: {exc}", file=sys.stderr)
