@@ -237,10 +237,9 @@ class Worker:
             preset=generation.preset,
             preset_note=generation.preset_note,
         )
-        self.queue.log(
-            request_id,
-            f"Generated {len(images)} image(s) in {item.seconds:.2f} s (preset {generation.preset})",
-        )
+        preset = generation.preset + (f": {generation.preset_note}" if generation.preset_note else "")
+        seconds = item.seconds
+        self.queue.log(request_id, f"Generated {len(images)} image(s) in {seconds:.2f} s (preset {preset})")
         if not self.queue.complete(request_id, self.worker_id, result):
             logger.warning("job %s: lease lost before completion; output discarded", request_id)
             for output in images:

@@ -112,6 +112,18 @@ def test_run_returns_the_output_in_png_and_jpeg(flux_server, fal) -> None:
         assert check_output(client, jpeg).format == "JPEG"
 
 
+def test_acceleration_reports_the_preset_that_ran(flux_server, fal) -> None:
+    # A CPU server enables only `none` (compiling the others takes minutes on a CPU): asking
+    # for `high` runs `none`, and the output and the logs say so.
+    handle = fal.sync.submit(DEV, small_input(acceleration="high", seed=11))
+    output = handle.get()
+    assert output["acceleration"] == "none"
+    assert "'high' is not enabled" in output["acceleration_note"]
+    logs = [entry["message"] for entry in handle.status(with_logs=True).logs]
+    assert any("(preset none: preset 'high' is not enabled" in message for message in logs), logs
+    assert fal.sync.run(DEV, small_input(acceleration="none"))["acceleration"] == "none"
+
+
 def test_sync_mode_returns_data_uris(flux_server, fal) -> None:
     output = fal.sync.run(DEV, small_input(sync_mode=True, output_format="png"))
     url = output["images"][0]["url"]
