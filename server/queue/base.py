@@ -54,7 +54,8 @@ class JobQueue(ABC):
         return [self.submit_with_position(job) for job in jobs]
 
     @abstractmethod
-    def get(self, request_id: str) -> JobRecord | None: ...
+    def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
+        """The record; `with_logs=False` leaves `logs` empty (cheaper, for status polls)."""
 
     @abstractmethod
     def position(self, request_id: str) -> int | None:

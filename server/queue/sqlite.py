@@ -358,7 +358,6 @@ class SQLiteQueue(JobQueue):
         ]
 
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
-        """The record; `with_logs=False` skips reading the log lines (a cheaper status)."""
         conn = self._conn()
         row = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE id = ?", (request_id,)).fetchone()
         if row is None:

@@ -147,5 +147,5 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
 async def get_result(
     request: Request, id: str = Query(..., description="Task id from the submit")
 ) -> JSONResponse:
-    record = get_queue(request).get(id)
+    record = get_queue(request).get(id, with_logs=False)
     return JSONResponse(adapter.record_to_result(record, id).model_dump(mode="json"))

@@ -84,17 +84,21 @@ async def read_body(request: Request, max_image_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def find_record(request: Request, owner: str, app: str, request_id: str) -> JobRecord | None:
+def find_record(
+    request: Request, owner: str, app: str, request_id: str, *, with_logs: bool = False
+) -> JobRecord | None:
     """The fal request `request_id` of app `owner/app`, or None (unknown or another app's)."""
     request.state.fal_request_id = request_id
-    record = get_queue(request).get(request_id)
+    record = get_queue(request).get(request_id, with_logs=with_logs)
     if record is None or record.job.protocol != "fal" or record.job.app_id != f"{owner}/{app}":
         return None
     return record
 
 
-def require_record(request: Request, owner: str, app: str, request_id: str) -> JobRecord:
-    record = find_record(request, owner, app, request_id)
+def require_record(
+    request: Request, owner: str, app: str, request_id: str, *, with_logs: bool = False
+) -> JobRecord:
+    record = find_record(request, owner, app, request_id, with_logs=with_logs)
     if record is None:
         raise HTTPException(status_code=404, detail="Request not found")
     return record
@@ -141,7 +145,7 @@ async def status_events(request: Request, request_id: str, with_logs: bool) -> A
     # Read the record, then wait with no await in between (the queue's contract): after
     # anything was sent, loop round to read again before waiting.
     while not await request.is_disconnected():
-        record = queue.get(request_id)
+        record = queue.get(request_id, with_logs=with_logs)
         if record is None:  # purged while streaming
             return
         event = json.dumps(status_json(request, record, with_logs))
@@ -160,8 +164,9 @@ async def status_events(request: Request, request_id: str, with_logs: bool) -> A
 
 @router.get("/{owner}/{app}/requests/{request_id}/status")
 async def status(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
-    record = require_record(request, owner, app, request_id)
-    body = status_json(request, record, logs_requested(request))
+    with_logs = logs_requested(request)
+    record = require_record(request, owner, app, request_id, with_logs=with_logs)
+    body = status_json(request, record, with_logs)
     return JSONResponse(body, status_code=200 if record.status is Status.COMPLETED else 202)
 
 

@@ -52,7 +52,7 @@ async def wait_until_completed(request: Request, request_id: str) -> JobRecord:
         if await request.is_disconnected():
             queue.cancel(request_id)
             raise ClientGone
-        record = queue.get(request_id)
+        record = queue.get(request_id, with_logs=False)
         if record is None:
             raise ClientGone  # purged: nobody can be waiting for it any more
         if record.status is Status.COMPLETED:

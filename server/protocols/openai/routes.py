@@ -111,7 +111,7 @@ async def run_job(request: Request, job: Job) -> JobRecord:
     request_id = record.id
     try:
         while True:
-            current = queue.get(request_id)
+            current = queue.get(request_id, with_logs=False)
             if current is None:
                 raise OpenAIError(500, "The request vanished from the queue", error_type="server_error")
             if current.status is Status.COMPLETED:
