@@ -26,7 +26,7 @@ from server.inputs import InputImageError, decode_image, fetch_bytes
 from server.jobs import draw_seed
 from server.protocols.bfl import adapter
 from server.protocols.bfl.models import AsyncResponse, AsyncWebhookResponse, FluxDevInputs, ResultResponse
-from server.webhooks import validate_webhook_url
+from server.webhooks.policy import validate_webhook_url
 
 logger = logging.getLogger(__name__)
 PATH_PREFIXES = ("/v1/flux-dev", "/v1/get_result")

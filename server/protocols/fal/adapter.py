@@ -38,7 +38,7 @@ from server.protocols.fal.models import (
     SizedInput,
     resolve_image_size,
 )
-from server.webhooks import validate_webhook_url
+from server.webhooks.policy import validate_webhook_url
 
 APPS = frozenset({"fal-ai/flux", "fal-ai/flux-1"})
 
