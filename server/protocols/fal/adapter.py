@@ -26,7 +26,6 @@ from server.jobs import (
     Status,
     Task,
     Webhook,
-    draw_seed,
     round_size,
 )
 from server.protocols.fal.models import (
@@ -38,6 +37,7 @@ from server.protocols.fal.models import (
     SizedInput,
     resolve_image_size,
 )
+from server.storage import image_url
 from server.webhooks import validate_webhook_url
 
 APPS = frozenset({"fal-ai/flux", "fal-ai/flux-1"})
@@ -191,7 +191,7 @@ async def build_job(
         height=height,
         num_inference_steps=data.num_inference_steps,
         guidance_scale=data.guidance_scale,
-        seed=data.seed if data.seed is not None else draw_seed(),
+        seed=data.seed,
         num_images=data.num_images,
         strength=getattr(data, "strength", 0.95),
         image=image,
@@ -263,15 +263,11 @@ def inference_seconds(record: JobRecord) -> float | None:
     return None
 
 
-def file_url(base_url: str, file_name: str) -> str:
-    return f"{base_url}/files/{file_name}"
-
-
 def output_body(result: JobResult, base_url: str) -> dict[str, Any]:
     """The raw model output (§9.2): what the result route and sync run return."""
     images = [
         FalImage(
-            url=image.data_uri or file_url(base_url, image.file_name or ""),
+            url=image_url(base_url, image),
             width=image.width,
             height=image.height,
             content_type=image.content_type,
