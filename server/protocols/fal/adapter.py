@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from server.config import Settings
 from server.inputs import InputImageError, load_image
 from server.jobs import (
+    Acceleration,
     Job,
     JobError,
     JobRecord,
@@ -29,7 +30,11 @@ from server.jobs import (
     round_size,
 )
 from server.protocols.fal.models import (
+    AggregatorDevInput,
+    AggregatorImageToImageInput,
+    AggregatorReduxInput,
     FalImage,
+    FalInput,
     FalOutput,
     FluxDevInput,
     FluxImageToImageInput,
@@ -40,20 +45,36 @@ from server.protocols.fal.models import (
 from server.storage import image_url
 from server.webhooks import validate_webhook_url
 
-APPS = frozenset({"fal-ai/flux", "fal-ai/flux-1"})
-
 
 @dataclass(frozen=True)
 class Endpoint:
-    input_model: type[BaseModel]
+    input_model: type[FalInput]
     task: Task
+    # What `acceleration` means when the request leaves it out (or, on the aggregator path,
+    # says "default"): the path's own document's default, unless the operator set one.
+    default_acceleration: Acceleration = "none"
 
 
-ENDPOINTS: dict[str, Endpoint] = {
-    "dev": Endpoint(FluxDevInput, "text-to-image"),
-    "dev/image-to-image": Endpoint(FluxImageToImageInput, "image-to-image"),
-    "dev/redux": Endpoint(FluxReduxInput, "redux"),
+# The fal app table: app id -> endpoint (the path after the app id) -> its wire model and task.
+# fal's own app documents "none" as flux/dev's default acceleration; the aggregator page for
+# fal-ai/flux-1/dev documents "regular" (its sub-paths are documented only by fal: "none").
+APPS: dict[str, dict[str, Endpoint]] = {
+    "fal-ai/flux": {
+        "dev": Endpoint(FluxDevInput, "text-to-image"),
+        "dev/image-to-image": Endpoint(FluxImageToImageInput, "image-to-image"),
+        "dev/redux": Endpoint(FluxReduxInput, "redux"),
+    },
+    "fal-ai/flux-1": {
+        "dev": Endpoint(AggregatorDevInput, "text-to-image", default_acceleration="regular"),
+        "dev/image-to-image": Endpoint(AggregatorImageToImageInput, "image-to-image"),
+        "dev/redux": Endpoint(AggregatorReduxInput, "redux"),
+    },
 }
+
+
+def find_endpoint(app_id: str, endpoint: str) -> Endpoint | None:
+    return APPS.get(app_id, {}).get(endpoint)
+
 
 ERRORS_URL = "https://docs.fal.ai/errors/#"
 
@@ -153,8 +174,9 @@ async def build_job(
     start_deadline: float | None = None,
     webhook: Webhook | None = None,
 ) -> Job:
-    """Validate `body` for `endpoint` and map it to a Job. Raises RequestValidationError."""
-    spec = ENDPOINTS[endpoint]
+    """Validate `body` for `endpoint` of `app_id` and map it to a Job. Raises
+    RequestValidationError (and KeyError for an endpoint not in `APPS`)."""
+    spec = APPS[app_id][endpoint]
     try:
         data = spec.input_model.model_validate(body)
     except ValidationError as exc:
@@ -196,7 +218,7 @@ async def build_job(
         strength=getattr(data, "strength", 0.95),
         image=image,
         output_format=data.output_format,
-        acceleration=data.acceleration or settings.default_acceleration,
+        acceleration=data.acceleration or settings.default_acceleration or spec.default_acceleration,
         enable_safety_checker=data.enable_safety_checker,
         inline_images=data.sync_mode,
         protocol="fal",
