@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from server.config import Settings
 from server.images import content_type, encode_image, to_data_uri
-from server.jobs import JobError, JobRecord, JobResult, OutputImage, cancelled_error
+from server.jobs import JobError, JobRecord, JobResult, OutputImage, cancelled_error, parse_wxh
 from server.queue.factory import open_queue
 from server.storage import LocalStorage
 
@@ -56,13 +56,7 @@ def internal_error(message: str) -> JobError:
 
 
 def parse_sizes(items: list[str]) -> list[tuple[int, int]]:
-    sizes = []
-    for item in items:
-        width, sep, height = item.lower().partition("x")
-        if not sep or not width.strip().isdigit() or not height.strip().isdigit():
-            raise ValueError(f"warm-up size {item!r} is not of the form WIDTHxHEIGHT")
-        sizes.append((int(width), int(height)))
-    return sizes
+    return [parse_wxh(item) for item in items]
 
 
 @dataclass
