@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,23 +17,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
-from server.config import Settings
 from tests.support import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def settings(**kwargs: object) -> Settings:
-    return Settings(_env_file=None, **kwargs)  # type: ignore[call-arg]
-
-
-@pytest.fixture(autouse=True)
-def no_flux_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("FLUX_"):
-            monkeypatch.delenv(name)
 
 
 # --------------------------------------------------------------------------- supervision
