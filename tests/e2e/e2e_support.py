@@ -8,12 +8,13 @@ blocker: a large, many-step job that keeps the worker busy until it is cancelled
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
 from PIL import Image
+
+from tests.support import wait_until
 
 APP = "fal-ai/flux"  # status, result and cancel URLs use owner/app only
 DEV = "fal-ai/flux/dev"
@@ -63,14 +64,18 @@ def wait_for(
     timeout: float = 90.0,
     what: str = "condition",
 ) -> dict:
-    deadline = time.monotonic() + timeout
-    body: dict = {}
-    while time.monotonic() < deadline:
-        body = status(client, request_id, app)
-        if condition(body):
-            return body
-        time.sleep(0.1)
-    raise AssertionError(f"request {request_id}: {what} not reached in {timeout:.0f} s; last {body}")
+    last: dict = {}
+
+    def reached() -> dict | None:
+        last.update(body := status(client, request_id, app))
+        return body if condition(body) else None
+
+    try:
+        return wait_until(reached, timeout, what, interval=0.1)
+    except AssertionError:
+        raise AssertionError(
+            f"request {request_id}: {what} not reached in {timeout:.0f} s; last {last}"
+        ) from None
 
 
 def wait_completed(client: httpx.Client, request_id: str, *, app: str = APP, timeout: float = 90.0) -> dict:

@@ -2,7 +2,7 @@
 
 Inbound: `build_job` validates a request body for one endpoint and maps it to a `Job`.
 Outbound: `submit_body`, `status_body`, `output_body` and `error_parts` render a `JobRecord`
-in fal's shapes (protocols reference §3, §5, §9). Webhook delivery renders with the same
+in fal's shapes (docs/api/fal.md). Webhook delivery renders with the same
 functions, so a payload and a result route can never disagree.
 """
 
