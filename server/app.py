@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.config import Settings
 from server.protocols.bfl import routes as bfl_routes
 from server.protocols.fal import queue_routes, run_routes
+from server.protocols.fal import storage as fal_storage
 from server.protocols.fal.proxy import FalProxyMiddleware
 from server.protocols.openai import routes as openai_routes
 from server.queue.base import JobQueue
@@ -92,6 +93,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(files.router)
+    app.include_router(fal_storage.router)  # fixed paths under /files and /storage
     for module in PROTOCOL_ROUTES:
         app.include_router(module.router)
         if hasattr(module, "setup"):
@@ -132,6 +134,9 @@ async def maintain_queue(app: FastAPI) -> None:
                 purged = purge_expired(app, time.time() - settings.retention_seconds)
                 if purged:
                     log.info("deleted %d result(s) older than %.0f s", purged, settings.retention_seconds)
+                uploads = await asyncio.to_thread(app.state.storage.purge_uploads)
+                if uploads:
+                    log.info("deleted %d expired or abandoned upload(s)", uploads)
         except Exception:
             log.exception("queue maintenance failed; retrying")
         await asyncio.sleep(RECOVER_INTERVAL)

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.auth import require_fal_key
-from server.deps import get_queue, get_settings, get_submit_batcher, public_base_url
+from server.deps import get_queue, get_settings, get_storage, get_submit_batcher, public_base_url
 from server.jobs import JobRecord, Status
 from server.protocols.fal import adapter
 from server.queue.base import CancelOutcome
@@ -59,6 +59,7 @@ async def submit_request(request: Request, owner: str, app: str, endpoint: str) 
             request.headers.get("x-fal-request-timeout"), time.time()
         ),
         webhook=adapter.parse_webhook(request.query_params.get("fal_webhook"), settings),
+        storage=get_storage(request),
     )
     record, position = await get_submit_batcher(request).submit(job)
     request.state.fal_request_id = record.id
