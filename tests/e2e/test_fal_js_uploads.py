@@ -5,37 +5,14 @@ this file asserts on what it printed and on what the server stored."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
-from e2e_support import AUTH_KEY, check_output
+from e2e_support import AUTH_KEY, check_output, run_node_script
 
 pytestmark = pytest.mark.timeout(240)
 
-JS_DIR = Path(__file__).parent / "js"
 
-
-def run_uploads(server, mode: str, **env_extra: str) -> dict:
-    node = shutil.which("node")
-    assert node is not None, "node is not installed: run scripts/setup.sh on a machine with Node 18+"
-    assert (JS_DIR / "node_modules" / "@fal-ai" / "client").is_dir(), "run scripts/setup.sh"
-    env = {
-        **os.environ,
-        "FLUX_BASE": server.base_url,
-        "FAL_MODE": mode,
-        "NODE_EXTRA_CA_CERTS": str(server.certs.ca),
-        **env_extra,
-    }
-    env.pop("FAL_KEY", None)
-    proc = subprocess.run(
-        [node, "uploads.mjs"], cwd=JS_DIR, env=env, capture_output=True, text=True, timeout=200
-    )
-    assert proc.returncode == 0, f"{proc.stderr}\n--- server log ---\n{server.log()[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_uploads(server, mode: str, **env: str) -> dict:
+    return run_node_script(server, "uploads.mjs", FAL_MODE=mode, **env)
 
 
 @pytest.fixture(scope="module", params=["proxy", "middleware"])

@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from server.auth import presented_key, require_fal_key
 from server.config import Settings
@@ -234,6 +235,9 @@ async def receive_body(
                 pending.clear()
         if pending:
             await asyncio.to_thread(write_chunk, handle, digest, bytes(pending))
+    except ClientDisconnect:
+        await asyncio.to_thread(discard, handle, target)
+        raise HTTPException(status_code=400, detail="The client left before the upload finished") from None
     except BaseException:
         await asyncio.to_thread(discard, handle, target)
         raise

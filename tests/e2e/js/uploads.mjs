@@ -4,8 +4,8 @@
 // Environment: FLUX_BASE, FAL_MODE ("proxy" or "middleware"), FAL_CREDENTIALS, FAL_BIG,
 // NODE_EXTRA_CA_CERTS. The Python test (test_fal_js_uploads.py) asserts on the output.
 import { createHash } from "node:crypto";
-import { deflateSync } from "node:zlib";
 import { ApiError, createFalClient } from "@fal-ai/client";
+import { png } from "./png.mjs";
 
 const BASE = process.env.FLUX_BASE;
 const MODE = process.env.FAL_MODE;
@@ -26,45 +26,6 @@ function makeClient(credentials) {
         .replace("https://rest.fal.ai", BASE),
     }),
   });
-}
-
-// A two-colour RGB PNG, built without any image library.
-function png(width, height) {
-  const crcTable = Array.from({ length: 256 }, (_, n) => {
-    let c = n;
-    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-    return c >>> 0;
-  });
-  const crc = (buf) => {
-    let c = 0xffffffff;
-    for (const b of buf) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8);
-    return (c ^ 0xffffffff) >>> 0;
-  };
-  const chunk = (type, data) => {
-    const len = Buffer.alloc(4);
-    len.writeUInt32BE(data.length);
-    const body = Buffer.concat([Buffer.from(type), data]);
-    const sum = Buffer.alloc(4);
-    sum.writeUInt32BE(crc(body));
-    return Buffer.concat([len, body, sum]);
-  };
-  const header = Buffer.alloc(13);
-  header.writeUInt32BE(width, 0);
-  header.writeUInt32BE(height, 4);
-  header[8] = 8;
-  header[9] = 2;
-  const rows = [];
-  for (let y = 0; y < height; y++) {
-    const row = [0];
-    for (let x = 0; x < width; x++) row.push(...(x < width / 2 ? [30, 120, 220] : [200, 80, 40]));
-    rows.push(Buffer.from(row));
-  }
-  return Buffer.concat([
-    Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
-    chunk("IHDR", header),
-    chunk("IDAT", deflateSync(Buffer.concat(rows))),
-    chunk("IEND", Buffer.alloc(0)),
-  ]);
 }
 
 const sha256 = (buffer) => createHash("sha256").update(buffer).digest("hex");

@@ -280,3 +280,17 @@ def test_generated_images_are_still_served_by_extension(secured):
     got = secured.client.get(f"/files/{name}")
     assert got.status_code == 200 and got.headers["content-type"] == "image/png"
     assert got.content == png_bytes(4, 4)
+
+
+def test_the_api_purges_expired_uploads_by_itself(tmp_path):
+    # Retention 2 s: uploads live 2 s and the maintenance loop sweeps every second.
+    with run_api_server(api_settings(tmp_path / "data", retention_seconds=2)) as api:
+        url = api.client.post("/files/upload", content=b"soon gone").json()["access_url"]
+        path = api.settings.files_dir / url.rsplit("/", 1)[1]
+        assert path.read_bytes() == b"soon gone"
+        deadline = time.monotonic() + 30
+        while path.exists():
+            assert time.monotonic() < deadline, "the upload was not purged"
+            time.sleep(0.05)
+        assert served(api, url).status_code == 404
+        assert list((api.settings.files_dir / ".meta").iterdir()) == []
