@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from server.config import Settings
 from server.images import content_type, encode_image, to_data_uri
 from server.jobs import JobError, JobRecord, JobResult, OutputImage, cancelled_error, parse_wxh
-from server.queue.sqlite import SQLiteQueue
+from server.queue.factory import open_queue
 from server.storage import LocalStorage
 
 if TYPE_CHECKING:
@@ -70,9 +70,7 @@ class Worker:
     def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.queue = SQLiteQueue(
-            settings.db_path, settings.run_dir, role="worker", lease_seconds=settings.lease_seconds
-        )
+        self.queue = open_queue(settings, role="worker")
         self.storage = LocalStorage(settings.files_dir)
         self.device = settings.device
         self._stop = threading.Event()
@@ -85,7 +83,7 @@ class Worker:
     def stop(self) -> None:
         """Ask the worker to stop (safe from a signal handler or another thread)."""
         self._stop.set()
-        self.queue.notifier.wake_self()
+        self.queue.interrupt_claim()
 
     def _state(self, state: str, detail: str = "") -> None:
         self.queue.set_worker_state(

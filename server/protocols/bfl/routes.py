@@ -25,7 +25,7 @@ from server.deps import get_queue, get_settings, public_base_url
 from server.inputs import InputImageError, decode_image, fetch_bytes
 from server.protocols.bfl import adapter
 from server.protocols.bfl.models import AsyncResponse, AsyncWebhookResponse, FluxDevInputs, ResultResponse
-from server.webhooks import validate_webhook_url
+from server.webhooks.policy import validate_webhook_url
 
 logger = logging.getLogger(__name__)
 PATH_PREFIXES = ("/v1/flux-dev", "/v1/get_result")

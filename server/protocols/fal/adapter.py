@@ -44,7 +44,7 @@ from server.protocols.fal.models import (
     resolve_image_size,
 )
 from server.storage import LocalStorage, image_url
-from server.webhooks import validate_webhook_url
+from server.webhooks.policy import validate_webhook_url
 
 
 @dataclass(frozen=True)
