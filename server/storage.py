@@ -330,6 +330,17 @@ def file_url(base_url: str, file_name: str) -> str:
     return f"{base_url.rstrip('/')}{FILES_PATH}/{file_name}"
 
 
+def upload_url(base_url: str, reservation: Reservation) -> str:
+    """Where the bytes of an initiated upload are PUT (the URL is the permission)."""
+    return f"{file_url(base_url, reservation.file_name)}/upload/{reservation.upload_id}"
+
+
+def multipart_url(base_url: str, reservation: Reservation) -> str:
+    """The base of a multipart upload's part URLs (`/<n>`) and its `/complete` URL; fal_client
+    builds the same URL from the file URL and the upload id."""
+    return f"{file_url(base_url, reservation.file_name)}/multipart/{reservation.upload_id}"
+
+
 def image_url(base_url: str, image: OutputImage) -> str:
     """What a client gets for a generated image: its data URI when inline, else its file URL."""
     if image.data_uri:

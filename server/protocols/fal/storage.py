@@ -26,6 +26,7 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -47,7 +48,7 @@ from server.protocols.fal.storage_models import (
     UploadedPart,
     UploadOutput,
 )
-from server.storage import MAX_PARTS, Reservation, file_url
+from server.storage import MAX_PARTS, Reservation, file_url, multipart_url, upload_url
 
 router = APIRouter(tags=["fal storage"])
 authorized = [Depends(require_fal_key)]
@@ -104,9 +105,7 @@ async def start_multipart_upload(request: Request) -> JSONResponse:
 @router.post("/storage/upload/initiate", dependencies=authorized, response_model=InitiateUploadOutput)
 async def initiate_upload(body: InitiateUploadInput, request: Request) -> JSONResponse:
     reservation = await reserve(request, body.content_type, body.file_name)
-    url = file_url(public_base_url(request), reservation.file_name)
-    output = InitiateUploadOutput(upload_url=f"{url}/upload/{reservation.upload_id}", file_url=url)
-    return JSONResponse(output.model_dump())
+    return initiated(request, reservation, upload_url)
 
 
 @router.post(
@@ -114,8 +113,16 @@ async def initiate_upload(body: InitiateUploadInput, request: Request) -> JSONRe
 )
 async def initiate_multipart_upload(body: InitiateUploadInput, request: Request) -> JSONResponse:
     reservation = await reserve(request, body.content_type, body.file_name)
-    url = file_url(public_base_url(request), reservation.file_name)
-    output = InitiateUploadOutput(upload_url=f"{url}/multipart/{reservation.upload_id}", file_url=url)
+    return initiated(request, reservation, multipart_url)
+
+
+def initiated(
+    request: Request, reservation: Reservation, url_for: Callable[[str, Reservation], str]
+) -> JSONResponse:
+    base_url = public_base_url(request)
+    output = InitiateUploadOutput(
+        upload_url=url_for(base_url, reservation), file_url=file_url(base_url, reservation.file_name)
+    )
     return JSONResponse(output.model_dump())
 
 
