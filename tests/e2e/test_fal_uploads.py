@@ -186,3 +186,17 @@ def test_aggregator_values_with_the_real_client(flux_server, fal) -> None:
     with pytest.raises(fal.module.FalClientHTTPError) as caught:
         fal.sync.run("fal-ai/flux/dev", {"prompt": "p", "image_size": "16:9"})
     assert caught.value.status_code == 422  # fal's own path stays strict
+
+
+def test_the_size_limit_reaches_the_client_as_a_clear_413(start_flux_server, fal) -> None:
+    server = start_flux_server(args=["--max-upload-bytes", "1000"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fal.module.client, "REST_URL", server.base_url)
+        patch.setattr(fal.module.client, "CDN_URL", server.base_url)
+        client = fal.module.SyncClient()
+        assert client.upload(b"x" * 1000, "text/plain").startswith(server.base_url + "/files/")
+        # Over the limit the CDN upload and then the fallback are refused: the client raises.
+        with pytest.raises(fal.module.FalClientHTTPError) as caught:
+            client.upload(b"x" * 1001, "text/plain")
+    assert caught.value.status_code == 413
+    assert "limit of 1000 bytes" in caught.value.message
