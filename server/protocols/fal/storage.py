@@ -36,9 +36,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from server.auth import presented_key, require_fal_key
+from server.auth import presented_key
 from server.config import Settings
 from server.deps import get_settings, get_storage, public_base_url
+from server.protocols.fal.queue_routes import require_fal_key
 from server.protocols.fal.storage_models import (
     CompleteMultipartInput,
     InitiateUploadInput,
