@@ -32,6 +32,7 @@ from server.maintenance import maintain_queue
 from server.protocols.bfl import routes as bfl_routes
 from server.protocols.bfl import webhook as bfl_webhook
 from server.protocols.fal import queue_routes, run_routes
+from server.protocols.fal import storage as fal_storage
 from server.protocols.fal import webhook as fal_webhook
 from server.protocols.fal.proxy import FalProxyMiddleware
 from server.protocols.openai import routes as openai_routes
@@ -79,6 +80,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(files.router)
+    app.include_router(fal_storage.router)  # fixed paths under /files and /storage
     for module in PROTOCOL_ROUTES:
         app.include_router(module.router)
         if hasattr(module, "setup"):

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
 
     # Where the queue database, generated files, the tiny model and compile caches live.
     data_dir: Path = Path(".flux-data")
+    # Generated images and uploads (a shared mount when several boxes serve one queue).
+    files_dir: Path = Field(default_factory=lambda values: values["data_dir"] / "files")
 
     # HTTP
     host: str = "127.0.0.1"
@@ -57,6 +59,10 @@ class Settings(BaseSettings):
     max_input_image_bytes: int = 20 * 1024 * 1024
     input_fetch_timeout: float = 10.0
     retention_seconds: float = 24 * 3600.0
+    # fal storage uploads: the largest file, and the longest lifetime a client's lifecycle
+    # header may ask for (without one, an upload lives for retention_seconds).
+    max_upload_bytes: int = Field(default=1024**3, gt=0)
+    max_upload_retention_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
 
     # Webhooks
     webhook_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)  # host names
@@ -75,10 +81,6 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "queue.sqlite3"
-
-    @property
-    def files_dir(self) -> Path:
-        return self.data_dir / "files"
 
     @property
     def run_dir(self) -> Path:
