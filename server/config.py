@@ -6,11 +6,13 @@ children through the environment, so every process sees the same values.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
@@ -26,6 +28,15 @@ class Settings(BaseSettings):
 
     # Where the queue database, generated files, the tiny model and compile caches live.
     data_dir: Path = Path(".flux-data")
+    # The queue: None is SQLite in the data directory (one box); a postgresql:// URL is a
+    # PostgreSQL server shared by many boxes.
+    queue_url: str | None = None
+    # Generated files, uploads and stored inputs; many boxes point it at one shared mount.
+    files_dir: Path | None = None  # None: <data_dir>/files (filled in by the validator below)
+    # What `serve` runs on this box: the API and workers, only the API, or only workers.
+    role: Literal["all", "api", "workers"] = "all"
+    # Names this box's workers in a shared queue; default: host name + a hash of the data dir.
+    box_name: str | None = None
 
     # HTTP
     host: str = "127.0.0.1"
@@ -69,14 +80,30 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @model_validator(mode="after")
+    def _default_files_dir(self) -> Settings:
+        if self.files_dir is None:
+            self.files_dir = self.data_dir / "files"
+        return self
+
     # --- derived ------------------------------------------------------------------------
     @property
     def db_path(self) -> Path:
         return self.data_dir / "queue.sqlite3"
 
     @property
-    def files_dir(self) -> Path:
-        return self.data_dir / "files"
+    def box(self) -> str:
+        """This box's name in a shared queue: unique per host and data directory, so that two
+        boxes on one host (as in the tests) still differ, and stable across restarts."""
+        if self.box_name:
+            return self.box_name
+        digest = hashlib.sha1(str(Path(self.data_dir).resolve()).encode()).hexdigest()[:6]
+        return f"{socket.gethostname()}-{digest}"
+
+    @property
+    def shared_queue(self) -> bool:
+        """Whether other boxes may use this queue too (a database server, not a local file)."""
+        return self.queue_url is not None
 
     @property
     def run_dir(self) -> Path:
