@@ -38,7 +38,7 @@ from server.protocols.fal import queue_routes, run_routes
 from server.protocols.fal import webhook as fal_webhook
 from server.protocols.fal.proxy import FalProxyMiddleware
 from server.protocols.openai import routes as openai_routes
-from server.queue.base import JobQueue
+from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.batch import SubmitBatcher
 from server.queue.factory import open_queue
 from server.routes import files, health, jwks
@@ -93,6 +93,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.include_router(queue_routes.router)  # last: its patterns match almost any path
 
     app.add_exception_handler(RequestValidationError, handle_error)
+    app.add_exception_handler(QueueUnavailable, handle_error)  # handled: no traceback logged
     app.add_exception_handler(StarletteHTTPException, handle_error)
     app.add_exception_handler(Exception, handle_error)
 
@@ -135,6 +136,10 @@ def register_error_renderer(app: FastAPI, prefix: str, renderer: ErrorRenderer) 
 
 
 async def handle_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, QueueUnavailable):
+        # The database is down or restarting: 503, in the protocol's own error shape.
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        exc = StarletteHTTPException(503, detail="The queue is unavailable; retry shortly")
     for prefix, renderer in request.app.state.error_renderers:
         if request.url.path.startswith(prefix):
             return await renderer(request, exc)

@@ -19,6 +19,13 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--components-dir", {"help": "folder with the other components when --model is a single file"}),
     ("--safety-checker", {"help": "local image-classification model folder (NSFW checker)"}),
     ("--data-dir", {"help": "queue database, outputs, tiny model and caches"}),
+    ("--queue-url", {"help": "postgresql://user:password@host:port/dbname: a queue shared by many boxes"}),
+    ("--files-dir", {"help": "generated files and uploads (default <data-dir>/files; a shared mount)"}),
+    (
+        "--role",
+        {"choices": ["all", "api", "workers"], "help": "serve: API and workers, API only, or workers only"},
+    ),
+    ("--box-name", {"help": "this box's name in a shared queue (default: host name + data-dir hash)"}),
     ("--host", {}),
     ("--port", {"type": int}),
     ("--public-url", {"help": "base of the URLs the server returns (default: from the request)"}),
@@ -54,6 +61,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if getattr(args, flag[2:].replace("-", "_"), None) is not None
     }
     return Settings(**overrides)
+
+
+def queue_problem(settings: Settings) -> str | None:
+    """Why the queue cannot be opened (one line naming where and why), or None. Also creates
+    or migrates its schema, once, before any child process starts."""
+    from server.queue.base import QueueUnavailable
+    from server.queue.factory import open_queue
+
+    try:
+        open_queue(settings, role="cli").close()
+    except (QueueUnavailable, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return make_cert_command(args)
 
     settings = settings_from_args(args)
+    problem = queue_problem(settings)
+    if problem is not None:
+        print(f"flux-server: {problem}", file=sys.stderr)
+        return 2
     if args.command == "serve":
         from server.supervisor import serve
 

@@ -145,12 +145,16 @@ def visible_gpu_count() -> int:
 
 
 def plan_workers(settings: Settings, gpu_count: int | None = None) -> list[WorkerSlot]:
-    """One worker per visible GPU (or --workers N spread over them), else one CPU worker."""
+    """One worker per visible GPU (or --workers N spread over them), else one CPU worker; none
+    on an API-only box. With a shared queue, ids start with the box name (unique across boxes)."""
+    if settings.role == "api":
+        return []
+    prefix = f"{settings.box}-" if settings.shared_queue else ""
     gpus = 0 if settings.device == "cpu" else (visible_gpu_count() if gpu_count is None else gpu_count)
     if settings.device == "cuda" and gpus == 0:
         raise ConfigError("--device cuda, but no GPU is visible (nvidia-smi -L / CUDA_VISIBLE_DEVICES)")
     count = settings.workers or (gpus if gpus > 0 else 1)
-    return [WorkerSlot(f"w{i}", (i % gpus) if gpus > 0 else None) for i in range(count)]
+    return [WorkerSlot(f"{prefix}w{i}", (i % gpus) if gpus > 0 else None) for i in range(count)]
 
 
 # --------------------------------------------------------------------------- children
@@ -197,7 +201,8 @@ class Supervisor:
 
     def __post_init__(self) -> None:
         base = [sys.executable, "-m", "server.cli"]
-        self.children.append(Child("api", [*base, "api"]))
+        if self.settings.role != "workers":  # a workers-only box serves no HTTP
+            self.children.append(Child("api", [*base, "api"]))
         for slot in self.slots:
             argv = [*base, "worker", "--worker-id", slot.worker_id]
             if slot.gpu is not None:
@@ -319,7 +324,7 @@ class Supervisor:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)
         }
         old_wakeup = signal.set_wakeup_fd(wake_w)
-        api = self.children[0]
+        api = next((child for child in self.children if child.slot is None), None)
         try:
             for child in self.children:
                 self._start(child)
@@ -333,7 +338,7 @@ class Supervisor:
                     pass
                 if self.stopping:
                     break
-                if not api.ever_listened and api.process is not None:
+                if api is not None and not api.ever_listened and api.process is not None:
                     if self._api_listening():
                         api.ever_listened = True
                         logger.info("API listening on %s", base_url(self.settings))
@@ -411,6 +416,14 @@ def base_url(settings: Settings) -> str:
     return f"{scheme}://{host}:{settings.port}"
 
 
+def describe_queue(settings: Settings) -> str:
+    if settings.queue_url is None:
+        return f"SQLite {settings.db_path}"
+    from server.queue.postgres.connection import describe
+
+    return f"PostgreSQL {describe(settings.queue_url)}; files {settings.files_dir}"
+
+
 def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
     url = base_url(settings)
     hostport = url.split("://", 1)[1]
@@ -427,6 +440,7 @@ def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
         f"  auth     {'on (' + str(len(settings.all_api_keys())) + ' key(s))' if auth else 'off'}",
         f"  TLS      {'on' if tls else 'off'}",
         f"  data     {settings.data_dir}",
+        f"  queue    {describe_queue(settings)}; role {settings.role}; box {settings.box}",
         "",
         "Point fal_client (Python) at it:",
         f"  export FAL_QUEUE_RUN_HOST={hostport}",
@@ -454,9 +468,11 @@ def serve(settings: Settings) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s supervisor: %(message)s", stream=sys.stderr
     )
     try:
-        check_settings(settings)
+        if settings.role != "workers":  # a workers-only box listens on no port
+            check_settings(settings)
         settings = settings.model_copy(update={"data_dir": Path(settings.data_dir).resolve()})
-        check_model(settings)
+        if settings.role != "api":  # an API-only box loads no model
+            check_model(settings)
         slots = plan_workers(settings)
         # The children see the resolved count: the API reports ready only when all are.
         settings = settings.model_copy(update={"workers": len(slots)})
@@ -465,7 +481,8 @@ def serve(settings: Settings) -> int:
         print(f"flux-server: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        check_port_free(settings)
+        if settings.role != "workers":
+            check_port_free(settings)
     except StartupError as exc:
         print(f"flux-server: {exc}", file=sys.stderr)
         return 1

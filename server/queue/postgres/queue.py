@@ -25,7 +25,7 @@ from server.jobs import (
     disconnected_error,
     new_request_id,
 )
-from server.queue.base import MAX_ATTEMPTS, PURGE_BATCH, CancelOutcome, JobQueue, WorkerInfo
+from server.queue.base import MAX_ATTEMPTS, PURGE_BATCH, CancelOutcome, Heartbeats, JobQueue, WorkerInfo
 from server.queue.postgres.deliveries import PostgresDeliveries
 from server.queue.postgres.schema import PURGE_LOCK
 from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS
@@ -46,6 +46,7 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
     def __init__(self, url: str, *, role: str, lease_seconds: float = 30.0) -> None:
         super().__init__(url, role=role, lease_seconds=lease_seconds)
         self._interrupted = threading.Event()
+        self._heartbeats = Heartbeats(lease_seconds)
 
     # --- producer side -------------------------------------------------------------------
     def submit(self, job: Job, request_id: str | None = None) -> JobRecord:
@@ -172,8 +173,12 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
         self.wakeups.bump_submits()
 
     def _claim_head(self, worker_id: str) -> JobRecord | None:
+        heartbeat = self._heartbeats.due(worker_id)
+
         def claim(conn: psycopg.Connection) -> JobRecord | None:
             now = time.time()
+            if heartbeat:
+                self._touch_worker(conn, worker_id)
             self._expire_deadlines(conn, now)
             row = conn.execute(
                 "WITH head AS (SELECT id FROM flux_jobs WHERE status = 'IN_QUEUE' "
@@ -198,15 +203,24 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
                 return None
             raise
 
+    @staticmethod
+    def _touch_worker(conn: psycopg.Connection, worker_id: str) -> None:
+        conn.execute(f"UPDATE flux_workers SET updated_at = {DB_NOW} WHERE worker_id = %s", (worker_id,))
+
     def renew(self, request_id: str, worker_id: str) -> bool:
-        row = self._tx(
-            lambda conn: conn.execute(
+        heartbeat = self._heartbeats.due(worker_id)
+
+        def renew(conn: psycopg.Connection) -> bool:
+            if heartbeat:
+                self._touch_worker(conn, worker_id)
+            row = conn.execute(
                 f"UPDATE flux_jobs SET lease_expires = {DB_NOW} + %s WHERE id = %s AND worker = %s "
                 "AND status = 'IN_PROGRESS' RETURNING 1",
                 (self.lease_seconds, request_id, worker_id),
             ).fetchone()
-        )
-        return row is not None
+            return row is not None
+
+        return self._tx(renew)
 
     def is_cancel_requested(self, request_id: str) -> bool:
         row = self._tx(
