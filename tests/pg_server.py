@@ -17,6 +17,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,9 +143,23 @@ class PostgresServer:
 
 
 def start_postgres(base: Path) -> PostgresServer:
+    """A running server with its files under `base`, or, when the tests run as root, in a
+    folder of the system's temporary directory: postgres must then run as another user,
+    and pytest keeps its own temporary root private (mode 0700, reset whenever any pytest
+    session on the machine starts), so that user could not reach a folder under it."""
+    if os.geteuid() == 0:
+        base = Path(tempfile.mkdtemp(prefix="flux-test-postgres-"))
     server = PostgresServer(base)
     server.init()
     return server
+
+
+def remove(server: PostgresServer) -> None:
+    """Stop a server (if it runs) and delete a folder `start_postgres` made outside pytest's."""
+    with contextlib.suppress(RuntimeError):
+        server.stop()
+    if server.base.name.startswith("flux-test-postgres-"):
+        shutil.rmtree(server.base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -154,5 +169,4 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
     try:
         yield server
     finally:
-        with contextlib.suppress(RuntimeError):  # a test may have left it stopped
-            server.stop()
+        remove(server)

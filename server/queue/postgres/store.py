@@ -32,7 +32,7 @@ RECORD_COLUMNS = (
     "cancel_requested, progress, result_json, error_json"
 )
 # How long an API request waits for a connection before it answers 503.
-CHECKOUT_TIMEOUT_SECONDS = 3.0
+CHECKOUT_TIMEOUT_SECONDS = 1.5
 RETRY_DELAY_SECONDS = 0.5
 
 

@@ -16,7 +16,7 @@ from server.jobs import Status
 from server.queue.base import QueueUnavailable
 from server.queue.postgres import PostgresQueue
 from server.queue.postgres.schema import SCHEMA_VERSION
-from tests.pg_server import PostgresServer, start_postgres
+from tests.pg_server import PostgresServer, remove, start_postgres
 from tests.server.queue.conftest import eventually, make_job, make_result
 
 
@@ -130,7 +130,7 @@ def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresSer
     """A server of this module's own, which its tests stop and start."""
     server = start_postgres(tmp_path_factory.mktemp("postgres-outage"))
     yield server
-    server.stop()
+    remove(server)
 
 
 def test_an_outage_answers_unavailable_then_everything_reconnects(
