@@ -1,4 +1,4 @@
-"""`flux-server` command line: serve | api | worker | generate | make-cert.
+"""`flux-server` command line: serve | api | worker | generate | migrate-queue | make-cert.
 
 Every subcommand's work lives in its own module, imported lazily so that the API process
 never imports torch.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from server.config import Settings
@@ -106,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=0.95)
     gen.add_argument("--acceleration", default="none", choices=["none", "regular", "high"])
 
+    migrate = sub.add_parser(
+        "migrate-queue", help="copy this install's SQLite queue into PostgreSQL (with the server stopped)"
+    )
+    migrate.add_argument("--data-dir", default=None, help="the data directory holding queue.sqlite3")
+    migrate.add_argument("--queue-url", required=True, help="postgresql://user:password@host:port/dbname")
+
     cert = sub.add_parser("make-cert", help="write a local CA and a server certificate")
     cert.add_argument("--out", required=True)
     cert.add_argument("--host", action="append", default=[], help="extra DNS name or IP (repeatable)")
@@ -118,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from models.generate_cli import run_generate
 
         return run_generate(args)
+    if args.command == "migrate-queue":
+        from server.queue.migrate import migrate_queue_command
+
+        return migrate_queue_command(Path(args.data_dir or Settings().data_dir), args.queue_url)
     if args.command == "make-cert":
         from server.tls import make_cert_command
 

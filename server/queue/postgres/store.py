@@ -34,6 +34,7 @@ RECORD_COLUMNS = (
 # How long an API request waits for a connection before it answers 503.
 CHECKOUT_TIMEOUT_SECONDS = 1.5
 RETRY_DELAY_SECONDS = 0.5
+WORKER_PATIENCE_SECONDS = 60.0
 
 
 class PostgresStore:
@@ -41,9 +42,10 @@ class PostgresStore:
         self.url = url
         self.role = role
         self.lease_seconds = lease_seconds
-        # A worker waits out an outage (up to a lease) rather than failing the job it runs;
-        # everyone else fails fast, so that the API answers 503 at once.
-        self._patience = lease_seconds if role == "worker" else 0.0
+        # A worker waits out an outage rather than failing the job it runs (its lease may
+        # run out meanwhile: then the job is retried); everyone else fails fast, so that the
+        # API answers 503 at once.
+        self._patience = max(2 * lease_seconds, WORKER_PATIENCE_SECONDS) if role == "worker" else 0.0
         with connect(url) as conn:  # a clear error now, not a hung pool later
             migrate(conn)
         self._pool = open_pool(url, max_size=4 if role == "worker" else 10)
