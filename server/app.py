@@ -37,7 +37,7 @@ from server.protocols.fal import webhook as fal_webhook
 from server.protocols.fal.proxy import FalProxyMiddleware
 from server.protocols.openai import routes as openai_routes
 from server.queue.aio import AsyncQueue
-from server.queue.base import JobQueue
+from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.factory import open_queue
 from server.routes import files, health, jwks
 from server.webhooks.dispatch import start_dispatcher
@@ -76,7 +76,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     async_queue = app.state.async_queue = AsyncQueue(queue)
     app.state.storage = LocalStorage(settings.files_dir)
     app.state.background = []
-    install_error_handlers(app)
+    install_error_handlers(app, unavailable=(QueueUnavailable,))
 
     app.include_router(health.router)
     app.include_router(files.router)

@@ -6,7 +6,9 @@ children through the environment, so every process sees the same values.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,8 +28,15 @@ class Settings(BaseSettings):
 
     # Where the queue database, generated files, the tiny model and compile caches live.
     data_dir: Path = Path(".flux-data")
-    # Generated images and uploads (a shared mount when several boxes serve one queue).
+    # The queue: None is SQLite in the data directory (one box); a postgresql:// URL is a
+    # PostgreSQL server shared by many boxes.
+    queue_url: str | None = None
+    # Generated files, uploads and stored inputs; many boxes point it at one shared mount.
     files_dir: Path = Field(default_factory=lambda values: values["data_dir"] / "files")
+    # What `serve` runs on this box: the API and workers, only the API, or only workers.
+    role: Literal["all", "api", "workers"] = "all"
+    # Names this box's workers in a shared queue; default: host name + a hash of the data dir.
+    box_name: str | None = None
 
     # HTTP
     host: str = "127.0.0.1"
@@ -81,6 +90,20 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "queue.sqlite3"
+
+    @property
+    def box(self) -> str:
+        """This box's name in a shared queue: unique per host and data directory, so that two
+        boxes on one host (as in the tests) still differ, and stable across restarts."""
+        if self.box_name:
+            return self.box_name
+        digest = hashlib.sha1(str(Path(self.data_dir).resolve()).encode()).hexdigest()[:6]
+        return f"{socket.gethostname()}-{digest}"
+
+    @property
+    def shared_queue(self) -> bool:
+        """Whether other boxes may use this queue too (a database server, not a local file)."""
+        return self.queue_url is not None
 
     @property
     def run_dir(self) -> Path:
