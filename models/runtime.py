@@ -169,7 +169,12 @@ class FluxRuntime:
 
         # Noise drawn on the CPU: the same request and seed give the same bytes on this machine.
         generator = torch.Generator("cpu").manual_seed(seed)
-        with self.presets.use(pipe, request.acceleration) as active, _timed(timings, "denoise"):
+        from models.request import img2img_steps
+
+        steps = request.steps
+        if request.task == "image-to-image":
+            steps = img2img_steps(request.steps, request.strength)
+        with self.presets.use(pipe, request.acceleration, steps=steps) as active, _timed(timings, "denoise"):
             latents = pipe(
                 prompt_embeds=prompt_embeds,
                 pooled_prompt_embeds=pooled_prompt_embeds,

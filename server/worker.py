@@ -95,6 +95,7 @@ class _Finished:
     record: JobRecord
     generation: Generation
     seconds: float
+    idle_before: float | None
 
 
 class Worker:
@@ -111,6 +112,7 @@ class Worker:
         self._held_lock = threading.Lock()
         self._finished: queue.Queue[_Finished | None] = queue.Queue()
         self._heartbeat_stop = threading.Event()
+        self._device_free_since: float | None = None  # perf_counter when the last job's generate ended
         self.runtime: FluxRuntime | None = None  # set once loaded
 
     # --- control -------------------------------------------------------------------------
@@ -195,9 +197,15 @@ class Worker:
             return self._stop.is_set() or lease_lost.is_set() or self.queue.is_cancel_requested(request_id)
 
         started = time.perf_counter()
+        # How long the device sat idle since the previous job: between two queued jobs, only
+        # what the loop itself costs (claiming, mapping); docs/benchmarks.md reports it.
+        idle_before = None if self._device_free_since is None else started - self._device_free_since
         try:
             request = generation_request(record.job)
-            generation = runtime.generate(request, on_step=on_step, should_cancel=should_cancel)
+            try:
+                generation = runtime.generate(request, on_step=on_step, should_cancel=should_cancel)
+            finally:
+                self._device_free_since = time.perf_counter()
         except InputError as exc:  # the request's own fault (TaskUnavailable included): a 4xx
             logger.info("job %s refused: %s", request_id, exc)
             self._release(request_id)
@@ -219,7 +227,7 @@ class Worker:
                 self.queue.requeue(request_id, self.worker_id)
             return
         # Still held: the heartbeat keeps renewing the lease until the finisher completes it.
-        self._finished.put(_Finished(record, generation, time.perf_counter() - started))
+        self._finished.put(_Finished(record, generation, time.perf_counter() - started, idle_before))
 
     def _release(self, request_id: str) -> None:
         with self._held_lock:
@@ -257,6 +265,8 @@ class Worker:
                 )
             )
         timings = {"inference": item.seconds, **generation.timings}
+        if item.idle_before is not None:
+            timings["device_idle_before"] = item.idle_before
         timings["store"] = time.perf_counter() - started
         result = JobResult(
             images=images,
