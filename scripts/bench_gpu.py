@@ -185,19 +185,21 @@ def release(device: str) -> None:
 
     import torch
 
+    torch._dynamo.reset()  # compiled graphs hold on to the modules they were traced from
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
 
 
-def measure_plans(args: argparse.Namespace, device: str, started: float) -> list[dict[str, Any]]:
+def measure_plans(
+    args: argparse.Namespace, device: str, started: float, rows: list[dict[str, Any]], save: Any
+) -> None:
     """Each memory plan's peak: a fresh pipeline made on the device, placed by the plan, one
     plain (preset `none`) generation of `--plan-steps` steps at the benchmark's size."""
     import torch
 
     from models.memory import PLANS, apply_plan
 
-    rows: list[dict[str, Any]] = []
     plan_args = argparse.Namespace(**{**vars(args), "runs": 1, "steps": args.plan_steps})
     for name in args.memory_plans:
         if time.perf_counter() - started > args.budget_s:
@@ -220,7 +222,7 @@ def measure_plans(args: argparse.Namespace, device: str, started: float) -> list
         )
         del pipe, result
         release(device)
-    return rows
+        save()  # a run cut short still leaves every plan measured so far
 
 
 def measure_presets(args: argparse.Namespace, device: str) -> dict[str, Any]:
@@ -299,8 +301,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("no CUDA device: run with --tiny or --device cpu on a CPU")
     measured = measure_presets(args, device)
     release(device)  # the presets' pipeline is gone: each memory plan builds its own
-    plans = measure_plans(args, device, started) if args.memory_plans else []
-    return {
+    plans: list[dict[str, Any]] = []
+    report = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": torch.cuda.get_device_name()
@@ -320,8 +322,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "compile_backend": args.compile_backend,
         **measured,
         "memory_plans": plans,
-        "total_s": time.perf_counter() - started,
     }
+
+    def save() -> None:
+        report["total_s"] = time.perf_counter() - started
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    save()  # the presets' figures are kept even if the memory plans are cut short
+    if args.memory_plans:
+        measure_plans(args, device, started, plans, save)
+    save()
+    return report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -378,11 +391,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    report = run(args)
+    report = run(args)  # writes --out as it goes
     print(bench_table(report))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

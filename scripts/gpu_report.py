@@ -77,34 +77,58 @@ def targets_table(reports: dict[str, Any]) -> list[str]:
 
 
 def serve_table(serve: dict[str, Any]) -> list[str]:
-    single, burst = serve["single"], serve["burst"]
+    single, burst = serve.get("single", {}), serve.get("burst", {})
+    missing = "not measured"
+
+    def seconds(value: float | None, spec: str = ".1f") -> str:
+        return missing if value is None else f"{value:{spec}} s"
+
     lines = [
         f"flux-server serve --model {serve['model']} on {serve['device']}, {serve['size']}, "
         f"{serve['steps']} steps, real fal_client {serve.get('fal_client') or ''}",
         "",
         "| figure | value |",
         "|---|---|",
-        f"| ready after start, cold | {serve['ready_cold_s']:.1f} s |",
-        f"| ready after start, warm compile cache | {serve['ready_warm_s']:.1f} s |",
-        f"| one request end to end (fal_client.run, `{single['acceleration']}`) "
-        f"| {single['median_end_to_end_s']:.3f} s |",
-        f"| the pipeline call alone (worker's inference timing) | {single['median_inference_s']:.3f} s |",
-        f"| what the server adds | {single['median_server_adds_ms']:.0f} ms |",
-        f"| {burst['requests']} requests at once: images per minute | {burst['images_per_minute']:.1f} |",
-        f"| idle gap between queued jobs, median / max | {fmt(burst['median_idle_gap_ms'], '.1f')} / "
-        f"{fmt(burst['max_idle_gap_ms'], '.1f')} ms |",
-        "",
-        "| acceleration asked | ran | note |",
-        "|---|---|---|",
+        f"| ready after start, cold | {seconds(serve.get('ready_cold_s'))} |",
+        f"| ready after start, warm compile cache | {seconds(serve.get('ready_warm_s'))} |",
+        f"| one request end to end (fal_client.run, `{single.get('acceleration', '')}`) "
+        f"| {seconds(single.get('median_end_to_end_s'), '.3f')} |",
+        f"| the pipeline call alone (worker's inference timing) "
+        f"| {seconds(single.get('median_inference_s'), '.3f')} |",
+        f"| what the server adds | {fmt(single.get('median_server_adds_ms'), '.0f', ' ms')} |",
+        f"| {burst.get('requests', 'N')} requests at once: images per minute "
+        f"| {fmt(burst.get('images_per_minute'), '.1f')} |",
+        f"| idle gap between queued jobs, median / max | {fmt(burst.get('median_idle_gap_ms'), '.1f')} / "
+        f"{fmt(burst.get('max_idle_gap_ms'), '.1f', ' ms')} |",
     ]
-    lines += [f"| {p['requested']} | {p['ran']} | {p['note'] or ''} |" for p in serve["presets"]]
+    if serve.get("presets"):
+        lines += ["", "| acceleration asked | ran | note |", "|---|---|---|"]
+        lines += [f"| {p['requested']} | {p['ran']} | {p['note'] or ''} |" for p in serve["presets"]]
+    return lines
+
+
+def problems(reports: dict[str, Any]) -> list[str]:
+    """Every step that failed or was skipped, with its reason."""
+    lines = []
+    for part, report in reports.items():
+        if report.get("error"):
+            lines.append(f"- {part}: {report['error']}")
+        lines += [f"- {part} {name}: {why}" for name, why in report.get("errors", {}).items()]
+        lines += [f"- {part} skipped {why}" for why in report.get("skipped", [])]
+        lines += [
+            f"- {part} memory plan {plan['plan']} skipped: {plan['skipped']}"
+            for plan in report.get("memory_plans", [])
+            if "skipped" in plan
+        ]
     return lines
 
 
 def proof_table(reports: dict[str, Any]) -> str:
-    """scripts/gpu_proof.py's summary: the targets, then each part's own tables."""
+    """scripts/gpu_proof.py's summary: the targets, what failed, then each part's tables."""
     lines = ["## Targets", "", *targets_table(reports)]
-    if "bench" in reports:
+    if trouble := problems(reports):
+        lines += ["", "## Failed or skipped", "", *trouble]
+    if reports.get("bench", {}).get("rows"):
         lines += ["", "## Presets and memory plans (scripts/bench_gpu.py)", "", bench_table(reports["bench"])]
     if "serve" in reports:
         lines += ["", "## The server end to end", "", *serve_table(reports["serve"])]

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from models.request import GenerationRequest, InputError
 from server.config import Settings
 from server.images import content_type, encode_image, to_data_uri
 from server.jobs import Job, JobError, JobRecord, JobResult, OutputImage, cancelled_error, draw_seed
@@ -32,7 +33,6 @@ from server.queue.sqlite import SQLiteQueue
 from server.storage import LocalStorage
 
 if TYPE_CHECKING:
-    from models.request import GenerationRequest
     from models.runtime import FluxRuntime, Generation
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,6 @@ def generation_request(job: Job) -> GenerationRequest:
 
     A job without a seed gets one here, drawn by server.jobs (the server's one source of seeds),
     so the runtime never draws one itself."""
-    from models.request import GenerationRequest
-
     return GenerationRequest(
         prompt=job.prompt,
         width=job.width,
@@ -183,8 +181,6 @@ class Worker:
         return runtime
 
     def _run_job(self, runtime: FluxRuntime, record: JobRecord) -> None:
-        from models.request import InputError
-
         request_id = record.id
         lease_lost = threading.Event()
         with self._held_lock:

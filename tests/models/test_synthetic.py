@@ -60,6 +60,14 @@ def test_the_preflight_is_torch_free_and_writes_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_serve_refuses_a_bad_override_before_any_worker_starts(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "server.cli", "serve", "--model", "synthetic:depth=3"]
+    command += ["--data-dir", str(tmp_path / "data"), "--port", "0"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--model synthetic:depth=3: synthetic override 'depth=3'" in done.stderr
+
+
 def test_the_full_size_is_flux_dev_counted_on_the_meta_device() -> None:
     assert abs(parameter_count(SyntheticSpec()) / 11.9e9 - 1) < 0.005
     from transformers import T5Config, T5EncoderModel

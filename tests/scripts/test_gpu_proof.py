@@ -46,7 +46,9 @@ def test_cpu_smoke_runs_both_parts_and_reports_every_figure(tmp_path: Path, tiny
     (plan,) = bench["memory_plans"]
     assert plan["plan"] == "fp8-offload-text" and plan["seconds"] > 0
 
+    assert "error" not in bench
     serve = json.loads((out / "serve.json").read_text())
+    assert serve["errors"] == {} and serve["skipped"] == []
     assert serve["ready_warm_s"] > 0 and serve["ready_cold_s"] > 0
     (worker,) = serve["health"]["workers"]
     assert (
@@ -68,8 +70,20 @@ def test_cpu_smoke_runs_both_parts_and_reports_every_figure(tmp_path: Path, tiny
 
     table = (out / "proof.md").read_text()
     assert table.startswith("## Targets") and "what the server adds" in table and "fp8-offload-text" in table
+    assert "## Failed or skipped" not in table
 
 
 def test_missing_parts_are_reported_as_not_measured() -> None:
     table = proof_table({})
     assert table.count("not measured") == 7 and "MISSED" not in table
+
+
+def test_failed_and_skipped_steps_are_listed_with_their_reasons() -> None:
+    serve = {"model": "synthetic", "device": "cuda", "size": "1024x1024", "steps": 28}
+    serve |= {"errors": {"ready_cold_s": "ProofError: serve exited with 1"}, "skipped": ["burst: no time"]}
+    serve |= {"ready_warm_s": 75.0}
+    table = proof_table({"bench": {"error": "bench_gpu.py was stopped after 310 s"}, "serve": serve})
+    assert "- bench: bench_gpu.py was stopped after 310 s" in table
+    assert "- serve ready_cold_s: ProofError: serve exited with 1" in table
+    assert "- serve skipped burst: no time" in table
+    assert "| ready after start (warm compile cache) | 75.0 s | <= 60 s | MISSED |" in table
