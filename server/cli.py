@@ -16,7 +16,7 @@ from server.config import Settings
 
 # Flags shared by serve/api/worker; each maps to a Settings field (env FLUX_<NAME>).
 _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--model", {"help": "diffusers folder, single-file transformer (.safetensors), or 'tiny'"}),
+    ("--model", {"help": "diffusers folder, single-file transformer (.safetensors), 'tiny' or 'synthetic'"}),
     ("--components-dir", {"help": "folder with the other components when --model is a single file"}),
     ("--safety-checker", {"help": "local image-classification model folder (NSFW checker)"}),
     ("--data-dir", {"help": "queue database, outputs, tiny model and caches"}),
