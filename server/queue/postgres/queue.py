@@ -20,12 +20,21 @@ from server.jobs import (
     JobError,
     JobRecord,
     JobResult,
+    LogEntry,
     Status,
     cancelled_error,
     disconnected_error,
     new_request_id,
 )
-from server.queue.base import MAX_ATTEMPTS, PURGE_BATCH, CancelOutcome, Heartbeats, JobQueue, WorkerInfo
+from server.queue.base import (
+    MAX_ATTEMPTS,
+    PURGE_BATCH,
+    CancelOutcome,
+    Heartbeats,
+    JobQueue,
+    QueueUnavailable,
+    WorkerInfo,
+)
 from server.queue.postgres.deliveries import PostgresDeliveries
 from server.queue.postgres.schema import PURGE_LOCK
 from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS
@@ -99,20 +108,27 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
         ]
 
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
-        def read(conn: psycopg.Connection) -> JobRecord | None:
-            row = conn.execute(
-                f"SELECT {RECORD_COLUMNS} FROM flux_jobs WHERE id = %s", (request_id,)
+        # The record and its log lines in one statement: one round trip per status poll.
+        row = self._run(
+            lambda conn: conn.execute(
+                f"SELECT {RECORD_COLUMNS}, CASE WHEN %s THEN (SELECT json_agg(json_build_array("
+                "ts, level, source, message) ORDER BY l.id) FROM flux_logs l WHERE l.request_id = j.id) END "
+                "FROM flux_jobs j WHERE j.id = %s",
+                (with_logs, request_id),
             ).fetchone()
-            if row is None:
-                return None
-            return self._record(row, self._logs(conn, request_id) if with_logs else [])
-
-        return self._tx(read)
+        )
+        if row is None:
+            return None
+        logs = [
+            LogEntry(timestamp=ts, level=level, source=source, message=message)
+            for ts, level, source, message in row[-1] or []
+        ]
+        return self._record(row[:-1], logs)
 
     def position(self, request_id: str) -> int | None:
         # One range count over the queue index: the cost grows with the position, not with
         # the length of the queue.
-        row = self._tx(
+        row = self._run(
             lambda conn: conn.execute(
                 "SELECT j.status, (SELECT count(*) FROM flux_jobs q WHERE q.status = 'IN_QUEUE' "
                 "AND (q.priority_rank, q.seq) < (j.priority_rank, j.seq)) FROM flux_jobs j WHERE j.id = %s",
@@ -124,7 +140,7 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
         return int(row[1])
 
     def depth(self) -> int:
-        row = self._tx(
+        row = self._run(
             lambda conn: conn.execute("SELECT count(*) FROM flux_jobs WHERE status = 'IN_QUEUE'").fetchone()
         )
         return int(row[0]) if row else 0
@@ -197,8 +213,8 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
 
         try:
             return self._tx(claim)
-        except Exception:
-            if self._patience > 0:  # a worker waits for the database to come back
+        except QueueUnavailable:
+            if self._patience > 0:  # a worker keeps waiting for jobs until the database is back
                 time.sleep(FALLBACK_POLL_SECONDS)
                 return None
             raise
@@ -220,10 +236,10 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
             ).fetchone()
             return row is not None
 
-        return self._tx(renew)
+        return (self._tx if heartbeat else self._run)(renew)
 
     def is_cancel_requested(self, request_id: str) -> bool:
-        row = self._tx(
+        row = self._run(
             lambda conn: conn.execute(
                 "SELECT cancel_requested FROM flux_jobs WHERE id = %s", (request_id,)
             ).fetchone()
@@ -282,7 +298,7 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
 
     # --- maintenance ---------------------------------------------------------------------
     def recover_expired(self) -> list[str]:
-        due = self._tx(
+        due = self._run(
             lambda conn: conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM flux_jobs WHERE status = 'IN_PROGRESS' "
                 f"AND lease_expires < {DB_NOW}) OR EXISTS (SELECT 1 FROM flux_jobs WHERE status = 'IN_QUEUE' "
@@ -372,7 +388,7 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
         self._tx(remove)
 
     def workers(self) -> list[WorkerInfo]:
-        rows = self._tx(
+        rows = self._run(
             lambda conn: conn.execute(
                 "SELECT worker_id, state, device, model, detail, pid, updated_at FROM flux_workers "
                 "ORDER BY worker_id"

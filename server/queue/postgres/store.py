@@ -37,6 +37,10 @@ RETRY_DELAY_SECONDS = 0.5
 WORKER_PATIENCE_SECONDS = 60.0
 
 
+class _BrokenConnection(Exception):
+    """A pooled connection turned out dead on first use."""
+
+
 class PostgresStore:
     def __init__(self, url: str, *, role: str, lease_seconds: float = 30.0) -> None:
         self.url = url
@@ -59,11 +63,32 @@ class PostgresStore:
     # --- transactions --------------------------------------------------------------------
     def _tx(self, work: Callable[[psycopg.Connection], T]) -> T:
         """Run `work` in one transaction (committed when it returns)."""
+        return self._with_connection(work, transaction=True)
+
+    def _run(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """Run `work` whose one statement is its own transaction (one round trip)."""
+        return self._with_connection(work, transaction=False)
+
+    def _with_connection(self, work: Callable[[psycopg.Connection], T], *, transaction: bool) -> T:
         give_up_at = time.monotonic() + self._patience
+        swept = False
         while True:
             try:
                 with self._pool.connection(timeout=CHECKOUT_TIMEOUT_SECONDS) as conn:
-                    return work(conn)
+                    try:
+                        if not transaction:
+                            return work(conn)
+                        with conn.transaction():
+                            return work(conn)
+                    except (psycopg.OperationalError, psycopg.InterfaceError):
+                        if conn.broken and not swept:
+                            raise _BrokenConnection from None
+                        raise
+            except _BrokenConnection:
+                # The server restarted since this connection was last used (its statements
+                # never ran): drop every such connection, then try once more at once.
+                swept = True
+                self._pool.check()
             except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
                 if time.monotonic() >= give_up_at:
                     raise unavailable(self.url, exc) from exc
