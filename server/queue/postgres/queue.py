@@ -38,8 +38,8 @@ from server.queue.base import (
 from server.queue.postgres.deliveries import PostgresDeliveries
 from server.queue.postgres.schema import PURGE_LOCK
 from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS
-from server.queue.postgres.wakeups import SUBMIT_KEY, WORKERS_KEY
-from server.queue.records import PRIORITY_RANK, without_image
+from server.queue.postgres.wakeups import CHANNEL, SUBMIT_KEY, WORKERS_KEY
+from server.queue.records import PRIORITY_RANK, utc_timestamp, without_image
 
 # A lost notification (a dropped listening connection) costs at most this long.
 FALLBACK_POLL_SECONDS = 2.0
@@ -196,20 +196,30 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
             if heartbeat:
                 self._touch_worker(conn, worker_id)
             self._expire_deadlines(conn, now)
+            # Take the head, log who took it and wake its waiters: one statement.
+            started = f"Started on {worker_id}"
             row = conn.execute(
                 "WITH head AS (SELECT id FROM flux_jobs WHERE status = 'IN_QUEUE' "
-                "ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED) "
-                f"UPDATE flux_jobs j SET status = 'IN_PROGRESS', worker = %s, lease_expires = {DB_NOW} + %s, "
-                "attempts = attempts + 1, started_at = %s FROM head WHERE j.id = head.id "
-                f"RETURNING {', '.join('j.' + c for c in RECORD_COLUMNS.split(', '))}",
-                (worker_id, self.lease_seconds, now),
+                "ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED), "
+                f"claimed AS (UPDATE flux_jobs j SET status = 'IN_PROGRESS', worker = %s, "
+                f"lease_expires = {DB_NOW} + %s, attempts = attempts + 1, started_at = %s FROM head "
+                f"WHERE j.id = head.id RETURNING {', '.join('j.' + c for c in RECORD_COLUMNS.split(', '))}), "
+                "line AS (INSERT INTO flux_logs (request_id, ts, level, source, message) "
+                "SELECT id, %s, 'INFO', 'USER', %s FROM claimed), "
+                "woken AS (SELECT pg_notify(%s, id) FROM claimed) "
+                "SELECT claimed.*, (SELECT json_agg(json_build_array(ts, level, source, message) "
+                "ORDER BY l.id) FROM flux_logs l WHERE l.request_id = claimed.id), "
+                "(SELECT count(*) FROM woken) FROM claimed",
+                (worker_id, self.lease_seconds, now, utc_timestamp(now), started, CHANNEL),
             ).fetchone()
             if row is None:
                 return None
-            request_id = row[0]
-            self._add_log(conn, request_id, f"Started on {worker_id}", now)
-            self._notify(conn, [request_id])
-            return self._record(row, self._logs(conn, request_id))
+            earlier = [
+                LogEntry(timestamp=ts, level=level, source=source, message=message)
+                for ts, level, source, message in row[-2] or []
+            ]
+            # The statement's own log line is not visible to it: add it here.
+            return self._record(row[:-2], [*earlier, LogEntry(timestamp=utc_timestamp(now), message=started)])
 
         try:
             return self._tx(claim)
@@ -247,13 +257,25 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
         return bool(row and row[0])
 
     def log(self, request_id: str, message: str, progress: float | None = None) -> None:
-        def log(conn: psycopg.Connection) -> None:
-            self._add_log(conn, request_id, message, time.time())
-            if progress is not None:
-                conn.execute("UPDATE flux_jobs SET progress = %s WHERE id = %s", (progress, request_id))
-            self._notify(conn, [request_id])
-
-        self._tx(log)
+        # One statement (one round trip per denoising step): the line, the progress, the wake-up.
+        self._run(
+            lambda conn: conn.execute(
+                "WITH line AS (INSERT INTO flux_logs (request_id, ts, level, source, message) "
+                "VALUES (%s, %s, 'INFO', 'USER', %s)), "
+                "progress AS (UPDATE flux_jobs SET progress = %s WHERE id = %s AND %s::double precision "
+                "IS NOT NULL) SELECT pg_notify(%s, %s)",
+                (
+                    request_id,
+                    utc_timestamp(time.time()),
+                    message,
+                    progress,
+                    request_id,
+                    progress,
+                    CHANNEL,
+                    request_id,
+                ),
+            )
+        )
 
     def complete(self, request_id: str, worker_id: str, result: JobResult) -> bool:
         return self._tx(

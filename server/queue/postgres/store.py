@@ -116,17 +116,6 @@ class PostgresStore:
         )
 
     @staticmethod
-    def _logs(conn: psycopg.Connection, request_id: str) -> list[LogEntry]:
-        rows = conn.execute(
-            "SELECT ts, level, source, message FROM flux_logs WHERE request_id = %s ORDER BY id",
-            (request_id,),
-        ).fetchall()
-        return [
-            LogEntry(timestamp=ts, level=level, source=source, message=message)
-            for ts, level, source, message in rows
-        ]
-
-    @staticmethod
     def _add_log(conn: psycopg.Connection, request_id: str, message: str, now: float) -> None:
         conn.execute(
             "INSERT INTO flux_logs (request_id, ts, level, source, message) "
@@ -152,12 +141,15 @@ class PostgresStore:
         condition: str = "status != 'COMPLETED'",
         params: tuple = (),
     ) -> bool:
-        """Mark a job COMPLETED (if `condition` holds) and queue its webhook delivery in the
-        same transaction; notify its waiters at commit."""
+        """Mark a job COMPLETED (if `condition` holds), write its webhook delivery row and
+        notify its waiters: one statement, so atomic also outside a transaction."""
         row = conn.execute(
-            "UPDATE flux_jobs SET status = 'COMPLETED', completed_at = %s, lease_expires = NULL, "
-            "result_json = %s, error_json = %s, progress = %s "
-            f"WHERE id = %s AND {condition} RETURNING webhook",
+            "WITH done AS (UPDATE flux_jobs SET status = 'COMPLETED', completed_at = %s, "
+            "lease_expires = NULL, result_json = %s, error_json = %s, progress = %s "
+            f"WHERE id = %s AND {condition} RETURNING id, webhook), "
+            "delivery AS (INSERT INTO flux_deliveries (request_id, due_at) SELECT id, %s FROM done "
+            "WHERE webhook ON CONFLICT DO NOTHING) "
+            "SELECT pg_notify(%s, CASE WHEN webhook THEN id || E'\\n' || %s ELSE id END) FROM done",
             (
                 now,
                 result.model_dump_json() if result is not None else None,
@@ -165,19 +157,12 @@ class PostgresStore:
                 1.0 if result is not None else 0.0,
                 request_id,
                 *params,
+                now,
+                CHANNEL,
+                DELIVERIES_KEY,
             ),
         ).fetchone()
-        if row is None:
-            return False
-        keys = [request_id]
-        if row[0]:
-            conn.execute(
-                "INSERT INTO flux_deliveries (request_id, due_at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                (request_id, now),
-            )
-            keys.append(DELIVERIES_KEY)
-        self._notify(conn, keys)
-        return True
+        return row is not None
 
     def _expire_deadlines(self, conn: psycopg.Connection, now: float) -> list[str]:
         """Fail queued jobs whose start deadline passed: they must never start late."""
