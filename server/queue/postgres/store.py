@@ -31,6 +31,11 @@ RECORD_COLUMNS = (
     "id, status, job_json, image, created_at, started_at, completed_at, attempts, worker, "
     "cancel_requested, progress, result_json, error_json"
 )
+# Puts a job back at the head of the queue (its seq from the sequence that counts down).
+REQUEUE = (
+    "status = 'IN_QUEUE', worker = NULL, lease_expires = NULL, progress = 0, start_deadline = NULL, "
+    "seq = nextval('flux_jobs_head_seq')"
+)
 # How long an API request waits for a connection before it answers 503.
 CHECKOUT_TIMEOUT_SECONDS = 1.5
 RETRY_DELAY_SECONDS = 0.5
