@@ -163,8 +163,11 @@ class Supervisor:
         self.queue = open_queue(self.settings, role="supervisor")
         # Rows left by an earlier run with more workers would keep /health at 503 forever.
         planned = {slot.worker_id for slot in self.slots}
+        # With a shared queue, only this box's rows are ours to clean up.
+        own = f"{self.settings.box}-" if self.settings.shared_queue else ""
         for worker in self.queue.workers():
-            if worker.worker_id not in planned and worker.state in ("stopped", "failed"):
+            stale = worker.state in ("stopped", "failed") and worker.worker_id.startswith(own)
+            if worker.worker_id not in planned and stale:
                 self.queue.remove_worker(worker.worker_id)
 
     def _release(self, worker_id: str) -> list[str]:
