@@ -82,6 +82,9 @@ def run_api(settings: Settings) -> int:
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         log_level="info",
         access_log=False,  # one line per status poll costs throughput; use a proxy's log
+        # Forwarded headers are the app's business, trusted only from --trusted-proxy
+        # addresses (server/deps.py); uvicorn would believe any loopback peer.
+        proxy_headers=False,
         http="httptools" if importlib.util.find_spec("httptools") else "auto",
         loop="uvloop" if importlib.util.find_spec("uvloop") else "auto",
         timeout_graceful_shutdown=5,

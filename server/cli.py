@@ -7,6 +7,7 @@ never imports torch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,14 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--api-key", {"action": "append", "help": "accepted API key (repeatable)"}),
     ("--api-keys-file", {"help": "file with one API key per line"}),
     ("--insecure-no-auth", {"action": "store_true", "default": None}),
+    ("--metrics-key", {"help": "key that reads /metrics (default: the API keys)"}),
+    (
+        "--trusted-proxy",
+        {"action": "append", "help": "proxy address/network whose X-Forwarded-* count"},
+    ),
+    ("--cors-origin", {"action": "append", "help": "browser origin allowed to call the API (repeatable)"}),
+    ("--max-prompt-length", {"type": int, "help": "longest prompt accepted, in characters (default 4000)"}),
+    ("--max-request-bytes", {"type": int, "help": "largest request body (default: one input image + 1 MiB)"}),
     ("--api-processes", {"type": int, "help": "API processes sharing the port (default 2, 1 below 4 cores)"}),
     ("--workers", {"type": int, "help": "worker processes (default: one per GPU, else one)"}),
     ("--device", {"choices": ["auto", "cpu", "cuda"]}),
@@ -92,10 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_metrics_directory(settings: Settings) -> None:
+    """Where this process writes its Prometheus samples (server/metrics.py), unless `serve`
+    already chose; before anything imports prometheus_client."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        directory = settings.run_dir / "metrics"
+        directory.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
-        from models.generate_cli import run_generate
+        from server.generate_cli import run_generate
 
         return run_generate(args)
     if args.command == "make-cert":
@@ -108,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.supervisor import serve
 
         return serve(settings)
+    if args.command in ("api", "worker"):
+        use_metrics_directory(settings)
     if args.command == "api":
         from server.api_main import run_api
 

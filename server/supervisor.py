@@ -30,7 +30,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from server.child_process import set_parent_death_signal
 from server.config import Settings
@@ -46,6 +45,7 @@ from server.preflight import (
     check_settings,
     plan_workers,
 )
+from server.queue.base import JobQueue
 
 logger = logging.getLogger("flux_server.supervisor")
 
@@ -85,7 +85,7 @@ class Supervisor:
     settings: Settings
     slots: list[WorkerSlot]
     children: list[Child] = field(default_factory=list)
-    queue: Any = None
+    queue: JobQueue | None = None
     stopping: bool = False
 
     def __post_init__(self) -> None:
@@ -96,7 +96,14 @@ class Supervisor:
             if slot.gpu is not None:
                 argv += ["--gpu", str(slot.gpu)]
             self.children.append(Child(slot.worker_id, argv, slot=slot))
-        self._env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        # Every child writes its Prometheus samples into one directory, emptied per run.
+        self.metrics_dir = self.settings.run_dir / "metrics"
+        self._env = {
+            **os.environ,
+            **self.settings.to_env(),
+            "PYTHONUNBUFFERED": "1",
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+        }
 
     # --- processes ---------------------------------------------------------------------
     def _start(self, child: Child) -> None:
@@ -121,6 +128,8 @@ class Supervisor:
     def _on_exit(self, child: Child, code: int) -> None:
         now = time.monotonic()
         ran = now - child.started_at
+        if child.process is not None:
+            self._forget_metrics_of(child.process.pid)
         child.process = None
         if child.slot is not None:
             released = self._release(child.name)
@@ -157,14 +166,9 @@ class Supervisor:
 
     # --- queue ------------------------------------------------------------------------
     def _open_queue(self) -> None:
-        from server.queue.sqlite import SQLiteQueue
+        from server.queue.factory import open_queue
 
-        self.queue = SQLiteQueue(
-            self.settings.db_path,
-            self.settings.run_dir,
-            role="supervisor",
-            lease_seconds=self.settings.lease_seconds,
-        )
+        self.queue = open_queue(self.settings, role="supervisor")
         # Rows left by an earlier run with more workers would keep /health at 503 forever.
         planned = {slot.worker_id for slot in self.slots}
         for worker in self.queue.workers():
@@ -206,8 +210,20 @@ class Supervisor:
         except OSError:
             return False
 
+    def _forget_metrics_of(self, pid: int) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        mark_process_dead(pid, str(self.metrics_dir))
+
+    def _clear_metrics(self) -> None:
+        """Samples of an earlier run would count again (and its pids may be reused)."""
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.metrics_dir.glob("*.db"):
+            stale.unlink(missing_ok=True)
+
     def run(self) -> int:
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        self._clear_metrics()
         self._open_queue()
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)

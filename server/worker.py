@@ -25,13 +25,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from server import metrics
 from server.config import Settings
 from server.images import content_type, encode_image, to_data_uri
-from server.jobs import JobError, JobRecord, JobResult, OutputImage, cancelled_error
-from server.queue.sqlite import SQLiteQueue
+from server.jobs import Job, JobError, JobRecord, JobResult, OutputImage, cancelled_error, parse_wxh
+from server.queue.factory import open_queue
 from server.storage import LocalStorage
 
 if TYPE_CHECKING:
+    from models.request import GenerationRequest
     from models.runtime import FluxRuntime, Generation
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,28 @@ logger = logging.getLogger(__name__)
 # Exit code for a model that cannot load: the supervisor must not restart it in a tight loop.
 EXIT_LOAD_FAILED = 2
 CLAIM_TIMEOUT_SECONDS = 1.0
+
+
+def generation_request(job: Job) -> GenerationRequest:
+    """The runtime's request for `job`: what to generate, none of the routing metadata.
+    `Job.seed` is always concrete (server.jobs draws one when a client sent none)."""
+    from models.request import GenerationRequest
+
+    return GenerationRequest(
+        prompt=job.prompt,
+        width=job.width,
+        height=job.height,
+        seed=job.seed,
+        task=job.task,
+        steps=job.num_inference_steps,
+        guidance=job.guidance_scale,
+        num_images=job.num_images,
+        strength=job.strength,
+        image=job.image,
+        acceleration=job.acceleration,
+        enable_safety_checker=job.enable_safety_checker,
+        safety_tolerance=job.safety_tolerance,
+    )
 
 
 def input_error(message: str) -> JobError:
@@ -56,13 +80,7 @@ def internal_error(message: str) -> JobError:
 
 
 def parse_sizes(items: list[str]) -> list[tuple[int, int]]:
-    sizes = []
-    for item in items:
-        width, sep, height = item.lower().partition("x")
-        if not sep or not width.strip().isdigit() or not height.strip().isdigit():
-            raise ValueError(f"warm-up size {item!r} is not of the form WIDTHxHEIGHT")
-        sizes.append((int(width), int(height)))
-    return sizes
+    return [parse_wxh(item) for item in items]
 
 
 @dataclass
@@ -76,9 +94,7 @@ class Worker:
     def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.queue = SQLiteQueue(
-            settings.db_path, settings.run_dir, role="worker", lease_seconds=settings.lease_seconds
-        )
+        self.queue = open_queue(settings, role="worker")
         self.storage = LocalStorage(settings.files_dir)
         self.device = settings.device
         self._stop = threading.Event()
@@ -86,12 +102,13 @@ class Worker:
         self._held_lock = threading.Lock()
         self._finished: queue.Queue[_Finished | None] = queue.Queue()
         self._heartbeat_stop = threading.Event()
+        self.runtime: FluxRuntime | None = None  # set once loaded
 
     # --- control -------------------------------------------------------------------------
     def stop(self) -> None:
         """Ask the worker to stop (safe from a signal handler or another thread)."""
         self._stop.set()
-        self.queue.notifier.wake_self()
+        self.queue.interrupt_claim()
 
     def _state(self, state: str, detail: str = "") -> None:
         self.queue.set_worker_state(
@@ -101,7 +118,7 @@ class Worker:
     # --- main loop -----------------------------------------------------------------------
     def run(self) -> int:
         try:
-            runtime = self._load()
+            runtime = self.runtime = self._load()
         except Exception as exc:
             logger.exception("worker %s could not load the model", self.worker_id)
             self._state("failed", f"{type(exc).__name__}: {exc}")
@@ -114,7 +131,8 @@ class Worker:
         ]
         for thread in threads:
             thread.start()
-        self._state("ready")
+        self._state("ready", runtime.summary)
+        self._report_gpu_memory()
         logger.info("worker %s ready on %s", self.worker_id, self.device)
         try:
             while not self._stop.is_set():
@@ -131,8 +149,9 @@ class Worker:
         return 0
 
     def _load(self) -> FluxRuntime:
-        from models.presets import default_warmup_sizes
-        from models.runtime import FluxRuntime, resolve_device
+        from models.loading import resolve_device
+        from models.presets.policy import default_warmup_sizes
+        from models.runtime import FluxRuntime
 
         self._state("loading")  # first with the asked-for device ("auto"), then the real one
         self.device = resolve_device(self.settings.device)
@@ -154,6 +173,8 @@ class Worker:
         return runtime
 
     def _run_job(self, runtime: FluxRuntime, record: JobRecord) -> None:
+        from models.request import InputError
+
         request_id = record.id
         lease_lost = threading.Event()
         with self._held_lock:
@@ -165,17 +186,18 @@ class Worker:
         def should_cancel() -> bool:
             return self._stop.is_set() or lease_lost.is_set() or self.queue.is_cancel_requested(request_id)
 
+        metrics.record_started(record)
         started = time.perf_counter()
         try:
-            generation = runtime.generate(record.job, on_step=on_step, should_cancel=should_cancel)
-        except ValueError as exc:  # the input's fault, the runtime's TaskUnavailable included
-            self._release(request_id)
-            self.queue.fail(request_id, self.worker_id, input_error(str(exc)))
+            request = generation_request(record.job)
+            generation = runtime.generate(request, on_step=on_step, should_cancel=should_cancel)
+        except InputError as exc:  # the request's own fault (TaskUnavailable included): a 4xx
+            logger.info("job %s refused: %s", request_id, exc)
+            self._fail(record, input_error(str(exc)))
             return
-        except Exception as exc:
+        except Exception as exc:  # any other failure is ours, a ValueError from diffusers too
             logger.exception("job %s failed", request_id)
-            self._release(request_id)
-            self.queue.fail(request_id, self.worker_id, internal_error(f"{type(exc).__name__}: {exc}"))
+            self._fail(record, internal_error(f"{type(exc).__name__}: {exc}"))
             return
 
         if generation.cancelled or lease_lost.is_set():
@@ -183,7 +205,7 @@ class Worker:
             if lease_lost.is_set():
                 logger.warning("job %s: lease lost; abandoned", request_id)
             elif self.queue.is_cancel_requested(request_id):
-                self.queue.fail(request_id, self.worker_id, cancelled_error())
+                self._fail(record, cancelled_error())
             else:  # stopping
                 self.queue.requeue(request_id, self.worker_id)
             return
@@ -194,6 +216,22 @@ class Worker:
         with self._held_lock:
             self._held.pop(request_id, None)
 
+    def _fail(self, record: JobRecord, error: JobError) -> None:
+        self._release(record.id)
+        if self.queue.fail(record.id, self.worker_id, error):
+            metrics.record_finished(record, error)
+        self._report_gpu_memory()
+
+    def _report_gpu_memory(self) -> None:
+        """Memory of this worker's GPU, for /metrics (nothing to report on a CPU)."""
+        if not str(self.device).startswith("cuda"):
+            return
+        import torch
+
+        used = torch.cuda.memory_allocated()
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        metrics.record_gpu_memory(self.worker_id, used, total)
+
     # --- finisher --------------------------------------------------------------------------
     def _finisher(self) -> None:
         while (item := self._finished.get()) is not None:
@@ -201,9 +239,7 @@ class Worker:
                 self._finish(item)
             except Exception as exc:
                 logger.exception("job %s: storing the output failed", item.record.id)
-                self.queue.fail(
-                    item.record.id, self.worker_id, internal_error(f"{type(exc).__name__}: {exc}")
-                )
+                self._fail(item.record, internal_error(f"{type(exc).__name__}: {exc}"))
             finally:
                 self._release(item.record.id)
 
@@ -245,6 +281,9 @@ class Worker:
             for output in images:
                 if output.file_name:
                     self.storage.delete(output.file_name)
+            return
+        metrics.record_finished(item.record, None, inference=item.seconds, images=len(images))
+        self._report_gpu_memory()
 
     # --- heartbeat -------------------------------------------------------------------------
     def _heartbeat(self) -> None:

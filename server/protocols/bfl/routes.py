@@ -24,10 +24,9 @@ from server.auth import KeyProblem, api_key_dependency
 from server.deps import get_queue, get_settings, public_base_url
 from server.errors import register_error_renderer
 from server.inputs import InputImageError, decode_image, fetch_bytes
-from server.jobs import draw_seed
 from server.protocols.bfl import adapter
 from server.protocols.bfl.models import AsyncResponse, AsyncWebhookResponse, FluxDevInputs, ResultResponse
-from server.webhooks import validate_webhook_url
+from server.webhooks.policy import validate_webhook_url
 
 logger = logging.getLogger(__name__)
 PATH_PREFIXES = ("/v1/flux-dev", "/v1/get_result")
@@ -113,6 +112,9 @@ async def _decode_image_prompt(value: str, max_bytes: int, timeout: float) -> by
 )
 async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
     settings = get_settings(request)
+    too_long = settings.prompt_too_long(inputs.prompt)
+    if too_long:
+        raise RequestValidationError([_error(["body", "prompt"], too_long, "string_too_long")])
     if inputs.webhook_url:
         try:
             validate_webhook_url(inputs.webhook_url, settings)
@@ -123,8 +125,6 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
         image_png = await _decode_image_prompt(
             inputs.image_prompt, settings.max_input_image_bytes, settings.input_fetch_timeout
         )
-    if inputs.seed is None:
-        inputs = inputs.model_copy(update={"seed": draw_seed()})
     base_url = public_base_url(request)
     job = adapter.inputs_to_job(inputs, base_url=base_url, image_png=image_png)
     record, _ = await get_queue(request).submit(job)
@@ -144,4 +144,6 @@ async def get_result(
     request: Request, id: str = Query(..., description="Task id from the submit")
 ) -> JSONResponse:
     record = await get_queue(request).get(id, with_logs=False)
+    if record is not None and record.job.protocol != "bfl":
+        record = None  # another protocol's request: BFL clients cannot tell it exists
     return JSONResponse(adapter.record_to_result(record, id).model_dump(mode="json"))

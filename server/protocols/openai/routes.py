@@ -122,9 +122,17 @@ def _answer(record: JobRecord) -> JSONResponse:
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, summary="Create images (OpenAI API)")
 async def generations(body: ImageGenerationRequest, request: Request) -> JSONResponse:
+    check_prompt(request, body.prompt)
     size = adapter.parse_size(body.size)
     job = adapter.build_job(body, size=size, base_url=public_base_url(request))
     return _answer(await run_job(request, job))
+
+
+def check_prompt(request: Request, prompt: str) -> None:
+    """The server's prompt-length limit, as OpenAI reports a string over its maximum."""
+    too_long = get_settings(request).prompt_too_long(prompt)
+    if too_long:
+        raise OpenAIError(400, too_long, param="prompt", code="string_above_max_length")
 
 
 async def _read_image(form_value: Any, max_bytes: int) -> tuple[bytes, int, int]:
@@ -162,6 +170,7 @@ async def edits(request: Request) -> JSONResponse:
             raise _validation_error(list(exc.errors())) from None
     finally:
         await form.close()
+    check_prompt(request, fields.prompt)
     size = adapter.edit_size(fields.size, width, height)
     job = adapter.build_job(
         fields,
