@@ -32,3 +32,12 @@ if [ "${FLUX_SKIP_NODE:-0}" != "1" ] && command -v npm >/dev/null 2>&1; then
     (cd tests/e2e/js && npm install --no-audit --no-fund --silent)
   fi
 fi
+
+# Headless Chromium for the browser tests (Debian's package; Playwright drives it and never
+# downloads a browser of its own).
+if [ "${FLUX_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+      || echo "setup: could not install chromium; the browser tests will fail" >&2
+  fi
+fi

@@ -31,6 +31,7 @@ from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
 from server.errors import install_error_handlers
 from server.maintenance import maintain_queue
+from server.openapi import install_docs
 from server.protocols.bfl import routes as bfl_routes
 from server.protocols.bfl import webhook as bfl_webhook
 from server.protocols.fal import queue_routes, run_routes
@@ -40,7 +41,7 @@ from server.protocols.openai import routes as openai_routes
 from server.queue.aio import AsyncQueue
 from server.queue.base import JobQueue
 from server.queue.factory import open_queue
-from server.routes import files, health, jwks, metrics
+from server.routes import files, health, jwks, metrics, playground
 from server.webhooks.dispatch import start_dispatcher
 
 log = logging.getLogger("flux_server.api")
@@ -70,7 +71,14 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
                 queue.close()
 
     # Trailing slashes are stripped by middleware instead of answered with redirects.
-    app = FastAPI(title="flux-server", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
+    app = FastAPI(
+        title="flux-server",
+        version="0.1.0",
+        lifespan=lifespan,
+        redirect_slashes=False,
+        docs_url=None,  # served from the package's own assets: server/openapi.py
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.api_keys = settings.all_api_keys()  # read once: not a file read per request
     app.state.queue = queue
@@ -79,6 +87,8 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.state.background = []
     install_error_handlers(app)
 
+    install_docs(app)
+    app.include_router(playground.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(files.router)

@@ -20,7 +20,8 @@ NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}\.(jpeg|jpg|png|webp)$")
 EXTENSION_TYPES = {**CONTENT_TYPES, "jpg": "image/jpeg"}
 
 
-@router.api_route("/files/{name}", methods=["GET", "HEAD"])
+@router.head("/files/{name}", include_in_schema=False)
+@router.get("/files/{name}", operation_id="get_file", summary="A generated image")
 async def get_file(name: str, request: Request) -> Response:
     match = NAME.match(name)
     if match is None:

@@ -13,7 +13,7 @@ from server.deps import get_queue, get_settings
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", operation_id="health", summary="Readiness: 200 once every worker is ready")
 async def health(request: Request) -> JSONResponse:
     queue = get_queue(request)
     settings = get_settings(request)

@@ -107,6 +107,7 @@ async def _decode_image_prompt(value: str, max_bytes: int, timeout: float) -> by
 
 @router.post(
     "/v1/flux-dev",
+    operation_id="bfl_flux_dev",
     response_model=AsyncResponse | AsyncWebhookResponse,
     summary="Generate an image with FLUX.1 [dev] (BFL API)",
 )
@@ -139,7 +140,9 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump())
 
 
-@router.get("/v1/get_result", response_model=ResultResponse, summary="Poll a BFL task")
+@router.get(
+    "/v1/get_result", operation_id="bfl_get_result", response_model=ResultResponse, summary="Poll a BFL task"
+)
 async def get_result(
     request: Request, id: str = Query(..., description="Task id from the submit")
 ) -> JSONResponse:

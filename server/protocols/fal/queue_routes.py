@@ -33,7 +33,9 @@ def fal_key_refusal(problem: KeyProblem) -> HTTPException:
 
 
 require_fal_key = api_key_dependency(fal_key_refusal)
-router = APIRouter(dependencies=[Depends(require_fal_key)], tags=["fal queue"])
+# Path patterns document nothing useful: server/protocols/fal/openapi.py describes each
+# app and endpoint of the app table instead.
+router = APIRouter(dependencies=[Depends(require_fal_key)], include_in_schema=False)
 
 
 def check_endpoint(owner: str, app: str, endpoint: str) -> str:

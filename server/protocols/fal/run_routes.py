@@ -20,7 +20,7 @@ from server.protocols.fal import adapter
 from server.protocols.fal.queue_routes import request_job, require_fal_key, result_response
 from server.waiting import EVENT_STREAM_HEADERS, ClientGone, StreamEvent, event_stream, submit_and_wait
 
-router = APIRouter(prefix="/run", dependencies=[Depends(require_fal_key)], tags=["fal sync"])
+router = APIRouter(prefix="/run", dependencies=[Depends(require_fal_key)], include_in_schema=False)
 
 STREAM_SUFFIX = "/stream"
 # No HTTP status reaches a client that has gone; 499 is nginx's name for that case in logs.

@@ -120,7 +120,12 @@ def _answer(record: JobRecord) -> JSONResponse:
     return JSONResponse(body.model_dump(exclude_none=True))
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse, summary="Create images (OpenAI API)")
+@router.post(
+    "/v1/images/generations",
+    operation_id="openai_create_image",
+    response_model=ImagesResponse,
+    summary="Create images (OpenAI API)",
+)
 async def generations(body: ImageGenerationRequest, request: Request) -> JSONResponse:
     check_prompt(request, body.prompt)
     size = adapter.parse_size(body.size)
@@ -148,7 +153,12 @@ async def _read_image(form_value: Any, max_bytes: int) -> tuple[bytes, int, int]
     return decoded.png, decoded.width, decoded.height
 
 
-@router.post("/v1/images/edits", response_model=ImagesResponse, summary="Edit an image (image-to-image)")
+@router.post(
+    "/v1/images/edits",
+    operation_id="openai_edit_image",
+    response_model=ImagesResponse,
+    summary="Edit an image (image-to-image)",
+)
 async def edits(request: Request) -> JSONResponse:
     settings = get_settings(request)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -183,13 +193,15 @@ async def edits(request: Request) -> JSONResponse:
     return _answer(await run_job(request, job))
 
 
-@router.get("/v1/models", response_model=ModelList, summary="List the served model")
+@router.get(
+    "/v1/models", operation_id="openai_list_models", response_model=ModelList, summary="List the served model"
+)
 async def list_models(request: Request) -> JSONResponse:
     models = adapter.model_list(get_settings(request).model, _started(request))
     return JSONResponse(models.model_dump())
 
 
-@router.get("/v1/models/{model_id}", summary="Describe the served model")
+@router.get("/v1/models/{model_id}", operation_id="openai_get_model", summary="Describe the served model")
 async def get_model(model_id: str, request: Request) -> JSONResponse:
     for model in adapter.model_list(get_settings(request).model, _started(request)).data:
         if model.id == model_id:
