@@ -45,6 +45,8 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--memory-plan", {"help": "auto, resident, fp8-offload-text, model-offload, sequential-offload"}),
     ("--retention-seconds", {"type": float}),
     ("--lease-seconds", {"type": float}),
+    ("--fetch-allow", {"action": "append", "help": "only fetch from these hosts/networks (repeatable)"}),
+    ("--fetch-deny", {"action": "append", "help": "never fetch from these hosts/networks (repeatable)"}),
     ("--webhook-allowlist", {"help": "comma-separated host names webhooks may be sent to"}),
     ("--webhook-retry-base-seconds", {"type": float, "help": "first webhook retry delay (doubles)"}),
 ]

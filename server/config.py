@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     input_fetch_timeout: float = 10.0
     retention_seconds: float = 24 * 3600.0
 
+    # Outbound fetches (input images, webhooks, LoRA URLs): host names, "*.domain" patterns,
+    # addresses or networks; see server/fetch.py. Link-local and metadata are always refused.
+    fetch_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any other
+    fetch_deny: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     # Webhooks
     webhook_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)  # host names
     webhook_user_id: str = "flux-server"

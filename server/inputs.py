@@ -18,6 +18,8 @@ from urllib.parse import unquote_to_bytes
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from server.fetch import FetchFailed, FetchPolicy, FetchRefused, TooLarge, fetch
+
 # Decoding a huge image costs memory before any size check on the result could run.
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
 
@@ -38,20 +40,21 @@ class InputImage:
     height: int
 
 
-async def load_image(url: str, *, max_bytes: int, timeout: float) -> InputImage:
+async def load_image(url: str, *, max_bytes: int, timeout: float, policy: FetchPolicy) -> InputImage:
     """Fetch and decode an image URL. Raises InputImageError."""
-    data = await fetch_bytes(url, max_bytes=max_bytes, timeout=timeout)
+    data = await fetch_bytes(url, max_bytes=max_bytes, timeout=timeout, policy=policy)
     # Decoding is CPU work: keep it off the event loop.
     return await asyncio.to_thread(decode_image, data)
 
 
-async def fetch_bytes(url: str, *, max_bytes: int, timeout: float) -> bytes:
+async def fetch_bytes(url: str, *, max_bytes: int, timeout: float, policy: FetchPolicy) -> bytes:
+    """A data: URI's bytes, or an http(s) URL downloaded under the server's fetch policy."""
     url = url.strip()
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         data = decode_data_uri(url)
     elif scheme in ("http", "https"):
-        data = await download(url, max_bytes=max_bytes, timeout=timeout)
+        data = await download(url, max_bytes=max_bytes, timeout=timeout, policy=policy)
     else:
         raise InputImageError("file_download_error", "image_url must be a data: URI or an http(s) URL")
     if len(data) > max_bytes:
@@ -71,27 +74,17 @@ def decode_data_uri(url: str) -> bytes:
     return unquote_to_bytes(payload)
 
 
-async def download(url: str, *, max_bytes: int, timeout: float) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
+async def download(url: str, *, max_bytes: int, timeout: float, policy: FetchPolicy) -> bytes:
     try:
-        async with (
-            httpx.AsyncClient(timeout=timeout, follow_redirects=True, max_redirects=5) as client,
-            client.stream("GET", url) as response,
-        ):
-            if response.status_code != 200:
-                raise InputImageError(
-                    "file_download_error",
-                    f"Downloading the image failed: HTTP {response.status_code} from {url}",
-                )
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise InputImageError("file_too_large", f"The image is larger than {max_bytes} bytes")
-                chunks.append(chunk)
+        return await fetch(url, policy, max_bytes=max_bytes, timeout=timeout)
+    except FetchRefused as exc:
+        raise InputImageError("file_download_error", f"The image URL is refused: {exc}") from None
+    except TooLarge:
+        raise InputImageError("file_too_large", f"The image is larger than {max_bytes} bytes") from None
+    except FetchFailed as exc:
+        raise InputImageError("file_download_error", f"Downloading the image failed: {exc}") from None
     except httpx.HTTPError as exc:
         raise InputImageError("file_download_error", f"Downloading the image failed: {exc!r}") from exc
-    return b"".join(chunks)
 
 
 def decode_image(data: bytes) -> InputImage:

@@ -26,6 +26,7 @@ import httpx
 
 from server import metrics
 from server.config import Settings
+from server.fetch import FetchPolicy
 from server.jobs import JobRecord
 from server.queue.base import Delivery, JobQueue
 from server.webhooks.policy import validate_webhook_url
@@ -64,6 +65,7 @@ class WebhookDispatcher:
         self.queue = queue
         self.renderers = dict(renderers)
         self.base_delay = settings.webhook_retry_base_seconds
+        self.fetch_policy = FetchPolicy.from_settings(settings)
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_DELIVERIES)
         self._in_flight: set[asyncio.Task[None]] = set()
 
@@ -146,7 +148,9 @@ class WebhookDispatcher:
         assert webhook is not None
         try:
             validate_webhook_url(webhook.url, self.settings)  # the allow-list may have changed
-        except ValueError as exc:
+            # The server's outbound policy, with the name resolved now (server/fetch.py).
+            await self.fetch_policy.check(webhook.url)
+        except ValueError as exc:  # FetchRefused included
             return str(exc)
         renderer = self.renderers.get(webhook.kind)
         if renderer is None:

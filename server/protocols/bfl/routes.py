@@ -21,8 +21,10 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.auth import KeyProblem, api_key_dependency
+from server.config import Settings
 from server.deps import get_queue, get_settings, public_base_url
 from server.errors import register_error_renderer
+from server.fetch import FetchPolicy
 from server.inputs import InputImageError, decode_image, fetch_bytes
 from server.protocols.bfl import adapter
 from server.protocols.bfl.models import AsyncResponse, AsyncWebhookResponse, FluxDevInputs, ResultResponse
@@ -86,11 +88,14 @@ def refuse_key(problem: KeyProblem) -> HTTPException:
 router = APIRouter(route_class=BflRoute, dependencies=[Depends(api_key_dependency(refuse_key))], tags=["BFL"])
 
 
-async def _decode_image_prompt(value: str, max_bytes: int, timeout: float) -> bytes:
+async def _decode_image_prompt(value: str, settings: Settings) -> bytes:
     """`image_prompt` as PNG bytes: BFL sends bare base64; a data: URI or http(s) URL works too."""
+    max_bytes = settings.max_input_image_bytes
     try:
         if value.strip().lower().startswith(("data:", "http://", "https://")):
-            data = await fetch_bytes(value, max_bytes=max_bytes, timeout=timeout)
+            policy = FetchPolicy.from_settings(settings)
+            timeout = settings.input_fetch_timeout
+            data = await fetch_bytes(value, max_bytes=max_bytes, timeout=timeout, policy=policy)
         else:
             try:
                 data = base64.b64decode(value.strip(), validate=True)
@@ -123,9 +128,7 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
             raise RequestValidationError([_error(["body", "webhook_url"], str(exc), "value_error")]) from None
     image_png = None
     if inputs.image_prompt:
-        image_png = await _decode_image_prompt(
-            inputs.image_prompt, settings.max_input_image_bytes, settings.input_fetch_timeout
-        )
+        image_png = await _decode_image_prompt(inputs.image_prompt, settings)
     base_url = public_base_url(request)
     job = adapter.inputs_to_job(inputs, base_url=base_url, image_png=image_png)
     record, _ = await get_queue(request).submit(job)

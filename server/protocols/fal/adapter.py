@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from server.config import Settings
+from server.fetch import FetchPolicy
 from server.inputs import InputImageError, load_image
 from server.jobs import (
     Acceleration,
@@ -194,6 +195,7 @@ async def build_job(
                 data.image_url,
                 max_bytes=settings.max_input_image_bytes,
                 timeout=settings.input_fetch_timeout,
+                policy=FetchPolicy.from_settings(settings),
             )
         except InputImageError as exc:
             raise RequestValidationError(
