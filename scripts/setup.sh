@@ -26,9 +26,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# @fal-ai/client for the JavaScript end-to-end tests (npm registry).
+# @fal-ai/client for the JavaScript end-to-end tests, and esbuild to bundle it for a browser
+# page (npm registry).
 if [ "${FLUX_SKIP_NODE:-0}" != "1" ] && command -v npm >/dev/null 2>&1; then
-  if [ ! -d tests/e2e/js/node_modules/@fal-ai/client ]; then
+  if [ ! -d tests/e2e/js/node_modules/@fal-ai/client ] || [ ! -x tests/e2e/js/node_modules/.bin/esbuild ]; then
     (cd tests/e2e/js && npm install --no-audit --no-fund --silent)
   fi
 fi

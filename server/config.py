@@ -86,6 +86,8 @@ class Settings(BaseSettings):
         "webhook_allowlist",
         "trusted_proxy",
         "cors_origin",
+        "fetch_allow",
+        "fetch_deny",
         mode="before",
     )
     @classmethod
