@@ -36,6 +36,8 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--cors-origin", {"action": "append", "help": "browser origin allowed to call the API (repeatable)"}),
     ("--max-prompt-length", {"type": int, "help": "longest prompt accepted, in characters (default 4000)"}),
     ("--max-request-bytes", {"type": int, "help": "largest request body (default: one input image + 1 MiB)"}),
+    ("--log-format", {"choices": ["text", "json"], "help": "text (default) or one JSON object a line"}),
+    ("--log-level", {"choices": ["debug", "info", "warning", "error"]}),
     ("--api-processes", {"type": int, "help": "API processes sharing the port (default 2, 1 below 4 cores)"}),
     ("--workers", {"type": int, "help": "worker processes (default: one per GPU, else one)"}),
     ("--device", {"choices": ["auto", "cpu", "cuda"]}),
@@ -124,6 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return make_cert_command(args)
 
     settings = settings_from_args(args)
+    from server.logs import configure_logging
+
+    worker_name = f"worker {args.worker_id}" if getattr(args, "worker_id", None) else "worker"
+    configure_logging(settings, {"serve": "supervisor", "api": "api", "worker": worker_name}[args.command])
     if args.command == "serve":
         from server.supervisor import serve
 

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     # API processes sharing the port (uvicorn workers); each is a full API on the same queue.
     api_processes: int | None = Field(default=None, ge=1)  # None: server.api_main decides
 
+    # Logs: one line per request lifecycle event; json for log shippers (server/logs.py).
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
     # Workers
     workers: int | None = None  # default: one per visible GPU, else one on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -12,6 +12,7 @@ What the queue knows is read at scrape time instead (`QueueCollector`): queue si
 priority, requests running, workers by state. Those are true for every process and every box
 sharing the queue, and cannot drift.
 
+The figures are recorded where a request's lifecycle events happen (server/lifecycle.py).
 Every name has the `fluxserver_` prefix and base units (seconds, bytes); counters end in
 `_total`. Labels: `endpoint` is the path a request was submitted on (`fal-ai/flux/dev`,
 `bfl/flux-dev`, `openai/images/generations`...), so endpoints added later (LoRA) appear
@@ -21,7 +22,6 @@ without code changes; `outcome` is `success` or the error type of a failed reque
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -38,7 +38,6 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from server.jobs import Job, JobError, JobRecord
 from server.queue.base import JobQueue
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -97,46 +96,6 @@ gpu_memory_total_bytes = Gauge(
     ["worker"],
     multiprocess_mode="livemostrecent",
 )
-
-
-def endpoint_label(job: Job) -> str:
-    return f"{job.app_id}/{job.endpoint}" if job.endpoint else job.app_id
-
-
-def outcome_label(error: JobError | None) -> str:
-    return "success" if error is None else error.error_type
-
-
-def record_finished(
-    record: JobRecord, error: JobError | None, *, inference: float | None = None, images: int = 0
-) -> None:
-    """A worker finished a request it ran: stored its result (`error` None) or failed it."""
-    endpoint = endpoint_label(record.job)
-    requests_total.labels(endpoint, outcome_label(error)).inc()
-    if inference is not None:
-        inference_seconds.labels(endpoint).observe(inference)
-        if record.job.num_inference_steps > 0:
-            denoising_step_seconds.labels(endpoint).observe(inference / record.job.num_inference_steps)
-    if images:
-        images_generated_total.labels(endpoint).inc(images)
-    request_duration_seconds.labels(endpoint).observe(max(0.0, time.time() - record.created_at))
-
-
-def record_started(record: JobRecord) -> None:
-    """A worker claimed a request."""
-    if record.started_at is not None:
-        wait = max(0.0, record.started_at - record.created_at)
-        queue_wait_seconds.labels(endpoint_label(record.job)).observe(wait)
-
-
-def record_cancelled_in_queue(record: JobRecord) -> None:
-    """A queued request was cancelled before any worker saw it."""
-    requests_total.labels(endpoint_label(record.job), "request_cancelled").inc()
-
-
-def record_gpu_memory(worker_id: str, used: int, total: int) -> None:
-    gpu_memory_used_bytes.labels(worker_id).set(used)
-    gpu_memory_total_bytes.labels(worker_id).set(total)
 
 
 class QueueCollector(Collector):

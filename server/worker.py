@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server import metrics
+from server import lifecycle, metrics
 from server.config import Settings
 from server.images import content_type, encode_image, to_data_uri
 from server.jobs import Job, JobError, JobRecord, JobResult, OutputImage, cancelled_error, parse_wxh
@@ -156,6 +156,8 @@ class Worker:
         self._state("loading")  # first with the asked-for device ("auto"), then the real one
         self.device = resolve_device(self.settings.device)
         self._state("loading")
+        logger.info("loading model %s on %s", self.settings.model, self.device)
+        started = time.perf_counter()
         runtime = FluxRuntime.load(
             self.settings.model,
             data_dir=self.settings.data_dir,
@@ -165,8 +167,10 @@ class Worker:
             presets=self.settings.presets,
             memory_plan=self.settings.memory_plan,
         )
+        logger.info("model loaded in %.1f s: %s", time.perf_counter() - started, runtime.summary)
         sizes = parse_sizes(self.settings.warmup_sizes) or default_warmup_sizes(self.device)
         if sizes:
+            logger.info("warming up %d size(s) (compiling; this can take minutes on a GPU)", len(sizes))
             self._state("warming", ", ".join(f"{w}x{h}" for w, h in sizes))
             seconds = runtime.warmup(sizes)
             logger.info("warmed up %d size(s) in %.1f s", len(sizes), seconds)
@@ -186,7 +190,7 @@ class Worker:
         def should_cancel() -> bool:
             return self._stop.is_set() or lease_lost.is_set() or self.queue.is_cancel_requested(request_id)
 
-        metrics.record_started(record)
+        lifecycle.started(record, self.worker_id)
         started = time.perf_counter()
         try:
             request = generation_request(record.job)
@@ -219,7 +223,7 @@ class Worker:
     def _fail(self, record: JobRecord, error: JobError) -> None:
         self._release(record.id)
         if self.queue.fail(record.id, self.worker_id, error):
-            metrics.record_finished(record, error)
+            lifecycle.finished(record, error)
         self._report_gpu_memory()
 
     def _report_gpu_memory(self) -> None:
@@ -282,7 +286,7 @@ class Worker:
                 if output.file_name:
                     self.storage.delete(output.file_name)
             return
-        metrics.record_finished(item.record, None, inference=item.seconds, images=len(images))
+        lifecycle.finished(item.record, None, inference=item.seconds, images=len(images))
         self._report_gpu_memory()
 
     # --- heartbeat -------------------------------------------------------------------------

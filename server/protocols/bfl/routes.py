@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server import lifecycle
 from server.auth import KeyProblem, api_key_dependency
 from server.config import Settings
 from server.deps import get_queue, get_settings, public_base_url
@@ -131,7 +132,8 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
         image_png = await _decode_image_prompt(inputs.image_prompt, settings)
     base_url = public_base_url(request)
     job = adapter.inputs_to_job(inputs, base_url=base_url, image_png=image_png)
-    record, _ = await get_queue(request).submit(job)
+    record, position = await get_queue(request).submit(job)
+    lifecycle.submitted(record, position)
     polling_url = adapter.polling_url(base_url, record.id)
     body: AsyncResponse | AsyncWebhookResponse
     if inputs.webhook_url:

@@ -15,7 +15,7 @@ import time
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server import metrics
+from server import lifecycle
 from server.auth import KeyProblem, api_key_dependency
 from server.deps import get_queue, get_settings, public_base_url
 from server.jobs import Job, JobRecord, Status
@@ -152,7 +152,7 @@ async def cancel(owner: str, app: str, request_id: str, request: Request) -> JSO
         return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
     outcome = await get_queue(request).cancel(request_id)
     if outcome is CancelOutcome.CANCELLED:  # a running job is counted by its worker
-        metrics.record_cancelled_in_queue(found[0])
+        lifecycle.cancelled_in_queue(found[0])
     if outcome in (CancelOutcome.CANCELLED, CancelOutcome.REQUESTED):
         return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
     if outcome is CancelOutcome.ALREADY_COMPLETED:
@@ -173,5 +173,6 @@ async def result(owner: str, app: str, request_id: str, request: Request) -> JSO
 async def submit(owner: str, app: str, endpoint: str, request: Request) -> JSONResponse:
     job = await request_job(request, owner, app, endpoint)
     record, position = await get_queue(request).submit(job)
+    lifecycle.submitted(record, position)
     request.state.fal_request_id = record.id
     return JSONResponse(adapter.submit_body(record, record.job.base_url, position))
