@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from models.request import GenerationRequest, InputError
+from server import lifecycle, metrics
 from server.config import Settings
 from server.images import content_type, encode_image, to_data_uri
 from server.jobs import Job, JobError, JobRecord, JobResult, OutputImage, cancelled_error, parse_wxh
@@ -131,6 +132,7 @@ class Worker:
         for thread in threads:
             thread.start()
         self._state("ready", runtime.summary)
+        self._report_gpu_memory()
         logger.info("worker %s ready on %s", self.worker_id, self.device)
         try:
             while not self._stop.is_set():
@@ -154,6 +156,8 @@ class Worker:
         self._state("loading")  # first with the asked-for device ("auto"), then the real one
         self.device = resolve_device(self.settings.device)
         self._state("loading")
+        logger.info("loading model %s on %s", self.settings.model, self.device)
+        started = time.perf_counter()
         runtime = FluxRuntime.load(
             self.settings.model,
             data_dir=self.settings.data_dir,
@@ -163,8 +167,10 @@ class Worker:
             presets=self.settings.presets,
             memory_plan=self.settings.memory_plan,
         )
+        logger.info("model loaded in %.1f s: %s", time.perf_counter() - started, runtime.summary)
         sizes = parse_sizes(self.settings.warmup_sizes) or default_warmup_sizes(self.device)
         if sizes:
+            logger.info("warming up %d size(s) (compiling; this can take minutes on a GPU)", len(sizes))
             self._state("warming", ", ".join(f"{w}x{h}" for w, h in sizes))
             seconds = runtime.warmup(sizes)
             logger.info("warmed up %d size(s) in %.1f s", len(sizes), seconds)
@@ -182,6 +188,7 @@ class Worker:
         def should_cancel() -> bool:
             return self._stop.is_set() or lease_lost.is_set() or self.queue.is_cancel_requested(request_id)
 
+        lifecycle.started(record, self.worker_id)
         started = time.perf_counter()
         # How long the device sat idle since the previous job: between two queued jobs, only
         # what the loop itself costs (claiming, mapping); docs/benchmarks.md reports it.
@@ -194,13 +201,11 @@ class Worker:
                 self._device_free_since = time.perf_counter()
         except InputError as exc:  # the request's own fault (TaskUnavailable included): a 4xx
             logger.info("job %s refused: %s", request_id, exc)
-            self._release(request_id)
-            self.queue.fail(request_id, self.worker_id, input_error(str(exc)))
+            self._fail(record, input_error(str(exc)))
             return
         except Exception as exc:  # any other failure is ours, a ValueError from diffusers too
             logger.exception("job %s failed", request_id)
-            self._release(request_id)
-            self.queue.fail(request_id, self.worker_id, internal_error(f"{type(exc).__name__}: {exc}"))
+            self._fail(record, internal_error(f"{type(exc).__name__}: {exc}"))
             return
 
         if generation.cancelled or lease_lost.is_set():
@@ -208,7 +213,7 @@ class Worker:
             if lease_lost.is_set():
                 logger.warning("job %s: lease lost; abandoned", request_id)
             elif self.queue.is_cancel_requested(request_id):
-                self.queue.fail(request_id, self.worker_id, cancelled_error())
+                self._fail(record, cancelled_error())
             else:  # stopping
                 self.queue.requeue(request_id, self.worker_id)
             return
@@ -219,6 +224,22 @@ class Worker:
         with self._held_lock:
             self._held.pop(request_id, None)
 
+    def _fail(self, record: JobRecord, error: JobError) -> None:
+        self._release(record.id)
+        if self.queue.fail(record.id, self.worker_id, error):
+            lifecycle.finished(record, error)
+        self._report_gpu_memory()
+
+    def _report_gpu_memory(self) -> None:
+        """Memory of this worker's GPU, for /metrics (nothing to report on a CPU)."""
+        if not str(self.device).startswith("cuda"):
+            return
+        import torch
+
+        used = torch.cuda.memory_allocated()
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        metrics.record_gpu_memory(self.worker_id, used, total)
+
     # --- finisher --------------------------------------------------------------------------
     def _finisher(self) -> None:
         while (item := self._finished.get()) is not None:
@@ -226,9 +247,7 @@ class Worker:
                 self._finish(item)
             except Exception as exc:
                 logger.exception("job %s: storing the output failed", item.record.id)
-                self.queue.fail(
-                    item.record.id, self.worker_id, internal_error(f"{type(exc).__name__}: {exc}")
-                )
+                self._fail(item.record, internal_error(f"{type(exc).__name__}: {exc}"))
             finally:
                 self._release(item.record.id)
 
@@ -272,6 +291,9 @@ class Worker:
             for output in images:
                 if output.file_name:
                     self.storage.delete(output.file_name)
+            return
+        lifecycle.finished(item.record, None, inference=item.seconds, images=len(images))
+        self._report_gpu_memory()
 
     # --- heartbeat -------------------------------------------------------------------------
     def _heartbeat(self) -> None:
