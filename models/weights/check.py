@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from models.tiny import TINY_DIRNAME, ensure_tiny
-from models.weights.synthetic import SyntheticSpec, is_synthetic, parse_synthetic
+from models.weights.synthetic_spec import SyntheticSpec, is_synthetic, parse_synthetic
 
 FETCH_HINT = "download them with `python scripts/fetch_weights.py --dest <folder>` on a connected machine"
 
