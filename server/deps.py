@@ -1,8 +1,9 @@
 """Accessors for the objects every route shares, and the base URL of returned links.
 
-`create_app` puts `settings`, `queue` and `storage` on `app.state`; routes read them through
-these functions (usable directly or as FastAPI dependencies) rather than importing globals,
-so that a test can build several apps side by side.
+`create_app` puts `settings`, the queue and `storage` on `app.state`; routes read them
+through these functions (usable directly or as FastAPI dependencies) rather than importing
+globals, so that a test can build several apps side by side. Routes get the queue as an
+`AsyncQueue`: route code runs on the event loop and must never wait on the store itself.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from server.config import Settings
-from server.queue.base import JobQueue
-from server.queue.batch import SubmitBatcher
+from server.queue.aio import AsyncQueue
 
 if TYPE_CHECKING:  # the storage module belongs to another part of the tree
     from server.storage import LocalStorage
@@ -23,12 +23,8 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_queue(request: Request) -> JobQueue:
-    return request.app.state.queue
-
-
-def get_submit_batcher(request: Request) -> SubmitBatcher:
-    return request.app.state.submit_batcher
+def get_queue(request: Request) -> AsyncQueue:
+    return request.app.state.async_queue
 
 
 def get_storage(request: Request) -> LocalStorage:
@@ -40,16 +36,20 @@ def public_base_url(request: Request) -> str:
 
     `settings.public_url` wins when set. Otherwise the URL is derived from the request: the
     `Host` header and the scheme the connection arrived on. `X-Forwarded-Proto` and
-    `X-Forwarded-Host` are honoured too, so that a TLS-terminating reverse proxy in front of
-    the server yields https URLs; a deployment that exposes the server directly to untrusted
-    clients and cares about that should set `--public-url`.
+    `X-Forwarded-Host` count only on connections from `--trusted-proxy` addresses (a
+    TLS-terminating reverse proxy); from anyone else they are ignored, so a client cannot
+    make the server hand out links to a host of its choosing.
     """
     settings = get_settings(request)
     if settings.public_url:
         return settings.public_url.rstrip("/")
     headers = request.headers
-    scheme = _first(headers.get("x-forwarded-proto")) or request.scope.get("scheme", "http")
-    host = _first(headers.get("x-forwarded-host")) or headers.get("host")
+    scheme = request.scope.get("scheme", "http")
+    host = headers.get("host")
+    client = request.client.host if request.client else None
+    if settings.is_trusted_proxy(client):
+        scheme = _first(headers.get("x-forwarded-proto")) or scheme
+        host = _first(headers.get("x-forwarded-host")) or host
     if not host:
         server = request.scope.get("server") or ("127.0.0.1", 80)
         host = f"{server[0]}:{server[1]}"

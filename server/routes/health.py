@@ -12,7 +12,6 @@ heartbeats in the database) and the queue depth.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -62,12 +61,11 @@ def not_ready_reason(workers: list[WorkerInfo], settings: Settings) -> str | Non
     return None
 
 
-@router.get("/health")
+@router.get("/health", operation_id="health", summary="Readiness: 200 once every worker is ready")
 async def health(request: Request) -> JSONResponse:
     queue = get_queue(request)
     settings = get_settings(request)
-    workers = visible_workers(await asyncio.to_thread(queue.workers), settings, time.time())
-    depth = await asyncio.to_thread(queue.depth)
+    workers = visible_workers(await queue.workers(), settings, time.time())
     reason = not_ready_reason(workers, settings)
     body = {
         "status": "ok" if reason is None else "unavailable",
@@ -78,7 +76,7 @@ async def health(request: Request) -> JSONResponse:
             {"id": w.worker_id, "state": w.state, "device": w.device, "model": w.model, "detail": w.detail}
             for w in workers
         ],
-        "queue_depth": depth,
+        "queue_depth": await queue.depth(),
         "model": settings.model,
         "safety_checker": "configured" if settings.safety_checker else "not configured",
     }

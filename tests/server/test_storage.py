@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
-from server.storage import LocalStorage
+from server.jobs import OutputImage
+from server.storage import (
+    LocalStorage,
+    file_name_from_url,
+    file_url,
+    image_url,
+    normalize_content_type,
+    upload_extension,
+)
 
 
 def test_save_path_url_and_delete(tmp_path: Path) -> None:
@@ -17,7 +26,7 @@ def test_save_path_url_and_delete(tmp_path: Path) -> None:
     assert name != other and name.endswith(".jpeg") and len(name) >= 32 + 5
     assert storage.path(name).read_bytes() == b"\xff\xd8data"
     assert [p.name for p in (tmp_path / "files").iterdir() if p.name.startswith(".")] == []
-    assert storage.url("https://host:8000/", name) == f"https://host:8000/files/{name}"
+    assert file_url("https://host:8000/", name) == f"https://host:8000/files/{name}"
     storage.delete(name)
     assert storage.path(name) is None
     storage.delete(name)  # deleting twice is harmless
@@ -57,3 +66,99 @@ def test_symlinks_and_missing_files_are_refused(tmp_path: Path) -> None:
 def test_bad_extension_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         LocalStorage(tmp_path).save(b"x", "../png")
+
+
+def test_image_url_is_the_data_uri_or_the_file_url() -> None:
+    inline = OutputImage(
+        width=1, height=1, content_type="image/png", data_uri="data:image/png;base64,AA", file_size=1
+    )
+    stored = OutputImage(
+        width=1, height=1, content_type="image/png", file_name="A" * 32 + ".png", file_size=1
+    )
+    assert image_url("http://h:1", inline) == "data:image/png;base64,AA"
+    assert image_url("http://h:1", stored) == "http://h:1/files/" + "A" * 32 + ".png"
+    with pytest.raises(ValueError):
+        image_url("http://h:1", OutputImage(width=1, height=1, content_type="image/png", file_size=1))
+
+
+def test_file_name_from_url_reads_back_only_our_own_file_urls() -> None:
+    name = "A" * 32 + ".png"
+    ours = ["https://flux.local:8443", "http://127.0.0.1:8000/"]
+    assert file_name_from_url(file_url("https://flux.local:8443", name), ours) == name
+    assert file_name_from_url(f"HTTP://127.0.0.1:8000/files/{name}", ours) == name
+    for url in [
+        f"https://other.host/files/{name}",  # someone else's server: fetched over HTTP
+        f"https://flux.local:8443/files/{name}?x=1",
+        f"https://flux.local:8443/files/../{name}",
+        "https://flux.local:8443/files/queue.sqlite3",
+        f"https://flux.local:8443/run/files/{name}",
+        "not a url",
+    ]:
+        assert file_name_from_url(url, ours) is None, url
+
+
+def test_uploads_keep_their_type_and_expire(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "files")
+    body = storage.temp_path()
+    body.write_bytes(b"weights")
+    name = storage.store_upload(
+        body, "Application/Octet-Stream; x=1", "dir/my lora.safetensors", 100, now=1000
+    )
+    assert name.endswith(".safetensors") and not body.exists()
+    info = storage.file_info(name, now=1050)
+    assert info is not None and info.content_type == "application/octet-stream" and info.expires_at == 1100
+    assert info.path.read_bytes() == b"weights"
+    assert storage.file_info(name, now=1100) is None  # expired: not served even before the purge
+    assert storage.purge_uploads(now=1100) == 1
+    assert storage.path(name) is None
+    assert list((tmp_path / "files" / ".meta").iterdir()) == []
+
+
+def test_abandoned_reservations_and_their_parts_are_purged(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "files")
+    reservation = storage.reserve("image/png", None, 100, now=time.time())
+    part = storage.temp_path()
+    part.write_bytes(b"p1")
+    storage.save_part(reservation, 1, part, "etag-1")
+    assert storage.parts(reservation) == {1: (2, "etag-1")}
+    assert storage.reservation(reservation.upload_id, reservation.file_name) == reservation
+    assert storage.reservation(reservation.upload_id, "B" * 32 + ".png") is None  # another file
+    later = reservation.deadline + 1
+    assert storage.reservation(reservation.upload_id, reservation.file_name, now=later) is None
+    assert storage.purge_uploads(now=later) == 1
+    assert not (tmp_path / "files" / ".parts" / reservation.upload_id).exists()
+    assert list((tmp_path / "files" / ".uploads").iterdir()) == []
+    with pytest.raises(ValueError):
+        storage.save_part(reservation, 0, part, "x")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "original", "extension"),
+    [
+        ("image/png", "a.PNG", "png"),
+        ("image/jpeg", None, "jpg"),
+        ("application/octet-stream", "style.safetensors", "safetensors"),
+        ("application/octet-stream", None, "bin"),
+        ("image/png", "../../evil.png/..", "png"),  # no usable suffix: from the type
+        ("image/png", "x.a-b", "png"),
+    ],
+)
+def test_upload_extension(content_type: str, original: str | None, extension: str) -> None:
+    assert upload_extension(content_type, original) == extension
+
+
+def test_content_types_are_normalized() -> None:
+    assert normalize_content_type("Image/PNG; charset=binary") == "image/png"
+    for bad in (None, "", "text", "a/b/c", "<script>/x", "x" * 300 + "/y"):
+        assert normalize_content_type(bad) == "application/octet-stream"
+
+
+def test_own_file_reads_back_our_urls_only(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "files")
+    name = storage.save(b"\x89PNG", "png")
+    ours = ("http://127.0.0.1:8000", None)
+    assert storage.own_file(file_url("http://127.0.0.1:8000", name), ours) == storage.path(name)
+    assert storage.own_file(f"http://elsewhere/files/{name}", ours) is None
+    storage.delete(name)
+    with pytest.raises(FileNotFoundError):
+        storage.own_file(file_url("http://127.0.0.1:8000", name), ours)

@@ -2,7 +2,7 @@
 
 Inbound: `build_job` validates a request body for one endpoint and maps it to a `Job`.
 Outbound: `submit_body`, `status_body`, `output_body` and `error_parts` render a `JobRecord`
-in fal's shapes (protocols reference §3, §5, §9). Webhook delivery renders with the same
+in fal's shapes (docs/api/fal.md). Webhook delivery renders with the same
 functions, so a payload and a result route can never disagree.
 """
 
@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from server.config import Settings
+from server.fetch import FetchPolicy
 from server.inputs import InputImageError, load_image
 from server.jobs import (
+    Acceleration,
     Job,
     JobError,
     JobRecord,
@@ -26,11 +29,14 @@ from server.jobs import (
     Status,
     Task,
     Webhook,
-    draw_seed,
     round_size,
 )
 from server.protocols.fal.models import (
+    AggregatorDevInput,
+    AggregatorImageToImageInput,
+    AggregatorReduxInput,
     FalImage,
+    FalInput,
     FalOutput,
     FluxDevInput,
     FluxImageToImageInput,
@@ -38,22 +44,39 @@ from server.protocols.fal.models import (
     SizedInput,
     resolve_image_size,
 )
+from server.storage import LocalStorage, image_url
 from server.webhooks.policy import validate_webhook_url
-
-APPS = frozenset({"fal-ai/flux", "fal-ai/flux-1"})
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    input_model: type[BaseModel]
+    input_model: type[FalInput]
     task: Task
+    # What `acceleration` means when the request leaves it out (or, on the aggregator path,
+    # says "default"): the path's own document's default, unless the operator set one.
+    default_acceleration: Acceleration = "none"
 
 
-ENDPOINTS: dict[str, Endpoint] = {
-    "dev": Endpoint(FluxDevInput, "text-to-image"),
-    "dev/image-to-image": Endpoint(FluxImageToImageInput, "image-to-image"),
-    "dev/redux": Endpoint(FluxReduxInput, "redux"),
+# The fal app table: app id -> endpoint (the path after the app id) -> its wire model and task.
+# fal's own app documents "none" as flux/dev's default acceleration; the aggregator page for
+# fal-ai/flux-1/dev documents "regular" (its sub-paths are documented only by fal: "none").
+APPS: dict[str, dict[str, Endpoint]] = {
+    "fal-ai/flux": {
+        "dev": Endpoint(FluxDevInput, "text-to-image"),
+        "dev/image-to-image": Endpoint(FluxImageToImageInput, "image-to-image"),
+        "dev/redux": Endpoint(FluxReduxInput, "redux"),
+    },
+    "fal-ai/flux-1": {
+        "dev": Endpoint(AggregatorDevInput, "text-to-image", default_acceleration="regular"),
+        "dev/image-to-image": Endpoint(AggregatorImageToImageInput, "image-to-image"),
+        "dev/redux": Endpoint(AggregatorReduxInput, "redux"),
+    },
 }
+
+
+def find_endpoint(app_id: str, endpoint: str) -> Endpoint | None:
+    return APPS.get(app_id, {}).get(endpoint)
+
 
 ERRORS_URL = "https://docs.fal.ai/errors/#"
 
@@ -152,13 +175,18 @@ async def build_job(
     priority: Priority = "normal",
     start_deadline: float | None = None,
     webhook: Webhook | None = None,
+    storage: LocalStorage | None = None,
 ) -> Job:
-    """Validate `body` for `endpoint` and map it to a Job. Raises RequestValidationError."""
-    spec = ENDPOINTS[endpoint]
+    """Validate `body` for `endpoint` of `app_id` and map it to a Job. Raises
+    RequestValidationError (and KeyError for an endpoint not in `APPS`)."""
+    spec = APPS[app_id][endpoint]
     try:
         data = spec.input_model.model_validate(body)
     except ValidationError as exc:
         raise RequestValidationError(pydantic_errors(exc)) from None
+    too_long = settings.prompt_too_long(getattr(data, "prompt", None))
+    if too_long:
+        raise RequestValidationError([validation_error(["body", "prompt"], too_long, "string_too_long")])
 
     image: bytes | None = None
     if isinstance(data, SizedInput):
@@ -169,6 +197,11 @@ async def build_job(
                 data.image_url,
                 max_bytes=settings.max_input_image_bytes,
                 timeout=settings.input_fetch_timeout,
+                policy=FetchPolicy.from_settings(settings),
+                # An upload to this server is read from the disk, not fetched over HTTP.
+                local_file=partial(storage.own_file, base_urls=(base_url, settings.public_url))
+                if storage is not None
+                else None,
             )
         except InputImageError as exc:
             raise RequestValidationError(
@@ -191,12 +224,12 @@ async def build_job(
         height=height,
         num_inference_steps=data.num_inference_steps,
         guidance_scale=data.guidance_scale,
-        seed=data.seed if data.seed is not None else draw_seed(),
+        seed=data.seed,
         num_images=data.num_images,
         strength=getattr(data, "strength", 0.95),
         image=image,
         output_format=data.output_format,
-        acceleration=data.acceleration or settings.default_acceleration,
+        acceleration=data.acceleration or settings.default_acceleration or spec.default_acceleration,
         enable_safety_checker=data.enable_safety_checker,
         inline_images=data.sync_mode,
         protocol="fal",
@@ -263,15 +296,11 @@ def inference_seconds(record: JobRecord) -> float | None:
     return None
 
 
-def file_url(base_url: str, file_name: str) -> str:
-    return f"{base_url}/files/{file_name}"
-
-
 def output_body(result: JobResult, base_url: str) -> dict[str, Any]:
     """The raw model output (§9.2): what the result route and sync run return."""
     images = [
         FalImage(
-            url=image.data_uri or file_url(base_url, image.file_name or ""),
+            url=image_url(base_url, image),
             width=image.width,
             height=image.height,
             content_type=image.content_type,

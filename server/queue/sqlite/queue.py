@@ -23,7 +23,15 @@ from server.jobs import (
     disconnected_error,
     new_request_id,
 )
-from server.queue.base import MAX_ATTEMPTS, PURGE_BATCH, CancelOutcome, Heartbeats, JobQueue, WorkerInfo
+from server.queue.base import (
+    MAX_ATTEMPTS,
+    PURGE_BATCH,
+    CancelOutcome,
+    Heartbeats,
+    JobQueue,
+    QueueCounts,
+    WorkerInfo,
+)
 from server.queue.records import PRIORITY_RANK, without_image
 from server.queue.sqlite.deliveries import SQLiteDeliveries
 from server.queue.sqlite.store import RECORD_COLUMNS, WORKERS_KEY
@@ -108,6 +116,16 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
     def depth(self) -> int:
         (count,) = self._conn().execute("SELECT COALESCE(SUM(queued), 0) FROM queue_counts").fetchone()
         return int(count)
+
+    def counts(self) -> QueueCounts:
+        conn = self._conn()
+        by_rank = dict(conn.execute("SELECT priority_rank, queued FROM queue_counts").fetchall())
+        queued = {priority: int(by_rank.get(rank, 0)) for priority, rank in PRIORITY_RANK.items()}
+        # The lease index holds exactly the running jobs.
+        (running,) = conn.execute(
+            "SELECT COUNT(*) FROM jobs INDEXED BY jobs_lease WHERE status = 'IN_PROGRESS'"
+        ).fetchone()
+        return QueueCounts(queued=queued, running=int(running))
 
     def cancel(self, request_id: str) -> CancelOutcome:
         now = time.time()
