@@ -29,6 +29,7 @@ from server.queue.base import (
     CancelOutcome,
     Heartbeats,
     JobQueue,
+    QueueCounts,
     QueueUnavailable,
 )
 from server.queue.postgres.deliveries import PostgresDeliveries
@@ -135,6 +136,21 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
             lambda conn: conn.execute("SELECT count(*) FROM flux_jobs WHERE status = 'IN_QUEUE'").fetchone()
         )
         return int(row[0]) if row else 0
+
+    def counts(self) -> QueueCounts:
+        # Queued and running rows only (completed ones, the bulk of the table, are not read).
+        row = self._run(
+            lambda conn: conn.execute(
+                "SELECT count(*) FILTER (WHERE status = 'IN_QUEUE' AND priority_rank = 0), "
+                "count(*) FILTER (WHERE status = 'IN_QUEUE' AND priority_rank = 1), "
+                "count(*) FILTER (WHERE status = 'IN_PROGRESS') FROM flux_jobs "
+                "WHERE status IN ('IN_QUEUE', 'IN_PROGRESS')"
+            ).fetchone()
+        )
+        normal, low, running = row if row else (0, 0, 0)
+        by_rank = {0: int(normal), 1: int(low)}
+        queued = {priority: by_rank.get(rank, 0) for priority, rank in PRIORITY_RANK.items()}
+        return QueueCounts(queued=queued, running=int(running))
 
     def cancel(self, request_id: str) -> CancelOutcome:
         def cancel(conn: psycopg.Connection) -> CancelOutcome:
