@@ -84,6 +84,10 @@ webhook_deliveries_total = Counter(
     "Webhook delivery attempts by outcome (delivered, retry, gave_up)",
     ["outcome"],
 )
+# For the LoRA loader: one lookup per LoRA a request names, `result` "hit" or "miss".
+lora_cache_lookups_total = Counter(
+    PREFIX + "lora_cache_lookups", "LoRA weight cache lookups by result (hit, miss)", ["result"]
+)
 gpu_memory_used_bytes = Gauge(
     PREFIX + "gpu_memory_used_bytes",
     "GPU memory allocated by a worker's model and buffers",

@@ -49,6 +49,16 @@ def test_every_endpoint_of_the_fal_app_table_is_documented_with_stable_ids(api) 
     assert schema == api.client.get("/openapi.json").json()  # the same document every time
 
 
+def test_bfl_and_openai_routes_document_their_error_shapes(api) -> None:
+    schema = api.client.get("/openapi.json").json()
+    bfl = schema["paths"]["/v1/flux-dev"]["post"]
+    assert {"401", "403", "413", "422"} <= set(bfl["responses"])
+    openai = schema["paths"]["/v1/images/generations"]["post"]
+    assert {"400", "401", "413"} <= set(openai["responses"])
+    ref = openai["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
+    assert "error" in schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
+
+
 def linked_urls(html: str) -> list[str]:
     return re.findall(r"""(?:src|href|url)\s*[=:(]\s*["']([^"']+)["']""", html)
 
