@@ -357,15 +357,37 @@ class PresetManager:
         return preset, ("; ".join(notes) or None)
 
     @contextmanager
-    def use(self, pipe: Any, requested: str) -> Iterator[ActivePreset]:
+    def use(
+        self, pipe: Any, requested: str, *, base_weights: str | None = None, eager: bool = False
+    ) -> Iterator[ActivePreset]:
         """Run `pipe` (any pipeline sharing the transformer, e.g. img2img) with a preset.
 
         Swaps `pipe.transformer` for the preset's weight set, switches compile and the step
         cache on for this call only and restores everything afterwards. Not re-entrant.
         Order matters: compiled forwards go in before the cache hooks wrap them and come out
-        after the hooks are removed."""
+        after the hooks are removed.
+
+        `base_weights`: why this call must run on the weights as loaded (LoRAs live on them);
+        a preset with other weights keeps its compile and cache and says so in its note.
+        `eager`: compile off for this call (the caller logs why)."""
         preset, note = self.resolve(requested)
-        variant = self._variants[preset.weight_set]
+        if base_weights is not None and preset.weight_set != ("bf16", False):
+            dropped = ", ".join(
+                part
+                for part, on in (
+                    (f"{preset.precision} weights", preset.precision != "bf16"),
+                    ("fused QKV", preset.fuse_qkv),
+                )
+                if on
+            )
+            preset = replace(preset, precision="bf16", fuse_qkv=False)
+            extra = f"{base_weights}: ran without {dropped}"
+            note = f"{note}; {extra}" if note else extra
+        if eager and preset.compile != "none":
+            preset = replace(preset, compile="none")
+        variant, _ = self._variant_for(preset)
+        if preset.compile != "none":
+            self._compile(preset.weight_set, variant, preset.compile)  # once; lazy until called
         original = pipe.transformer
         if variant is not original:
             pipe.transformer = variant

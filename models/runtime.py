@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from diffusers import FluxImg2ImgPipeline, FluxPipeline, FluxPriorReduxPipeline
     from PIL import Image
 
+    from models.lora.manager import LoraManager
+    from models.lora.spec import LoraLimits, LoraSpec
     from models.memory import MemoryPlan
     from models.presets import PresetManager
     from models.safety import SafetyChecker
@@ -58,6 +60,7 @@ class Generation:
     preset: str = "none"
     preset_note: str | None = None
     cancelled: bool = False
+    log: list[str] = field(default_factory=list)  # lines for the job's log (LoRA loads, paths)
 
 
 class TaskUnavailable(ValueError):
@@ -116,6 +119,7 @@ class FluxRuntime:
         memory_plan: MemoryPlan,
         device: str,
         model_name: str,
+        loras: LoraManager,
     ) -> None:
         self.pipe = pipe
         self.img2img = img2img
@@ -125,6 +129,7 @@ class FluxRuntime:
         self.memory_plan = memory_plan
         self.device = device
         self.model_name = model_name
+        self.loras = loras
         self._lock = threading.Lock()
 
     # --- loading ------------------------------------------------------------------------
@@ -139,9 +144,10 @@ class FluxRuntime:
         device: str = "auto",
         presets: Sequence[str] | None = None,
         memory_plan: str = "auto",
+        lora_limits: LoraLimits | None = None,
     ) -> FluxRuntime:
         """`presets`: the acceleration presets to prepare; None or empty: the device's default
-        (models.presets.default_presets)."""
+        (models.presets.default_presets). `lora_limits`: per-request LoRA bounds (defaults)."""
         from models.weights import enforce_offline, load_components, resolve_model
 
         enforce_offline()  # before anything can reach for the hub
@@ -151,6 +157,8 @@ class FluxRuntime:
         import torch
         from diffusers import FluxImg2ImgPipeline, FluxPipeline, FluxPriorReduxPipeline
 
+        from models.lora.manager import LoraManager
+        from models.lora.spec import LoraLimits
         from models.presets import PresetManager, default_presets
         from models.safety import SafetyChecker
 
@@ -196,6 +204,10 @@ class FluxRuntime:
             data_dir=Path(data_dir),
             memory_plan=plan,
         )
+        # Compiled presets switch LoRAs by hot-swap; its slots must exist before any compile.
+        compiled = any(p.compile != "none" for p, _ in preset_manager.runnable.values())
+        loras = LoraManager(pipe, limits=lora_limits or LoraLimits(), hotswap=compiled)
+        loras.prepare()
         logger.info(
             "loaded %s on %s (%s, memory plan %s) in %.1fs; redux %s",
             spec.name,
@@ -214,6 +226,7 @@ class FluxRuntime:
             memory_plan=plan,
             device=device,
             model_name=spec.name,
+            loras=loras,
         )
 
     @property
@@ -232,7 +245,9 @@ class FluxRuntime:
         job: Job,
         on_step: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        loras: Sequence[LoraSpec] = (),
     ) -> Generation:
+        """`loras`: this request's LoRAs (local files); they apply to this call only."""
         from server.jobs import draw_seed
 
         validate_job(job)
@@ -242,8 +257,17 @@ class FluxRuntime:
                 "(image_encoder, feature_extractor, image_embedder)"
             )
         seed = job.seed if job.seed is not None else draw_seed()
-        with self._lock:
-            return self._generate_locked(job, seed, on_step, should_cancel)
+        with self._lock, self.loras.apply(loras) as lora_run:
+            generation = self._generate_locked(
+                job,
+                seed,
+                on_step,
+                should_cancel,
+                lora_eager=lora_run.eager_reason is not None,
+                with_loras=bool(loras),
+            )
+            generation.log = lora_run.log
+            return generation
 
     def _generate_locked(
         self,
@@ -251,6 +275,9 @@ class FluxRuntime:
         seed: int,
         on_step: Callable[[int, int], None] | None,
         should_cancel: Callable[[], bool] | None,
+        *,
+        lora_eager: bool = False,
+        with_loras: bool = False,
     ) -> Generation:
         import torch
 
@@ -291,7 +318,13 @@ class FluxRuntime:
 
         # Noise drawn on the CPU: the same job and seed give the same bytes on this machine.
         generator = torch.Generator("cpu").manual_seed(seed)
-        with self.presets.use(pipe, job.acceleration) as active, _timed(timings, "denoise"):
+        use = self.presets.use(
+            pipe,
+            job.acceleration,
+            base_weights="LoRAs apply to the weights as loaded" if with_loras else None,
+            eager=lora_eager,
+        )
+        with use as active, _timed(timings, "denoise"):
             latents = pipe(
                 prompt_embeds=prompt_embeds,
                 pooled_prompt_embeds=pooled_prompt_embeds,
