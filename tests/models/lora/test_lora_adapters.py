@@ -159,3 +159,30 @@ def test_output_is_close_to_merging_the_lora_into_the_weights(
             for name, weight in saved.items():
                 getattr(modules[name], "base_layer", modules[name]).weight.copy_(weight)
     assert np.abs(styled - merged).max() <= 2  # 8-bit pixels; float rounding only
+
+
+def test_a_quantized_preset_runs_loras_on_the_loaded_weights_and_says_so(
+    lora_runtime: FluxRuntime, lora_file: Callable[..., Path], tiny_model_dir: Path
+) -> None:
+    from models.presets import Hardware, Preset, PresetManager
+
+    spec = LoraSpec("a", lora_file("a", seed=1))
+    eager = lora_runtime.generate(tiny_job(), loras=[spec])
+    saved = lora_runtime.presets
+    lora_runtime.presets = PresetManager(
+        lora_runtime.pipe.transformer,
+        device="cpu",
+        enabled=["none", "regular"],
+        data_dir=tiny_model_dir.parent,
+        presets={"none": Preset("none"), "regular": Preset("regular", precision="int8")},
+        hardware=Hardware("cpu", None, torchao=True, compiler=True),
+    )
+    try:
+        quantized_plain = lora_runtime.generate(tiny_job(acceleration="regular"))
+        out = lora_runtime.generate(tiny_job(acceleration="regular"), loras=[spec])
+    finally:
+        lora_runtime.presets = saved
+    assert quantized_plain.preset_note is None
+    assert out.preset == "regular"
+    assert out.preset_note == "LoRAs apply to the weights as loaded: ran without int8 weights"
+    assert png(out.images[0]) == png(eager.images[0])
