@@ -39,8 +39,10 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from server.config import Settings  # noqa: E402
 from server.jobs import Status  # noqa: E402
-from server.queue.sqlite import SQLiteQueue  # noqa: E402
+from server.queue.base import JobQueue  # noqa: E402
+from server.queue.factory import open_queue  # noqa: E402
 
 INPUT = {"prompt": "bench", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
 SUBMIT_PATH = "/fal-ai/flux/dev"
@@ -94,7 +96,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def wait_completed(queue: SQLiteQueue, ids: list[str], timeout: float = 300) -> list:
+def wait_completed(queue: JobQueue, ids: list[str], timeout: float = 300) -> list:
     deadline = time.time() + timeout
     while time.time() < deadline:
         records = [queue.get(i, with_logs=False) for i in ids]
@@ -104,7 +106,7 @@ def wait_completed(queue: SQLiteQueue, ids: list[str], timeout: float = 300) -> 
     raise TimeoutError("jobs did not complete")
 
 
-def measure_dispatch(base: str, queue: SQLiteQueue, n: int) -> dict:
+def measure_dispatch(base: str, queue: JobQueue, n: int) -> dict:
     latencies = []
     with httpx.Client(base_url=base) as client:
         for _ in range(n):
@@ -116,7 +118,7 @@ def measure_dispatch(base: str, queue: SQLiteQueue, n: int) -> dict:
             "max_ms": max(latencies)}  # fmt: skip
 
 
-def measure_gap(base: str, queue: SQLiteQueue, n: int) -> dict:
+def measure_gap(base: str, queue: JobQueue, n: int) -> dict:
     with httpx.Client(base_url=base) as client:
         ids = [client.post(SUBMIT_PATH, json=INPUT).json()["request_id"] for _ in range(n)]
     records = sorted(wait_completed(queue, ids), key=lambda r: r.started_at)
@@ -157,7 +159,7 @@ async def _burst(port: int, n: int) -> list[tuple[int, float]]:
     return await asyncio.gather(*tasks)
 
 
-def measure_burst(base: str, queue: SQLiteQueue, n: int) -> dict:
+def measure_burst(base: str, queue: JobQueue, n: int) -> dict:
     before = queue.depth()
     results = asyncio.run(_burst(int(base.rsplit(":", 1)[1]), n))
     latencies = [ms for _, ms in results]
@@ -167,7 +169,7 @@ def measure_burst(base: str, queue: SQLiteQueue, n: int) -> dict:
             "max_ms": max(latencies)}  # fmt: skip
 
 
-def measure_status_rps(base: str, queue: SQLiteQueue, waiting: int, seconds: int) -> dict:
+def measure_status_rps(base: str, queue: JobQueue, waiting: int, seconds: int) -> dict:
     with httpx.Client(base_url=base) as client:
         ids = [client.post(SUBMIT_PATH, json=INPUT).json()["request_id"] for _ in range(waiting)]
     target = f"{base}/fal-ai/flux/requests/{ids[len(ids) // 2]}/status?logs=1"
@@ -217,19 +219,19 @@ def main() -> int:
         busy_dir.mkdir()
         idle_dir.mkdir()
         with running_server(busy_dir, workers=1, api_processes=args.api_processes) as base:
-            queue = SQLiteQueue(busy_dir / "queue.sqlite3", busy_dir / "run", role="bench")
+            queue = open_queue(Settings(data_dir=busy_dir), role="bench")
             results["dispatch"] = measure_dispatch(base, queue, args.dispatch_jobs)
             results["inter_job"] = measure_gap(base, queue, args.gap_jobs)
             queue.close()
         with running_server(idle_dir, workers=0, api_processes=args.api_processes) as base:
-            queue = SQLiteQueue(idle_dir / "queue.sqlite3", idle_dir / "run", role="bench")
+            queue = open_queue(Settings(data_dir=idle_dir), role="bench")
             results["burst"] = measure_burst(base, queue, args.burst)
             queue.close()
         # A fresh queue-only server, so that exactly `waiting` jobs wait.
         shutil.rmtree(idle_dir)
         idle_dir.mkdir()
         with running_server(idle_dir, workers=0, api_processes=args.api_processes) as base:
-            queue = SQLiteQueue(idle_dir / "queue.sqlite3", idle_dir / "run", role="bench")
+            queue = open_queue(Settings(data_dir=idle_dir), role="bench")
             results["status"] = measure_status_rps(base, queue, args.waiting, args.seconds)
             queue.close()
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -32,27 +31,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
+from server.maintenance import maintain_queue
 from server.protocols.bfl import routes as bfl_routes
+from server.protocols.bfl import webhook as bfl_webhook
 from server.protocols.fal import queue_routes, run_routes
+from server.protocols.fal import webhook as fal_webhook
 from server.protocols.fal.proxy import FalProxyMiddleware
 from server.protocols.openai import routes as openai_routes
 from server.queue.base import JobQueue
 from server.queue.batch import SubmitBatcher
+from server.queue.factory import open_queue
 from server.routes import files, health, jwks
-from server.webhooks import start_dispatcher
+from server.webhooks.dispatch import start_dispatcher
 
 log = logging.getLogger("flux_server.api")
 
 # Fixed-path routers, included before fal's pattern routes (see the module docstring).
 PROTOCOL_ROUTES = (jwks, bfl_routes, openai_routes)
-
-RECOVER_INTERVAL = 1.0  # seconds between lease/deadline checks
-
-
-def purge_interval(retention_seconds: float) -> float:
-    """Sweep for expired results a few times per retention period, at most once a second."""
-    return min(max(retention_seconds / 4, RECOVER_INTERVAL), 300.0)
-
 
 ErrorRenderer = Callable[[Request, Exception], Awaitable[Response]]
 
@@ -60,16 +55,12 @@ ErrorRenderer = Callable[[Request, Exception], Awaitable[Response]]
 def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     owns_queue = queue is None
     if queue is None:
-        from server.queue.sqlite import SQLiteQueue
-
-        queue = SQLiteQueue(
-            settings.db_path, settings.run_dir, role="api", lease_seconds=settings.lease_seconds
-        )
+        queue = open_queue(settings, role="api")
     from server.storage import LocalStorage
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(maintain_queue(app))]
+        tasks = [asyncio.create_task(maintain_queue(queue, app.state.storage, settings))]
         tasks += [asyncio.create_task(run_forever(factory)) for factory in app.state.background]
         try:
             yield
@@ -96,7 +87,8 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
         app.include_router(module.router)
         if hasattr(module, "setup"):
             module.setup(app)
-    app.state.background.append(start_dispatcher(settings, queue))
+    renderers = {"fal": fal_webhook.webhook_renderer(settings), "bfl": bfl_webhook.render_webhook}
+    app.state.background.append(start_dispatcher(settings, queue, renderers))
     app.include_router(run_routes.router)
     app.include_router(queue_routes.router)  # last: its patterns match almost any path
 
@@ -113,38 +105,6 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
 
 
 # --- background ---------------------------------------------------------------------------
-
-
-async def maintain_queue(app: FastAPI) -> None:
-    """Requeue or fail jobs whose lease or start deadline ran out (workers that died, hung,
-    or run on other machines); purge expired results. Idempotent transactions, so several
-    API processes may all run it."""
-    queue: JobQueue = app.state.queue
-    settings: Settings = app.state.settings
-    next_purge = time.monotonic()
-    while True:
-        try:
-            recovered = queue.recover_expired()
-            if recovered:
-                log.warning("requeued or failed (lost lease or start deadline): %s", ", ".join(recovered))
-            if time.monotonic() >= next_purge:
-                next_purge = time.monotonic() + purge_interval(settings.retention_seconds)
-                purged = purge_expired(app, time.time() - settings.retention_seconds)
-                if purged:
-                    log.info("deleted %d result(s) older than %.0f s", purged, settings.retention_seconds)
-        except Exception:
-            log.exception("queue maintenance failed; retrying")
-        await asyncio.sleep(RECOVER_INTERVAL)
-
-
-def purge_expired(app: FastAPI, older_than: float) -> int:
-    """Delete results finished before `older_than` and their files; returns the count."""
-    records = app.state.queue.purge(older_than)
-    for record in records:
-        for image in record.result.images if record.result else []:
-            if image.file_name:
-                app.state.storage.delete(image.file_name)
-    return len(records)
 
 
 async def run_forever(factory: Callable[[], Awaitable[None]]) -> None:

@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     lease_seconds: float = 30.0  # a worker that stops renewing loses its job after this
 
     # Acceleration (see models/presets.py)
-    default_acceleration: Literal["none", "regular", "high"] = "none"
+    # For fal requests that name no preset. None: each path's documented default (fal-ai/flux/dev
+    # "none", the aggregator path fal-ai/flux-1/dev "regular").
+    default_acceleration: Literal["none", "regular", "high"] | None = None
     # Empty means the device's defaults (models/presets.py: default_presets, default_warmup_sizes).
     presets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     warmup_sizes: Annotated[list[str], NoDecode] = Field(default_factory=list)  # "WxH" items

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Literal
 
 from PIL import Image
 
-from server.jobs import CONTENT_TYPES
+from server.jobs import CONTENT_TYPES, OutputFormat
 
-ImageFormat = Literal["jpeg", "png", "webp"]
 JPEG_QUALITY = 95
 WEBP_QUALITY = 95
 
 
-def encode_image(image: Image.Image, fmt: ImageFormat) -> bytes:
+def encode_image(image: Image.Image, fmt: OutputFormat) -> bytes:
     """Encode without metadata (no timestamps), so equal pixels give equal bytes."""
     if fmt not in CONTENT_TYPES:
         raise ValueError(f"unsupported output format {fmt!r}; expected one of {sorted(CONTENT_TYPES)}")
@@ -31,7 +29,7 @@ def encode_image(image: Image.Image, fmt: ImageFormat) -> bytes:
     return buffer.getvalue()
 
 
-def content_type(fmt: ImageFormat) -> str:
+def content_type(fmt: OutputFormat) -> str:
     return CONTENT_TYPES[fmt]
 
 

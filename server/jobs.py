@@ -15,9 +15,10 @@ import uuid
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Task = Literal["text-to-image", "image-to-image", "redux"]
+# The one output-format type: every protocol's format names map onto these three.
 OutputFormat = Literal["jpeg", "png", "webp"]
 Acceleration = Literal["none", "regular", "high"]
 Priority = Literal["normal", "low"]
@@ -48,6 +49,18 @@ IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
 }
 
 
+def parse_wxh(text: str) -> tuple[int, int]:
+    """`"1024x768"` (any case, spaces around the numbers allowed) -> (1024, 768), not rounded.
+
+    Raises ValueError with a message meant for whoever wrote the text.
+    """
+    width, sep, height = text.strip().lower().partition("x")
+    width, height = width.strip(), height.strip()
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise ValueError(f"{text!r} is not of the form WIDTHxHEIGHT (e.g. 1024x768)")
+    return int(width), int(height)
+
+
 def round_size(width: int, height: int) -> tuple[int, int]:
     """Round a requested size to the nearest multiple of 16 and check it against the bounds.
 
@@ -73,6 +86,8 @@ def new_request_id() -> str:
 
 
 def draw_seed() -> int:
+    """A random seed for a request that sent none. Only `Job` calls it: a job always carries a
+    concrete seed, so a retried job repeats its image and the response can echo the seed."""
     return secrets.randbelow(MAX_SEED)
 
 
@@ -104,7 +119,8 @@ class Job(BaseModel):
     height: int
     num_inference_steps: int = 28
     guidance_scale: float = 3.5
-    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
+    # None (the client sent no seed) is replaced by a drawn one: this is where seeds are drawn.
+    seed: int = Field(default_factory=draw_seed, ge=0, lt=SEED_LIMIT)
     num_images: int = Field(default=1, ge=1, le=4)
     strength: float = 0.95  # image-to-image only
     # Input image for image-to-image and redux: already downloaded, decoded and re-encoded as PNG.
@@ -127,6 +143,11 @@ class Job(BaseModel):
     # Scheme://host[:port] the client used (or --public-url): returned URLs and webhook
     # payloads are built on it, also when rendered later by another process.
     base_url: str = "http://127.0.0.1:8000"
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _draw_missing_seed(cls, value: object) -> object:
+        return draw_seed() if value is None else value
 
 
 class OutputImage(BaseModel):

@@ -30,9 +30,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from server.config import Settings
+from server.queue.base import JobQueue
 
 logger = logging.getLogger("flux_server.supervisor")
 
@@ -192,7 +192,7 @@ class Supervisor:
     settings: Settings
     slots: list[WorkerSlot]
     children: list[Child] = field(default_factory=list)
-    queue: Any = None
+    queue: JobQueue | None = None
     stopping: bool = False
 
     def __post_init__(self) -> None:
@@ -264,14 +264,9 @@ class Supervisor:
 
     # --- queue ------------------------------------------------------------------------
     def _open_queue(self) -> None:
-        from server.queue.sqlite import SQLiteQueue
+        from server.queue.factory import open_queue
 
-        self.queue = SQLiteQueue(
-            self.settings.db_path,
-            self.settings.run_dir,
-            role="supervisor",
-            lease_seconds=self.settings.lease_seconds,
-        )
+        self.queue = open_queue(self.settings, role="supervisor")
         # Rows left by an earlier run with more workers would keep /health at 503 forever.
         planned = {slot.worker_id for slot in self.slots}
         for worker in self.queue.workers():

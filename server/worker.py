@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 from server.config import Settings
 from server.images import content_type, encode_image, to_data_uri
-from server.jobs import JobError, JobRecord, JobResult, OutputImage, cancelled_error
-from server.queue.sqlite import SQLiteQueue
+from server.jobs import JobError, JobRecord, JobResult, OutputImage, cancelled_error, parse_wxh
+from server.queue.factory import open_queue
 from server.storage import LocalStorage
 
 if TYPE_CHECKING:
@@ -56,13 +56,7 @@ def internal_error(message: str) -> JobError:
 
 
 def parse_sizes(items: list[str]) -> list[tuple[int, int]]:
-    sizes = []
-    for item in items:
-        width, sep, height = item.lower().partition("x")
-        if not sep or not width.strip().isdigit() or not height.strip().isdigit():
-            raise ValueError(f"warm-up size {item!r} is not of the form WIDTHxHEIGHT")
-        sizes.append((int(width), int(height)))
-    return sizes
+    return [parse_wxh(item) for item in items]
 
 
 @dataclass
@@ -76,9 +70,7 @@ class Worker:
     def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.queue = SQLiteQueue(
-            settings.db_path, settings.run_dir, role="worker", lease_seconds=settings.lease_seconds
-        )
+        self.queue = open_queue(settings, role="worker")
         self.storage = LocalStorage(settings.files_dir)
         self.device = settings.device
         self._stop = threading.Event()
@@ -91,7 +83,7 @@ class Worker:
     def stop(self) -> None:
         """Ask the worker to stop (safe from a signal handler or another thread)."""
         self._stop.set()
-        self.queue.notifier.wake_self()
+        self.queue.interrupt_claim()
 
     def _state(self, state: str, detail: str = "") -> None:
         self.queue.set_worker_state(

@@ -1,12 +1,22 @@
-"""The queue contract shared by the SQLite backend (one box) and a Redis backend (many boxes).
+"""The queue contract: every operation the API, the workers, the supervisor and the webhook
+dispatcher use, implemented by the SQLite backend (one box) and by any other backend.
 
 States: IN_QUEUE -> IN_PROGRESS -> COMPLETED. COMPLETED carries a result or an error
 (cancellation and timeouts included); no other state exists, because fal's clients reject any
 other status string.
 
-The API process calls the producer side; a worker process calls the consumer side. Both sides
-may live in different processes, so every method reads and writes the shared store, and change
-notifications travel between processes (never a sleep-polling loop as the main path).
+Several processes (and, with a database server, several machines) share one store, so every
+method reads and writes that store; change notifications travel between processes, and a
+waiter never relies on a sleep-polling loop as its main path. Every method may block on I/O:
+async code calls the synchronous ones through `asyncio.to_thread`.
+
+Ordering: normal priority before low, then FIFO; a job put back after a lost worker goes to
+the head. A job whose lease runs out is retried once (`MAX_ATTEMPTS` in all), then completes
+with `runner_disconnected`.
+
+Webhooks: whenever a job with a webhook completes (any path), the transaction that completes
+it also writes its delivery row. Dispatchers lease due rows (`lease_deliveries`), so each
+attempt is made by one dispatcher at a time, across every process sharing the store.
 """
 
 from __future__ import annotations
@@ -17,12 +27,24 @@ from enum import Enum
 
 from server.jobs import Job, JobError, JobRecord, JobResult
 
+# A job whose worker vanished is tried this many times in all before it fails.
+MAX_ATTEMPTS = 2
+# The most completed records one `purge` call deletes (one short transaction each).
+PURGE_BATCH = 200
+
 
 class CancelOutcome(str, Enum):
     CANCELLED = "CANCELLED"  # was queued: completed at once as cancelled
     REQUESTED = "REQUESTED"  # is running: the worker stops at its next denoising step
     ALREADY_COMPLETED = "ALREADY_COMPLETED"
     NOT_FOUND = "NOT_FOUND"
+
+
+class QueueUnavailable(RuntimeError):
+    """The store cannot be reached right now (a database server down or restarting).
+
+    Callers answer 503 (the API) or wait and retry (workers, background tasks); the backend
+    reconnects by itself, so no process needs a restart."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +55,19 @@ class WorkerInfo:
     model: str
     detail: str
     pid: int
-    updated_at: float
+    updated_at: float  # unix time of the last state change or heartbeat
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook delivery row: a request's webhook, its attempts so far, its state."""
+
+    request_id: str
+    due_at: float  # unix time of the next attempt (pushed forward while an attempt is leased)
+    attempts: int
+    last_error: str | None = None
+    delivered_at: float | None = None
+    gave_up: bool = False
 
 
 class JobQueue(ABC):
@@ -42,16 +76,13 @@ class JobQueue(ABC):
     def submit(self, job: Job, request_id: str | None = None) -> JobRecord:
         """Store a job durably (committed before this returns) and wake a waiting worker."""
 
+    @abstractmethod
     def submit_with_position(self, job: Job, request_id: str | None = None) -> tuple[JobRecord, int]:
-        """`submit`, plus the number of jobs ahead of the new one (its queue position) as it
-        was stored. A backend may override this to answer both in one step."""
-        record = self.submit(job, request_id)
-        return record, self.position(record.id) or 0
+        """`submit`, plus the number of jobs ahead of the new one (its queue position)."""
 
+    @abstractmethod
     def submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
-        """Several `submit_with_position`s, in order; a backend may store them in one step
-        (see server/queue/batch.py)."""
-        return [self.submit_with_position(job) for job in jobs]
+        """Several `submit_with_position`s, in order, in one commit (server/queue/batch.py)."""
 
     @abstractmethod
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
@@ -59,23 +90,32 @@ class JobQueue(ABC):
 
     @abstractmethod
     def position(self, request_id: str) -> int | None:
-        """Jobs ahead of this one (normal priority before low, then FIFO); None if not queued."""
+        """Jobs ahead of this one (normal priority before low, then FIFO); None if not queued.
+        Cheap however long the queue is (no scan of every queued row)."""
 
     @abstractmethod
     def depth(self) -> int:
         """Number of queued jobs."""
 
     @abstractmethod
-    def cancel(self, request_id: str) -> CancelOutcome: ...
+    def cancel(self, request_id: str) -> CancelOutcome:
+        """A queued job completes as cancelled at once; a running one is flagged, and its
+        worker (on any box) stops at its next step."""
 
     @abstractmethod
     async def wait_for_change(self, request_id: str, timeout: float) -> None:
-        """Return when the request may have changed (status, log, progress) or after timeout."""
+        """Return when the request may have changed (status, log, progress) or after timeout
+        (at most a short fallback poll). Read the record and call this without an `await` in
+        between, or a change in that gap is seen only after the fallback poll."""
 
     # --- consumer side (worker process) --------------------------------------------------
     @abstractmethod
     def claim(self, worker_id: str, timeout: float) -> JobRecord | None:
         """Atomically take the next job and a lease on it, waiting up to `timeout` seconds."""
+
+    @abstractmethod
+    def interrupt_claim(self) -> None:
+        """Make a `claim` blocked in this process return early (safe from a signal handler)."""
 
     @abstractmethod
     def renew(self, request_id: str, worker_id: str) -> bool:
@@ -89,35 +129,79 @@ class JobQueue(ABC):
         """Append a timestamped log line (and optionally the progress, 0..1) and notify."""
 
     @abstractmethod
-    def complete(self, request_id: str, worker_id: str, result: JobResult) -> bool: ...
+    def complete(self, request_id: str, worker_id: str, result: JobResult) -> bool:
+        """Complete a job the worker holds; False if it no longer holds it."""
 
     @abstractmethod
-    def fail(self, request_id: str, worker_id: str | None, error: JobError) -> bool: ...
+    def fail(self, request_id: str, worker_id: str | None, error: JobError) -> bool:
+        """Complete with `error`. A worker may fail only a job it holds; `worker_id=None`
+        (the system) may fail any job that has not completed."""
 
-    # --- maintenance (supervisor / API background task) ----------------------------------
+    @abstractmethod
+    def requeue(self, request_id: str, worker_id: str, message: str = "Worker stopping; requeued") -> bool:
+        """Give a held job back to the head of the queue without counting the attempt (a
+        worker shutting down cleanly)."""
+
+    # --- maintenance (API background task, supervisor) -----------------------------------
     @abstractmethod
     def recover_expired(self) -> list[str]:
         """Jobs whose lease ran out go back to the head of the queue once, then fail with
         error_type runner_disconnected; queued jobs past their start deadline fail with
-        request_timeout. Returns the affected ids."""
+        request_timeout. Returns the affected ids. Takes no write transaction (no lock)
+        when nothing is due, so that every API process may call it once a second."""
 
     @abstractmethod
     def release_worker(self, worker_id: str) -> list[str]:
         """A worker is known dead: treat its leases as expired now."""
 
     @abstractmethod
-    def purge(self, older_than: float) -> list[JobRecord]:
-        """Delete completed records finished before `older_than` (unix time); return them so
-        that their files can be deleted too."""
+    def purge(self, older_than: float, limit: int = PURGE_BATCH) -> list[JobRecord]:
+        """Delete at most `limit` completed records finished before `older_than` (unix time),
+        with their logs and delivery rows, in one short transaction; return them (without
+        logs) so that their files can be deleted too. Each record is returned by exactly one
+        call, also when several processes purge at once. Call again while it returns `limit`."""
 
     # --- worker registry (for /health) ---------------------------------------------------
     @abstractmethod
     def set_worker_state(
         self, worker_id: str, state: str, *, device: str, model: str, detail: str = ""
-    ) -> None: ...
+    ) -> None:
+        """Record a worker's state; calling it again with the same state is its heartbeat."""
 
     @abstractmethod
-    def workers(self) -> list[WorkerInfo]: ...
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker (the supervisor, after it has released the worker's jobs)."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    @abstractmethod
+    def workers(self) -> list[WorkerInfo]:
+        """Every registered worker, ordered by id."""
+
+    # --- webhook deliveries (API process) ------------------------------------------------
+    @abstractmethod
+    def lease_deliveries(self, now: float, limit: int, hold_until: float) -> list[Delivery]:
+        """Take up to `limit` rows due at `now` by pushing their `due_at` to `hold_until`, in
+        one transaction: no other dispatcher sees them until then (a dispatcher that dies
+        mid-send only delays its rows). Returns the rows as they were before the lease."""
+
+    @abstractmethod
+    def next_delivery_due(self) -> float | None:
+        """The earliest `due_at` of the rows still to deliver, or None."""
+
+    @abstractmethod
+    def delivery_succeeded(self, request_id: str, attempts: int, now: float) -> None: ...
+
+    @abstractmethod
+    def delivery_failed(self, request_id: str, attempts: int, error: str, next_due_at: float | None) -> None:
+        """Record a failed attempt; `next_due_at=None` means give up."""
+
+    @abstractmethod
+    def delivery(self, request_id: str) -> Delivery | None:
+        """The delivery row of a request, or None."""
+
+    @abstractmethod
+    async def wait_for_deliveries(self, timeout: float) -> None:
+        """Sleep until a delivery may have become due, at most `timeout`."""
+
+    @abstractmethod
+    def close(self) -> None:
         """Release connections and sockets."""

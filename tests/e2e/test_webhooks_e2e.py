@@ -16,8 +16,10 @@ from urllib.parse import quote
 
 from e2e_support import small_input, status
 
+from server.config import Settings
 from server.keys import public_keys_from_jwks
-from server.webhooks import verify_bfl_signature, verify_fal_signature
+from server.queue.factory import open_queue
+from server.webhooks.signing import verify_bfl_signature, verify_fal_signature
 
 FAST_RETRIES = ["--webhook-retry-base-seconds", "0.2"]
 
@@ -71,6 +73,16 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def delivered(server, *request_ids: str) -> bool:
+    """The queue's own mark: each request's delivery row says it was delivered."""
+    queue = open_queue(Settings(data_dir=server.data_dir), role="test")
+    try:
+        rows = [queue.delivery(request_id) for request_id in request_ids]
+    finally:
+        queue.close()
+    return all(row is not None and row.delivered_at is not None for row in rows)
+
+
 def served_keys(server) -> list:
     with server.client() as client:
         return public_keys_from_jwks(client.get("/.well-known/jwks.json").json())
@@ -101,9 +113,7 @@ def test_signed_deliveries_with_retries(start_flux_server) -> None:
                     "webhook_secret": "hmac-secret",
                 },
             ).json()
-        wait_until(
-            lambda: len(receiver.calls_to("/fal")) >= 3 and receiver.calls_to("/bfl"), 120, "deliveries"
-        )
+        wait_until(lambda: delivered(server, request_id, bfl["id"]), 120, "both deliveries")
 
         # fal: three signed attempts, 0.2 s then 0.4 s apart, each verifiable with the JWKS.
         keys = served_keys(server)
@@ -173,8 +183,8 @@ def test_pending_delivery_survives_a_restart(start_flux_server, tmp_path: Path) 
     receiver = Receiver(port=port)
     try:
         restarted = start_flux_server(data_dir=data_dir, args=FAST_RETRIES)
-        wait_until(lambda: bool(receiver.calls), 60, "the delivery after the restart")
-        call = receiver.calls[0]
+        wait_until(lambda: delivered(restarted, request_id), 60, "the delivery after the restart")
+        (call,) = receiver.calls
         keys_after = served_keys(restarted)
         assert [k.public_bytes_raw() for k in keys_after] == [k.public_bytes_raw() for k in keys_before]
         assert verify_fal_signature(call["headers"], call["body"], keys_after)

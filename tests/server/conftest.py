@@ -1,5 +1,5 @@
 """A real API process in a thread for the HTTP tests of server/: uvicorn on a free loopback
-port, the real SQLiteQueue, and a second SQLiteQueue handle (role "worker") with which the
+port, the real queue (from the settings), and a second queue handle (role "worker") with which the
 test plays the worker (claim, log, complete, fail) without torch.
 """
 
@@ -22,7 +22,8 @@ from PIL import Image
 from server.app import create_app
 from server.config import Settings
 from server.jobs import JobError, JobRecord, JobResult, OutputImage, cancelled_error
-from server.queue.sqlite import SQLiteQueue
+from server.queue.base import JobQueue
+from server.queue.factory import open_queue
 from server.storage import LocalStorage
 
 WORKER_ID = "test-worker"
@@ -39,7 +40,7 @@ class ApiServer:
     base_url: str
     settings: Settings
     app: FastAPI
-    worker: SQLiteQueue  # the test's own handle on the queue, as a worker process has
+    worker: JobQueue  # the test's own handle on the queue, as a worker process has
     client: httpx.Client
 
     def claim(self, expected_id: str | None = None, timeout: float = 5.0) -> JobRecord:
@@ -119,9 +120,7 @@ def run_api_server(settings: Settings) -> Iterator[ApiServer]:
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     base_url = f"http://127.0.0.1:{port}"
-    worker = SQLiteQueue(
-        settings.db_path, settings.run_dir, role="worker", lease_seconds=settings.lease_seconds
-    )
+    worker = open_queue(settings, role="worker")
     client = httpx.Client(base_url=base_url, timeout=20)
     try:
         yield ApiServer(base_url=base_url, settings=settings, app=app, worker=worker, client=client)

@@ -20,7 +20,7 @@ from server.cli import build_parser, settings_from_args
 from server.jobs import Status
 from server.queue.notify import socket_dir
 from server.queue.sqlite import SQLiteQueue
-from tests.server.queue.test_sqlite import make_result
+from tests.server.queue.conftest import make_result
 
 REPO = Path(__file__).resolve().parents[2]
 BODY = {"prompt": "a fox", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}

@@ -11,8 +11,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from server.api_main import EXIT_UNSAFE, run_api, unsafe_listen_reason
-from server.app import create_app, purge_expired, register_error_renderer
+from server.app import create_app, register_error_renderer
 from server.config import Settings
+from server.maintenance import purge_expired
 from server.storage import LocalStorage
 from tests.server.conftest import api_settings, png_bytes, run_api_server
 
@@ -104,8 +105,9 @@ def test_purge_deletes_old_results_and_their_files(api):
     api.complete(api.claim(request_id))
     url = api.client.get(f"/fal-ai/flux/requests/{request_id}").json()["images"][0]["url"]
     assert httpx.get(url).status_code == 200
-    assert purge_expired(api.app, time.time() - 3600) == 0
-    assert purge_expired(api.app, time.time() + 1) >= 1
+    queue, storage = api.app.state.queue, api.app.state.storage
+    assert asyncio.run(purge_expired(queue, storage, time.time() - 3600)) == 0
+    assert asyncio.run(purge_expired(queue, storage, time.time() + 1)) >= 1
     assert httpx.get(url).status_code == 404
     assert api.client.get(f"/fal-ai/flux/requests/{request_id}").status_code == 404
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server.storage import LocalStorage
+from server.jobs import OutputImage
+from server.storage import LocalStorage, file_name_from_url, file_url, image_url
 
 
 def test_save_path_url_and_delete(tmp_path: Path) -> None:
@@ -17,7 +18,7 @@ def test_save_path_url_and_delete(tmp_path: Path) -> None:
     assert name != other and name.endswith(".jpeg") and len(name) >= 32 + 5
     assert storage.path(name).read_bytes() == b"\xff\xd8data"
     assert [p.name for p in (tmp_path / "files").iterdir() if p.name.startswith(".")] == []
-    assert storage.url("https://host:8000/", name) == f"https://host:8000/files/{name}"
+    assert file_url("https://host:8000/", name) == f"https://host:8000/files/{name}"
     storage.delete(name)
     assert storage.path(name) is None
     storage.delete(name)  # deleting twice is harmless
@@ -57,3 +58,32 @@ def test_symlinks_and_missing_files_are_refused(tmp_path: Path) -> None:
 def test_bad_extension_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         LocalStorage(tmp_path).save(b"x", "../png")
+
+
+def test_image_url_is_the_data_uri_or_the_file_url() -> None:
+    inline = OutputImage(
+        width=1, height=1, content_type="image/png", data_uri="data:image/png;base64,AA", file_size=1
+    )
+    stored = OutputImage(
+        width=1, height=1, content_type="image/png", file_name="A" * 32 + ".png", file_size=1
+    )
+    assert image_url("http://h:1", inline) == "data:image/png;base64,AA"
+    assert image_url("http://h:1", stored) == "http://h:1/files/" + "A" * 32 + ".png"
+    with pytest.raises(ValueError):
+        image_url("http://h:1", OutputImage(width=1, height=1, content_type="image/png", file_size=1))
+
+
+def test_file_name_from_url_reads_back_only_our_own_file_urls() -> None:
+    name = "A" * 32 + ".png"
+    ours = ["https://flux.local:8443", "http://127.0.0.1:8000/"]
+    assert file_name_from_url(file_url("https://flux.local:8443", name), ours) == name
+    assert file_name_from_url(f"HTTP://127.0.0.1:8000/files/{name}", ours) == name
+    for url in [
+        f"https://other.host/files/{name}",  # someone else's server: fetched over HTTP
+        f"https://flux.local:8443/files/{name}?x=1",
+        f"https://flux.local:8443/files/../{name}",
+        "https://flux.local:8443/files/queue.sqlite3",
+        f"https://flux.local:8443/run/files/{name}",
+        "not a url",
+    ]:
+        assert file_name_from_url(url, ours) is None, url

@@ -17,8 +17,8 @@ from PIL import Image
 
 from server.config import Settings
 from server.jobs import Job, JobRecord, Status
-from server.queue.base import CancelOutcome
-from server.queue.sqlite import SQLiteQueue
+from server.queue.base import CancelOutcome, JobQueue
+from server.queue.factory import open_queue
 from server.storage import LocalStorage
 from server.worker import Worker
 
@@ -42,7 +42,7 @@ def make_data_dir(root: Path, tiny_model_dir: Path) -> Path:
     return root
 
 
-def completed(queue: SQLiteQueue, request_id: str) -> Callable[[], JobRecord | None]:
+def completed(queue: JobQueue, request_id: str) -> Callable[[], JobRecord | None]:
     def check() -> JobRecord | None:
         record = queue.get(request_id)
         return record if record is not None and record.status is Status.COMPLETED else None
@@ -59,11 +59,11 @@ def job(**overrides: object) -> Job:
 @pytest.fixture(scope="module")
 def served(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
-) -> Iterator[tuple[SQLiteQueue, Settings]]:
+) -> Iterator[tuple[JobQueue, Settings]]:
     """One in-thread worker on the tiny model, shared by the tests of this module."""
     data_dir = make_data_dir(tmp_path_factory.mktemp("worker") / "data", tiny_model_dir)
     settings = Settings(model="tiny", data_dir=data_dir, device="cpu", lease_seconds=30.0)
-    api = SQLiteQueue(settings.db_path, settings.run_dir, role="api")
+    api = open_queue(settings, role="api")
     worker = Worker(settings, worker_id="thread-worker")
     exit_codes: list[int] = []
     thread = threading.Thread(target=lambda: exit_codes.append(worker.run()), daemon=True)
@@ -77,7 +77,7 @@ def served(
     api.close()
 
 
-def test_a_job_completes_with_a_stored_image_and_step_logs(served: tuple[SQLiteQueue, Settings]) -> None:
+def test_a_job_completes_with_a_stored_image_and_step_logs(served: tuple[JobQueue, Settings]) -> None:
     api, settings = served
     rid = api.submit(job(output_format="png", width=80, height=64, seed=3)).id
     record = wait_until(completed(api, rid), what="the job")
@@ -95,7 +95,7 @@ def test_a_job_completes_with_a_stored_image_and_step_logs(served: tuple[SQLiteQ
     assert record.result.seed == 3 and record.result.timings["inference"] > 0 and record.progress == 1.0
 
 
-def test_inline_images_are_data_uris_and_nothing_is_stored(served: tuple[SQLiteQueue, Settings]) -> None:
+def test_inline_images_are_data_uris_and_nothing_is_stored(served: tuple[JobQueue, Settings]) -> None:
     api, settings = served
     before = set(settings.files_dir.iterdir())
     rid = api.submit(job(inline_images=True, num_images=2)).id
@@ -111,7 +111,7 @@ def test_inline_images_are_data_uris_and_nothing_is_stored(served: tuple[SQLiteQ
 
 
 def test_bad_input_fails_with_a_422_and_the_worker_keeps_serving(
-    served: tuple[SQLiteQueue, Settings],
+    served: tuple[JobQueue, Settings],
 ) -> None:
     api, _ = served
     bad = api.submit(job(width=65)).id  # not a multiple of 16: the runtime refuses it
@@ -122,7 +122,7 @@ def test_bad_input_fails_with_a_422_and_the_worker_keeps_serving(
     assert wait_until(completed(api, good), what="the next job").succeeded
 
 
-def test_cancel_stops_a_running_job_at_its_next_step(served: tuple[SQLiteQueue, Settings]) -> None:
+def test_cancel_stops_a_running_job_at_its_next_step(served: tuple[JobQueue, Settings]) -> None:
     api, _ = served
     rid = api.submit(job(num_inference_steps=50)).id
     wait_until(lambda: (r := api.get(rid)) is not None and r.progress > 0, what="the first step")
@@ -161,7 +161,7 @@ def test_killed_worker_job_is_retried_on_a_new_worker_and_sigterm_requeues(
 ) -> None:
     data_dir = make_data_dir(tmp_path / "data", tiny_model_dir)
     settings = Settings(data_dir=data_dir)
-    api = SQLiteQueue(settings.db_path, settings.run_dir, role="api")
+    api = open_queue(settings, role="api")
     first = _start_worker(data_dir, "doomed")
     second: subprocess.Popen[bytes] | None = None
     try:
@@ -199,7 +199,7 @@ def test_a_model_that_cannot_load_marks_the_worker_failed_with_exit_code_2(tmp_p
     settings = Settings(model=str(tmp_path / "no-such-model"), data_dir=tmp_path / "data", device="cpu")
     worker = Worker(settings, worker_id="broken")
     assert worker.run() == 2
-    api = SQLiteQueue(settings.db_path, settings.run_dir, role="api")
+    api = open_queue(settings, role="api")
     try:
         (info,) = api.workers()
         assert info.state == "failed" and "no-such-model" in info.detail

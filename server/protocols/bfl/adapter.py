@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from server.jobs import Job, JobRecord, OutputImage, Status, Webhook
+from server.jobs import Job, JobRecord, Status, Webhook
 from server.protocols.bfl.models import BflStatus, FluxDevInputs, ResultResponse
+from server.storage import image_url
 
 APP_ID = "bfl/flux-dev"
 # error_type a worker or adapter can give a job that was refused because of its prompt.
@@ -25,7 +26,7 @@ def inputs_to_job(inputs: FluxDevInputs, *, base_url: str, image_png: bytes | No
         height=inputs.height,
         num_inference_steps=inputs.steps if inputs.steps is not None else 28,
         guidance_scale=inputs.guidance if inputs.guidance is not None else 3.0,
-        seed=inputs.seed,
+        seed=inputs.seed,  # None: the Job draws one
         image=image_png,
         output_format=inputs.output_format or "jpeg",
         enable_safety_checker=True,
@@ -40,13 +41,6 @@ def inputs_to_job(inputs: FluxDevInputs, *, base_url: str, image_png: bytes | No
 
 def polling_url(base_url: str, request_id: str) -> str:
     return f"{base_url}/v1/get_result?id={request_id}"
-
-
-def image_url(base_url: str, image: OutputImage) -> str:
-    """A fetchable URL for a stored image (served by the files route), or its data URI."""
-    if image.data_uri:
-        return image.data_uri
-    return f"{base_url}/files/{image.file_name}"
 
 
 def bfl_status(record: JobRecord | None) -> BflStatus:

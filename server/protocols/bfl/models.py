@@ -7,11 +7,11 @@ server's OpenAPI schema for the BFL routes.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.jobs import SEED_LIMIT
+from server.jobs import SEED_LIMIT, OutputFormat
 
 SIDE_MULTIPLE = 32
 
@@ -41,7 +41,7 @@ class FluxDevInputs(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     guidance: float | None = Field(default=3.0, ge=1.5, le=5)
     safety_tolerance: int = Field(default=2, ge=0, le=6, description="0 (strict) .. 6 (permissive).")
-    output_format: Literal["jpeg", "png", "webp"] | None = "jpeg"
+    output_format: OutputFormat | None = "jpeg"
     webhook_url: str | None = Field(default=None, min_length=1, max_length=2083)
     webhook_secret: str | None = None
 

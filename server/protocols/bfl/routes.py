@@ -23,10 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.auth import check_api_key, presented_key
 from server.deps import get_queue, get_settings, public_base_url
 from server.inputs import InputImageError, decode_image, fetch_bytes
-from server.jobs import draw_seed
 from server.protocols.bfl import adapter
 from server.protocols.bfl.models import AsyncResponse, AsyncWebhookResponse, FluxDevInputs, ResultResponse
-from server.webhooks import validate_webhook_url
+from server.webhooks.policy import validate_webhook_url
 
 logger = logging.getLogger(__name__)
 PATH_PREFIXES = ("/v1/flux-dev", "/v1/get_result")
@@ -127,8 +126,6 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
         image_png = await _decode_image_prompt(
             inputs.image_prompt, settings.max_input_image_bytes, settings.input_fetch_timeout
         )
-    if inputs.seed is None:
-        inputs = inputs.model_copy(update={"seed": draw_seed()})
     base_url = public_base_url(request)
     job = adapter.inputs_to_job(inputs, base_url=base_url, image_png=image_png)
     record = get_queue(request).submit(job)

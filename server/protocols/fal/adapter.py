@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from server.config import Settings
 from server.inputs import InputImageError, load_image
 from server.jobs import (
+    Acceleration,
     Job,
     JobError,
     JobRecord,
@@ -26,11 +27,14 @@ from server.jobs import (
     Status,
     Task,
     Webhook,
-    draw_seed,
     round_size,
 )
 from server.protocols.fal.models import (
+    AggregatorDevInput,
+    AggregatorImageToImageInput,
+    AggregatorReduxInput,
     FalImage,
+    FalInput,
     FalOutput,
     FluxDevInput,
     FluxImageToImageInput,
@@ -38,22 +42,39 @@ from server.protocols.fal.models import (
     SizedInput,
     resolve_image_size,
 )
-from server.webhooks import validate_webhook_url
-
-APPS = frozenset({"fal-ai/flux", "fal-ai/flux-1"})
+from server.storage import image_url
+from server.webhooks.policy import validate_webhook_url
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    input_model: type[BaseModel]
+    input_model: type[FalInput]
     task: Task
+    # What `acceleration` means when the request leaves it out (or, on the aggregator path,
+    # says "default"): the path's own document's default, unless the operator set one.
+    default_acceleration: Acceleration = "none"
 
 
-ENDPOINTS: dict[str, Endpoint] = {
-    "dev": Endpoint(FluxDevInput, "text-to-image"),
-    "dev/image-to-image": Endpoint(FluxImageToImageInput, "image-to-image"),
-    "dev/redux": Endpoint(FluxReduxInput, "redux"),
+# The fal app table: app id -> endpoint (the path after the app id) -> its wire model and task.
+# fal's own app documents "none" as flux/dev's default acceleration; the aggregator page for
+# fal-ai/flux-1/dev documents "regular" (its sub-paths are documented only by fal: "none").
+APPS: dict[str, dict[str, Endpoint]] = {
+    "fal-ai/flux": {
+        "dev": Endpoint(FluxDevInput, "text-to-image"),
+        "dev/image-to-image": Endpoint(FluxImageToImageInput, "image-to-image"),
+        "dev/redux": Endpoint(FluxReduxInput, "redux"),
+    },
+    "fal-ai/flux-1": {
+        "dev": Endpoint(AggregatorDevInput, "text-to-image", default_acceleration="regular"),
+        "dev/image-to-image": Endpoint(AggregatorImageToImageInput, "image-to-image"),
+        "dev/redux": Endpoint(AggregatorReduxInput, "redux"),
+    },
 }
+
+
+def find_endpoint(app_id: str, endpoint: str) -> Endpoint | None:
+    return APPS.get(app_id, {}).get(endpoint)
+
 
 ERRORS_URL = "https://docs.fal.ai/errors/#"
 
@@ -153,8 +174,9 @@ async def build_job(
     start_deadline: float | None = None,
     webhook: Webhook | None = None,
 ) -> Job:
-    """Validate `body` for `endpoint` and map it to a Job. Raises RequestValidationError."""
-    spec = ENDPOINTS[endpoint]
+    """Validate `body` for `endpoint` of `app_id` and map it to a Job. Raises
+    RequestValidationError (and KeyError for an endpoint not in `APPS`)."""
+    spec = APPS[app_id][endpoint]
     try:
         data = spec.input_model.model_validate(body)
     except ValidationError as exc:
@@ -191,12 +213,12 @@ async def build_job(
         height=height,
         num_inference_steps=data.num_inference_steps,
         guidance_scale=data.guidance_scale,
-        seed=data.seed if data.seed is not None else draw_seed(),
+        seed=data.seed,
         num_images=data.num_images,
         strength=getattr(data, "strength", 0.95),
         image=image,
         output_format=data.output_format,
-        acceleration=data.acceleration or settings.default_acceleration,
+        acceleration=data.acceleration or settings.default_acceleration or spec.default_acceleration,
         enable_safety_checker=data.enable_safety_checker,
         inline_images=data.sync_mode,
         protocol="fal",
@@ -263,15 +285,11 @@ def inference_seconds(record: JobRecord) -> float | None:
     return None
 
 
-def file_url(base_url: str, file_name: str) -> str:
-    return f"{base_url}/files/{file_name}"
-
-
 def output_body(result: JobResult, base_url: str) -> dict[str, Any]:
     """The raw model output (§9.2): what the result route and sync run return."""
     images = [
         FalImage(
-            url=image.data_uri or file_url(base_url, image.file_name or ""),
+            url=image_url(base_url, image),
             width=image.width,
             height=image.height,
             content_type=image.content_type,

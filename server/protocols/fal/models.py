@@ -4,11 +4,17 @@ These are fal's public schemas: `FluxDevInput` (text-to-image), `FluxImageToImag
 (`BaseImageToInput` in fal's JS types) and `FluxReduxInput` (`BaseReduxInput`). Unknown fields
 are ignored, as fal's own FastAPI apps do. The output models document the response shape that
 `adapter.py` renders.
+
+The aggregator path `fal-ai/flux-1/dev` (and its sub-paths) is documented by API aggregators
+that allow more spellings than fal does: `acceleration: "default"`, `output_format: "default"`
+or `"JPEG"` in any case, and `image_size` as an aspect ratio (`"3:4"`, ...). The `Aggregator*`
+models accept those and map each onto the value it stands for, so a job never sees them; fal's
+own paths stay as strict as fal.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -17,6 +23,18 @@ from server.jobs import IMAGE_SIZE_PRESETS, SEED_LIMIT, Acceleration, round_size
 ImageSizePreset = Literal[
     "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
 ]
+# fal's output formats: a subset of the server's OutputFormat.
+FalOutputFormat = Literal["jpeg", "png"]
+
+# The aggregator pages' `image_size` range, as the presets they stand for.
+ASPECT_RATIO_PRESETS: dict[str, ImageSizePreset] = {
+    "3:4": "portrait_4_3",
+    "4:3": "landscape_4_3",
+    "16:9": "landscape_16_9",
+    "9:16": "portrait_16_9",
+}
+# The aggregator's word for "whatever the path does when the field is left out".
+DEFAULT_WORD = "default"
 
 
 class ImageSize(BaseModel):
@@ -43,12 +61,16 @@ class FalInput(BaseModel):
     sync_mode: bool = Field(default=False, description="Return images as data URIs; store nothing")
     num_images: int = Field(default=1, ge=1, le=4)
     enable_safety_checker: bool = True
-    output_format: Literal["jpeg", "png"] = "jpeg"
-    acceleration: Acceleration | None = Field(default=None, description="Server default when omitted")
+    output_format: FalOutputFormat = "jpeg"
+    acceleration: Acceleration | None = Field(
+        default=None, description="The path's default (or the operator's --default-acceleration) when omitted"
+    )
 
 
 class SizedInput(FalInput):
     image_size: ImageSizePreset | ImageSize = "landscape_4_3"
+    # The names the error message offers (the aggregator adds its aspect ratios).
+    image_size_names: ClassVar[tuple[str, ...]] = tuple(IMAGE_SIZE_PRESETS)
 
     @field_validator("image_size", mode="wrap")
     @classmethod
@@ -57,7 +79,7 @@ class SizedInput(FalInput):
             size = handler(value)
         except ValidationError:
             # One clear message instead of one error per member of the union.
-            presets = ", ".join(IMAGE_SIZE_PRESETS)
+            presets = ", ".join(cls.image_size_names)
             raise ValueError(
                 f"image_size must be one of {presets} or an object {{width, height}} of positive integers"
             ) from None
@@ -84,6 +106,50 @@ class FluxReduxInput(SizedInput):
     """`.../dev/redux`: no prompt in fal's schema; one sent anyway is accepted and ignored."""
 
     image_url: str
+
+
+# --- the aggregator path: fal-ai/flux-1/dev and its sub-paths -------------------------------
+
+
+class AggregatorValues(BaseModel):
+    """The aggregator's extra spellings, mapped onto fal's values before fal's validation."""
+
+    image_size_names: ClassVar[tuple[str, ...]] = (*IMAGE_SIZE_PRESETS, *ASPECT_RATIO_PRESETS)
+
+    @field_validator("output_format", mode="before", check_fields=False)
+    @classmethod
+    def _output_format(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return "jpeg" if value == DEFAULT_WORD else value  # the documented default
+        return value
+
+    @field_validator("acceleration", mode="before", check_fields=False)
+    @classmethod
+    def _acceleration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return None if value == DEFAULT_WORD else value  # None: the path's default
+        return value
+
+    @field_validator("image_size", mode="before", check_fields=False)
+    @classmethod
+    def _image_size(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return ASPECT_RATIO_PRESETS.get(value.strip(), value)
+        return value
+
+
+class AggregatorDevInput(AggregatorValues, FluxDevInput):
+    """`fal-ai/flux-1/dev`."""
+
+
+class AggregatorImageToImageInput(AggregatorValues, FluxImageToImageInput):
+    """`fal-ai/flux-1/dev/image-to-image`."""
+
+
+class AggregatorReduxInput(AggregatorValues, FluxReduxInput):
+    """`fal-ai/flux-1/dev/redux`."""
 
 
 # --- output ---------------------------------------------------------------------------------

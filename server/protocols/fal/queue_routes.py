@@ -37,7 +37,7 @@ def check_endpoint(owner: str, app: str, endpoint: str) -> str:
     app_id = f"{owner}/{app}"
     if app_id not in adapter.APPS:
         raise HTTPException(status_code=404, detail=f"Application '{app_id}' not found")
-    if endpoint not in adapter.ENDPOINTS:
+    if adapter.find_endpoint(app_id, endpoint) is None:
         raise HTTPException(status_code=404, detail=f"Endpoint '{endpoint}' of '{app_id}' not found")
     return app_id
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.jobs import Job, JobError, JobRecord, Task, draw_seed, round_size
+from server.jobs import Job, JobError, JobRecord, Task, parse_wxh, round_size
 from server.protocols.openai.models import (
     DEFAULT_MODEL_ID,
     DEFAULT_SIZE,
@@ -17,6 +17,7 @@ from server.protocols.openai.models import (
     Model,
     ModelList,
 )
+from server.storage import image_url
 
 APP_ID = "openai/images"
 DEFAULT_STEPS = 28
@@ -58,13 +59,8 @@ def parse_size(size: str | None) -> tuple[int, int]:
     """ "WxH" (rounded to a multiple of 16 within the server's bounds) or "auto"/None -> default."""
     if size is None or size.strip().lower() in ("", "auto"):
         return DEFAULT_SIZE
-    width, sep, height = size.strip().lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
-        raise OpenAIError(
-            400, f"Invalid size {size!r}: expected 'WIDTHxHEIGHT', e.g. '1024x768'", param="size"
-        )
     try:
-        return round_size(int(width), int(height))
+        return round_size(*parse_wxh(size))
     except ValueError as exc:
         raise OpenAIError(400, f"Invalid size {size!r}: {exc}", param="size") from None
 
@@ -95,7 +91,7 @@ def build_job(
         height=size[1],
         num_inference_steps=fields.steps or DEFAULT_STEPS,
         guidance_scale=fields.guidance if fields.guidance is not None else DEFAULT_GUIDANCE,
-        seed=fields.seed if fields.seed is not None else draw_seed(),
+        seed=fields.seed,
         num_images=fields.n,
         strength=strength,
         image=image,
@@ -124,7 +120,7 @@ def images_response(record: JobRecord) -> ImagesResponse:
         if image.data_uri:
             data.append(ImageData(b64_json=image.data_uri.partition(",")[2]))
         else:
-            data.append(ImageData(url=f"{record.job.base_url}/files/{image.file_name}"))
+            data.append(ImageData(url=image_url(record.job.base_url, image)))
     return ImagesResponse(
         created=int(record.completed_at or time.time()),
         data=data,

@@ -11,13 +11,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.jobs import SEED_LIMIT
+from server.jobs import SEED_LIMIT, OutputFormat
 
 DEFAULT_MODEL_ID = "flux.1-dev"
 DEFAULT_SIZE = (1024, 1024)
 
 ResponseFormat = Literal["url", "b64_json"]
-OutputFormat = Literal["png", "jpeg", "webp"]
 
 
 class ImageFields(BaseModel):

@@ -10,7 +10,7 @@ import pytest
 from server.jobs import Job, JobRecord
 from server.queue.batch import MAX_BATCH, SubmitBatcher
 from server.queue.sqlite import SQLiteQueue
-from tests.server.queue.test_sqlite import make_job
+from tests.server.queue.conftest import make_job
 
 
 class CountingQueue(SQLiteQueue):

@@ -57,7 +57,7 @@ def test_submit_maps_inputs_to_the_job(api):
         7,
         28,
     )
-    assert job.acceleration == api.settings.default_acceleration
+    assert job.acceleration == "none"  # fal-ai/flux/dev's documented default
     preset = api.submit(
         body={"prompt": "p", "image_size": "portrait_16_9", "sync_mode": True, "num_images": 2}
     )

@@ -1,0 +1,69 @@
+"""The API process's queue upkeep: requeue or fail jobs whose lease or start deadline ran out
+(workers that died, hung, or ran on other machines), and delete results past retention.
+
+Every queue call runs in a thread, never on the event loop. The once-a-second recovery pass
+is a read when nothing is due (the queue takes no write lock then), so several API processes
+may all run it. The purge deletes in bounded batches, each its own short transaction, and
+removes the files of each batch in a thread too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from server.config import Settings
+from server.jobs import JobRecord
+from server.queue.base import PURGE_BATCH, JobQueue
+from server.storage import LocalStorage
+
+log = logging.getLogger("flux_server.api")
+
+RECOVER_INTERVAL = 1.0  # seconds between lease/deadline checks
+
+
+def purge_interval(retention_seconds: float) -> float:
+    """Sweep for expired results a few times per retention period, at most once a second."""
+    return min(max(retention_seconds / 4, RECOVER_INTERVAL), 300.0)
+
+
+def delete_files(storage: LocalStorage, records: list[JobRecord]) -> None:
+    """Delete the stored images of purged records (inline images have no file)."""
+    for record in records:
+        for image in record.result.images if record.result else []:
+            if image.file_name:
+                storage.delete(image.file_name)
+
+
+async def purge_expired(
+    queue: JobQueue, storage: LocalStorage, older_than: float, batch: int = PURGE_BATCH
+) -> int:
+    """Delete results finished before `older_than` and their files, `batch` at a time;
+    returns the count. Between batches the loop is free for requests."""
+    purged = 0
+    while True:
+        records = await asyncio.to_thread(queue.purge, older_than, batch)
+        if records:
+            await asyncio.to_thread(delete_files, storage, records)
+            purged += len(records)
+        if len(records) < batch:
+            return purged
+
+
+async def maintain_queue(queue: JobQueue, storage: LocalStorage, settings: Settings) -> None:
+    """Run until cancelled (a background task of the API's lifespan)."""
+    next_purge = time.monotonic()
+    while True:
+        try:
+            recovered = await asyncio.to_thread(queue.recover_expired)
+            if recovered:
+                log.warning("requeued or failed (lost lease or start deadline): %s", ", ".join(recovered))
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + purge_interval(settings.retention_seconds)
+                purged = await purge_expired(queue, storage, time.time() - settings.retention_seconds)
+                if purged:
+                    log.info("deleted %d result(s) older than %.0f s", purged, settings.retention_seconds)
+        except Exception:
+            log.exception("queue maintenance failed; retrying")
+        await asyncio.sleep(RECOVER_INTERVAL)

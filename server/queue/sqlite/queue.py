@@ -1,0 +1,338 @@
+"""The embedded queue: one SQLite file shared by the API process and the worker processes.
+
+Ordering: `priority_rank` (0 normal, 1 low) then `seq`, an INTEGER PRIMARY KEY that grows with
+every submit. A job that goes back to the queue gets a `seq` below every other one: the head.
+Connections, transactions and the row helpers are in store.py, the tables in schema.py, the
+webhook deliveries in deliveries.py.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from server.jobs import (
+    Job,
+    JobError,
+    JobRecord,
+    JobResult,
+    Status,
+    cancelled_error,
+    disconnected_error,
+    new_request_id,
+)
+from server.queue.base import MAX_ATTEMPTS, PURGE_BATCH, CancelOutcome, JobQueue, WorkerInfo
+from server.queue.records import PRIORITY_RANK, without_image
+from server.queue.sqlite.deliveries import SQLiteDeliveries
+from server.queue.sqlite.store import RECORD_COLUMNS, WORKERS_KEY
+
+# A lost datagram costs at most this long: every wait re-reads the database after it.
+FALLBACK_POLL_SECONDS = 0.5
+
+
+class SQLiteQueue(SQLiteDeliveries, JobQueue):
+    def __init__(self, db_path: Path, run_dir: Path, *, role: str, lease_seconds: float = 30.0) -> None:
+        super().__init__(db_path, run_dir, role=role, lease_seconds=lease_seconds)
+        self._interrupted = threading.Event()  # set by `interrupt_claim`, cleared by `claim`
+
+    # --- producer side -------------------------------------------------------------------
+    def submit(self, job: Job, request_id: str | None = None) -> JobRecord:
+        return self._store([(job, request_id or new_request_id())])[0][0]
+
+    def submit_with_position(self, job: Job, request_id: str | None = None) -> tuple[JobRecord, int]:
+        return self._store([(job, request_id or new_request_id())])[0]
+
+    def submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
+        return self._store([(job, new_request_id()) for job in jobs])
+
+    def _store(self, entries: list[tuple[Job, str]]) -> list[tuple[JobRecord, int]]:
+        """Insert the jobs in order in one transaction (one commit); each with its position."""
+        now = time.time()
+        bare_jobs = [without_image(job) for job, _ in entries]
+        rows = [
+            (request_id, job.app_id, PRIORITY_RANK[job.priority], bare.model_dump_json(), job.image, now,
+             job.start_deadline, int(job.webhook is not None))
+            for (job, request_id), bare in zip(entries, bare_jobs, strict=True)
+        ]  # fmt: skip
+        positions = []
+        with self._write() as conn:
+            for row in rows:
+                # Queued jobs of this class and the ones before it, the new one not yet among them.
+                (ahead,) = conn.execute(
+                    "SELECT COALESCE(SUM(queued), 0) FROM queue_counts WHERE priority_rank <= ?", (row[2],)
+                ).fetchone()
+                positions.append(int(ahead))
+                conn.execute(
+                    "INSERT INTO jobs (id, app_id, status, priority_rank, job_json, image, created_at, "
+                    "start_deadline, webhook) VALUES (?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+        for (_, request_id), bare in zip(entries, bare_jobs, strict=True):
+            self._jobs.put(request_id, bare)
+        self.notifier.notify("worker")
+        return [
+            (JobRecord(id=request_id, job=job, status=Status.IN_QUEUE, created_at=now), position)
+            for (job, request_id), position in zip(entries, positions, strict=True)
+        ]
+
+    def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
+        conn = self._conn()
+        row = conn.execute(f"SELECT {RECORD_COLUMNS} FROM jobs WHERE id = ?", (request_id,)).fetchone()
+        if row is None:
+            return None
+        return self._record(row, self._logs(conn, request_id) if with_logs else [])
+
+    def position(self, request_id: str) -> int | None:
+        # The higher classes' counts, then one index range count of the earlier jobs in its
+        # own class: the cost grows with the position in the class, not with the queue length.
+        row = (
+            self._conn()
+            .execute(
+                "SELECT j.status, "
+                "(SELECT COALESCE(SUM(queued), 0) FROM queue_counts c "
+                "WHERE c.priority_rank < j.priority_rank) + "
+                "(SELECT COUNT(*) FROM jobs q WHERE q.status = 'IN_QUEUE' "
+                "AND q.priority_rank = j.priority_rank AND q.seq < j.seq) "
+                "FROM jobs j WHERE j.id = ?",
+                (request_id,),
+            )
+            .fetchone()
+        )
+        if row is None or row[0] != Status.IN_QUEUE.value:
+            return None
+        return int(row[1])
+
+    def depth(self) -> int:
+        (count,) = self._conn().execute("SELECT COALESCE(SUM(queued), 0) FROM queue_counts").fetchone()
+        return int(count)
+
+    def cancel(self, request_id: str) -> CancelOutcome:
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (request_id,)).fetchone()
+            if row is None:
+                return CancelOutcome.NOT_FOUND
+            status = row[0]
+            if status == Status.COMPLETED.value:
+                return CancelOutcome.ALREADY_COMPLETED
+            if status == Status.IN_QUEUE.value:
+                self._finish(conn, request_id, now, error=cancelled_error())
+                outcome = CancelOutcome.CANCELLED
+            else:
+                conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (request_id,))
+                outcome = CancelOutcome.REQUESTED
+        self._notify_api([request_id], delivery=outcome is CancelOutcome.CANCELLED)
+        return outcome
+
+    async def wait_for_change(self, request_id: str, timeout: float) -> None:
+        await self.notifier.wait_for(request_id, min(timeout, FALLBACK_POLL_SECONDS))
+
+    # --- consumer side -------------------------------------------------------------------
+    def claim(self, worker_id: str, timeout: float) -> JobRecord | None:
+        deadline = time.monotonic() + timeout
+        conn = self._conn()
+        while True:
+            if self._interrupted.is_set():
+                self._interrupted.clear()
+                return None
+            if conn.execute("SELECT 1 FROM jobs WHERE status = 'IN_QUEUE' LIMIT 1").fetchone():
+                record = self._claim_head(worker_id)
+                if record is not None:
+                    return record
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.notifier.wait(min(remaining, FALLBACK_POLL_SECONDS))
+
+    def interrupt_claim(self) -> None:
+        self._interrupted.set()
+        self.notifier.wake_self()
+
+    def _claim_head(self, worker_id: str) -> JobRecord | None:
+        now = time.time()
+        with self._write() as conn:
+            expired = self._expire_deadlines(conn, now)
+            row = conn.execute(
+                "SELECT id FROM jobs WHERE status = 'IN_QUEUE' ORDER BY priority_rank, seq LIMIT 1"
+            ).fetchone()
+            if row is not None:
+                request_id = row[0]
+                conn.execute(
+                    "UPDATE jobs SET status = 'IN_PROGRESS', worker = ?, lease_expires = ?, "
+                    "attempts = attempts + 1, started_at = ? WHERE id = ?",
+                    (worker_id, now + self.lease_seconds, now, request_id),
+                )
+                self._add_log(conn, request_id, f"Started on {worker_id}", now)
+                record_row = conn.execute(
+                    f"SELECT {RECORD_COLUMNS} FROM jobs WHERE id = ?", (request_id,)
+                ).fetchone()
+        self._notify_api(expired)
+        if row is None:
+            return None
+        self.notifier.notify("api", request_id.encode())
+        return self._record(record_row, self._logs(self._conn(), request_id))
+
+    def renew(self, request_id: str, worker_id: str) -> bool:
+        changed = self._execute_write(
+            "UPDATE jobs SET lease_expires = ? WHERE id = ? AND worker = ? AND status = 'IN_PROGRESS'",
+            (time.time() + self.lease_seconds, request_id, worker_id),
+        )
+        return changed == 1
+
+    def is_cancel_requested(self, request_id: str) -> bool:
+        row = self._conn().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (request_id,)).fetchone()
+        return bool(row and row[0])
+
+    def log(self, request_id: str, message: str, progress: float | None = None) -> None:
+        now = time.time()
+        with self._write() as conn:
+            self._add_log(conn, request_id, message, now)
+            if progress is not None:
+                conn.execute("UPDATE jobs SET progress = ? WHERE id = ?", (progress, request_id))
+        self.notifier.notify("api", request_id.encode())
+
+    def complete(self, request_id: str, worker_id: str, result: JobResult) -> bool:
+        with self._write() as conn:
+            done = self._finish(
+                conn,
+                request_id,
+                time.time(),
+                result=result,
+                condition="status = 'IN_PROGRESS' AND worker = ?",
+                params=(worker_id,),
+            )
+        if done:
+            self._notify_api([request_id])
+        return done
+
+    def fail(self, request_id: str, worker_id: str | None, error: JobError) -> bool:
+        with self._write() as conn:
+            if worker_id is None:
+                done = self._finish(conn, request_id, time.time(), error=error)
+            else:
+                done = self._finish(
+                    conn,
+                    request_id,
+                    time.time(),
+                    error=error,
+                    condition="status = 'IN_PROGRESS' AND worker = ?",
+                    params=(worker_id,),
+                )
+        if done:
+            self._notify_api([request_id])
+        return done
+
+    def requeue(self, request_id: str, worker_id: str, message: str = "Worker stopping; requeued") -> bool:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET status = 'IN_QUEUE', worker = NULL, lease_expires = NULL, progress = 0, "
+                "attempts = MAX(attempts - 1, 0), start_deadline = NULL, "
+                "seq = (SELECT MIN(seq) FROM jobs) - 1 "
+                "WHERE id = ? AND worker = ? AND status = 'IN_PROGRESS'",
+                (request_id, worker_id),
+            )
+            if cursor.rowcount == 1:
+                self._add_log(conn, request_id, message, time.time())
+        if cursor.rowcount != 1:
+            return False
+        self.notifier.notify("worker")
+        self._notify_api([request_id], delivery=False)
+        return True
+
+    # --- maintenance ---------------------------------------------------------------------
+    def recover_expired(self) -> list[str]:
+        now = time.time()
+        # Two index probes; the write lock and transaction only when one of them finds a row.
+        due = (
+            self._conn()
+            .execute(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'IN_PROGRESS' AND lease_expires < ?) "
+                "OR EXISTS (SELECT 1 FROM jobs WHERE status = 'IN_QUEUE' AND start_deadline IS NOT NULL "
+                "AND start_deadline < ?)",
+                (now, now),
+            )
+            .fetchone()[0]
+        )
+        if not due:
+            return []
+        return self._recover("lease_expires < ?", (now,), now, deadlines=True)
+
+    def release_worker(self, worker_id: str) -> list[str]:
+        return self._recover("worker = ?", (worker_id,), time.time(), deadlines=False)
+
+    def _recover(self, condition: str, params: tuple, now: float, *, deadlines: bool) -> list[str]:
+        requeued: list[str] = []
+        finished: list[str] = []
+        with self._write() as conn:
+            rows = conn.execute(
+                "SELECT id, attempts, cancel_requested FROM jobs "
+                f"WHERE status = 'IN_PROGRESS' AND {condition}",
+                params,
+            ).fetchall()
+            for request_id, attempts, cancel_requested in rows:
+                if cancel_requested:
+                    self._finish(conn, request_id, now, error=cancelled_error())
+                    finished.append(request_id)
+                elif attempts < MAX_ATTEMPTS:
+                    conn.execute(
+                        "UPDATE jobs SET status = 'IN_QUEUE', worker = NULL, lease_expires = NULL, "
+                        "progress = 0, start_deadline = NULL, seq = (SELECT MIN(seq) FROM jobs) - 1 "
+                        "WHERE id = ?",
+                        (request_id,),
+                    )
+                    self._add_log(conn, request_id, "Worker lost; retrying", now)
+                    requeued.append(request_id)
+                else:
+                    self._finish(conn, request_id, now, error=disconnected_error())
+                    finished.append(request_id)
+            if deadlines:
+                finished += self._expire_deadlines(conn, now)
+        if requeued:
+            self.notifier.notify("worker")
+            self._notify_api(requeued, delivery=False)
+        self._notify_api(finished)
+        return requeued + finished
+
+    def purge(self, older_than: float, limit: int = PURGE_BATCH) -> list[JobRecord]:
+        with self._write() as conn:
+            rows = conn.execute(
+                f"SELECT {RECORD_COLUMNS} FROM jobs WHERE status = 'COMPLETED' AND completed_at < ? "
+                "ORDER BY completed_at LIMIT ?",
+                (older_than, limit),
+            ).fetchall()
+            ids = [(row[0],) for row in rows]
+            conn.executemany("DELETE FROM jobs WHERE id = ?", ids)
+            conn.executemany("DELETE FROM logs WHERE request_id = ?", ids)
+            conn.executemany("DELETE FROM deliveries WHERE request_id = ?", ids)
+        records = [self._record(row, []) for row in rows]
+        for record in records:
+            self._jobs.forget(record.id)
+        return records
+
+    # --- worker registry -----------------------------------------------------------------
+    def set_worker_state(
+        self, worker_id: str, state: str, *, device: str, model: str, detail: str = ""
+    ) -> None:
+        self._execute_write(
+            "INSERT OR REPLACE INTO workers (worker_id, state, device, model, detail, pid, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (worker_id, state, device, model, detail, os.getpid(), time.time()),
+        )
+        self.notifier.notify("api", WORKERS_KEY.encode())
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._execute_write("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
+        self.notifier.notify("api", WORKERS_KEY.encode())
+
+    def workers(self) -> list[WorkerInfo]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT worker_id, state, device, model, detail, pid, updated_at "
+                "FROM workers ORDER BY worker_id"
+            )
+            .fetchall()
+        )
+        return [WorkerInfo(*row) for row in rows]

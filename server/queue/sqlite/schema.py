@@ -1,0 +1,146 @@
+"""The SQLite queue's tables and their migrations, and the connection settings every user of
+the database file needs.
+
+Each migration runs in one `BEGIN IMMEDIATE` transaction that also sets `PRAGMA user_version`,
+so several processes opening a new or older database at once apply each step once, in order.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+# The first schema. Its counts table must be filled from the jobs already queued (a database
+# made before it existed) before its triggers start keeping it.
+_V1 = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    app_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    priority_rank INTEGER NOT NULL,
+    job_json TEXT NOT NULL,  -- the Job without its input image
+    image BLOB,  -- the input image, kept out of the JSON (no base64, no parse on every read)
+    created_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    lease_expires REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    progress REAL NOT NULL DEFAULT 0,
+    result_json TEXT,
+    error_json TEXT,
+    start_deadline REAL,
+    webhook INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority_rank, seq);
+CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs (start_deadline)
+    WHERE status = 'IN_QUEUE' AND start_deadline IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_completed ON jobs (completed_at) WHERE status = 'COMPLETED';
+CREATE TABLE IF NOT EXISTS logs (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    level TEXT NOT NULL,
+    source TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_request ON logs (request_id, id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    request_id TEXT PRIMARY KEY,
+    due_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    delivered_at REAL,
+    gave_up INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    device TEXT NOT NULL,
+    model TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+-- Queued jobs per priority class, kept by the triggers below: a new job's queue position and
+-- the queue depth are one small read however long the queue is. (A job's class never changes.)
+CREATE TABLE IF NOT EXISTS queue_counts (
+    priority_rank INTEGER PRIMARY KEY,
+    queued INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO queue_counts (priority_rank, queued)
+    SELECT priority_rank, COUNT(*) FROM jobs WHERE status = 'IN_QUEUE' GROUP BY priority_rank;
+CREATE TRIGGER IF NOT EXISTS queue_counts_submit AFTER INSERT ON jobs
+WHEN NEW.status = 'IN_QUEUE' BEGIN
+    INSERT INTO queue_counts (priority_rank, queued) VALUES (NEW.priority_rank, 1)
+        ON CONFLICT (priority_rank) DO UPDATE SET queued = queued + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS queue_counts_requeue AFTER UPDATE OF status ON jobs
+WHEN OLD.status != 'IN_QUEUE' AND NEW.status = 'IN_QUEUE' BEGIN
+    INSERT INTO queue_counts (priority_rank, queued) VALUES (NEW.priority_rank, 1)
+        ON CONFLICT (priority_rank) DO UPDATE SET queued = queued + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS queue_counts_leave AFTER UPDATE OF status ON jobs
+WHEN OLD.status = 'IN_QUEUE' AND NEW.status != 'IN_QUEUE' BEGIN
+    UPDATE queue_counts SET queued = queued - 1 WHERE priority_rank = OLD.priority_rank;
+END;
+CREATE TRIGGER IF NOT EXISTS queue_counts_delete AFTER DELETE ON jobs
+WHEN OLD.status = 'IN_QUEUE' BEGIN
+    UPDATE queue_counts SET queued = queued - 1 WHERE priority_rank = OLD.priority_rank;
+END;
+"""
+
+# Indexes that let the once-a-second maintenance and the dispatcher find due rows (or learn
+# that there are none) without reading the tables.
+_V2 = """
+CREATE INDEX IF NOT EXISTS jobs_lease ON jobs (lease_expires) WHERE status = 'IN_PROGRESS';
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (due_at)
+    WHERE delivered_at IS NULL AND gave_up = 0;
+"""
+
+# Every statement is idempotent, so a step that two processes both saw as missing is harmless.
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def open_connection(db_path: Path) -> sqlite3.Connection:
+    """A connection with the pragmas every user of the queue database needs. Autocommit mode:
+    callers write `BEGIN IMMEDIATE` ... `COMMIT` around multi-statement changes."""
+    conn = sqlite3.connect(str(db_path), timeout=30.0, isolation_level=None, cached_statements=256)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA temp_store = MEMORY")
+    return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    return int(version)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the database to `SCHEMA_VERSION` (WAL mode, every table and index)."""
+    conn.execute("PRAGMA journal_mode = WAL")
+    for version, script in enumerate(MIGRATIONS, start=1):
+        if schema_version(conn) >= version:
+            continue
+        conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
+    _add_image_column(conn)
+
+
+def _add_image_column(conn: sqlite3.Connection) -> None:
+    """A database made before input images had their own column gets it."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    if "image" in columns:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        if "image" not in columns:
+            conn.execute("ALTER TABLE jobs ADD COLUMN image BLOB")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
