@@ -36,6 +36,11 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--memory-plan", {"help": "auto, resident, fp8-offload-text, model-offload, sequential-offload"}),
     ("--retention-seconds", {"type": float}),
     ("--lease-seconds", {"type": float}),
+    ("--lora-dir", {"help": "folder of LoRA files that requests may name (the studio's library)"}),
+    ("--lora-cache-dir", {"help": "downloaded LoRAs (default <data-dir>/lora-cache)"}),
+    ("--lora-cache-bytes", {"type": int, "help": "size bound of the LoRA download cache"}),
+    ("--lora-max-per-request", {"type": int}),
+    ("--lora-max-rank", {"type": int, "help": "highest LoRA rank accepted (hot-swap slot rank)"}),
     ("--webhook-allowlist", {"help": "comma-separated host names webhooks may be sent to"}),
     ("--webhook-retry-base-seconds", {"type": float, "help": "first webhook retry delay (doubles)"}),
 ]
