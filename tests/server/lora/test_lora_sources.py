@@ -247,7 +247,7 @@ def test_an_uploaded_file_is_read_from_disk(tmp_path: Path, lan: LanServer) -> N
     assert found.source == "upload" and found.file.read_bytes() == SAFETENSORS
     assert lan.requests == []
     with pytest.raises(LoraError, match="this server has no such file"):
-        resolver.resolve(file_url(lan.url, "A" * 32 + ".safetensors"), own_base_urls=[lan.url])
+        resolver.resolve(file_url(lan.url, "A" * 32 + ".bin"), own_base_urls=[lan.url])
 
 
 def test_resolve_all_bounds_the_total_size(tmp_path: Path) -> None:
