@@ -195,3 +195,9 @@ async def result(owner: str, app: str, request_id: str, request: Request) -> JSO
 async def submit(owner: str, app: str, endpoint: str, request: Request) -> JSONResponse:
     record, position = await submit_request(request, owner, app, endpoint)
     return JSONResponse(adapter.submit_body(record, record.job.base_url, position))
+
+
+@router.post("/{owner}/{app}")
+async def submit_to_app(owner: str, app: str, request: Request) -> JSONResponse:
+    """An app served at its own id (`fal-ai/flux-lora`): the endpoint is ""."""
+    return await submit(owner, app, "", request)

@@ -33,10 +33,18 @@ class ClientGone(Exception):
     pass
 
 
+@router.post("/{owner}/{app}", response_model=None)
+async def run_app(owner: str, app: str, request: Request) -> Response:
+    """An app served at its own id (`fal-ai/flux-lora`): the endpoint is ""."""
+    return await run(owner, app, "", request)
+
+
 @router.post("/{owner}/{app}/{endpoint:path}", response_model=None)
 async def run(owner: str, app: str, endpoint: str, request: Request) -> Response:
     if endpoint.endswith(STREAM_SUFFIX):
         return await run_stream(owner, app, endpoint.removesuffix(STREAM_SUFFIX), request)
+    if endpoint == STREAM_SUFFIX.lstrip("/") and adapter.find_endpoint(f"{owner}/{app}", endpoint) is None:
+        return await run_stream(owner, app, "", request)  # `/run/fal-ai/flux-lora/stream`
     record, _ = await submit_request(request, owner, app, endpoint)
     try:
         finished = await wait_until_completed(request, record.id)
