@@ -22,6 +22,7 @@ attempt is made by one dispatcher at a time, across every process sharing the st
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -56,6 +57,19 @@ class WorkerInfo:
     detail: str
     pid: int
     updated_at: float  # unix time of the last state change or heartbeat
+
+
+@dataclass(frozen=True)
+class ClaimPreference:
+    """A worker's hint for `claim`: among the first `window` queued jobs of the head's
+    priority, take the first that `wants` (e.g. its LoRAs are already loaded on this worker)
+    instead of the head, unless the head has waited `max_wait` seconds or more. So a preference
+    reorders only nearby jobs and never delays any job by more than `max_wait` (plus the
+    jobs already running)."""
+
+    wants: Callable[[Job], bool]
+    window: int = 8
+    max_wait: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -110,8 +124,11 @@ class JobQueue(ABC):
 
     # --- consumer side (worker process) --------------------------------------------------
     @abstractmethod
-    def claim(self, worker_id: str, timeout: float) -> JobRecord | None:
-        """Atomically take the next job and a lease on it, waiting up to `timeout` seconds."""
+    def claim(
+        self, worker_id: str, timeout: float, prefer: ClaimPreference | None = None
+    ) -> JobRecord | None:
+        """Atomically take the next job and a lease on it, waiting up to `timeout` seconds.
+        `prefer`: see ClaimPreference; without it, strictly the head."""
 
     @abstractmethod
     def interrupt_claim(self) -> None:

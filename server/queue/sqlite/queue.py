@@ -23,7 +23,14 @@ from server.jobs import (
     disconnected_error,
     new_request_id,
 )
-from server.queue.base import MAX_ATTEMPTS, PURGE_BATCH, CancelOutcome, JobQueue, WorkerInfo
+from server.queue.base import (
+    MAX_ATTEMPTS,
+    PURGE_BATCH,
+    CancelOutcome,
+    ClaimPreference,
+    JobQueue,
+    WorkerInfo,
+)
 from server.queue.records import PRIORITY_RANK, without_image
 from server.queue.sqlite.deliveries import SQLiteDeliveries
 from server.queue.sqlite.store import RECORD_COLUMNS, WORKERS_KEY
@@ -130,7 +137,9 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
         await self.notifier.wait_for(request_id, min(timeout, FALLBACK_POLL_SECONDS))
 
     # --- consumer side -------------------------------------------------------------------
-    def claim(self, worker_id: str, timeout: float) -> JobRecord | None:
+    def claim(
+        self, worker_id: str, timeout: float, prefer: ClaimPreference | None = None
+    ) -> JobRecord | None:
         deadline = time.monotonic() + timeout
         conn = self._conn()
         while True:
@@ -138,7 +147,7 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
                 self._interrupted.clear()
                 return None
             if conn.execute("SELECT 1 FROM jobs WHERE status = 'IN_QUEUE' LIMIT 1").fetchone():
-                record = self._claim_head(worker_id)
+                record = self._claim_head(worker_id, prefer)
                 if record is not None:
                     return record
             remaining = deadline - time.monotonic()
@@ -150,13 +159,16 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
         self._interrupted.set()
         self.notifier.wake_self()
 
-    def _claim_head(self, worker_id: str) -> JobRecord | None:
+    def _claim_head(self, worker_id: str, prefer: ClaimPreference | None = None) -> JobRecord | None:
         now = time.time()
         with self._write() as conn:
             expired = self._expire_deadlines(conn, now)
-            row = conn.execute(
-                "SELECT id FROM jobs WHERE status = 'IN_QUEUE' ORDER BY priority_rank, seq LIMIT 1"
-            ).fetchone()
+            rows = conn.execute(
+                "SELECT id, priority_rank, created_at, job_json FROM jobs WHERE status = 'IN_QUEUE' "
+                "ORDER BY priority_rank, seq LIMIT ?",
+                (prefer.window if prefer is not None else 1,),
+            ).fetchall()
+            row = _preferred(rows, prefer, now) if rows else None
             if row is not None:
                 request_id = row[0]
                 conn.execute(
@@ -336,3 +348,16 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
             .fetchall()
         )
         return [WorkerInfo(*row) for row in rows]
+
+
+def _preferred(rows: list[tuple], prefer: ClaimPreference | None, now: float) -> tuple:
+    """The head, or the first row of the head's priority that `prefer` wants (ClaimPreference)."""
+    head = rows[0]
+    if prefer is None or now - head[2] >= prefer.max_wait:
+        return head
+    for row in rows:
+        if row[1] != head[1]:
+            break
+        if prefer.wants(Job.model_validate_json(row[3])):
+            return row
+    return head
