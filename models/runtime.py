@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import FluxImg2ImgPipeline, FluxPipeline, FluxPriorReduxPipeline
+    from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, FluxPriorReduxPipeline
     from PIL import Image
 
     from models.lora.manager import LoraManager
@@ -93,9 +93,13 @@ def validate_job(job: Job) -> None:
         )
     if not (math.isfinite(job.guidance_scale) and 0 <= job.guidance_scale <= MAX_GUIDANCE):
         raise ValueError(f"guidance_scale must be between 0 and {MAX_GUIDANCE}, got {job.guidance_scale}")
-    if job.task in ("image-to-image", "redux") and not job.image:
+    if job.task in ("image-to-image", "inpainting", "redux") and not job.image:
         raise ValueError(f"task {job.task!r} needs an input image")
-    if job.task == "image-to-image" and not (math.isfinite(job.strength) and 0 < job.strength <= 1):
+    if job.task == "inpainting" and not job.mask:
+        raise ValueError("task 'inpainting' needs a mask")
+    if job.task in ("image-to-image", "inpainting") and not (
+        math.isfinite(job.strength) and 0 < job.strength <= 1
+    ):
         raise ValueError(f"strength must be in (0, 1], got {job.strength}")
     if job.safety_tolerance is not None and not 0 <= job.safety_tolerance <= 6:
         raise ValueError(f"safety_tolerance must be between 0 and 6, got {job.safety_tolerance}")
@@ -113,6 +117,7 @@ class FluxRuntime:
         *,
         pipe: FluxPipeline,
         img2img: FluxImg2ImgPipeline,
+        inpaint: FluxInpaintPipeline,
         redux: FluxPriorReduxPipeline | None,
         safety: SafetyChecker | None,
         presets: PresetManager,
@@ -123,6 +128,7 @@ class FluxRuntime:
     ) -> None:
         self.pipe = pipe
         self.img2img = img2img
+        self.inpaint = inpaint
         self.redux = redux
         self.safety = safety
         self.presets = presets
@@ -155,7 +161,7 @@ class FluxRuntime:
         # Resolve first: a broken --model fails before the slow torch/diffusers imports.
         spec = resolve_model(model, data_dir=Path(data_dir), components_dir=components_dir)
         import torch
-        from diffusers import FluxImg2ImgPipeline, FluxPipeline, FluxPriorReduxPipeline
+        from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, FluxPriorReduxPipeline
 
         from models.lora.manager import LoraManager
         from models.lora.spec import LoraLimits
@@ -187,6 +193,8 @@ class FluxRuntime:
         # Built after placement so that it shares the very same (already placed) modules.
         img2img = FluxImg2ImgPipeline(**pipe.components)
         img2img.set_progress_bar_config(disable=True)
+        inpaint = FluxInpaintPipeline(**pipe.components)
+        inpaint.set_progress_bar_config(disable=True)
 
         safety = None
         if safety_checker is not None:
@@ -220,6 +228,7 @@ class FluxRuntime:
         return cls(
             pipe=pipe,
             img2img=img2img,
+            inpaint=inpaint,
             redux=redux,
             safety=safety,
             presets=preset_manager,
@@ -232,7 +241,7 @@ class FluxRuntime:
     @property
     def tasks(self) -> tuple[str, ...]:
         """The tasks this runtime can run."""
-        base = ("text-to-image", "image-to-image")
+        base = ("text-to-image", "image-to-image", "inpainting")
         return (*base, "redux") if self.redux is not None else base
 
     @property
@@ -304,10 +313,13 @@ class FluxRuntime:
         with _timed(timings, "encode"), torch.no_grad():
             prompt_embeds, pooled_prompt_embeds = self._encode(job, input_image)
 
-        pipe: Any = self.img2img if job.task == "image-to-image" else self.pipe
+        pipe: Any = {"image-to-image": self.img2img, "inpainting": self.inpaint}.get(job.task, self.pipe)
         extra: dict[str, Any] = {}
         if job.task == "image-to-image":
             extra = {"image": input_image, "strength": job.strength}
+        elif job.task == "inpainting":
+            assert job.mask is not None
+            extra = {"image": input_image, "mask_image": _open_image(job.mask), "strength": job.strength}
 
         def step_end(pipeline: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             if on_step is not None:

@@ -25,9 +25,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from models.lora.errors import LoraError
 from server.config import Settings
 from server.images import content_type, encode_image, to_data_uri
 from server.jobs import JobError, JobRecord, JobResult, OutputImage, cancelled_error, parse_wxh
+from server.lora.jobs import JobLoras
 from server.queue.factory import open_queue
 from server.storage import LocalStorage
 
@@ -72,6 +74,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.queue = open_queue(settings, role="worker")
         self.storage = LocalStorage(settings.files_dir)
+        self.loras = JobLoras(settings, self.storage)
         self.device = settings.device
         self._stop = threading.Event()
         self._held: dict[str, threading.Event] = {}  # request id -> set when its lease is lost
@@ -110,7 +113,8 @@ class Worker:
         logger.info("worker %s ready on %s", self.worker_id, self.device)
         try:
             while not self._stop.is_set():
-                record = self.queue.claim(self.worker_id, timeout=CLAIM_TIMEOUT_SECONDS)
+                prefer = self.loras.preference(runtime.loras.loaded)  # jobs whose LoRAs it holds
+                record = self.queue.claim(self.worker_id, timeout=CLAIM_TIMEOUT_SECONDS, prefer=prefer)
                 if record is not None:
                     self._run_job(runtime, record)
         finally:
@@ -137,6 +141,7 @@ class Worker:
             device=self.device,
             presets=self.settings.presets,
             memory_plan=self.settings.memory_plan,
+            lora_limits=self.loras.limits(),
         )
         sizes = parse_sizes(self.settings.warmup_sizes) or default_warmup_sizes(self.device)
         if sizes:
@@ -159,7 +164,15 @@ class Worker:
 
         started = time.perf_counter()
         try:
-            generation = runtime.generate(record.job, on_step=on_step, should_cancel=should_cancel)
+            loras = self.loras.specs(record.job)  # downloads run here, inside the lease
+            generation = runtime.generate(
+                record.job, on_step=on_step, should_cancel=should_cancel, loras=loras
+            )
+        except LoraError as exc:
+            logger.info("job %s: %s", request_id, exc)
+            self._release(request_id)
+            self.queue.fail(request_id, self.worker_id, self.loras.error(record.job, exc))
+            return
         except ValueError as exc:  # the input's fault, the runtime's TaskUnavailable included
             self._release(request_id)
             self.queue.fail(request_id, self.worker_id, input_error(str(exc)))
@@ -179,6 +192,8 @@ class Worker:
             else:  # stopping
                 self.queue.requeue(request_id, self.worker_id)
             return
+        for line in generation.log:
+            self.queue.log(request_id, line)
         # Still held: the heartbeat keeps renewing the lease until the finisher completes it.
         self._finished.put(_Finished(record, generation, time.perf_counter() - started))
 

@@ -54,13 +54,14 @@ class LoraResolver:
         self.lora_dir = Path(lora_dir).resolve() if lora_dir is not None else None
         self.hf_cache_dir = hf_cache_dir  # None: huggingface_hub's own (HF_HUB_CACHE, HF_HOME)
 
-    def resolve(self, path: str, *, own_base_urls: Iterable[str] = ()) -> ResolvedLora:
+    def resolve(self, path: str, *, own_base_urls: Iterable[str] = (), download: bool = True) -> ResolvedLora:
+        """`download=False`: a URL not in the cache yet is a LoraError instead of a download."""
         text = path.strip()
         if not text:
             raise LoraError(path, "is empty")
         scheme = text.split(":", 1)[0].lower() if ":" in text else ""
         if scheme in ("http", "https"):
-            return self._from_url(path, text, list(own_base_urls))
+            return self._from_url(path, text, list(own_base_urls), download)
         if scheme and len(scheme) > 1:
             raise LoraError(path, f"{scheme}: URLs are not supported (http(s) URL, LoRA name or repo id)")
         local = self._from_lora_dir(path, text)
@@ -73,7 +74,7 @@ class LoraResolver:
         raise LoraError(path, f"not found {where}, and it is not a Hugging Face repo id")
 
     # --- URLs -------------------------------------------------------------------------------
-    def _from_url(self, path: str, url: str, own_base_urls: list[str]) -> ResolvedLora:
+    def _from_url(self, path: str, url: str, own_base_urls: list[str], download: bool) -> ResolvedLora:
         name = file_name_from_url(url, own_base_urls)
         if name is not None:
             stored = self.storage.path(name)
@@ -89,6 +90,8 @@ class LoraResolver:
                     path, self._from_hf_cache(path, repo, file, revision=revision), "hf-cache"
                 )
             raise LoraError(path, "is a Hugging Face page, not a file URL (.../resolve/<revision>/<file>)")
+        if not download and not self.cache.path_for(url).is_file():
+            raise LoraError(path, "not downloaded yet")
         return ResolvedLora(path, self.cache.get(url), "download")
 
     # --- the LoRA folder --------------------------------------------------------------------

@@ -186,3 +186,20 @@ def test_a_quantized_preset_runs_loras_on_the_loaded_weights_and_says_so(
     assert out.preset == "regular"
     assert out.preset_note == "LoRAs apply to the weights as loaded: ran without int8 weights"
     assert png(out.images[0]) == png(eager.images[0])
+
+
+def test_inpainting_with_a_lora(lora_runtime: FluxRuntime, lora_file: Callable[..., Path]) -> None:
+    from PIL import Image
+
+    source = png(lora_runtime.generate(tiny_job(seed=3, width=96, height=64)).images[0])
+    mask = Image.new("RGB", (96, 64))
+    mask.paste((255, 255, 255), (48, 0, 96, 64))  # repaint the right half only
+    fields = {"task": "inpainting", "image": source, "mask": png(mask), "strength": 0.9}
+    fields |= {"width": 96, "height": 64}
+    plain = lora_runtime.generate(tiny_job(**fields))
+    styled = lora_runtime.generate(tiny_job(**fields), loras=[LoraSpec("a", lora_file("a", seed=1))])
+    assert plain.images[0].size == (96, 64)
+    assert png(plain.images[0]) != png(styled.images[0])
+    assert png(lora_runtime.generate(tiny_job(**fields)).images[0]) == png(plain.images[0])
+    with pytest.raises(ValueError, match="needs a mask"):
+        lora_runtime.generate(tiny_job(**{**fields, "mask": None}))
