@@ -49,6 +49,11 @@ class MemoryPlan:
     vae_tiling_min_pixels: int = 1536 * 1536
     expected_peak_gib: float | None = None  # published-figure estimate at 1024x1024, not measured
 
+    @property
+    def all_resident(self) -> bool:
+        """Every component lives on the device for good (nothing is offloaded)."""
+        return self.offload == "none" and self.text_encoders == "resident"
+
 
 PLANS: dict[str, MemoryPlan] = {
     "resident": MemoryPlan("resident", 70, "as-loaded", "resident", "none", False, expected_peak_gib=34.0),
@@ -100,7 +105,7 @@ def apply_plan(pipe: Any, plan: MemoryPlan, device: str) -> None:
         # Storage only: weights are held in fp8 and upcast per layer (~half the memory of bf16).
         pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
 
-    if not on_gpu or (plan.offload == "none" and plan.text_encoders == "resident"):
+    if not on_gpu or plan.all_resident:
         pipe.to(device)
     elif plan.offload == "model":
         pipe.enable_model_cpu_offload(device=device)

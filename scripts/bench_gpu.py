@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from models.memory import apply_plan, choose_plan, vram_bytes
-    from models.presets import PresetManager
+    from models.presets.apply import PresetManager
     from models.tiny import ensure_tiny
 
     device = "cpu" if args.tiny else "cuda"

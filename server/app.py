@@ -5,15 +5,15 @@ match `/v1/...`, so the fixed-path routers (health, files, the optional protocol
 are included first, then fal's `/run/...` routes, then fal's queue routes last.
 
 A protocol package's `routes` module exposes `router: APIRouter` and may expose `setup(app:
-FastAPI) -> None` (called once, e.g. to register its error renderer); adding a protocol is one
-entry in `PROTOCOL_ROUTES`. Shared objects live on `app.state` (see server/deps.py): `settings`, `queue`,
-`storage`, `submit_batcher` (server/queue/batch.py), plus:
+FastAPI) -> None` (called once, e.g. to register its error renderer with server/errors.py);
+adding a protocol is one entry in `PROTOCOL_ROUTES`. Shared objects live on `app.state` (see
+server/deps.py): `settings`, `queue` (the `JobQueue`, for background tasks), `async_queue`
+(the same queue for route code: every call off the event loop, submits group-committed; see
+server/queue/aio.py), `storage`, plus:
 
 - `app.state.background`: zero-argument coroutine functions started with the app and
   cancelled at shutdown (the webhook dispatcher is one).
-- `app.state.error_renderers`: (path prefix, renderer) pairs. A protocol claims its paths so
-  that validation errors, HTTP errors and unexpected exceptions there are rendered in its own
-  error shape; other paths get fal's (FastAPI's) shapes. See `register_error_renderer`.
+- `app.state.error_renderers`: (path prefix, renderer) pairs; see server/errors.py.
 """
 
 from __future__ import annotations
@@ -23,14 +23,11 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
+from server.errors import install_error_handlers
 from server.maintenance import maintain_queue
 from server.protocols.bfl import routes as bfl_routes
 from server.protocols.bfl import webhook as bfl_webhook
@@ -38,8 +35,8 @@ from server.protocols.fal import queue_routes, run_routes
 from server.protocols.fal import webhook as fal_webhook
 from server.protocols.fal.proxy import FalProxyMiddleware
 from server.protocols.openai import routes as openai_routes
+from server.queue.aio import AsyncQueue
 from server.queue.base import JobQueue
-from server.queue.batch import SubmitBatcher
 from server.queue.factory import open_queue
 from server.routes import files, health, jwks
 from server.webhooks.dispatch import start_dispatcher
@@ -48,8 +45,6 @@ log = logging.getLogger("flux_server.api")
 
 # Fixed-path routers, included before fal's pattern routes (see the module docstring).
 PROTOCOL_ROUTES = (jwks, bfl_routes, openai_routes)
-
-ErrorRenderer = Callable[[Request, Exception], Awaitable[Response]]
 
 
 def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
@@ -68,6 +63,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            async_queue.close()
             if owns_queue:
                 queue.close()
 
@@ -76,10 +72,10 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.api_keys = settings.all_api_keys()  # read once: not a file read per request
     app.state.queue = queue
-    app.state.submit_batcher = SubmitBatcher(queue)  # group commit for concurrent submits
+    async_queue = app.state.async_queue = AsyncQueue(queue)
     app.state.storage = LocalStorage(settings.files_dir)
     app.state.background = []
-    app.state.error_renderers = []
+    install_error_handlers(app)
 
     app.include_router(health.router)
     app.include_router(files.router)
@@ -91,10 +87,6 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.state.background.append(start_dispatcher(settings, queue, renderers))
     app.include_router(run_routes.router)
     app.include_router(queue_routes.router)  # last: its patterns match almost any path
-
-    app.add_exception_handler(RequestValidationError, handle_error)
-    app.add_exception_handler(StarletteHTTPException, handle_error)
-    app.add_exception_handler(Exception, handle_error)
 
     # Added innermost first: the proxy rewrites the path, then slashes are stripped, then
     # the request-id header is added on the way out.
@@ -120,39 +112,6 @@ async def run_forever(factory: Callable[[], Awaitable[None]]) -> None:
                 "background task %s crashed; restarting in 1 s", getattr(factory, "__name__", factory)
             )
             await asyncio.sleep(1.0)
-
-
-# --- errors -------------------------------------------------------------------------------
-
-
-def register_error_renderer(app: FastAPI, prefix: str, renderer: ErrorRenderer) -> None:
-    """Render errors on paths starting with `prefix` with `renderer(request, exc)`.
-
-    `exc` is a RequestValidationError, a starlette HTTPException or any other exception (then
-    answer 500 in the protocol's shape). The longest matching prefix wins."""
-    app.state.error_renderers.append((prefix, renderer))
-    app.state.error_renderers.sort(key=lambda item: len(item[0]), reverse=True)
-
-
-async def handle_error(request: Request, exc: Exception) -> Response:
-    for prefix, renderer in request.app.state.error_renderers:
-        if request.url.path.startswith(prefix):
-            return await renderer(request, exc)
-    return fal_error(request, exc)
-
-
-def fal_error(request: Request, exc: Exception) -> Response:
-    """fal's (FastAPI's) error shapes."""
-    if isinstance(exc, RequestValidationError):
-        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
-    if isinstance(exc, StarletteHTTPException):
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(
-        {"detail": "Internal server error", "error_type": "internal_server_error"},
-        status_code=500,
-        headers={"x-fal-error-type": "internal_server_error"},
-    )
 
 
 # --- middleware ---------------------------------------------------------------------------

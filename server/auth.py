@@ -4,15 +4,18 @@ With no key configured, authentication is off (the API process refuses to listen
 non-loopback address in that case unless told `--insecure-no-auth`). Keys are compared whole,
 so fal's `Key id:secret` form works when the configured key is `id:secret`.
 
-Every protocol uses `check_api_key`; each renders the 401 in its own error shape. fal's
-shape is FastAPI's `{"detail": "..."}`, provided by `require_fal_key`.
+Every protocol builds its route dependency with `api_key_dependency`, handing in how it
+refuses a request in its own error shape (fal: 401 `{"detail": ...}`, BFL: 401/403, OpenAI:
+401 `{"error": ...}`); the checking itself is the same for all.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
+from enum import Enum
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 
 from server.config import Settings
 
@@ -57,12 +60,20 @@ def check_api_key(request: Request) -> bool:
     return key_is_valid(state.settings, presented_key(request), keys)
 
 
-async def require_fal_key(request: Request) -> None:
-    """FastAPI dependency for fal routes: 401 `{"detail": ...}` without a valid key."""
-    if check_api_key(request):
-        return
-    if presented_key(request) is None:
-        detail = "Missing API key: send 'Authorization: Key <key>' or 'Authorization: Bearer <key>'"
-    else:
-        detail = "Invalid API key"
-    raise HTTPException(status_code=401, detail=detail)
+class KeyProblem(str, Enum):
+    MISSING = "missing"  # no key in any of the accepted headers
+    INVALID = "invalid"  # a key that is not configured
+
+
+def api_key_dependency(
+    refuse: Callable[[KeyProblem], Exception],
+) -> Callable[[Request], Awaitable[None]]:
+    """A FastAPI dependency that lets a request through when auth is off or its key is
+    valid, and otherwise raises `refuse(problem)`, the protocol's own error."""
+
+    async def require_api_key(request: Request) -> None:
+        if check_api_key(request):
+            return
+        raise refuse(KeyProblem.MISSING if presented_key(request) is None else KeyProblem.INVALID)
+
+    return require_api_key

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
-        from models.generate_cli import run_generate
+        from server.generate_cli import run_generate
 
         return run_generate(args)
     if args.command == "make-cert":

@@ -44,11 +44,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lease_seconds: float = 30.0  # a worker that stops renewing loses its job after this
 
-    # Acceleration (see models/presets.py)
+    # Acceleration (see models/presets/policy.py)
     # For fal requests that name no preset. None: each path's documented default (fal-ai/flux/dev
     # "none", the aggregator path fal-ai/flux-1/dev "regular").
     default_acceleration: Literal["none", "regular", "high"] | None = None
-    # Empty means the device's defaults (models/presets.py: default_presets, default_warmup_sizes).
+    # Empty means the device's defaults (models/presets/policy.py: default_presets, default_warmup_sizes).
     presets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     warmup_sizes: Annotated[list[str], NoDecode] = Field(default_factory=list)  # "WxH" items
     memory_plan: str = "auto"

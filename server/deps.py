@@ -1,8 +1,9 @@
 """Accessors for the objects every route shares, and the base URL of returned links.
 
-`create_app` puts `settings`, `queue` and `storage` on `app.state`; routes read them through
-these functions (usable directly or as FastAPI dependencies) rather than importing globals,
-so that a test can build several apps side by side.
+`create_app` puts `settings`, the queue and `storage` on `app.state`; routes read them
+through these functions (usable directly or as FastAPI dependencies) rather than importing
+globals, so that a test can build several apps side by side. Routes get the queue as an
+`AsyncQueue`: route code runs on the event loop and must never wait on the store itself.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from server.config import Settings
-from server.queue.base import JobQueue
-from server.queue.batch import SubmitBatcher
+from server.queue.aio import AsyncQueue
 
 if TYPE_CHECKING:  # the storage module belongs to another part of the tree
     from server.storage import LocalStorage
@@ -23,12 +23,8 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_queue(request: Request) -> JobQueue:
-    return request.app.state.queue
-
-
-def get_submit_batcher(request: Request) -> SubmitBatcher:
-    return request.app.state.submit_batcher
+def get_queue(request: Request) -> AsyncQueue:
+    return request.app.state.async_queue
 
 
 def get_storage(request: Request) -> LocalStorage:

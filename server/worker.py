@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING
 from models.lora.errors import LoraError
 from server.config import Settings
 from server.images import content_type, encode_image, to_data_uri
-from server.jobs import JobError, JobRecord, JobResult, OutputImage, cancelled_error, parse_wxh
+from server.jobs import Job, JobError, JobRecord, JobResult, OutputImage, cancelled_error, parse_wxh
 from server.lora.jobs import JobLoras
 from server.queue.factory import open_queue
 from server.storage import LocalStorage
 
 if TYPE_CHECKING:
+    from models.lora.spec import LoraSpec
+    from models.request import GenerationRequest
     from models.runtime import FluxRuntime, Generation
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,31 @@ logger = logging.getLogger(__name__)
 # Exit code for a model that cannot load: the supervisor must not restart it in a tight loop.
 EXIT_LOAD_FAILED = 2
 CLAIM_TIMEOUT_SECONDS = 1.0
+
+
+def generation_request(job: Job, loras: tuple[LoraSpec, ...] = ()) -> GenerationRequest:
+    """The runtime's request for `job`: what to generate, none of the routing metadata.
+    `Job.seed` is always concrete (server.jobs draws one when a client sent none). `loras`:
+    the job's LoRAs, already resolved to local files (server.lora)."""
+    from models.request import GenerationRequest
+
+    return GenerationRequest(
+        prompt=job.prompt,
+        width=job.width,
+        height=job.height,
+        seed=job.seed,
+        task=job.task,
+        steps=job.num_inference_steps,
+        guidance=job.guidance_scale,
+        num_images=job.num_images,
+        strength=job.strength,
+        image=job.image,
+        mask=job.mask,
+        loras=loras,
+        acceleration=job.acceleration,
+        enable_safety_checker=job.enable_safety_checker,
+        safety_tolerance=job.safety_tolerance,
+    )
 
 
 def input_error(message: str) -> JobError:
@@ -81,6 +108,7 @@ class Worker:
         self._held_lock = threading.Lock()
         self._finished: queue.Queue[_Finished | None] = queue.Queue()
         self._heartbeat_stop = threading.Event()
+        self.runtime: FluxRuntime | None = None  # set once loaded
 
     # --- control -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -96,7 +124,7 @@ class Worker:
     # --- main loop -----------------------------------------------------------------------
     def run(self) -> int:
         try:
-            runtime = self._load()
+            runtime = self.runtime = self._load()
         except Exception as exc:
             logger.exception("worker %s could not load the model", self.worker_id)
             self._state("failed", f"{type(exc).__name__}: {exc}")
@@ -109,7 +137,7 @@ class Worker:
         ]
         for thread in threads:
             thread.start()
-        self._state("ready")
+        self._state("ready", runtime.summary)
         logger.info("worker %s ready on %s", self.worker_id, self.device)
         try:
             while not self._stop.is_set():
@@ -127,8 +155,9 @@ class Worker:
         return 0
 
     def _load(self) -> FluxRuntime:
-        from models.presets import default_warmup_sizes
-        from models.runtime import FluxRuntime, resolve_device
+        from models.loading import resolve_device
+        from models.presets.policy import default_warmup_sizes
+        from models.runtime import FluxRuntime
 
         self._state("loading")  # first with the asked-for device ("auto"), then the real one
         self.device = resolve_device(self.settings.device)
@@ -151,6 +180,8 @@ class Worker:
         return runtime
 
     def _run_job(self, runtime: FluxRuntime, record: JobRecord) -> None:
+        from models.request import InputError
+
         request_id = record.id
         lease_lost = threading.Event()
         with self._held_lock:
@@ -164,20 +195,20 @@ class Worker:
 
         started = time.perf_counter()
         try:
-            loras = self.loras.specs(record.job)  # downloads run here, inside the lease
-            generation = runtime.generate(
-                record.job, on_step=on_step, should_cancel=should_cancel, loras=loras
-            )
-        except LoraError as exc:
-            logger.info("job %s: %s", request_id, exc)
+            loras = tuple(self.loras.specs(record.job))  # downloads run here, inside the lease
+            request = generation_request(record.job, loras)
+            generation = runtime.generate(request, on_step=on_step, should_cancel=should_cancel)
+        except LoraError as exc:  # names the LoRA; fal's 422 shape, located at its path
+            logger.info("job %s refused: %s", request_id, exc)
             self._release(request_id)
             self.queue.fail(request_id, self.worker_id, self.loras.error(record.job, exc))
             return
-        except ValueError as exc:  # the input's fault, the runtime's TaskUnavailable included
+        except InputError as exc:  # the request's own fault (TaskUnavailable included): a 4xx
+            logger.info("job %s refused: %s", request_id, exc)
             self._release(request_id)
             self.queue.fail(request_id, self.worker_id, input_error(str(exc)))
             return
-        except Exception as exc:
+        except Exception as exc:  # any other failure is ours, a ValueError from diffusers too
             logger.exception("job %s failed", request_id)
             self._release(request_id)
             self.queue.fail(request_id, self.worker_id, internal_error(f"{type(exc).__name__}: {exc}"))

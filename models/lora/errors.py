@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from models.request import InputError
 
-class LoraError(ValueError):
+
+class LoraError(InputError):
     """A LoRA the request named cannot be used (unreadable, wrong model, too large, rank too high).
 
-    The message names the LoRA as the client wrote it and says what is wrong with it. A
-    ValueError, so the worker reports it as the client's fault (a 422 job error) and goes on."""
+    The message names the LoRA as the client wrote it and says what is wrong with it. An
+    InputError: the worker reports it as the client's fault (a 422 job error) and goes on."""
 
     def __init__(self, lora: str, problem: str) -> None:
         super().__init__(f"LoRA {lora!r}: {problem}")

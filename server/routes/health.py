@@ -17,7 +17,7 @@ router = APIRouter(tags=["health"])
 async def health(request: Request) -> JSONResponse:
     queue = get_queue(request)
     settings = get_settings(request)
-    workers = queue.workers()
+    workers = await queue.workers()
     not_ready = [w for w in workers if w.state != "ready"]
     # `serve` tells its API how many workers it started; a standalone API waits for one.
     expected = settings.workers or 1
@@ -37,7 +37,7 @@ async def health(request: Request) -> JSONResponse:
             {"id": w.worker_id, "state": w.state, "device": w.device, "model": w.model, "detail": w.detail}
             for w in workers
         ],
-        "queue_depth": queue.depth(),
+        "queue_depth": await queue.depth(),
         "model": settings.model,
         "safety_checker": "configured" if settings.safety_checker else "not configured",
     }

@@ -9,25 +9,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.presets import (
+from models.presets.apply import PresetManager
+from models.presets.policy import (
     PRESETS,
     CacheSetting,
     Hardware,
     Preset,
-    PresetManager,
     adapt_to_hardware,
     default_presets,
     default_warmup_sizes,
     nearest_enabled,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-DATA_DIR = REPO / ".pytest-data"
 CPU = Hardware("cpu", None, torchao=True, compiler=True)
 
 # The tiny model's first-block residual changes by 0.24-0.6 per step, so the shipped threshold
 # (0.12) never skips on it; 0.5 gives a known skip pattern (cpu-code-paths.md).
 TINY_PRESETS = {**PRESETS, "high": replace(PRESETS["high"], cache=CacheSetting("first_block", 0.5))}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the managers keep their compile cache: shared by this module's tests."""
+    return tmp_path_factory.mktemp("presets-data")
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +63,14 @@ def block_bodies(pipe) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def manager(pipe, block_bodies) -> PresetManager:
+def manager(pipe, block_bodies, data_dir: Path) -> PresetManager:
     torch._dynamo.reset()
     # backend="eager" exercises the compile plumbing in seconds; one test below uses inductor.
     return PresetManager(
         pipe.transformer,
         device="cpu",
         enabled=["none", "regular", "high"],
-        data_dir=DATA_DIR,
+        data_dir=data_dir,
         presets=TINY_PRESETS,
         compile_backend="eager",
     )
@@ -125,9 +129,9 @@ def test_nearest_enabled_preset() -> None:
     assert nearest_enabled("turbo", ["high"]) == "high"
 
 
-def test_disabled_preset_runs_the_nearest_and_says_so(pipe) -> None:
+def test_disabled_preset_runs_the_nearest_and_says_so(pipe, data_dir: Path) -> None:
     only_none = PresetManager(
-        pipe.transformer, device="cpu", enabled=["none"], data_dir=DATA_DIR, hardware=CPU
+        pipe.transformer, device="cpu", enabled=["none"], data_dir=data_dir, hardware=CPU
     )
     with only_none.use(pipe, "high") as active:
         assert pipe.transformer is only_none.base
@@ -135,7 +139,7 @@ def test_disabled_preset_runs_the_nearest_and_says_so(pipe) -> None:
     assert active.name == "none" and active.requested == "high"
     assert active.note == "preset 'high' is not enabled on this server (enabled: none); ran 'none'"
     with pytest.raises(ValueError, match="unknown or no presets"):
-        PresetManager(pipe.transformer, device="cpu", enabled=["turbo"], data_dir=DATA_DIR)
+        PresetManager(pipe.transformer, device="cpu", enabled=["turbo"], data_dir=data_dir)
 
 
 # ---------------------------------------------------------------------- end to end
@@ -202,7 +206,7 @@ def test_img2img_pipeline_sharing_components(pipe, manager) -> None:
     assert img2img.transformer is manager.base
 
 
-def test_configured_sizes_do_not_recompile(tiny_dir: Path) -> None:
+def test_configured_sizes_do_not_recompile(tiny_dir: Path, data_dir: Path) -> None:
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(tiny_dir)
@@ -219,7 +223,7 @@ def test_configured_sizes_do_not_recompile(tiny_dir: Path) -> None:
         pipe.transformer,
         device="cpu",
         enabled=["regular", "high"],
-        data_dir=DATA_DIR,
+        data_dir=data_dir,
         presets=compiled_only,
         compile_backend=counter,
     )
@@ -238,9 +242,9 @@ def test_configured_sizes_do_not_recompile(tiny_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_regional_compile_with_inductor(tiny_dir: Path) -> None:
-    """The one real inductor compile (30-40 s on 2 idle cores; seconds with a warm cache in
-    .pytest-data/compile-cache). int8 under inductor takes minutes on 2 cores, so this runs the
+def test_regional_compile_with_inductor(tiny_dir: Path, data_dir: Path) -> None:
+    """The one real inductor compile (30-40 s on 2 idle cores; seconds with a warm inductor
+    compile cache). int8 under inductor takes minutes on 2 cores, so this runs the
     regional compile and fused QKV of `regular` at the loaded precision."""
     from diffusers import FluxPipeline
 
@@ -248,7 +252,7 @@ def test_regional_compile_with_inductor(tiny_dir: Path) -> None:
     torch._dynamo.reset()
     presets = {"none": PRESETS["none"], "regular": replace(PRESETS["regular"], precision="bf16")}
     manager = PresetManager(
-        pipe.transformer, device="cpu", enabled=["none", "regular"], data_dir=DATA_DIR, presets=presets
+        pipe.transformer, device="cpu", enabled=["none", "regular"], data_dir=data_dir, presets=presets
     )
     assert manager.compile_cache_dir == Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     seconds = manager.warmup(pipe, [(64, 64)], steps=1)

@@ -13,10 +13,21 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from pydantic import ValidationError
 
-from models.runtime import FluxRuntime, Generation, TaskUnavailable, img2img_steps
-from server.jobs import IMAGE_SIZE_PRESETS, MAX_SEED, Job, round_size
+from models.presets.apply import PresetManager
+from models.presets.policy import PRESETS, CacheSetting, Preset
+from models.request import GenerationRequest, InputError, TaskUnavailable, img2img_steps
+from models.runtime import FluxRuntime, Generation
+
+# fal's image_size presets: every one must run (the protocol adapters map names onto these).
+FAL_SIZES = {
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +57,9 @@ def input_png(width: int, height: int) -> bytes:
     return png_bytes(image)
 
 
-def job(**fields) -> Job:
-    defaults = {"width": 64, "height": 64, "prompt": "a red cat", "num_inference_steps": 2, "seed": 1}
-    return Job(**{**defaults, **fields})
+def job(**fields) -> GenerationRequest:
+    defaults = {"width": 64, "height": 64, "prompt": "a red cat", "steps": 2, "seed": 1}
+    return GenerationRequest(**{**defaults, **fields})
 
 
 class DecodeCounter:
@@ -86,11 +97,10 @@ def test_text_to_image_reports_everything(runtime: FluxRuntime) -> None:
     assert out.preset == "none"
 
 
-def test_seed_is_drawn_when_absent_and_reproduces(runtime: FluxRuntime) -> None:
-    first = runtime.generate(job(seed=None))
-    assert 0 <= first.seed < MAX_SEED
-    again = runtime.generate(job(seed=first.seed))
-    assert png_bytes(again.images[0]) == png_bytes(first.images[0])
+def test_the_runtime_takes_a_concrete_seed_and_draws_none() -> None:
+    # The server draws seeds (server.jobs); the runtime's request cannot even be made without one.
+    with pytest.raises(TypeError, match="seed"):
+        GenerationRequest(prompt="a cat", width=64, height=64)  # type: ignore[call-arg]
 
 
 def test_seeds_use_the_whole_64_bit_range(runtime: FluxRuntime) -> None:
@@ -118,19 +128,19 @@ def test_num_images_is_one_batch(runtime: FluxRuntime, count: int) -> None:
     assert steps == [(1, 2), (2, 2)]  # one batch: one pass over the steps, not one per image
 
 
-def test_num_images_above_four_is_refused() -> None:
-    with pytest.raises(ValidationError):
-        job(num_images=5)
+def test_num_images_above_four_is_refused(runtime: FluxRuntime) -> None:
+    with pytest.raises(InputError, match="num_images must be between 1 and 4"):
+        runtime.generate(job(num_images=5))
 
 
 # --- sizes ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", sorted(IMAGE_SIZE_PRESETS))
+@pytest.mark.parametrize("preset", sorted(FAL_SIZES))
 def test_every_fal_preset_size(runtime: FluxRuntime, preset: str) -> None:
     # A full run: at most ~2 s on 2 cores (1024x1024, mostly the VAE decode).
-    width, height = IMAGE_SIZE_PRESETS[preset]
-    out = runtime.generate(job(width=width, height=height, num_inference_steps=1))
+    width, height = FAL_SIZES[preset]
+    out = runtime.generate(job(width=width, height=height, steps=1))
     assert out.images[0].size == (width, height)
 
 
@@ -139,29 +149,25 @@ def test_custom_size(runtime: FluxRuntime) -> None:
     assert out.images[0].size == (112, 64)
 
 
-def test_size_needing_rounding(runtime: FluxRuntime) -> None:
-    width, height = round_size(100, 70)
-    assert (width, height) == (96, 64)
-    out = runtime.generate(job(width=width, height=height))
-    assert out.images[0].size == (96, 64)
-
-
 def test_unrounded_size_is_refused_not_silently_rounded(runtime: FluxRuntime) -> None:
-    with pytest.raises(ValueError, match=r"100x70 is not a multiple of 16.*96x64"):
+    with pytest.raises(InputError, match=r"100x70 is not a multiple of 16.*96x64"):
         runtime.generate(job(width=100, height=70))
 
 
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"width": 32, "height": 64}, r"width 32 .* outside 64\.\.2048"),
-        ({"width": 4096, "height": 64}, r"width 4096 .* outside 64\.\.2048"),
-        ({"width": 2048, "height": 2560}, r"height 2560 .* outside"),
-        ({"width": 0, "height": 64}, "must be positive"),
-        ({"num_inference_steps": 0}, "num_inference_steps must be between 1 and 50"),
-        ({"num_inference_steps": 51}, "num_inference_steps must be between 1 and 50"),
-        ({"guidance_scale": -1.0}, "guidance_scale must be between 0 and 20"),
-        ({"guidance_scale": float("nan")}, "guidance_scale must be between"),
+        ({"width": 32, "height": 64}, r"width 32 is outside 64\.\.2048"),
+        ({"width": 4096, "height": 64}, r"width 4096 is outside 64\.\.2048"),
+        ({"width": 2048, "height": 2560}, r"height 2560 is outside"),
+        ({"width": 0, "height": 64}, "width 0 is outside"),
+        ({"width": 2048, "height": 2048 + 16}, "height 2064 is outside"),
+        ({"seed": -1}, r"seed must be in \[0, 2\^64\)"),
+        ({"seed": 2**64}, r"seed must be in \[0, 2\^64\)"),
+        ({"steps": 0}, "num_inference_steps must be between 1 and 50"),
+        ({"steps": 51}, "num_inference_steps must be between 1 and 50"),
+        ({"guidance": -1.0}, "guidance_scale must be between 0 and 20"),
+        ({"guidance": float("nan")}, "guidance_scale must be between"),
         ({"task": "image-to-image"}, "needs an input image"),
         ({"task": "redux"}, "needs an input image"),
         ({"task": "image-to-image", "image": b"x", "strength": 0.0}, r"strength must be in \(0, 1\]"),
@@ -172,7 +178,7 @@ def test_unrounded_size_is_refused_not_silently_rounded(runtime: FluxRuntime) ->
     ],
 )
 def test_out_of_range_values_are_refused(runtime: FluxRuntime, fields: dict, message: str) -> None:
-    with DecodeCounter(runtime) as decodes, pytest.raises(ValueError, match=message):
+    with DecodeCounter(runtime) as decodes, pytest.raises(InputError, match=message):
         runtime.generate(job(**fields))
     assert decodes.calls == 0
 
@@ -183,7 +189,7 @@ def test_out_of_range_values_are_refused(runtime: FluxRuntime, fields: dict, mes
 def test_image_to_image_follows_job_size_and_strength(runtime: FluxRuntime) -> None:
     steps: list[tuple[int, int]] = []
     image = input_png(100, 70)  # the adapter rounds the input's size into the job
-    fields = {"task": "image-to-image", "image": image, "width": 96, "height": 64, "num_inference_steps": 4}
+    fields = {"task": "image-to-image", "image": image, "width": 96, "height": 64, "steps": 4}
     out = runtime.generate(job(strength=0.5, **fields), on_step=lambda i, n: steps.append((i, n)))
     assert [im.size for im in out.images] == [(96, 64)]
     assert steps == [(1, 2), (2, 2)]  # 4 steps at strength 0.5: two are run
@@ -217,11 +223,41 @@ def test_redux_batch(runtime: FluxRuntime) -> None:
     assert len(out.images) == 2
 
 
+def test_a_value_error_from_inside_diffusers_is_not_the_requests_fault(
+    runtime: FluxRuntime, tmp_path: Path
+) -> None:
+    # A step-cache preset on a transformer that already carries a cache: diffusers itself
+    # raises ValueError("... already ..."). That is the server's state, not the client's input.
+    from diffusers import FirstBlockCacheConfig
+
+    cached = {"none": PRESETS["none"], "high": Preset("high", cache=CacheSetting("first_block", 0.5))}
+    original = runtime.presets
+    runtime.presets = PresetManager(
+        runtime.pipe.transformer,
+        device="cpu",
+        enabled=["none", "high"],
+        data_dir=tmp_path,
+        presets=cached,
+        compile_backend="eager",
+    )
+    runtime.pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    try:
+        with pytest.raises(ValueError) as raised:
+            runtime.generate(job(acceleration="high"))
+        assert not isinstance(raised.value, InputError)
+        assert "diffusers" in str(raised.traceback[-1].path)
+    finally:
+        runtime.pipe.transformer.disable_cache()
+        runtime.presets = original
+    assert len(runtime.generate(job()).images) == 1  # the lock was released, the runtime still works
+
+
 def test_redux_without_its_parts_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "no-redux"
     shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("redux"))
     runtime = FluxRuntime.load(str(folder), data_dir=tmp_path, device="cpu", presets=("none",))
-    assert runtime.tasks == ("text-to-image", "image-to-image")
+    assert runtime.tasks == ("text-to-image", "image-to-image", "inpainting")
+    assert issubclass(TaskUnavailable, InputError)  # the client asked for what is not loaded
     with pytest.raises(TaskUnavailable, match="redux is not available"):
         runtime.generate(job(task="redux", image=input_png(64, 64)))
     assert runtime.generate(job()).images[0].size == (64, 64)
@@ -232,7 +268,7 @@ def test_redux_without_its_parts_is_a_clear_error(tiny_model_dir: Path, tmp_path
 
 def test_on_step_is_called_after_every_step(runtime: FluxRuntime) -> None:
     steps: list[tuple[int, int]] = []
-    runtime.generate(job(num_inference_steps=4), on_step=lambda i, n: steps.append((i, n)))
+    runtime.generate(job(steps=4), on_step=lambda i, n: steps.append((i, n)))
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
@@ -240,7 +276,7 @@ def test_cancel_mid_run_skips_remaining_steps_and_the_vae(runtime: FluxRuntime) 
     steps: list[tuple[int, int]] = []
     with DecodeCounter(runtime) as decodes:
         out = runtime.generate(
-            job(num_inference_steps=4),
+            job(steps=4),
             on_step=lambda i, n: steps.append((i, n)),
             should_cancel=lambda: len(steps) >= 2,
         )
@@ -272,7 +308,7 @@ def test_cancel_before_start(runtime: FluxRuntime) -> None:
 
 
 def test_image_to_image_cancel_skips_the_vae_decode(runtime: FluxRuntime) -> None:
-    fields = {"task": "image-to-image", "image": input_png(64, 64), "num_inference_steps": 4, "strength": 1.0}
+    fields = {"task": "image-to-image", "image": input_png(64, 64), "steps": 4, "strength": 1.0}
     with DecodeCounter(runtime) as decodes:
         out = runtime.generate(job(**fields), should_cancel=lambda: True)
     assert out.cancelled and decodes.calls == 0
@@ -290,7 +326,7 @@ def test_preset_that_ran_is_reported(runtime: FluxRuntime, requested: str) -> No
 
 
 def test_concurrent_generates_match_sequential_ones(runtime: FluxRuntime) -> None:
-    jobs = [job(seed=21, num_inference_steps=3), job(seed=22, num_inference_steps=4, width=80)]
+    jobs = [job(seed=21, steps=3), job(seed=22, steps=4, width=80)]
     expected = [png_bytes(runtime.generate(j).images[0]) for j in jobs]
     results: dict[int, bytes] = {}
 
@@ -355,6 +391,6 @@ def test_loading_and_generating_open_no_connection(data_dir: Path) -> None:
         runtime = FluxRuntime.load("tiny", data_dir=data_dir, device="cpu")
         image = input_png(64, 64)
         runtime.generate(job())
-        runtime.generate(job(task="image-to-image", image=image, num_inference_steps=4))
+        runtime.generate(job(task="image-to-image", image=image, steps=4))
         out = runtime.generate(job(task="redux", image=image))
     assert len(out.images) == 1

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from models.request import GenerationRequest
 from models.runtime import FluxRuntime
 from models.safety import (
     DEFAULT_THRESHOLD,
@@ -17,7 +18,6 @@ from models.safety import (
     threshold_for_tolerance,
 )
 from models.tiny import build_tiny_safety_checker
-from server.jobs import Job
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,9 @@ def never_runtime(tiny_model_dir: Path, never_flag_dir: Path) -> FluxRuntime:
     return load_runtime(tiny_model_dir, never_flag_dir)
 
 
-def job(**fields) -> Job:
-    return Job(
-        **{"width": 64, "height": 64, "prompt": "a cat", "num_inference_steps": 2, "seed": 3, **fields}
+def job(**fields) -> GenerationRequest:
+    return GenerationRequest(
+        **{"width": 64, "height": 64, "prompt": "a cat", "steps": 2, "seed": 3, **fields}
     )
 
 

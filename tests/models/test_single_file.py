@@ -11,7 +11,8 @@ from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpo
 from safetensors.torch import save_file
 
 from models.single_file import BFL_PREFIX, bfl_to_diffusers, diffusers_to_bfl, looks_like_bfl
-from models.weights import WeightsError, load_components, resolve_model
+from models.weights import WeightsError, resolve_model
+from models.weights.load import load_components
 
 
 @pytest.fixture(scope="module")

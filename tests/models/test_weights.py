@@ -17,14 +17,9 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from PIL import Image
 
-from models.weights import (
-    OFFLINE_ENV,
-    LoadedComponents,
-    WeightsError,
-    enforce_offline,
-    load_components,
-    resolve_model,
-)
+from models.weights import WeightsError, resolve_model
+from models.weights.load import LoadedComponents, load_components
+from models.weights.offline import OFFLINE_ENV, enforce_offline
 
 # --------------------------------------------------------------------------- network guard
 

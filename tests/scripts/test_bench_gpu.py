@@ -21,8 +21,11 @@ def test_flops_match_the_published_count() -> None:
     assert abs(bench_gpu.flops_per_image(full, 512, 512, 1) / 21.5e12 - 1) < 0.02
 
 
-def test_tiny_mode_runs_and_writes_its_report(tmp_path: Path) -> None:
+def test_tiny_mode_runs_and_writes_its_report(tmp_path: Path, tiny_model_dir: Path) -> None:
     out = tmp_path / "bench.json"
+    data_dir = tmp_path / "data"  # finds the session's tiny model; the compile cache goes here
+    data_dir.mkdir()
+    (data_dir / tiny_model_dir.name).symlink_to(tiny_model_dir, target_is_directory=True)
     command = [
         sys.executable,
         str(REPO / "scripts" / "bench_gpu.py"),
@@ -30,7 +33,7 @@ def test_tiny_mode_runs_and_writes_its_report(tmp_path: Path) -> None:
         "--runs=1",
         "--steps=2",
         "--compile-backend=eager",  # the inductor compile is tested in tests/models/test_presets.py
-        f"--data-dir={REPO / '.pytest-data'}",
+        f"--data-dir={data_dir}",
         f"--out={out}",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)

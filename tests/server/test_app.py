@@ -11,8 +11,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from server.api_main import EXIT_UNSAFE, run_api, unsafe_listen_reason
-from server.app import create_app, register_error_renderer
+from server.app import create_app
 from server.config import Settings
+from server.errors import register_error_renderer
 from server.maintenance import purge_expired
 from server.storage import LocalStorage
 from tests.server.conftest import api_settings, png_bytes, run_api_server

@@ -10,17 +10,19 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from models.request import GenerationRequest
 from server.config import Settings
-from server.jobs import Job, JobRecord, Status
+from server.jobs import MAX_SEED, Job, JobRecord, Status
 from server.queue.base import CancelOutcome, JobQueue
 from server.queue.factory import open_queue
 from server.storage import LocalStorage
-from server.worker import Worker
+from server.worker import Worker, generation_request
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,10 +58,15 @@ def job(**overrides: object) -> Job:
     )
 
 
+@dataclass
+class Served:
+    api: JobQueue
+    settings: Settings
+    worker: Worker
+
+
 @pytest.fixture(scope="module")
-def served(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
-) -> Iterator[tuple[JobQueue, Settings]]:
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Served]:
     """One in-thread worker on the tiny model, shared by the tests of this module."""
     data_dir = make_data_dir(tmp_path_factory.mktemp("worker") / "data", tiny_model_dir)
     settings = Settings(model="tiny", data_dir=data_dir, device="cpu", lease_seconds=30.0)
@@ -69,7 +76,7 @@ def served(
     thread = threading.Thread(target=lambda: exit_codes.append(worker.run()), daemon=True)
     thread.start()
     wait_until(lambda: any(w.state == "ready" for w in api.workers()), 300, "the worker to be ready")
-    yield api, settings
+    yield Served(api, settings, worker)
     worker.stop()
     thread.join(timeout=60)
     assert exit_codes == [0]
@@ -77,8 +84,8 @@ def served(
     api.close()
 
 
-def test_a_job_completes_with_a_stored_image_and_step_logs(served: tuple[JobQueue, Settings]) -> None:
-    api, settings = served
+def test_a_job_completes_with_a_stored_image_and_step_logs(served: Served) -> None:
+    api, settings = served.api, served.settings
     rid = api.submit(job(output_format="png", width=80, height=64, seed=3)).id
     record = wait_until(completed(api, rid), what="the job")
     assert record.error is None, record.error
@@ -95,8 +102,8 @@ def test_a_job_completes_with_a_stored_image_and_step_logs(served: tuple[JobQueu
     assert record.result.seed == 3 and record.result.timings["inference"] > 0 and record.progress == 1.0
 
 
-def test_inline_images_are_data_uris_and_nothing_is_stored(served: tuple[JobQueue, Settings]) -> None:
-    api, settings = served
+def test_inline_images_are_data_uris_and_nothing_is_stored(served: Served) -> None:
+    api, settings = served.api, served.settings
     before = set(settings.files_dir.iterdir())
     rid = api.submit(job(inline_images=True, num_images=2)).id
     record = wait_until(completed(api, rid), what="the job")
@@ -111,9 +118,9 @@ def test_inline_images_are_data_uris_and_nothing_is_stored(served: tuple[JobQueu
 
 
 def test_bad_input_fails_with_a_422_and_the_worker_keeps_serving(
-    served: tuple[JobQueue, Settings],
+    served: Served,
 ) -> None:
-    api, _ = served
+    api = served.api
     bad = api.submit(job(width=65)).id  # not a multiple of 16: the runtime refuses it
     good = api.submit(job()).id
     record = wait_until(completed(api, bad), what="the bad job")
@@ -122,8 +129,96 @@ def test_bad_input_fails_with_a_422_and_the_worker_keeps_serving(
     assert wait_until(completed(api, good), what="the next job").succeeded
 
 
-def test_cancel_stops_a_running_job_at_its_next_step(served: tuple[JobQueue, Settings]) -> None:
-    api, _ = served
+def test_an_undecodable_input_image_is_the_clients_422(served: Served) -> None:
+    api = served.api
+    rid = api.submit(job(task="image-to-image", image=b"not an image")).id
+    record = wait_until(completed(api, rid), what="the job")
+    assert record.error.status_code == 422 and record.error.error_type == "validation_error"
+    assert "input image cannot be decoded" in record.error.message
+
+
+def test_a_value_error_from_inside_diffusers_is_a_server_error_with_a_traceback(
+    served: Served, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    # A step-cache preset on a transformer that already carries a cache: diffusers raises
+    # ValueError while generating. The client sent nothing wrong: a 500, logged with its traceback.
+    from diffusers import FirstBlockCacheConfig
+
+    from models.presets.apply import PresetManager
+    from models.presets.policy import PRESETS, CacheSetting, Preset
+
+    api, runtime = served.api, served.worker.runtime
+    assert runtime is not None
+    original = runtime.presets
+    runtime.presets = PresetManager(
+        runtime.pipe.transformer,
+        device="cpu",
+        enabled=["none", "high"],
+        data_dir=tmp_path,
+        presets={"none": PRESETS["none"], "high": Preset("high", cache=CacheSetting("first_block", 0.5))},
+        compile_backend="eager",
+    )
+    runtime.pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    try:
+        with caplog.at_level("ERROR", logger="server.worker"):
+            rid = api.submit(job(acceleration="high")).id
+            record = wait_until(completed(api, rid), what="the failing job")
+    finally:
+        runtime.pipe.transformer.disable_cache()
+        runtime.presets = original
+    assert record.error.status_code == 500 and record.error.error_type == "internal_server_error"
+    assert record.error.message.startswith("ValueError: ")
+    (logged,) = [r for r in caplog.records if r.getMessage() == f"job {rid} failed"]
+    assert logged.exc_info is not None and logged.exc_info[0] is ValueError
+    assert any("diffusers" in frame.filename for frame in _frames(logged.exc_info[2]))
+    assert wait_until(completed(api, api.submit(job()).id), what="the next job").succeeded
+
+
+def _frames(tb: object) -> list:
+    import traceback
+
+    return traceback.extract_tb(tb)  # type: ignore[arg-type]
+
+
+def test_the_ready_worker_says_what_it_loaded(served: Served) -> None:
+    (info,) = served.api.workers()
+    assert info.state == "ready"
+    assert info.detail == "tiny; memory plan resident; no safety checker"
+
+
+def test_a_job_without_a_seed_gets_one_drawn_by_the_server() -> None:
+    first = generation_request(job(seed=None))  # Job draws it; the request carries it
+    assert isinstance(first, GenerationRequest) and 0 <= first.seed < MAX_SEED
+    assert generation_request(job(seed=None)).seed != first.seed  # drawn afresh, not a constant
+    assert generation_request(job(seed=2**64 - 1)).seed == 2**64 - 1  # a client's seed is kept
+
+
+def test_the_request_carries_every_field_the_runtime_reads() -> None:
+    source = job(
+        task="image-to-image",
+        image=b"png",
+        strength=0.5,
+        guidance_scale=2.0,
+        num_images=2,
+        acceleration="regular",
+        enable_safety_checker=False,
+        safety_tolerance=4,
+        seed=9,
+    )
+    request = generation_request(source)
+    assert (request.task, request.image, request.strength, request.guidance) == (
+        "image-to-image",
+        b"png",
+        0.5,
+        2.0,
+    )
+    assert (request.steps, request.num_images, request.acceleration) == (3, 2, "regular")
+    assert (request.enable_safety_checker, request.safety_tolerance, request.seed) == (False, 4, 9)
+    assert (request.width, request.height, request.prompt) == (64, 64, "a red fox")
+
+
+def test_cancel_stops_a_running_job_at_its_next_step(served: Served) -> None:
+    api = served.api
     rid = api.submit(job(num_inference_steps=50)).id
     wait_until(lambda: (r := api.get(rid)) is not None and r.progress > 0, what="the first step")
     assert api.cancel(rid) is CancelOutcome.REQUESTED

@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.auth import check_api_key, presented_key
+from server.auth import KeyProblem, api_key_dependency
 from server.deps import get_queue, get_settings, public_base_url
+from server.errors import register_error_renderer
 from server.inputs import InputImageError, decode_image, fetch_bytes
 from server.protocols.bfl import adapter
 from server.protocols.bfl.models import AsyncResponse, AsyncWebhookResponse, FluxDevInputs, ResultResponse
@@ -71,23 +72,18 @@ async def render_error(request: Request, exc: Exception) -> Response:
 
 
 def setup(app: FastAPI) -> None:
-    from server.app import register_error_renderer
-
     for prefix in PATH_PREFIXES:
         register_error_renderer(app, prefix, render_error)
 
 
-async def require_bfl_key(request: Request) -> None:
-    if check_api_key(request):
-        return
-    if presented_key(request) is None:
-        raise HTTPException(
-            status_code=401, detail="Not authenticated: send your API key in the x-key header"
-        )
-    raise HTTPException(status_code=403, detail="Invalid API key")
+def refuse_key(problem: KeyProblem) -> HTTPException:
+    if problem is KeyProblem.MISSING:
+        detail = "Not authenticated: send your API key in the x-key header"
+        return HTTPException(status_code=401, detail=detail)
+    return HTTPException(status_code=403, detail="Invalid API key")
 
 
-router = APIRouter(route_class=BflRoute, dependencies=[Depends(require_bfl_key)], tags=["BFL"])
+router = APIRouter(route_class=BflRoute, dependencies=[Depends(api_key_dependency(refuse_key))], tags=["BFL"])
 
 
 async def _decode_image_prompt(value: str, max_bytes: int, timeout: float) -> bytes:
@@ -128,7 +124,7 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
         )
     base_url = public_base_url(request)
     job = adapter.inputs_to_job(inputs, base_url=base_url, image_png=image_png)
-    record = get_queue(request).submit(job)
+    record, _ = await get_queue(request).submit(job)
     polling_url = adapter.polling_url(base_url, record.id)
     body: AsyncResponse | AsyncWebhookResponse
     if inputs.webhook_url:
@@ -144,5 +140,5 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
 async def get_result(
     request: Request, id: str = Query(..., description="Task id from the submit")
 ) -> JSONResponse:
-    record = get_queue(request).get(id, with_logs=False)
+    record = await get_queue(request).get(id, with_logs=False)
     return JSONResponse(adapter.record_to_result(record, id).model_dump(mode="json"))

@@ -9,28 +9,33 @@ through `request.state.fal_request_id`, see server/app.py).
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.auth import require_fal_key
-from server.deps import get_queue, get_settings, get_submit_batcher, public_base_url
-from server.jobs import JobRecord, Status
+from server.auth import KeyProblem, api_key_dependency
+from server.deps import get_queue, get_settings, public_base_url
+from server.jobs import Job, JobRecord, Status
 from server.protocols.fal import adapter
 from server.queue.base import CancelOutcome
+from server.waiting import EVENT_STREAM_HEADERS, StreamEvent, event_stream
 
+
+def fal_key_refusal(problem: KeyProblem) -> HTTPException:
+    if problem is KeyProblem.MISSING:
+        detail = "Missing API key: send 'Authorization: Key <key>' or 'Authorization: Bearer <key>'"
+    else:
+        detail = "Invalid API key"
+    return HTTPException(status_code=401, detail=detail)
+
+
+require_fal_key = api_key_dependency(fal_key_refusal)
 router = APIRouter(dependencies=[Depends(require_fal_key)], tags=["fal queue"])
 
-# Seconds between keep-alive comments on an idle event stream (fal: "every 15 seconds").
-PING_INTERVAL = 15.0
 # Room for the JSON around a data-URI image in a request body.
 BODY_OVERHEAD = 1024 * 1024
-# Longest wait on the queue's change notification before re-reading the record anyway.
-WAIT_SLICE = 1.0
 
 
 def check_endpoint(owner: str, app: str, endpoint: str) -> str:
@@ -42,13 +47,12 @@ def check_endpoint(owner: str, app: str, endpoint: str) -> str:
     return app_id
 
 
-async def submit_request(request: Request, owner: str, app: str, endpoint: str) -> tuple[JobRecord, int]:
-    """Validate a submit and put it on the queue; shared by the queue and run routes.
-    Returns the record and its queue position."""
+async def request_job(request: Request, owner: str, app: str, endpoint: str) -> Job:
+    """Validate a submit into its `Job`; shared by the queue and run routes."""
     app_id = check_endpoint(owner, app, endpoint.strip("/"))
     settings = get_settings(request)
     body = adapter.parse_body(await read_body(request, settings.max_input_image_bytes))
-    job = await adapter.build_job(
+    return await adapter.build_job(
         app_id=app_id,
         endpoint=endpoint.strip("/"),
         body=body,
@@ -60,9 +64,6 @@ async def submit_request(request: Request, owner: str, app: str, endpoint: str) 
         ),
         webhook=adapter.parse_webhook(request.query_params.get("fal_webhook"), settings),
     )
-    record, position = await get_submit_batcher(request).submit(job)
-    request.state.fal_request_id = record.id
-    return record, position
 
 
 async def read_body(request: Request, max_image_bytes: int) -> bytes:
@@ -84,33 +85,33 @@ async def read_body(request: Request, max_image_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def find_record(
+async def find_record(
     request: Request, owner: str, app: str, request_id: str, *, with_logs: bool = False
-) -> JobRecord | None:
-    """The fal request `request_id` of app `owner/app`, or None (unknown or another app's)."""
+) -> tuple[JobRecord, int | None] | None:
+    """The fal request `request_id` of app `owner/app` and its queue position while queued,
+    or None (unknown or another app's)."""
     request.state.fal_request_id = request_id
-    record = get_queue(request).get(request_id, with_logs=with_logs)
-    if record is None or record.job.protocol != "fal" or record.job.app_id != f"{owner}/{app}":
+    record, position = await get_queue(request).get_with_position(request_id, with_logs=with_logs)
+    if record is None or not is_fal_request(record, owner, app):
         return None
-    return record
+    return record, position
 
 
-def require_record(
+def is_fal_request(record: JobRecord, owner: str, app: str) -> bool:
+    return record.job.protocol == "fal" and record.job.app_id == f"{owner}/{app}"
+
+
+async def require_record(
     request: Request, owner: str, app: str, request_id: str, *, with_logs: bool = False
-) -> JobRecord:
-    record = find_record(request, owner, app, request_id, with_logs=with_logs)
-    if record is None:
+) -> tuple[JobRecord, int | None]:
+    found = await find_record(request, owner, app, request_id, with_logs=with_logs)
+    if found is None:
         raise HTTPException(status_code=404, detail="Request not found")
-    return record
+    return found
 
 
 def logs_requested(request: Request) -> bool:
     return request.query_params.get("logs", "").strip().lower() in ("1", "true", "yes")
-
-
-def status_json(request: Request, record: JobRecord, with_logs: bool) -> dict:
-    position = get_queue(request).position(record.id) if record.status is Status.IN_QUEUE else None
-    return adapter.status_body(record, public_base_url(request), with_logs=with_logs, position=position)
 
 
 def result_response(request: Request, record: JobRecord) -> JSONResponse:
@@ -128,53 +129,40 @@ def result_response(request: Request, record: JobRecord) -> JSONResponse:
 
 @router.get("/{owner}/{app}/requests/{request_id}/status/stream")
 async def status_stream(owner: str, app: str, request_id: str, request: Request) -> StreamingResponse:
-    require_record(request, owner, app, request_id)
+    await require_record(request, owner, app, request_id)
     with_logs = logs_requested(request)
-    return StreamingResponse(
-        status_events(request, request_id, with_logs),
-        media_type="text/event-stream",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    base_url = public_base_url(request)
+    last_sent: dict | None = None
+
+    def render(record: JobRecord, position: int | None) -> StreamEvent | None:
+        """Every change of the status body; the stream ends after COMPLETED."""
+        nonlocal last_sent
+        body = adapter.status_body(record, base_url, with_logs=with_logs, position=position)
+        if body == last_sent:
+            return None
+        last_sent = body
+        return StreamEvent(body, last=record.status is Status.COMPLETED)
+
+    # A watcher that disconnects cancels nothing: the request is the queue's (server/waiting.py).
+    events = event_stream(
+        request, get_queue(request), request_id, render, with_logs=with_logs, cancel_on_disconnect=False
     )
-
-
-async def status_events(request: Request, request_id: str, with_logs: bool) -> AsyncIterator[str]:
-    """`data: <status>` on every change, `: ping` when idle; ends after COMPLETED."""
-    queue = get_queue(request)
-    last_sent: str | None = None
-    last_write = time.monotonic()
-    # Read the record, then wait with no await in between (the queue's contract): after
-    # anything was sent, loop round to read again before waiting.
-    while not await request.is_disconnected():
-        record = queue.get(request_id, with_logs=with_logs)
-        if record is None:  # purged while streaming
-            return
-        event = json.dumps(status_json(request, record, with_logs))
-        if event != last_sent:
-            yield f"data: {event}\n\n"
-            if record.status is Status.COMPLETED:
-                return
-            last_sent, last_write = event, time.monotonic()
-            continue
-        if time.monotonic() - last_write >= PING_INTERVAL:
-            yield ": ping\n\n"
-            last_write = time.monotonic()
-            continue
-        await queue.wait_for_change(request_id, timeout=WAIT_SLICE)
+    return StreamingResponse(events, media_type="text/event-stream", headers=EVENT_STREAM_HEADERS)
 
 
 @router.get("/{owner}/{app}/requests/{request_id}/status")
 async def status(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
     with_logs = logs_requested(request)
-    record = require_record(request, owner, app, request_id, with_logs=with_logs)
-    body = status_json(request, record, with_logs)
+    record, position = await require_record(request, owner, app, request_id, with_logs=with_logs)
+    body = adapter.status_body(record, public_base_url(request), with_logs=with_logs, position=position)
     return JSONResponse(body, status_code=200 if record.status is Status.COMPLETED else 202)
 
 
 @router.put("/{owner}/{app}/requests/{request_id}/cancel")
 async def cancel(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
-    if find_record(request, owner, app, request_id) is None:
+    if await find_record(request, owner, app, request_id) is None:
         return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
-    outcome = get_queue(request).cancel(request_id)
+    outcome = await get_queue(request).cancel(request_id)
     if outcome in (CancelOutcome.CANCELLED, CancelOutcome.REQUESTED):
         return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
     if outcome is CancelOutcome.ALREADY_COMPLETED:
@@ -184,7 +172,7 @@ async def cancel(owner: str, app: str, request_id: str, request: Request) -> JSO
 
 @router.get("/{owner}/{app}/requests/{request_id}")
 async def result(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
-    record = require_record(request, owner, app, request_id)
+    record, _ = await require_record(request, owner, app, request_id)
     if record.status is not Status.COMPLETED:
         # Not 408/409/429: fal_client retries those as if they were transient.
         raise HTTPException(status_code=400, detail="Request is still in progress")
@@ -193,7 +181,9 @@ async def result(owner: str, app: str, request_id: str, request: Request) -> JSO
 
 @router.post("/{owner}/{app}/{endpoint:path}")
 async def submit(owner: str, app: str, endpoint: str, request: Request) -> JSONResponse:
-    record, position = await submit_request(request, owner, app, endpoint)
+    job = await request_job(request, owner, app, endpoint)
+    record, position = await get_queue(request).submit(job)
+    request.state.fal_request_id = record.id
     return JSONResponse(adapter.submit_body(record, record.job.base_url, position))
 
 

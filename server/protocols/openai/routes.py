@@ -2,8 +2,8 @@
 
 These calls are synchronous for the client, but the work goes through the same queue and
 workers as every other protocol: submit, wait for the record to complete, answer. A client
-that hangs up cancels its job. Every error is `{"error": {message, type, param, code}}`,
-rendered by `OpenAIRoute` whatever handlers the app installs elsewhere.
+that hangs up cancels its job (server/waiting.py says why). Every error is `{"error":
+{message, type, param, code}}`, rendered by `OpenAIRoute` whatever handlers the app installs elsewhere.
 """
 
 from __future__ import annotations
@@ -22,17 +22,18 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.auth import check_api_key, presented_key
+from server.auth import KeyProblem, api_key_dependency
 from server.deps import get_queue, get_settings, public_base_url
+from server.errors import register_error_renderer
 from server.inputs import InputImageError, decode_image
-from server.jobs import Job, JobRecord, Status
+from server.jobs import Job, JobRecord
 from server.protocols.openai import adapter
 from server.protocols.openai.adapter import OpenAIError
 from server.protocols.openai.models import ImageEditFields, ImageGenerationRequest, ImagesResponse, ModelList
+from server.waiting import ClientGone, submit_and_wait
 
 logger = logging.getLogger(__name__)
 PATH_PREFIXES = ("/v1/images", "/v1/models")
-WAIT_SLICE_SECONDS = 1.0  # how often a waiting request checks whether its client is still there
 
 
 def _param(loc: tuple[Any, ...] | list[Any]) -> str | None:
@@ -85,44 +86,29 @@ async def render_error(request: Request, exc: Exception) -> Response:
 
 
 def setup(app: FastAPI) -> None:
-    from server.app import register_error_renderer
-
     for prefix in PATH_PREFIXES:
         register_error_renderer(app, prefix, render_error)
 
 
-async def require_openai_key(request: Request) -> None:
-    if check_api_key(request):
-        return
-    if presented_key(request) is None:
+def refuse_key(problem: KeyProblem) -> OpenAIError:
+    if problem is KeyProblem.MISSING:
         message = "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
     else:
         message = "Incorrect API key provided."
-    raise OpenAIError(401, message, code="invalid_api_key")
+    return OpenAIError(401, message, code="invalid_api_key")
 
 
-router = APIRouter(route_class=OpenAIRoute, dependencies=[Depends(require_openai_key)], tags=["OpenAI"])
+router = APIRouter(
+    route_class=OpenAIRoute, dependencies=[Depends(api_key_dependency(refuse_key))], tags=["OpenAI"]
+)
 
 
 async def run_job(request: Request, job: Job) -> JobRecord:
-    """Submit and wait until the job completes; cancel it if the client goes away."""
-    queue = get_queue(request)
-    record = queue.submit(job)
-    request_id = record.id
+    """Submit and wait until the job completes; a client that hangs up cancels it."""
     try:
-        while True:
-            current = queue.get(request_id, with_logs=False)
-            if current is None:
-                raise OpenAIError(500, "The request vanished from the queue", error_type="server_error")
-            if current.status is Status.COMPLETED:
-                return current
-            if await request.is_disconnected():
-                queue.cancel(request_id)
-                raise OpenAIError(499, "Client closed the request", code="client_closed_request")
-            await queue.wait_for_change(request_id, WAIT_SLICE_SECONDS)
-    except asyncio.CancelledError:  # the server is shutting down or the connection was torn down
-        queue.cancel(request_id)
-        raise
+        return await submit_and_wait(request, get_queue(request), job)
+    except ClientGone:
+        raise OpenAIError(499, "Client closed the request", code="client_closed_request") from None
 
 
 def _answer(record: JobRecord) -> JSONResponse:

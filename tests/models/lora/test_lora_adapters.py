@@ -7,16 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import png, tiny_job
+from conftest import generate, png
 
 from models.lora import LoraError, LoraLimits, LoraSpec
 from models.lora.manager import LoraManager
 from models.lora.named import NamedAdapters
+from models.request import InputError
 from models.runtime import FluxRuntime
 
 
 def image_bytes(runtime: FluxRuntime, *loras: LoraSpec, **job_fields: object) -> bytes:
-    out = runtime.generate(tiny_job(**job_fields), loras=loras)
+    out = generate(runtime, **job_fields, loras=loras)
     return png(out.images[0])
 
 
@@ -66,8 +67,8 @@ def test_a_repeated_lora_is_not_loaded_again(
     lora_runtime: FluxRuntime, lora_file: Callable[..., Path]
 ) -> None:
     spec = LoraSpec("c", lora_file("c", seed=3))
-    first = lora_runtime.generate(tiny_job(), loras=[spec])
-    again = lora_runtime.generate(tiny_job(), loras=[spec])
+    first = generate(lora_runtime, loras=[spec])
+    again = generate(lora_runtime, loras=[spec])
     assert any("loaded as adapter" in line for line in first.log)
     assert any("already loaded" in line for line in again.log)
     assert any("1 hit(s), 0 miss(es) this request" in line for line in again.log)
@@ -87,7 +88,7 @@ def test_text_encoder_lora_does_not_leak_into_the_next_request(
 
 
 def test_image_to_image_uses_the_loras(lora_runtime: FluxRuntime, lora_file: Callable[..., Path]) -> None:
-    source = png(lora_runtime.generate(tiny_job(seed=3)).images[0])
+    source = png(generate(lora_runtime, seed=3).images[0])
     fields = {"task": "image-to-image", "image": source, "strength": 0.8}
     plain = image_bytes(lora_runtime, **fields)
     styled = image_bytes(lora_runtime, LoraSpec("a", lora_file("a", seed=1)), **fields)
@@ -102,7 +103,7 @@ def test_a_bad_lora_fails_its_request_and_the_next_one_is_clean(
     broken.write_bytes(b"this is not a LoRA at all")
     good = LoraSpec("a", lora_file("a", seed=1))
     with pytest.raises(LoraError, match=r"LoRA 'https://lan/broken.safetensors': is not a safetensors file"):
-        lora_runtime.generate(tiny_job(), loras=[good, LoraSpec("https://lan/broken.safetensors", broken)])
+        generate(lora_runtime, loras=[good, LoraSpec("https://lan/broken.safetensors", broken)])
     assert image_bytes(lora_runtime) == base
 
 
@@ -115,11 +116,11 @@ def test_least_recently_used_adapters_are_unloaded(
     try:
         files = [lora_file(f"lru{i}", seed=20 + i) for i in range(3)]
         for i, file in enumerate(files):
-            lora_runtime.generate(tiny_job(), loras=[LoraSpec(f"lru{i}", file)])
+            generate(lora_runtime, loras=[LoraSpec(f"lru{i}", file)])
         assert manager.loaded() == [str(files[1].resolve()), str(files[2].resolve())]
         # lru1 used again: now lru2 is the oldest, and reloading lru0 pushes it out.
-        lora_runtime.generate(tiny_job(), loras=[LoraSpec("lru1", files[1])])
-        out = lora_runtime.generate(tiny_job(), loras=[LoraSpec("lru0", files[0])])
+        generate(lora_runtime, loras=[LoraSpec("lru1", files[1])])
+        out = generate(lora_runtime, loras=[LoraSpec("lru0", files[0])])
         assert any("loaded as adapter" in line for line in out.log)
         assert manager.loaded() == [str(files[1].resolve()), str(files[0].resolve())]
         adapters = lora_runtime.pipe.get_list_adapters()["transformer"]
@@ -139,7 +140,7 @@ def test_output_is_close_to_merging_the_lora_into_the_weights(
     from safetensors.torch import load_file
 
     path = lora_file("a", seed=1)
-    styled = np.asarray(lora_runtime.generate(tiny_job(), loras=[LoraSpec("a", path, 0.7)]).images[0], float)
+    styled = np.asarray(generate(lora_runtime, loras=[LoraSpec("a", path, 0.7)]).images[0], float)
     transformer = lora_runtime.pipe.transformer
     tensors = load_file(str(path))
     saved: dict[str, torch.Tensor] = {}
@@ -153,7 +154,7 @@ def test_output_is_close_to_merging_the_lora_into_the_weights(
             saved[name] = layer.weight.clone()
             layer.weight += 0.7 * tensors[key.replace("lora_A", "lora_B")] @ down
     try:
-        merged = np.asarray(lora_runtime.generate(tiny_job()).images[0], float)
+        merged = np.asarray(generate(lora_runtime).images[0], float)
     finally:
         with torch.no_grad():
             for name, weight in saved.items():
@@ -164,10 +165,11 @@ def test_output_is_close_to_merging_the_lora_into_the_weights(
 def test_a_quantized_preset_runs_loras_on_the_loaded_weights_and_says_so(
     lora_runtime: FluxRuntime, lora_file: Callable[..., Path], tiny_model_dir: Path
 ) -> None:
-    from models.presets import Hardware, Preset, PresetManager
+    from models.presets.apply import PresetManager
+    from models.presets.policy import Hardware, Preset
 
     spec = LoraSpec("a", lora_file("a", seed=1))
-    eager = lora_runtime.generate(tiny_job(), loras=[spec])
+    eager = generate(lora_runtime, loras=[spec])
     saved = lora_runtime.presets
     lora_runtime.presets = PresetManager(
         lora_runtime.pipe.transformer,
@@ -178,8 +180,8 @@ def test_a_quantized_preset_runs_loras_on_the_loaded_weights_and_says_so(
         hardware=Hardware("cpu", None, torchao=True, compiler=True),
     )
     try:
-        quantized_plain = lora_runtime.generate(tiny_job(acceleration="regular"))
-        out = lora_runtime.generate(tiny_job(acceleration="regular"), loras=[spec])
+        quantized_plain = generate(lora_runtime, acceleration="regular")
+        out = generate(lora_runtime, acceleration="regular", loras=[spec])
     finally:
         lora_runtime.presets = saved
     assert quantized_plain.preset_note is None
@@ -191,15 +193,15 @@ def test_a_quantized_preset_runs_loras_on_the_loaded_weights_and_says_so(
 def test_inpainting_with_a_lora(lora_runtime: FluxRuntime, lora_file: Callable[..., Path]) -> None:
     from PIL import Image
 
-    source = png(lora_runtime.generate(tiny_job(seed=3, width=96, height=64)).images[0])
+    source = png(generate(lora_runtime, seed=3, width=96, height=64).images[0])
     mask = Image.new("RGB", (96, 64))
     mask.paste((255, 255, 255), (48, 0, 96, 64))  # repaint the right half only
     fields = {"task": "inpainting", "image": source, "mask": png(mask), "strength": 0.9}
     fields |= {"width": 96, "height": 64}
-    plain = lora_runtime.generate(tiny_job(**fields))
-    styled = lora_runtime.generate(tiny_job(**fields), loras=[LoraSpec("a", lora_file("a", seed=1))])
+    plain = generate(lora_runtime, **fields)
+    styled = generate(lora_runtime, **fields, loras=[LoraSpec("a", lora_file("a", seed=1))])
     assert plain.images[0].size == (96, 64)
     assert png(plain.images[0]) != png(styled.images[0])
-    assert png(lora_runtime.generate(tiny_job(**fields)).images[0]) == png(plain.images[0])
-    with pytest.raises(ValueError, match="needs a mask"):
-        lora_runtime.generate(tiny_job(**{**fields, "mask": None}))
+    assert png(generate(lora_runtime, **fields).images[0]) == png(plain.images[0])
+    with pytest.raises(InputError, match="needs a mask"):
+        generate(lora_runtime, **{**fields, "mask": None})

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import png, tiny_job
+from conftest import generate, png
 
 from models.lora import LoraLimits, LoraSpec
 from models.lora.manager import LoraManager
-from models.presets import Hardware, Preset, PresetManager
+from models.presets.apply import PresetManager
+from models.presets.policy import Hardware, Preset
 from models.runtime import FluxRuntime
 
 CPU = Hardware("cpu", None, torchao=True, compiler=True)
@@ -46,7 +47,7 @@ def compiled(tiny_model_dir: Path) -> Iterator[tuple[FluxRuntime, torch._dynamo.
 
 
 def run(runtime: FluxRuntime, *loras: LoraSpec, acceleration: str = "regular") -> tuple[bytes, list[str]]:
-    out = runtime.generate(tiny_job(acceleration=acceleration), loras=loras)
+    out = generate(runtime, acceleration=acceleration, loras=loras)
     assert out.preset == acceleration
     return png(out.images[0]), out.log
 
@@ -88,7 +89,7 @@ def test_hot_swapped_lora_matches_the_plain_adapter(
     runtime, _ = compiled
     spec = LoraSpec("a", lora_file("a", seed=1), 0.8)
     swapped = np.asarray(_decode(run(runtime, spec)[0]), float)
-    plain = np.asarray(lora_runtime.generate(tiny_job(), loras=[spec]).images[0], float)
+    plain = np.asarray(generate(lora_runtime, loras=[spec]).images[0], float)
     assert np.abs(swapped - plain).max() <= 2
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from models.generate_cli import output_paths, parse_size
 from server.cli import main
+from server.generate_cli import output_paths, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,6 @@
-"""Find, check and load FLUX.1 weights from a local disk, never from a network.
+"""Check FLUX.1 weights on a local disk without loading them (no torch): the preflight.
 
-`--model` accepts three things (see `resolve_model`):
+`--model` accepts (see `resolve_model`):
 - `tiny`: the tiny random model, built on first use into the data directory;
 - a diffusers folder of FLUX.1 [dev] (`model_index.json`, `transformer/`, `vae/`, ...);
 - a single-file transformer (`.safetensors`, BFL's or diffusers' key layout, bf16 or fp8),
@@ -8,40 +8,23 @@
 
 `resolve_model` checks everything it can from file names, configs and safetensors headers,
 so a broken set-up fails in well under a second, naming what is missing and where it was
-expected. It never reads a tensor. `load_components` then loads with local files only.
+expected. It never reads a tensor and never imports torch: the supervisor runs it in the API
+process before any worker starts. Loading is models/weights/load.py's.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from models.tiny import ensure_tiny
 
-if TYPE_CHECKING:
-    import torch
-
 FETCH_HINT = "download them with `python scripts/fetch_weights.py --dest <folder>` on a connected machine"
-
-# Values that make huggingface_hub, transformers and diffusers stay off the network.
-# diffusers has no offline switch of its own: it reads huggingface_hub's HF_HUB_OFFLINE.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "DISABLE_TELEMETRY": "1",
-    "DO_NOT_TRACK": "1",
-    "HF_HUB_DISABLE_UPDATE_CHECK": "1",
-    "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
-}
 
 PIPELINE_CLASS = "FluxPipeline"
 MODEL_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
@@ -63,31 +46,6 @@ class ModelSpec:
     transformer_file: Path | None  # the single-file transformer, when kind == "single-file"
     redux_dir: Path | None  # image_encoder/, feature_extractor/, image_embedder/; None: no redux
     name: str  # for logs and the health endpoint
-
-
-# --------------------------------------------------------------------------- offline
-
-
-def enforce_offline() -> None:
-    """Switch every Hugging Face library to offline mode, whatever the environment says.
-
-    Sets the environment variables (read by libraries imported later) and the module-level
-    copies that libraries already imported made of them at import time.
-    """
-    os.environ.update(OFFLINE_ENV)
-    constants = sys.modules.get("huggingface_hub.constants")
-    if constants is not None:
-        constants.HF_HUB_OFFLINE = True
-        constants.HF_HUB_DISABLE_TELEMETRY = True
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith(("huggingface_hub", "diffusers", "transformers")):
-            continue
-        for flag in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
-            if isinstance(getattr(module, flag, None), bool):
-                setattr(module, flag, True)
-
-
-# --------------------------------------------------------------------------- checks
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -305,111 +263,3 @@ def resolve_model(model: str, *, data_dir: Path, components_dir: Path | None = N
         folder = Path(components_dir).expanduser()
         check_pipeline_folder(folder, need_transformer_weights=False)
     return ModelSpec("single-file", folder, path, _redux_dir_of(folder), path.name)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-@dataclass
-class LoadedComponents:
-    transformer: Any
-    vae: Any
-    text_encoder: Any
-    text_encoder_2: Any
-    tokenizer: Any
-    tokenizer_2: Any
-    scheduler: Any
-    redux_image_encoder: Any = None
-    redux_feature_extractor: Any = None
-    redux_image_embedder: Any = None
-
-    def pipeline_kwargs(self) -> dict[str, Any]:
-        """The seven components FluxPipeline (and FluxImg2ImgPipeline) take."""
-        return {
-            "transformer": self.transformer,
-            "vae": self.vae,
-            "text_encoder": self.text_encoder,
-            "text_encoder_2": self.text_encoder_2,
-            "tokenizer": self.tokenizer,
-            "tokenizer_2": self.tokenizer_2,
-            "scheduler": self.scheduler,
-        }
-
-
-def load_single_file_transformer(path: Path, config_dir: Path, *, dtype: torch.dtype) -> Any:
-    """Build FluxTransformer2DModel from `config_dir`'s config and the file's tensors.
-
-    Any storage dtype (bf16, fp16, fp32, float8_e4m3fn) is cast to `dtype`.
-    """
-    from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel
-    from safetensors.torch import load_file
-
-    from models.single_file import bfl_to_diffusers, looks_like_bfl, strip_prefix
-
-    try:
-        raw = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types
-        raise WeightsError(f"cannot read the transformer file {path}: {exc}") from exc
-    try:
-        state = bfl_to_diffusers(raw) if looks_like_bfl(raw) else strip_prefix(raw)
-    except ValueError as exc:
-        raise WeightsError(f"{path}: {exc}") from exc
-    del raw
-    state = {k: v.to(dtype) for k, v in state.items()}
-
-    config = FluxTransformer2DModel.load_config(str(config_dir), local_files_only=True)
-    with init_empty_weights():
-        model = FluxTransformer2DModel.from_config(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise WeightsError(
-            f"{path} does not match the transformer config in {config_dir}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:  # shape mismatch: a file for another model size
-        raise WeightsError(f"{path} does not match the transformer config in {config_dir}: {exc}") from exc
-    # Every tensor was cast to dtype above and assigned as is: no .to(dtype) pass needed.
-    return model.eval()
-
-
-def load_components(spec: ModelSpec, *, dtype: torch.dtype) -> LoadedComponents:
-    """Load every component of `spec` from local files, cast to `dtype`."""
-    enforce_offline()
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
-
-    folder = spec.folder
-    local = {"local_files_only": True}
-    if spec.kind == "single-file":
-        assert spec.transformer_file is not None
-        transformer = load_single_file_transformer(spec.transformer_file, folder / "transformer", dtype=dtype)
-    else:
-        transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=dtype, **local)
-    components = LoadedComponents(
-        transformer=transformer,
-        vae=AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype, **local),
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, **local),
-        text_encoder_2=T5EncoderModel.from_pretrained(folder / "text_encoder_2", dtype=dtype, **local),
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer", **local),
-        tokenizer_2=T5Tokenizer.from_pretrained(folder / "tokenizer_2", **local),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler", **local),
-    )
-    if spec.redux_dir is not None:
-        from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
-        from transformers import SiglipImageProcessor, SiglipVisionModel
-
-        redux = spec.redux_dir
-        components.redux_image_encoder = SiglipVisionModel.from_pretrained(
-            redux / "image_encoder", dtype=dtype, **local
-        )
-        components.redux_feature_extractor = SiglipImageProcessor.from_pretrained(
-            redux / "feature_extractor", **local
-        )
-        components.redux_image_embedder = ReduxImageEncoder.from_pretrained(
-            redux / "image_embedder", dtype=dtype, **local
-        )
-    return components

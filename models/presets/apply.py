@@ -1,4 +1,4 @@
-"""Acceleration presets (none / regular / high) as frozen dataclasses, and the manager that runs them.
+"""Applying the acceleration presets to a loaded transformer (torch, torchao, diffusers hooks).
 
 How the runtime uses it (models/runtime.py):
 
@@ -10,22 +10,7 @@ How the runtime uses it (models/runtime.py):
     active.name                # the preset that actually ran
     active.note                # why it differs from what was asked for, or None
 
-The presets (figures: H100, 1024x1024, 28 steps; see docs/benchmarks.md and
-shared/reference/performance-anchors.md):
-
-- `none`: the weights as loaded (bf16 on a GPU, fp32 on a CPU), eager. The quality reference.
-- `regular`: regional compile of the repeated blocks (`compile_repeated_blocks(dynamic=True)`:
-  ~10 s compile instead of ~70 s, no recompiles across resolutions), fused QKV projections,
-  channels-last VAE and torchao fp8 dynamic row-wise linears (published: ~3.0 s vs ~6.6 s eager).
-  fp8 needs an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper, Blackwell); elsewhere it
-  runs int8 dynamic (int8 tensor cores on Ampere; compiled int8dq on H100 is 3.4 s) and says so.
-- `high`: `regular` plus First Block Cache at threshold 0.12 (the published near-lossless
-  point under fp8; 0.08 for bf16): steps whose first-block residual barely changed reuse the
-  cached output of the remaining blocks.
-
-A preset the machine cannot run is adapted to the nearest runnable form (fp8 -> int8 -> the
-loaded precision; compile -> eager when there is no compiler) and a preset the server did not
-enable is replaced by the nearest enabled one; either way `ActivePreset.note` says exactly why.
+What each preset is, and how one is adapted to the machine: models/presets/policy.py.
 
 Weight sets: the manager keeps one transformer per distinct weight set (precision, fused QKV).
 The base transformer is used as is; a quantized or fused variant is a deep copy that shares
@@ -44,174 +29,50 @@ import shutil
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
+from models.presets.policy import (
+    PRESET_ORDER,
+    PRESETS,
+    ActivePreset,
+    CacheSetting,
+    Hardware,
+    Preset,
+    adapt_to_hardware,
+    nearest_enabled,
+)
 
 if TYPE_CHECKING:
     from models.memory import MemoryPlan
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["bf16", "fp8", "int8"]
-CompileMode = Literal["none", "regional", "full"]
-PRESET_ORDER = ("none", "regular", "high")
+
+def detect_hardware(device: str) -> Hardware:
+    """What `device` can run, detected once (tests pass their own `Hardware`)."""
+    import torch
+
+    device_type = torch.device(device).type
+    capability = torch.cuda.get_device_capability(device) if device_type == "cuda" else None
+    # torchao is an optional extra ("accel"); importing it only to look costs a second and
+    # logs warnings about GPU kernels, so look without importing.
+    torchao = importlib.util.find_spec("torchao") is not None
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        compiler = has_triton()
+    else:
+        compiler = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++"))
+    return Hardware(device_type, capability, torchao, compiler)
 
 
-@dataclass(frozen=True)
-class CacheSetting:
-    """A diffusers step-cache hook. Only First Block Cache is wired today."""
+def cache_config(setting: CacheSetting) -> Any:
+    """The diffusers hook configuration for a step-cache setting."""
+    from diffusers import FirstBlockCacheConfig
 
-    kind: Literal["first_block"] = "first_block"
-    threshold: float = 0.12
-
-    def diffusers_config(self) -> Any:
-        from diffusers import FirstBlockCacheConfig
-
-        return FirstBlockCacheConfig(threshold=self.threshold)
-
-    def describe(self) -> str:
-        return f"First Block Cache {self.threshold:g}"
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    # "bf16" means "the weights as loaded": bf16 on a GPU, fp32 on a CPU (no fast bf16 matmuls there).
-    precision: Precision = "bf16"
-    compile: CompileMode = "none"
-    fuse_qkv: bool = False
-    vae_channels_last: bool = False
-    cache: CacheSetting | None = None
-
-    @property
-    def weight_set(self) -> tuple[str, bool]:
-        """Presets with the same weight set share one transformer module."""
-        return (self.precision, self.fuse_qkv)
-
-    def describe(self) -> str:
-        parts = [
-            {"bf16": "weights as loaded", "fp8": "fp8 dynamic row-wise", "int8": "int8 dynamic"}[
-                self.precision
-            ]
-        ]
-        if self.compile != "none":
-            parts.append(f"{self.compile} compile")
-        if self.fuse_qkv:
-            parts.append("fused QKV")
-        if self.vae_channels_last:
-            parts.append("channels-last VAE")
-        if self.cache is not None:
-            parts.append(self.cache.describe())
-        return ", ".join(parts)
-
-
-PRESETS: dict[str, Preset] = {
-    "none": Preset("none"),
-    "regular": Preset("regular", precision="fp8", compile="regional", fuse_qkv=True, vae_channels_last=True),
-    "high": Preset(
-        "high",
-        precision="fp8",
-        compile="regional",
-        fuse_qkv=True,
-        vae_channels_last=True,
-        cache=CacheSetting("first_block", threshold=0.12),
-    ),
-}
-
-
-@dataclass(frozen=True)
-class ActivePreset:
-    """What ran. `name` and `note` are the runtime's contract; the rest is for logs and metrics."""
-
-    name: str
-    note: str | None
-    requested: str | None = None
-    preset: Preset | None = None
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """What the machine can run, detected once (tests pass their own)."""
-
-    device_type: str  # "cpu" | "cuda"
-    cuda_capability: tuple[int, int] | None
-    torchao: bool
-    compiler: bool  # can torch.compile's inductor backend build kernels here?
-
-    @classmethod
-    def detect(cls, device: str) -> Hardware:
-        import torch
-
-        device_type = torch.device(device).type
-        capability = torch.cuda.get_device_capability(device) if device_type == "cuda" else None
-        # torchao is an optional extra ("accel"); importing it only to look costs a second and
-        # logs warnings about GPU kernels, so look without importing.
-        torchao = importlib.util.find_spec("torchao") is not None
-        if device_type == "cuda":
-            from torch.utils._triton import has_triton
-
-            compiler = has_triton()
-        else:
-            compiler = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++"))
-        return cls(device_type, capability, torchao, compiler)
-
-    def describe(self) -> str:
-        if self.device_type == "cuda" and self.cuda_capability is not None:
-            return f"CUDA compute capability {self.cuda_capability[0]}.{self.cuda_capability[1]}"
-        return self.device_type.upper()
-
-
-def adapt_to_hardware(
-    preset: Preset, hw: Hardware, *, compile_backend: str = "inductor"
-) -> tuple[Preset, str | None]:
-    """The nearest form of `preset` this machine can run, and why it differs (None if it does not)."""
-    reasons: list[str] = []
-    precision = preset.precision
-    if precision == "fp8" and not (hw.device_type == "cuda" and (hw.cuda_capability or (0, 0)) >= (8, 9)):
-        precision = "int8"
-        reasons.append(
-            f"fp8 dynamic needs an NVIDIA GPU with compute capability 8.9+ (this device: {hw.describe()})"
-        )
-    if precision in ("fp8", "int8") and not hw.torchao:
-        reasons.append(
-            f"{precision} needs torchao, which is not installed (pip install 'flux-server[accel]')"
-        )
-        precision = "bf16"
-    if reasons and precision == "int8":
-        reasons[-1] += "; ran int8 dynamic instead"
-    elif reasons:
-        reasons[-1] += "; ran the loaded precision instead"
-
-    compile_mode = preset.compile
-    if compile_mode != "none" and compile_backend == "inductor" and not hw.compiler:
-        tool = "Triton" if hw.device_type == "cuda" else "a C++ compiler (g++ or clang++)"
-        reasons.append(f"torch.compile's inductor needs {tool}, not found; ran eager")
-        compile_mode = "none"
-
-    adapted = replace(preset, precision=precision, compile=compile_mode)
-    return adapted, ("; ".join(reasons) or None)
-
-
-def default_presets(device: str) -> list[str]:
-    """Every preset on a GPU; only `none` on a CPU, where compiling the int8 transformer takes
-    minutes (43-234 s for the tiny model on 2 cores): far too long for a request to wait."""
-    return list(PRESET_ORDER) if device == "cuda" else ["none"]
-
-
-def default_warmup_sizes(device: str) -> list[tuple[int, int]]:
-    """Sizes compiled before a GPU worker reports ready: fal's default (landscape_4_3) and
-    square_hd. Other sizes reuse the same graphs (regional compile is dynamic in shape)."""
-    return [(1024, 768), (1024, 1024)] if device == "cuda" else []
-
-
-def nearest_enabled(requested: str, enabled: Iterable[str]) -> str:
-    """The enabled preset closest to `requested` in none < regular < high (ties go to the slower one)."""
-    enabled = list(enabled)
-    if requested in enabled:
-        return requested
-    where = PRESET_ORDER.index(requested) if requested in PRESET_ORDER else 0
-    return min(enabled, key=lambda name: (abs(PRESET_ORDER.index(name) - where), PRESET_ORDER.index(name)))
+    return FirstBlockCacheConfig(threshold=setting.threshold)
 
 
 def set_compile_cache_dirs(data_dir: Path) -> Path:
@@ -258,7 +119,7 @@ class PresetManager:
         self.base = transformer
         self.device = device
         self.compile_backend = compile_backend
-        self.hardware = hardware or Hardware.detect(device)
+        self.hardware = hardware or detect_hardware(device)
         self.compile_cache_dir = set_compile_cache_dirs(Path(data_dir))
         self.single_weight_set = bool(memory_plan and memory_plan.single_weight_set)
         plan_name = memory_plan.name if memory_plan else ""
@@ -394,7 +255,7 @@ class PresetManager:
         self._set_compiled(preset.weight_set, preset.compile if preset.compile != "none" else None)
         set_vae_channels_last(pipe.vae, preset.vae_channels_last)
         if preset.cache is not None:
-            variant.enable_cache(preset.cache.diffusers_config())  # fresh cache state per call
+            variant.enable_cache(cache_config(preset.cache))  # fresh cache state per call
         try:
             yield ActivePreset(name=preset.name, note=note, requested=requested, preset=preset)
         finally:

@@ -16,6 +16,10 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.jobs import Job
 
 _FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -55,7 +59,7 @@ def _output_format(out: Path) -> str:
         raise UsageError(f"--out {out}: the extension must be one of {', '.join(_FORMATS)}") from None
 
 
-def _build_job(args: argparse.Namespace, output_format: str):  # -> server.jobs.Job
+def _build_job(args: argparse.Namespace, output_format: str) -> Job:
     from PIL import Image, UnidentifiedImageError
 
     from server.jobs import SEED_LIMIT, Job, round_size
@@ -106,12 +110,15 @@ def run_generate(args: argparse.Namespace) -> int:
     # Heavy imports only once the arguments are known to be good.
     from tqdm import tqdm
 
-    from models.runtime import FluxRuntime, validate_job
+    from models.request import InputError, validate
+    from models.runtime import FluxRuntime
     from models.weights import WeightsError
+    from server.worker import generation_request
 
+    request = generation_request(job)  # draws the seed when --seed is not given
     try:
-        validate_job(job)
-    except ValueError as exc:
+        validate(request)
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -133,6 +140,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"loaded {runtime.model_name} on {runtime.device} in {time.perf_counter() - started:.1f}s")
+    print(f"model: {runtime.summary}")
 
     with tqdm(unit="step", desc="denoising") as bar:
 
@@ -140,7 +148,11 @@ def run_generate(args: argparse.Namespace) -> int:
             bar.total = n
             bar.update(i - bar.n)
 
-        result = runtime.generate(job, on_step=on_step)
+        try:
+            result = runtime.generate(request, on_step=on_step)
+        except InputError as exc:  # e.g. a task the model has no parts for
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
 
     paths = output_paths(out, len(result.images))
     for path, image in zip(paths, result.images, strict=True):

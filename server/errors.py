@@ -1,0 +1,66 @@
+"""Which protocol renders an error: a registry of path prefixes and error renderers.
+
+Every protocol answers errors in its own shape (fal and FastAPI: `{"detail": ...}`; BFL:
+`{"detail": [{loc, msg, type}]}`; OpenAI: `{"error": {...}}`). Errors raised inside a route
+are the route's business, but some arise before any route runs (404 for an unknown path,
+405, a validation error, an unexpected exception). For those the app asks this registry:
+a protocol claims its path prefixes with `register_error_renderer` at set-up, and paths no
+protocol claims get FastAPI's shapes, which are fal's.
+
+A leaf module: it imports nothing from the server, so protocol packages can use it without
+importing the app.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("flux_server.api")
+
+ErrorRenderer = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def register_error_renderer(app: FastAPI, prefix: str, renderer: ErrorRenderer) -> None:
+    """Render errors on paths starting with `prefix` with `renderer(request, exc)`.
+
+    `exc` is a RequestValidationError, a starlette HTTPException or any other exception (then
+    answer 500 in the protocol's shape). The longest matching prefix wins."""
+    renderers: list[tuple[str, ErrorRenderer]] = app.state.error_renderers
+    renderers.append((prefix, renderer))
+    renderers.sort(key=lambda item: len(item[0]), reverse=True)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error the app's handlers see through the registry."""
+    app.state.error_renderers = []
+    app.add_exception_handler(RequestValidationError, handle_error)
+    app.add_exception_handler(StarletteHTTPException, handle_error)
+    app.add_exception_handler(Exception, handle_error)
+
+
+async def handle_error(request: Request, exc: Exception) -> Response:
+    for prefix, renderer in request.app.state.error_renderers:
+        if request.url.path.startswith(prefix):
+            return await renderer(request, exc)
+    return default_error(request, exc)
+
+
+def default_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's error shapes (fal's too), with fal's error-type header on a 500."""
+    if isinstance(exc, RequestValidationError):
+        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+    if isinstance(exc, StarletteHTTPException):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        {"detail": "Internal server error", "error_type": "internal_server_error"},
+        status_code=500,
+        headers={"x-fal-error-type": "internal_server_error"},
+    )

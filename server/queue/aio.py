@@ -1,0 +1,175 @@
+"""The API's view of the queue: every `JobQueue` call as a coroutine that runs off the loop.
+
+A `JobQueue` method may block on I/O (a SQLite commit waits for the disk and for the write
+lock that workers share; a database server is a network round trip). Route code runs on the
+event loop, where such a wait would stall every other request, so the API never calls the
+queue directly: it awaits `AsyncQueue`, which runs each call on a small dedicated thread pool.
+
+Two things on top of that:
+
+- Group commit. Concurrent submits share one commit: a submit parks its job, and one flush at
+  a time stores every job parked meanwhile (`JobQueue.submit_many`, at most `MAX_BATCH`).
+  Each caller resumes only after that commit, so a response never announces a job that is
+  not durable. An idle server flushes a lone submit at once.
+- Watching a request without missing a change. `wait_for_change` only sees notifications
+  that arrive while it waits, and a read now takes a thread hop; `watch` therefore starts
+  waiting before it reads, so a change that lands during the read ends the wait at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import queue as thread_queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from server.jobs import Job, JobRecord, Status
+from server.queue.base import CancelOutcome, JobQueue, WorkerInfo
+
+T = TypeVar("T")
+
+# Most jobs one commit carries: bigger batches save little more and hold back early responses.
+MAX_BATCH = 64
+# Threads for queue calls: SQLite readers run in parallel (WAL); writers queue on one lock.
+THREADS = 4
+
+
+class CallThreads:
+    """A few daemon threads running blocking calls for coroutines.
+
+    `loop.run_in_executor` does the same with more machinery per call (a concurrent future
+    with its lock, chained callbacks); a status poll is one such call, so this keeps it lean:
+    one queue put, one `call_soon_threadsafe` back."""
+
+    def __init__(self, count: int) -> None:
+        self._calls: thread_queue.SimpleQueue[Any] = thread_queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"queue-call-{n}", daemon=True) for n in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def run(self, call: Callable[[], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._calls.put((loop, future, call))
+        return future
+
+    def _serve(self) -> None:
+        while (item := self._calls.get()) is not None:
+            loop, future, call = item
+            try:
+                result = call()
+            except BaseException as exc:  # handed to the awaiting coroutine
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._calls.put(None)
+
+
+def _settle(future: asyncio.Future[Any], result: object, exc: BaseException | None) -> None:
+    if future.done():  # the awaiting coroutine was cancelled meanwhile
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+class AsyncQueue:
+    def __init__(self, queue: JobQueue, *, threads: int = THREADS) -> None:
+        self.sync = queue  # for code that already runs in a thread, and for tests
+        self._threads = CallThreads(threads)
+        self._pending: list[tuple[Job, asyncio.Future[tuple[JobRecord, int]]]] = []
+        self._flush_task: asyncio.Task[None] | None = None
+
+    async def _call(self, function: Callable[..., T], /, *args: object, **kwargs: object) -> T:
+        return await self._threads.run(functools.partial(function, *args, **kwargs))
+
+    # --- producer side ---------------------------------------------------------------------
+    async def submit(self, job: Job) -> tuple[JobRecord, int]:
+        """Store `job` durably (group commit); returns its record and queue position."""
+        future: asyncio.Future[tuple[JobRecord, int]] = asyncio.get_running_loop().create_future()
+        self._pending.append((job, future))
+        if self._flush_task is None or self._flush_task.done():
+            # The task starts on the next loop turn: submits arriving in this one join it.
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        """Store parked jobs, one batch at a time, until none is left."""
+        while self._pending:
+            batch = [(job, f) for job, f in self._pending[:MAX_BATCH] if not f.cancelled()]
+            del self._pending[:MAX_BATCH]
+            if batch:
+                await self._store(batch)
+
+    async def _store(self, batch: list[tuple[Job, asyncio.Future[tuple[JobRecord, int]]]]) -> None:
+        try:
+            stored = await self._call(self.sync.submit_many, [job for job, _ in batch])
+        except Exception as exc:  # every caller of this batch gets the error (a 500)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, stored, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
+        return await self._call(self.sync.get, request_id, with_logs=with_logs)
+
+    async def get_with_position(
+        self, request_id: str, *, with_logs: bool = True
+    ) -> tuple[JobRecord | None, int | None]:
+        """The record and, while it is queued, its position: one thread hop for a status poll."""
+        return await self._call(self._get_with_position, request_id, with_logs)
+
+    def _get_with_position(self, request_id: str, with_logs: bool) -> tuple[JobRecord | None, int | None]:
+        record = self.sync.get(request_id, with_logs=with_logs)
+        if record is None or record.status is not Status.IN_QUEUE:
+            return record, None
+        return record, self.sync.position(request_id)
+
+    async def position(self, request_id: str) -> int | None:
+        return await self._call(self.sync.position, request_id)
+
+    async def depth(self) -> int:
+        return await self._call(self.sync.depth)
+
+    async def cancel(self, request_id: str) -> CancelOutcome:
+        return await self._call(self.sync.cancel, request_id)
+
+    async def workers(self) -> list[WorkerInfo]:
+        return await self._call(self.sync.workers)
+
+    async def wait_for_change(self, request_id: str, timeout: float) -> None:
+        """The queue's own wait: it runs on the loop already (it reads no store)."""
+        await self.sync.wait_for_change(request_id, timeout)
+
+    async def watch(
+        self, request_id: str, *, timeout: float, with_logs: bool = True
+    ) -> AsyncIterator[tuple[JobRecord | None, int | None]]:
+        """(record, queue position) now, then again after every possible change, at least
+        every `timeout` seconds; the caller stops iterating when it has seen enough.
+
+        The wait for the next change starts before each read (a waiter registers before its
+        first suspension), so nothing that happens while the record is read or while the
+        caller handles it is missed."""
+        while True:
+            waiter = asyncio.ensure_future(self.sync.wait_for_change(request_id, timeout))
+            try:
+                await asyncio.sleep(0)  # let the waiter register
+                yield await self.get_with_position(request_id, with_logs=with_logs)
+                await waiter
+            finally:
+                waiter.cancel()
+
+    def close(self) -> None:
+        """Stop the threads (the wrapped queue is closed by whoever opened it)."""
+        self._threads.close()
