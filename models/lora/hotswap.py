@@ -8,7 +8,8 @@ slots with `hotswap=True` (smaller ranks are zero-padded, layers a LoRA does not
 zeroed) and each slot's scale is written into its scaling tensor; unused slots get scale 0.
 All slots stay active on every LoRA request, so any mix of LoRAs runs the same graph.
 
-A LoRA in a slot stays there until the slot is needed for another one, and up to
+A LoRA in a slot stays there until the slot is needed for another one (the least recently
+used slot goes first), and up to
 `max_loaded` LoRAs stay read in memory (least recently used dropped), so a repeated LoRA costs
 at most one copy into its slot.
 
@@ -46,6 +47,7 @@ class HotswapSlots:
         self.names = [f"hotswap_{i}" for i in range(max(1, slots))]
         self.max_loaded = max(1, max_loaded)
         self._slot_holds: list[FileKey | None] = [None] * len(self.names)
+        self._slot_used = [0.0] * len(self.names)  # when each slot last served a request
         self._in_memory: OrderedDict[FileKey, LoadedLora] = OrderedDict()
         self._temporary: list[str] = []
         self._temporary_names = itertools.count()
@@ -106,7 +108,11 @@ class HotswapSlots:
         eager_reasons: list[str] = []
         scales: dict[str, float] = dict.fromkeys(self.names, 0.0)
         wanted = {lora.key for lora, _, _ in loras}
-        free = [i for i, held in enumerate(self._slot_holds) if held not in wanted]
+        # Slots this request does not need, empty ones first, then the least recently used.
+        free = sorted(
+            (i for i, held in enumerate(self._slot_holds) if held not in wanted),
+            key=lambda i: (self._slot_holds[i] is not None, self._slot_used[i]),
+        )
         for lora, scale, _ in loras:
             if lora.has_text_encoder:
                 name = f"eager_{next(self._temporary_names)}"
@@ -131,6 +137,7 @@ class HotswapSlots:
                     f"LoRA {lora.name}: hot-swapped into slot {slot} in {time.perf_counter() - started:.3f} s"
                 )
             scales[self.names[slot]] = scale
+            self._slot_used[slot] = time.monotonic()
         activate(self.modules, scales)
         return hits, misses, "; ".join(eager_reasons) or None
 
