@@ -4,6 +4,7 @@ uses (a LAN file server, a LoRA folder, a local Hugging Face cache, this server'
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,11 +17,13 @@ from models.lora.tiny_loras import write_lora
 
 
 class LanFileServer:
-    """Plain HTTP on loopback, as a studio's file server: GET /<name> -> files[name] or 404."""
+    """Plain HTTP on loopback, as a studio's file server: GET /<name> -> files[name] or 404.
+    It also takes webhooks: every POST body is kept in `posted` (path, JSON)."""
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files = files
         self.requests: list[str] = []
+        self.posted: list[tuple[str, dict]] = []
         lan = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,6 +37,13 @@ class LanFileServer:
                 self.send_header("Content-Length", str(len(body or b"")))
                 self.end_headers()
                 self.wfile.write(body or b"")
+
+            def do_POST(self) -> None:
+                data = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                lan.posted.append((self.path, json.loads(data)))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"

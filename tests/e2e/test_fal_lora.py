@@ -26,6 +26,7 @@ from lora_support import (
 )
 
 from server.storage import LocalStorage, file_url
+from tests.server.queue.conftest import eventually
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -251,3 +252,66 @@ def test_too_many_loras_is_a_422_at_submit(lora: LoraSetup) -> None:
         lora.fal.submit(APP, {"prompt": "p", "loras": [{"path": "style"}] * 4})  # type: ignore[attr-defined]
     assert caught.value.status_code == 422
     assert caught.value.message[0]["loc"] == ["body", "loras"]
+
+
+def test_queue_subscribe_with_logs(lora: LoraSetup) -> None:
+    updates: list[object] = []
+    body = {"prompt": "p", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
+    output = lora.fal.subscribe(  # type: ignore[attr-defined]
+        APP, {**body, "loras": [{"path": "style"}]}, with_logs=True, on_queue_update=updates.append
+    )
+    assert output["images"][0]["width"] == 64
+    done = updates[-1]
+    assert type(done).__name__ == "Completed"
+    assert any(log["message"].startswith("LoRA cache: ") for log in done.logs)  # type: ignore[attr-defined]
+
+
+def test_webhooks_carry_the_output_and_the_lora_error(lora: LoraSetup) -> None:
+    from urllib.parse import quote
+
+    body = {"prompt": "p", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
+    with lora.client() as client:
+        for name, path in (("good", "style"), ("bad", "rank32")):
+            hook = quote(f"{lora.lan.url}/hook/{name}", safe="")
+            response = client.post(f"/{APP}?fal_webhook={hook}", json={**body, "loras": [{"path": path}]})
+            assert response.status_code == 200, response.text
+            wait_completed(client, response.json()["request_id"], app=APP)
+
+    def delivered() -> dict[str, dict]:
+        return {path.rsplit("/", 1)[-1]: payload for path, payload in lora.lan.posted}
+
+    eventually(lambda: len(delivered()) == 2, timeout=30, what="both webhooks")
+    hooks = delivered()
+    assert hooks["good"]["status"] == "OK" and hooks["good"]["payload"]["images"]
+    assert hooks["bad"]["status"] == "ERROR" and hooks["bad"]["error"] == "Invalid status code: 422"
+    [detail] = hooks["bad"]["payload"]["detail"]
+    assert detail["loc"] == ["body", "loras", 0, "path"] and "has rank 32" in detail["msg"]
+
+
+def test_the_js_client_in_proxy_mode(lora: LoraSetup) -> None:
+    import json
+    import subprocess
+
+    node = shutil.which("node")
+    js_dir = Path(__file__).parent / "js"
+    assert node is not None and (js_dir / "node_modules" / "@fal-ai" / "client").is_dir(), (
+        "run scripts/setup.sh"
+    )
+    env = {
+        **os.environ,
+        "FLUX_BASE": lora.server.base_url,  # type: ignore[attr-defined]
+        "NODE_EXTRA_CA_CERTS": str(lora.server.certs.ca),  # type: ignore[attr-defined]
+        "LORA_PATH": f"{lora.lan.url}/lan.safetensors",
+        "BAD_LORA_PATH": "wide",
+    }
+    proc = subprocess.run(
+        [node, "lora.mjs"], cwd=js_dir, env=env, capture_output=True, text=True, timeout=200
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["data"]["seed"] == 9 and out["data"]["images"][0]["content_type"] == "image/png"
+    with lora.client() as client:
+        image = client.get(out["data"]["images"][0]["url"]).content
+    assert image == lora.png(loras=[{"path": f"{lora.lan.url}/lan.safetensors"}])[0]
+    assert out["bad"]["thrown"] and out["bad"]["isApiError"] and out["bad"]["status"] == 422
+    assert "does not fit this model" in out["bad"]["body"]["detail"][0]["msg"]
