@@ -43,7 +43,7 @@ def default_api_processes(cpu_count: int | None = None) -> int:
 def app_from_environment() -> FastAPI:
     """The app factory each of several API processes calls (settings from FLUX_*)."""
     if sys.platform.startswith("linux"):
-        from server.supervisor import set_parent_death_signal
+        from server.child_process import set_parent_death_signal
 
         # If uvicorn's manager process is killed outright, its processes go at once too: a
         # graceful shutdown would keep the port from the API that `serve` restarts.

@@ -12,7 +12,8 @@ restarting it would fail the same way, so it stays down, marked "failed", and /h
 the reason. SIGINT/SIGTERM stop the children (SIGTERM, then SIGKILL after a grace period) and
 end with exit status 0.
 
-The pids of the children are written to <data_dir>/run/processes.json for operators and tests.
+The start-up checks that run before anything starts live in server/preflight.py. The pids of
+the children are written to <data_dir>/run/processes.json for operators and tests.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,126 +31,30 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.child_process import set_parent_death_signal
 from server.config import Settings
+from server.preflight import (
+    EXIT_USAGE,
+    ConfigError,
+    StartupError,
+    WorkerSlot,
+    banner,
+    base_url,
+    check_model,
+    check_port_free,
+    check_settings,
+    plan_workers,
+)
 from server.queue.base import JobQueue
 
 logger = logging.getLogger("flux_server.supervisor")
 
-EXIT_USAGE = 2  # bad configuration, refused to start
 WORKER_LOAD_FAILED = 2  # a worker's exit code when its model cannot be loaded
 BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a child that ran this long gets its backoff reset
 STOP_GRACE = 20.0  # seconds between SIGTERM and SIGKILL at shutdown
 API_START_TIMEOUT = 60.0  # the first API process must listen within this, or serve gives up
-
-
-class ConfigError(Exception):
-    """A setting that makes the server refuse to start (exit status 2)."""
-
-
-class StartupError(Exception):
-    """The API process could not come up (port in use, unreadable certificate...): exit 1."""
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def check_settings(settings: Settings) -> None:
-    """Refuse configurations that would be unsafe or cannot work. Raises ConfigError."""
-    if not settings.host_is_loopback() and not settings.insecure_no_auth:
-        try:
-            keys = settings.all_api_keys()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --api-keys-file: {exc}") from exc
-        if not keys:
-            raise ConfigError(
-                f"refusing to listen on {settings.host} (not a loopback address) without an API key: "
-                "give --api-key KEY (or --api-keys-file FILE), or --insecure-no-auth to accept "
-                "requests from anyone who can reach this port"
-            )
-    if (settings.ssl_certfile is None) != (settings.ssl_keyfile is None):
-        raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile (only one was given)")
-    for flag, path in (("--ssl-certfile", settings.ssl_certfile), ("--ssl-keyfile", settings.ssl_keyfile)):
-        if path is not None and not Path(path).is_file():
-            raise ConfigError(f"{flag} {path}: no such file")
-    if settings.api_keys_file is not None and not Path(settings.api_keys_file).is_file():
-        raise ConfigError(f"--api-keys-file {settings.api_keys_file}: no such file")
-    if settings.workers is not None and settings.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {settings.workers}")
-
-
-def check_model(settings: Settings) -> None:
-    """Fail fast on a --model that cannot be loaded, before any worker starts.
-
-    models.weights.resolve_model checks file names, configs and safetensors headers only, and
-    imports no torch. The tiny model is skipped: building it is the worker's job (it needs torch).
-    """
-    if settings.model == "tiny" or str(settings.components_dir) == "tiny":
-        return
-    from models.weights import WeightsError, resolve_model
-
-    try:
-        resolve_model(settings.model, data_dir=settings.data_dir, components_dir=settings.components_dir)
-    except (WeightsError, OSError, ValueError) as exc:
-        raise ConfigError(f"--model {settings.model}: {exc}") from exc
-
-
-def check_port_free(settings: Settings) -> None:
-    """Bind the API's address once, as uvicorn will, so that a busy port fails before any
-    worker loads a model. Raises StartupError."""
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((settings.host, settings.port))
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from exc
-
-
-# --------------------------------------------------------------------------- worker plan
-
-
-@dataclass(frozen=True)
-class WorkerSlot:
-    worker_id: str
-    gpu: int | None
-
-    @property
-    def device(self) -> str:
-        return "cpu" if self.gpu is None else f"cuda:{self.gpu}"
-
-
-def visible_gpu_count() -> int:
-    """GPUs this process may use, without importing torch."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        items = [v.strip() for v in visible.split(",") if v.strip()]
-        # CUDA stops at the first invalid entry; "-1" is the usual way to hide every GPU.
-        count = 0
-        for item in items:
-            if item.startswith("-"):
-                break
-            count += 1
-        return count
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    if out.returncode != 0:
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
-
-
-def plan_workers(settings: Settings, gpu_count: int | None = None) -> list[WorkerSlot]:
-    """One worker per visible GPU (or --workers N spread over them), else one CPU worker."""
-    gpus = 0 if settings.device == "cpu" else (visible_gpu_count() if gpu_count is None else gpu_count)
-    if settings.device == "cuda" and gpus == 0:
-        raise ConfigError("--device cuda, but no GPU is visible (nvidia-smi -L / CUDA_VISIBLE_DEVICES)")
-    count = settings.workers or (gpus if gpus > 0 else 1)
-    return [WorkerSlot(f"w{i}", (i % gpus) if gpus > 0 else None) for i in range(count)]
 
 
 # --------------------------------------------------------------------------- children
@@ -176,17 +80,6 @@ class Child:
         return self.process.pid if self.process is not None else None
 
 
-def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
-    """In a child process: get `signum` when the parent dies (even by SIGKILL)."""
-    try:
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signum)
-    except (OSError, AttributeError):
-        pass
-
-
 @dataclass
 class Supervisor:
     settings: Settings
@@ -197,7 +90,8 @@ class Supervisor:
 
     def __post_init__(self) -> None:
         base = [sys.executable, "-m", "server.cli"]
-        self.children.append(Child("api", [*base, "api"]))
+        if self.settings.role != "workers":  # a workers-only box serves no HTTP
+            self.children.append(Child("api", [*base, "api"]))
         for slot in self.slots:
             argv = [*base, "worker", "--worker-id", slot.worker_id]
             if slot.gpu is not None:
@@ -319,7 +213,7 @@ class Supervisor:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)
         }
         old_wakeup = signal.set_wakeup_fd(wake_w)
-        api = self.children[0]
+        api = next((child for child in self.children if child.slot is None), None)
         try:
             for child in self.children:
                 self._start(child)
@@ -333,7 +227,7 @@ class Supervisor:
                     pass
                 if self.stopping:
                     break
-                if not api.ever_listened and api.process is not None:
+                if api is not None and not api.ever_listened and api.process is not None:
                     if self._api_listening():
                         api.ever_listened = True
                         logger.info("API listening on %s", base_url(self.settings))
@@ -398,54 +292,6 @@ class Supervisor:
         logger.info("stopped")
 
 
-# --------------------------------------------------------------------------- banner
-
-
-def base_url(settings: Settings) -> str:
-    scheme = "https" if settings.ssl_certfile else "http"
-    host = settings.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{settings.port}"
-
-
-def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
-    url = base_url(settings)
-    hostport = url.split("://", 1)[1]
-    tls = settings.ssl_certfile is not None
-    auth = settings.auth_enabled
-    devices = ", ".join(f"{s.worker_id} on {s.device}" for s in slots)
-    lines: list[str | None] = [
-        "flux-server",
-        f"  URL      {url}"
-        + (f"  (listening on {settings.host})" if settings.host in ("0.0.0.0", "::") else ""),
-        f"  public   {settings.public_url}" if settings.public_url else None,
-        f"  model    {settings.model}",
-        f"  workers  {len(slots)}: {devices}",
-        f"  auth     {'on (' + str(len(settings.all_api_keys())) + ' key(s))' if auth else 'off'}",
-        f"  TLS      {'on' if tls else 'off'}",
-        f"  data     {settings.data_dir}",
-        "",
-        "Point fal_client (Python) at it:",
-        f"  export FAL_QUEUE_RUN_HOST={hostport}",
-        f"  export FAL_RUN_HOST={hostport}/run",
-        f"  export FAL_KEY={'<one of your API keys>' if auth else 'anything'}",
-    ]
-    if tls:
-        lines.append("  export SSL_CERT_FILE=<bundle.pem from flux-server make-cert>")
-    else:
-        lines.append(
-            "  (fal_client always uses https: serve with --ssl-certfile/--ssl-keyfile; see make-cert)"
-        )
-    lines += [
-        "@fal-ai/client (JS): proxyUrl {url: " + repr(url + "/api/fal/proxy") + ', when: "always"}',
-        f"Health: {url}/health",
-    ]
-    return "\n".join(line for line in lines if line is not None) + "\n"
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -454,9 +300,11 @@ def serve(settings: Settings) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s supervisor: %(message)s", stream=sys.stderr
     )
     try:
-        check_settings(settings)
+        if settings.role != "workers":  # a workers-only box listens on no port
+            check_settings(settings)
         settings = settings.model_copy(update={"data_dir": Path(settings.data_dir).resolve()})
-        check_model(settings)
+        if settings.role != "api":  # an API-only box loads no model
+            check_model(settings)
         slots = plan_workers(settings)
         # The children see the resolved count: the API reports ready only when all are.
         settings = settings.model_copy(update={"workers": len(slots)})
@@ -465,7 +313,8 @@ def serve(settings: Settings) -> int:
         print(f"flux-server: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        check_port_free(settings)
+        if settings.role != "workers":
+            check_port_free(settings)
     except StartupError as exc:
         print(f"flux-server: {exc}", file=sys.stderr)
         return 1

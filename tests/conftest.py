@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny model, a local CA, and real `flux-server serve` processes.
 
-- `tiny_model_dir` (session): the tiny random FLUX model, built once into <repo>/.pytest-data.
+- `tiny_model_dir` (session): the tiny random FLUX model, built once per checkout under pytest's
+  temporary root (kept between sessions, never inside the repository).
 - `certs` (session): a CA and a server certificate for loopback (server.tls.make_certificates).
 - `flux_server` (session): one `flux-server serve --model tiny --workers 1` over HTTPS on a
   free loopback port, shared by the end-to-end tests; no API key (auth off).
@@ -15,10 +16,10 @@ A server's data directory links the session's tiny model folder instead of rebui
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,28 +32,30 @@ import httpx
 import pytest
 
 from server.tls import CertPaths, make_certificates
+from tests.pg_server import postgres_server  # noqa: F401 - the session's PostgreSQL server
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-PYTEST_DATA = REPO / ".pytest-data"
 HEALTH_TIMEOUT = 120.0
 
 
+def shared_test_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder under pytest's temporary root that outlives one session (pytest prunes only its
+    numbered session folders), one per checkout so that branches never share a build."""
+    digest = hashlib.sha1(str(REPO).encode()).hexdigest()[:12]
+    return tmp_path_factory.getbasetemp().parent / f"flux-server-{digest}"
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir() -> Path:
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.tiny import ensure_tiny
 
-    return ensure_tiny(PYTEST_DATA)
+    return ensure_tiny(shared_test_data(tmp_path_factory))
 
 
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
     return make_certificates(tmp_path_factory.mktemp("certs"), hosts=[])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 from models.lora.errors import LoraError
 from models.lora.spec import LoraSpec
 from server.lora.cache import DownloadCache
-from server.storage import LocalStorage, file_name_from_url
+from server.storage import LocalStorage
 
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w./-]+\.safetensors))?$")
 _HF_HOSTS = {"huggingface.co", "hf.co", "www.huggingface.co"}
@@ -75,11 +75,11 @@ class LoraResolver:
 
     # --- URLs -------------------------------------------------------------------------------
     def _from_url(self, path: str, url: str, own_base_urls: list[str], download: bool) -> ResolvedLora:
-        name = file_name_from_url(url, own_base_urls)
-        if name is not None:
-            stored = self.storage.path(name)
-            if stored is None:
-                raise LoraError(path, "this server has no such file (expired or never uploaded)")
+        try:
+            stored = self.storage.own_file(url, own_base_urls)
+        except FileNotFoundError:
+            raise LoraError(path, "this server has no such file (expired or never uploaded)") from None
+        if stored is not None:
             return ResolvedLora(path, stored, "upload")
         parts = urlsplit(url)
         if (parts.hostname or "").lower() in _HF_HOSTS:

@@ -19,6 +19,7 @@ Two things on top of that:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import queue as thread_queue
 import threading
@@ -32,16 +33,20 @@ T = TypeVar("T")
 
 # Most jobs one commit carries: bigger batches save little more and hold back early responses.
 MAX_BATCH = 64
-# Threads for queue calls: SQLite readers run in parallel (WAL); writers queue on one lock.
-THREADS = 4
+# Threads for queue calls: one can serve reads while the other waits on a commit; more only
+# split the batches (measured with scripts/bench_api.py on 2 cores).
+THREADS = 2
+# Most calls one thread runs before it wakes the event loop with their results.
+MAX_CALLS_PER_WAKE_UP = 32
 
 
 class CallThreads:
     """A few daemon threads running blocking calls for coroutines.
 
-    `loop.run_in_executor` does the same with more machinery per call (a concurrent future
-    with its lock, chained callbacks); a status poll is one such call, so this keeps it lean:
-    one queue put, one `call_soon_threadsafe` back."""
+    Leaner than `loop.run_in_executor` (no concurrent future with its lock and chained
+    callbacks), and calls that queue up meanwhile are taken together: a thread runs every call
+    waiting for it, then wakes the event loop once for all of them. Under a flood of status
+    polls that is one loop wake-up per batch instead of one per poll."""
 
     def __init__(self, count: int) -> None:
         self._calls: thread_queue.SimpleQueue[Any] = thread_queue.SimpleQueue()
@@ -58,27 +63,42 @@ class CallThreads:
         return future
 
     def _serve(self) -> None:
-        while (item := self._calls.get()) is not None:
-            loop, future, call = item
-            try:
-                result = call()
-            except BaseException as exc:  # handed to the awaiting coroutine
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+        while True:
+            batch = [self._calls.get()]
+            with contextlib.suppress(thread_queue.Empty):
+                while len(batch) < MAX_CALLS_PER_WAKE_UP:
+                    batch.append(self._calls.get_nowait())
+            settled: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
+            stop = False
+            for item in batch:
+                if item is None:
+                    stop = True
+                    continue
+                loop, future, call = item
+                try:
+                    outcome = (future, call(), None)
+                except BaseException as exc:  # handed to the awaiting coroutine
+                    outcome = (future, None, exc)
+                settled.setdefault(loop, []).append(outcome)
+            for loop, outcomes in settled.items():
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(_settle, outcomes)
+            if stop:
+                return
 
     def close(self) -> None:
         for _ in self._threads:
             self._calls.put(None)
 
 
-def _settle(future: asyncio.Future[Any], result: object, exc: BaseException | None) -> None:
-    if future.done():  # the awaiting coroutine was cancelled meanwhile
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
+def _settle(outcomes: list[tuple[asyncio.Future[Any], object, BaseException | None]]) -> None:
+    for future, result, exc in outcomes:
+        if future.done():  # the awaiting coroutine was cancelled meanwhile
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
 
 
 class AsyncQueue:

@@ -21,8 +21,9 @@ attempt is made by one dispatcher at a time, across every process sharing the st
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -32,6 +33,32 @@ from server.jobs import Job, JobError, JobRecord, JobResult
 MAX_ATTEMPTS = 2
 # The most completed records one `purge` call deletes (one short transaction each).
 PURGE_BATCH = 200
+
+
+def heartbeat_interval(lease_seconds: float) -> float:
+    """How often a worker's `claim` and `renew` calls refresh its registry row."""
+    return min(5.0, lease_seconds / 3)
+
+
+def alive_window(lease_seconds: float) -> float:
+    """A worker whose row was refreshed within this many seconds is alive. A busy worker
+    renews every third of a lease; an idle one claims every second."""
+    return max(lease_seconds, 3 * heartbeat_interval(lease_seconds))
+
+
+class Heartbeats:
+    """When each worker of this handle last refreshed its registry row."""
+
+    def __init__(self, lease_seconds: float) -> None:
+        self.interval = heartbeat_interval(lease_seconds)
+        self._last: dict[str, float] = {}
+
+    def due(self, worker_id: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(worker_id, float("-inf")) < self.interval:
+            return False
+        self._last[worker_id] = now
+        return True
 
 
 class CancelOutcome(str, Enum):
@@ -71,6 +98,19 @@ class ClaimPreference:
     window: int = 8
     max_wait: float = 10.0
 
+    def choose(self, rows: Sequence[tuple[str, int, float, str]], now: float) -> str:
+        """The id to claim among queued rows `(id, priority_rank, created_at, job_json)` in
+        claim order (the head first, at most `window` of them)."""
+        head_id, head_rank, head_created, _ = rows[0]
+        if now - head_created >= self.max_wait:
+            return head_id
+        for request_id, rank, _created, job_json in rows:
+            if rank != head_rank:
+                break
+            if self.wants(Job.model_validate_json(job_json)):
+                return request_id
+        return head_id
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -96,7 +136,7 @@ class JobQueue(ABC):
 
     @abstractmethod
     def submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
-        """Several `submit_with_position`s, in order, in one commit (server/queue/batch.py)."""
+        """Several `submit_with_position`s, in order, in one commit (server/queue/aio.py groups concurrent submits)."""
 
     @abstractmethod
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
@@ -128,7 +168,9 @@ class JobQueue(ABC):
         self, worker_id: str, timeout: float, prefer: ClaimPreference | None = None
     ) -> JobRecord | None:
         """Atomically take the next job and a lease on it, waiting up to `timeout` seconds.
-        `prefer`: see ClaimPreference; without it, strictly the head."""
+        `prefer`: see ClaimPreference; without it, strictly the head. Each call (and each
+        `renew`) is also the worker's heartbeat: it refreshes the worker's registry row, at
+        most every `heartbeat_interval`."""
 
     @abstractmethod
     def interrupt_claim(self) -> None:

@@ -80,7 +80,12 @@ def lora(
         {"lan.safetensors": good["lan"].read_bytes(), "junk.safetensors": bad["junk"].read_bytes()}
     )
     data_dir = root / "data"
-    upload_name = LocalStorage(data_dir / "files").save(good["upload"].read_bytes(), "bin")
+    # What a fal upload leaves in the files folder (the upload protocol itself: test_uploads*).
+    received = root / "received.safetensors"
+    shutil.copy(good["upload"], received)
+    upload_name = LocalStorage(data_dir / "files").store_upload(
+        received, "application/octet-stream", "upload.safetensors", 3600
+    )
 
     args = ["--lora-dir", str(library), "--lora-max-bytes", "200000", "--lora-max-rank", "16"]
     saved = os.environ.get("HF_HUB_CACHE")

@@ -7,10 +7,8 @@ from __future__ import annotations
 import http.server
 import itertools
 import json
-import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -20,6 +18,7 @@ from server.config import Settings
 from server.keys import public_keys_from_jwks
 from server.queue.factory import open_queue
 from server.webhooks.signing import verify_bfl_signature, verify_fal_signature
+from tests.support import free_port, wait_until
 
 FAST_RETRIES = ["--webhook-retry-base-seconds", "0.2"]
 
@@ -62,15 +61,6 @@ class Receiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def delivered(server, *request_ids: str) -> bool:
@@ -156,12 +146,6 @@ def test_signed_deliveries_with_retries(start_flux_server) -> None:
             assert client.get(bfl_payload["result"]["sample"]).status_code == 200
     finally:
         receiver.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_pending_delivery_survives_a_restart(start_flux_server, tmp_path: Path) -> None:

@@ -21,15 +21,10 @@ from server.jobs import Status
 from server.queue.notify import socket_dir
 from server.queue.sqlite import SQLiteQueue
 from tests.server.queue.conftest import make_result
+from tests.support import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 BODY = {"prompt": "a fox", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_api_processes_flag_and_environment_reach_the_settings(monkeypatch) -> None:
@@ -44,14 +39,17 @@ def test_api_processes_flag_and_environment_reach_the_settings(monkeypatch) -> N
     assert settings.api_processes == 2 and settings.to_env()["FLUX_API_PROCESSES"] == "2"
 
 
-def stream_until_completed(base: str, request_id: str) -> str:
-    """A fresh connection (so the kernel may hand it to either process) reading the SSE stream."""
+def stream_until_completed(base: str, request_id: str, connected: list[str]) -> str:
+    """A fresh connection (so the kernel may hand it to either process) reading the SSE stream;
+    `request_id` is appended to `connected` once the first event arrived."""
     last = ""
     url = f"{base}/fal-ai/flux/requests/{request_id}/status/stream"
     with httpx.stream("GET", url, timeout=30) as response:
         for line in response.iter_lines():
             if line.startswith("data: "):
                 last = json.loads(line[6:])["status"]
+                if request_id not in connected:
+                    connected.append(request_id)
     return last
 
 
@@ -89,8 +87,9 @@ def test_several_api_processes_share_the_port_queue_and_wake_ups(tmp_path: Path)
         # Streams opened on either process end when a worker (another process) completes the job.
         ids = [request_id for request_id, _ in positions]
         with ThreadPoolExecutor(len(ids)) as pool:
-            streams = [pool.submit(stream_until_completed, base, request_id) for request_id in ids]
-            time.sleep(0.5)
+            connected: list[str] = []
+            streams = [pool.submit(stream_until_completed, base, i, connected) for i in ids]
+            wait_until(lambda: len(connected) == len(ids), 30, "every stream's first event")
             started = time.monotonic()
             for _ in ids:
                 record = worker.claim("w1", timeout=1)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +22,9 @@ from server.queue.base import CancelOutcome, JobQueue
 from server.queue.factory import open_queue
 from server.storage import LocalStorage
 from server.worker import Worker, generation_request
+from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def make_data_dir(root: Path, tiny_model_dir: Path) -> Path:

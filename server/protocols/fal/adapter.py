@@ -2,7 +2,7 @@
 
 Inbound: `build_job` validates a request body for one endpoint and maps it to a `Job`.
 Outbound: `submit_body`, `status_body`, `output_body` and `error_parts` render a `JobRecord`
-in fal's shapes (protocols reference §3, §5, §9). Webhook delivery renders with the same
+in fal's shapes (docs/api/fal.md). Webhook delivery renders with the same
 functions, so a payload and a result route can never disagree.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -47,7 +48,7 @@ from server.protocols.fal.models import (
     SizedInput,
     resolve_image_size,
 )
-from server.storage import image_url
+from server.storage import LocalStorage, image_url
 from server.webhooks.policy import validate_webhook_url
 
 
@@ -184,6 +185,7 @@ async def build_job(
     priority: Priority = "normal",
     start_deadline: float | None = None,
     webhook: Webhook | None = None,
+    storage: LocalStorage | None = None,
 ) -> Job:
     """Validate `body` for `endpoint` of `app_id` and map it to a Job. Raises
     RequestValidationError (and KeyError for an endpoint not in `APPS`)."""
@@ -199,10 +201,10 @@ async def build_job(
     if isinstance(data, SizedInput):
         width, height = resolve_image_size(data.image_size)
     if isinstance(data, (FluxImageToImageInput, FluxLoraImageToImageInput, FluxReduxInput)):
-        loaded = await load_input(data.image_url, "image_url", settings)
+        loaded = await load_input(data.image_url, "image_url", settings, storage, base_url)
         image = loaded.png
         if isinstance(data, FluxLoraInpaintingInput):
-            mask = (await load_input(data.mask_url, "mask_url", settings)).png
+            mask = (await load_input(data.mask_url, "mask_url", settings, storage, base_url)).png
         if isinstance(data, (FluxImageToImageInput, FluxLoraImageToImageInput)):
             try:
                 width, height = round_size(loaded.width, loaded.height)
@@ -239,10 +241,19 @@ async def build_job(
     )
 
 
-async def load_input(url: str, field: str, settings: Settings) -> InputImage:
+async def load_input(
+    url: str, field: str, settings: Settings, storage: LocalStorage | None, base_url: str
+) -> InputImage:
+    """An input image (`image_url`, `mask_url`), or a 422 located at `field`."""
     try:
         return await load_image(
-            url, max_bytes=settings.max_input_image_bytes, timeout=settings.input_fetch_timeout
+            url,
+            max_bytes=settings.max_input_image_bytes,
+            timeout=settings.input_fetch_timeout,
+            # An upload to this server is read from the disk, not fetched over HTTP.
+            local_file=partial(storage.own_file, base_urls=(base_url, settings.public_url))
+            if storage is not None
+            else None,
         )
     except InputImageError as exc:
         raise RequestValidationError(

@@ -1,10 +1,11 @@
 """fal's queue API (host queue.fal.run): submit, status, status stream, result, cancel.
 
-Paths follow the protocols reference §3: submit uses the full model id
+Paths follow fal's queue API (docs/api/fal.md): submit uses the full model id
 `/{owner}/{app}/{endpoint}`; status, result and cancel use only `/{owner}/{app}` and find the
 request whatever endpoint it was submitted on. Trailing slashes are stripped by the app's
 middleware before routing. Every response about a request carries `x-fal-request-id` (set
-through `request.state.fal_request_id`, see server/app.py).
+through `request.state.fal_request_id`, see server/app.py). Status reads, waits and streams go
+through the app's `AsyncQueue` (server/queue/aio.py), never blocking the event loop.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.auth import KeyProblem, api_key_dependency
-from server.deps import get_queue, get_settings, public_base_url
+from server.deps import get_queue, get_settings, get_storage, public_base_url
 from server.jobs import Job, JobRecord, Status
 from server.protocols.fal import adapter
 from server.queue.base import CancelOutcome
@@ -63,6 +64,7 @@ async def request_job(request: Request, owner: str, app: str, endpoint: str) -> 
             request.headers.get("x-fal-request-timeout"), time.time()
         ),
         webhook=adapter.parse_webhook(request.query_params.get("fal_webhook"), settings),
+        storage=get_storage(request),
     )
 
 

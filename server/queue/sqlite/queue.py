@@ -28,6 +28,7 @@ from server.queue.base import (
     PURGE_BATCH,
     CancelOutcome,
     ClaimPreference,
+    Heartbeats,
     JobQueue,
     WorkerInfo,
 )
@@ -43,6 +44,7 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
     def __init__(self, db_path: Path, run_dir: Path, *, role: str, lease_seconds: float = 30.0) -> None:
         super().__init__(db_path, run_dir, role=role, lease_seconds=lease_seconds)
         self._interrupted = threading.Event()  # set by `interrupt_claim`, cleared by `claim`
+        self._heartbeats = Heartbeats(lease_seconds)
 
     # --- producer side -------------------------------------------------------------------
     def submit(self, job: Job, request_id: str | None = None) -> JobRecord:
@@ -140,6 +142,7 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
     def claim(
         self, worker_id: str, timeout: float, prefer: ClaimPreference | None = None
     ) -> JobRecord | None:
+        self._heartbeat(worker_id)
         deadline = time.monotonic() + timeout
         conn = self._conn()
         while True:
@@ -168,9 +171,10 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
                 "ORDER BY priority_rank, seq LIMIT ?",
                 (prefer.window if prefer is not None else 1,),
             ).fetchall()
-            row = _preferred(rows, prefer, now) if rows else None
-            if row is not None:
-                request_id = row[0]
+            request_id = None
+            if rows:
+                request_id = prefer.choose(rows, now) if prefer is not None else rows[0][0]
+            if request_id is not None:
                 conn.execute(
                     "UPDATE jobs SET status = 'IN_PROGRESS', worker = ?, lease_expires = ?, "
                     "attempts = attempts + 1, started_at = ? WHERE id = ?",
@@ -181,12 +185,19 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
                     f"SELECT {RECORD_COLUMNS} FROM jobs WHERE id = ?", (request_id,)
                 ).fetchone()
         self._notify_api(expired)
-        if row is None:
+        if request_id is None:
             return None
         self.notifier.notify("api", request_id.encode())
         return self._record(record_row, self._logs(self._conn(), request_id))
 
+    def _heartbeat(self, worker_id: str) -> None:
+        if self._heartbeats.due(worker_id):
+            self._execute_write(
+                "UPDATE workers SET updated_at = ? WHERE worker_id = ?", (time.time(), worker_id)
+            )
+
     def renew(self, request_id: str, worker_id: str) -> bool:
+        self._heartbeat(worker_id)
         changed = self._execute_write(
             "UPDATE jobs SET lease_expires = ? WHERE id = ? AND worker = ? AND status = 'IN_PROGRESS'",
             (time.time() + self.lease_seconds, request_id, worker_id),
@@ -348,16 +359,3 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
             .fetchall()
         )
         return [WorkerInfo(*row) for row in rows]
-
-
-def _preferred(rows: list[tuple], prefer: ClaimPreference | None, now: float) -> tuple:
-    """The head, or the first row of the head's priority that `prefer` wants (ClaimPreference)."""
-    head = rows[0]
-    if prefer is None or now - head[2] >= prefer.max_wait:
-        return head
-    for row in rows:
-        if row[1] != head[1]:
-            break
-        if prefer.wants(Job.model_validate_json(row[3])):
-            return row
-    return head

@@ -241,13 +241,15 @@ def test_the_lora_folder_wins_over_a_repo_id(tmp_path: Path) -> None:
 
 def test_an_uploaded_file_is_read_from_disk(tmp_path: Path, lan: LanServer) -> None:
     resolver = make_resolver(tmp_path)
-    name = resolver.storage.save(SAFETENSORS, "bin")  # the extension does not matter
+    received = tmp_path / "received"
+    received.write_bytes(SAFETENSORS)
+    name = resolver.storage.store_upload(received, "application/octet-stream", "style.safetensors", 3600)
     url = file_url(lan.url, name)  # the LAN server would 404: no HTTP request may happen
     found = resolver.resolve(url, own_base_urls=[lan.url])
     assert found.source == "upload" and found.file.read_bytes() == SAFETENSORS
     assert lan.requests == []
     with pytest.raises(LoraError, match="this server has no such file"):
-        resolver.resolve(file_url(lan.url, "A" * 32 + ".bin"), own_base_urls=[lan.url])
+        resolver.resolve(file_url(lan.url, "A" * 32 + ".safetensors"), own_base_urls=[lan.url])
 
 
 def test_resolve_all_bounds_the_total_size(tmp_path: Path) -> None:

@@ -433,6 +433,25 @@ def test_concurrent_purges_return_each_record_once(backend: QueueBackend) -> Non
     assert sorted(flat) == sorted(ids) and len(flat) == len(set(flat))
 
 
+def test_claims_and_renewals_are_the_workers_heartbeat(backend: QueueBackend) -> None:
+    api, worker = backend.open("api"), backend.open("worker", lease_seconds=0.3)
+    worker.set_worker_state("w1", "ready", device="cpu", model="tiny")
+    (registered,) = api.workers()
+    assert worker.claim("w1", timeout=0) is None  # an idle worker's poll
+    eventually(
+        lambda: worker.claim("w1", timeout=0) is None and api.workers()[0].updated_at > registered.updated_at,
+        what="an idle claim to refresh the row",
+    )
+    rid = api.submit(make_job()).id
+    assert worker.claim("w1", timeout=0).id == rid
+    polled = api.workers()[0].updated_at
+    eventually(
+        lambda: worker.renew(rid, "w1") and api.workers()[0].updated_at > polled,
+        what="a renewal to refresh the row",
+    )
+    assert api.workers()[0].state == "ready"  # a heartbeat keeps the state
+
+
 def test_worker_registry(api: JobQueue, worker: JobQueue) -> None:
     worker.set_worker_state("w2", "loading", device="cpu", model="tiny")
     worker.set_worker_state("w1", "loading", device="cpu", model="tiny")

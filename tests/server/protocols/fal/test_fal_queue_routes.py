@@ -13,6 +13,7 @@ import pytest
 
 from server.jobs import JobError, Status
 from tests.server.conftest import png_bytes
+from tests.support import wait_until
 
 PNG_URI = "data:image/png;base64," + base64.b64encode(png_bytes(100, 70)).decode()
 
@@ -386,11 +387,11 @@ def test_status_stream_sends_one_event_per_change_and_closes(api):
 
     listener = threading.Thread(target=listen)
     listener.start()
-    wait_for(lambda: len(events) >= 1)
+    wait_until(lambda: len(events) >= 1)
     record = api.claim(request_id)
-    wait_for(lambda: len(events) >= 2)
+    wait_until(lambda: len(events) >= 2)
     api.worker.log(request_id, "step 1/2", progress=0.5)
-    wait_for(lambda: any(e["logs"] and e["logs"][-1]["message"] == "step 1/2" for e in events))
+    wait_until(lambda: any(e["logs"] and e["logs"][-1]["message"] == "step 1/2" for e in events))
     api.complete(record)
     listener.join(10)
     assert not listener.is_alive(), "the stream did not close after COMPLETED"
@@ -413,13 +414,6 @@ def test_status_stream_of_a_finished_request_sends_completed_and_closes(api):
     lines = [line for line in response.text.splitlines() if line]
     assert len(lines) == 1 and json.loads(lines[0][len("data: ") :])["status"] == "COMPLETED"
     assert api.client.get("/fal-ai/flux/requests/nope/status/stream").status_code == 404
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_record_status_enum_matches_wire_strings():

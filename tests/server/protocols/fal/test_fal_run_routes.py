@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 
 import httpx
 
 from server.jobs import JobError
+from tests.support import wait_until
 
 
 def in_thread(target) -> tuple[threading.Thread, dict]:
@@ -74,15 +74,32 @@ def test_sync_run_client_disconnect_cancels_the_job(api):
         else:
             raise AssertionError("the run should still be waiting")
     request_id = latest_request_id(api)
-    deadline = time.monotonic() + 5
-    while (record := api.worker.get(request_id)).error is None:
-        assert time.monotonic() < deadline, "the abandoned job was not cancelled"
-        time.sleep(0.05)
+    record = wait_until(
+        lambda: (current := api.worker.get(request_id)).error is not None and current,
+        30,
+        "the abandoned job to be cancelled",
+    )
     assert record.error.error_type == "request_cancelled"
 
 
-def stream_events(api, path: str, body: dict) -> tuple[httpx.Response, list[dict]]:
-    events: list[dict] = []
+def test_sync_stream_client_disconnect_cancels_the_job(api):
+    """/stream is a sync request too: the caller that hangs up cancels its job, also while
+    the job is running (the worker sees the cancel flag)."""
+    with api.client.stream("POST", "/run/fal-ai/flux/dev/stream", json={"prompt": "gone"}) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        request_id = json.loads(first[len("data: ") :])["request_id"]
+        record = api.claim(request_id)
+        api.worker.log(record.id, "step 1/2", progress=0.5)
+        next(line for line in lines if line.startswith("data: "))  # the progress event
+    wait_until(lambda: api.worker.is_cancel_requested(request_id), 30, "the cancel flag")
+
+
+def stream_events(
+    api, path: str, body: dict, events: list[dict] | None = None
+) -> tuple[httpx.Response, list[dict]]:
+    """Read the stream to its end; each event is appended to `events` as it arrives."""
+    events = [] if events is None else events
     with api.client.stream("POST", path, json=body) as response:
         for line in response.iter_lines():
             if line.startswith("data: "):
@@ -93,13 +110,15 @@ def stream_events(api, path: str, body: dict) -> tuple[httpx.Response, list[dict
 
 
 def test_stream_sends_progress_then_the_output_last(api):
-    thread, box = in_thread(lambda: stream_events(api, "/run/fal-ai/flux/dev/stream", {"prompt": "streamed"}))
+    seen: list[dict] = []
+    path = "/run/fal-ai/flux/dev/stream"
+    thread, box = in_thread(lambda: stream_events(api, path, {"prompt": "streamed"}, seen))
     record = api.claim()
     assert record.job.endpoint == "dev"
     for step in (1, 2):
-        time.sleep(0.05)
+        # The next change only once the stream has sent this one, so that every step shows.
         api.worker.log(record.id, f"step {step}/2", progress=step / 2)
-    time.sleep(0.05)
+        wait_until(lambda step=step: any(e.get("progress") == step / 2 for e in seen), 30, f"step {step}")
     api.complete(record)
     thread.join(10)
     response, events = box["value"]

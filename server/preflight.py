@@ -1,0 +1,189 @@
+"""Start-up checks for `flux-server serve`, before any child process starts; imports no torch.
+
+Each check fails in seconds with a message naming the flag to fix, so that a broken
+configuration never reaches a worker that would spend minutes loading a model first:
+
+- `check_settings`: unsafe or impossible combinations (a non-loopback address without an API
+  key, half a TLS pair, missing files, a worker count below one): `ConfigError`, exit 2;
+- `check_model`: the weights `--model` names exist and look right (configs and safetensors
+  headers only): `ConfigError`;
+- `check_port_free`: the API's address can be bound: `StartupError`, exit 1;
+- `plan_workers`: one worker per visible GPU (counted without torch), or one on the CPU;
+- `banner`: what the operator sees once the checks pass: URLs and how to point clients.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.config import Settings
+
+EXIT_USAGE = 2  # bad configuration, refused to start
+
+
+class ConfigError(Exception):
+    """A setting that makes the server refuse to start (exit status 2)."""
+
+
+class StartupError(Exception):
+    """The API process could not come up (port in use, unreadable certificate...): exit 1."""
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse configurations that would be unsafe or cannot work. Raises ConfigError."""
+    if not settings.host_is_loopback() and not settings.insecure_no_auth:
+        try:
+            keys = settings.all_api_keys()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --api-keys-file: {exc}") from exc
+        if not keys:
+            raise ConfigError(
+                f"refusing to listen on {settings.host} (not a loopback address) without an API key: "
+                "give --api-key KEY (or --api-keys-file FILE), or --insecure-no-auth to accept "
+                "requests from anyone who can reach this port"
+            )
+    if (settings.ssl_certfile is None) != (settings.ssl_keyfile is None):
+        raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile (only one was given)")
+    for flag, path in (("--ssl-certfile", settings.ssl_certfile), ("--ssl-keyfile", settings.ssl_keyfile)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+    if settings.api_keys_file is not None and not Path(settings.api_keys_file).is_file():
+        raise ConfigError(f"--api-keys-file {settings.api_keys_file}: no such file")
+    if settings.workers is not None and settings.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {settings.workers}")
+
+
+def check_model(settings: Settings) -> None:
+    """Fail fast on a --model that cannot be loaded, before any worker starts.
+
+    models.weights.resolve_model checks file names, configs and safetensors headers only, and
+    imports no torch. The tiny model is skipped: building it is the worker's job (it needs torch).
+    """
+    if settings.model == "tiny" or str(settings.components_dir) == "tiny":
+        return
+    from models.weights import WeightsError, resolve_model
+
+    try:
+        resolve_model(settings.model, data_dir=settings.data_dir, components_dir=settings.components_dir)
+    except (WeightsError, OSError, ValueError) as exc:
+        raise ConfigError(f"--model {settings.model}: {exc}") from exc
+
+
+def check_port_free(settings: Settings) -> None:
+    """Bind the API's address once, as uvicorn will, so that a busy port fails before any
+    worker loads a model. Raises StartupError."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.host, settings.port))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from exc
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    worker_id: str
+    gpu: int | None
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.gpu is None else f"cuda:{self.gpu}"
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process may use, without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        items = [v.strip() for v in visible.split(",") if v.strip()]
+        # CUDA stops at the first invalid entry; "-1" is the usual way to hide every GPU.
+        count = 0
+        for item in items:
+            if item.startswith("-"):
+                break
+            count += 1
+        return count
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    if out.returncode != 0:
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def plan_workers(settings: Settings, gpu_count: int | None = None) -> list[WorkerSlot]:
+    """One worker per visible GPU (or --workers N spread over them), else one CPU worker; none
+    on an API-only box. With a shared queue, ids start with the box name (unique across boxes)."""
+    if settings.role == "api":
+        return []
+    prefix = f"{settings.box}-" if settings.shared_queue else ""
+    gpus = 0 if settings.device == "cpu" else (visible_gpu_count() if gpu_count is None else gpu_count)
+    if settings.device == "cuda" and gpus == 0:
+        raise ConfigError("--device cuda, but no GPU is visible (nvidia-smi -L / CUDA_VISIBLE_DEVICES)")
+    count = settings.workers or (gpus if gpus > 0 else 1)
+    return [WorkerSlot(f"{prefix}w{i}", (i % gpus) if gpus > 0 else None) for i in range(count)]
+
+
+def base_url(settings: Settings) -> str:
+    scheme = "https" if settings.ssl_certfile else "http"
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{settings.port}"
+
+
+def describe_queue(settings: Settings) -> str:
+    if settings.queue_url is None:
+        return f"SQLite {settings.db_path}"
+    from server.queue.postgres.connection import describe
+
+    return f"PostgreSQL {describe(settings.queue_url)}; files {settings.files_dir}"
+
+
+def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
+    url = base_url(settings)
+    hostport = url.split("://", 1)[1]
+    tls = settings.ssl_certfile is not None
+    auth = settings.auth_enabled
+    devices = ", ".join(f"{s.worker_id} on {s.device}" for s in slots)
+    lines: list[str | None] = [
+        "flux-server",
+        f"  URL      {url}"
+        + (f"  (listening on {settings.host})" if settings.host in ("0.0.0.0", "::") else ""),
+        f"  public   {settings.public_url}" if settings.public_url else None,
+        f"  model    {settings.model}",
+        f"  workers  {len(slots)}: {devices}",
+        f"  auth     {'on (' + str(len(settings.all_api_keys())) + ' key(s))' if auth else 'off'}",
+        f"  TLS      {'on' if tls else 'off'}",
+        f"  data     {settings.data_dir}",
+        f"  queue    {describe_queue(settings)}; role {settings.role}; box {settings.box}",
+        "",
+        "Point fal_client (Python) at it:",
+        f"  export FAL_QUEUE_RUN_HOST={hostport}",
+        f"  export FAL_RUN_HOST={hostport}/run",
+        f"  export FAL_KEY={'<one of your API keys>' if auth else 'anything'}",
+    ]
+    if tls:
+        lines.append("  export SSL_CERT_FILE=<bundle.pem from flux-server make-cert>")
+    else:
+        lines.append(
+            "  (fal_client always uses https: serve with --ssl-certfile/--ssl-keyfile; see make-cert)"
+        )
+    lines += [
+        "@fal-ai/client (JS): proxyUrl {url: " + repr(url + "/api/fal/proxy") + ', when: "always"}',
+        f"Health: {url}/health",
+    ]
+    return "\n".join(line for line in lines if line is not None) + "\n"

@@ -1,0 +1,42 @@
+"""Helpers every test module shares: a free loopback port, and waiting for a condition.
+
+Tests wait on conditions, never on fixed sleeps: `wait_until` polls a condition until it holds
+(returning its value) and fails with `what` after a generous timeout.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+POLL_INTERVAL = 0.02
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(
+    condition: Callable[[], T],
+    timeout: float = 60.0,
+    what: str = "condition",
+    *,
+    interval: float = POLL_INTERVAL,
+) -> T:
+    """Call `condition` until it returns something truthy and return that; AssertionError
+    naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
