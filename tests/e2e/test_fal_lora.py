@@ -25,7 +25,6 @@ from lora_support import (
     write_good_loras,
 )
 
-from server.storage import LocalStorage, file_url
 from tests.server.queue.conftest import eventually
 
 pytestmark = pytest.mark.timeout(300)
@@ -80,12 +79,6 @@ def lora(
         {"lan.safetensors": good["lan"].read_bytes(), "junk.safetensors": bad["junk"].read_bytes()}
     )
     data_dir = root / "data"
-    # What a fal upload leaves in the files folder (the upload protocol itself: test_uploads*).
-    received = root / "received.safetensors"
-    shutil.copy(good["upload"], received)
-    upload_name = LocalStorage(data_dir / "files").store_upload(
-        received, "application/octet-stream", "upload.safetensors", 3600
-    )
 
     args = ["--lora-dir", str(library), "--lora-max-bytes", "200000", "--lora-max-rank", "16"]
     saved = os.environ.get("HF_HUB_CACHE")
@@ -108,14 +101,13 @@ def lora(
 
         patch.setattr(fal_client.client, "RUN_URL_FORMAT", f"https://{hostport}/run/")
         patch.setattr(fal_client.client, "QUEUE_URL_FORMAT", f"https://{hostport}/")
+        # The documented upload-host line (docs/api/fal.md), then a fresh client.
+        patch.setattr(fal_client.client, "REST_URL", server.base_url)
+        patch.setattr(fal_client.client, "CDN_URL", server.base_url)
+        client = fal_client.SyncClient()
         try:
-            yield LoraSetup(
-                server=server,
-                lan=lan,
-                fal=fal_client.SyncClient(),
-                fal_module=fal_client,
-                upload_url=file_url(server.base_url, upload_name),
-            )
+            upload_url = client.upload_file(good["upload"])  # fal's storage protocol, to this server
+            yield LoraSetup(server=server, lan=lan, fal=client, fal_module=fal_client, upload_url=upload_url)
         finally:
             lan.close()
             with contextlib.suppress(AssertionError):
@@ -124,6 +116,7 @@ def lora(
 
 def test_every_source_applies_and_plain_requests_stay_identical(lora: LoraSetup) -> None:
     base, plain_output = lora.png()
+    assert lora.upload_url.startswith(lora.server.base_url + "/files/")  # type: ignore[attr-defined]
     sources = {
         "LAN URL": f"{lora.lan.url}/lan.safetensors",
         "--lora-dir name": "style",
