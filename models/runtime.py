@@ -280,6 +280,13 @@ class FluxRuntime:
         # Compiles every enabled preset for every size (dynamic shapes: no later recompiles).
         per_preset = self.presets.warmup(self.pipe, sizes)
         logger.info("preset warm-up: %s", ", ".join(f"{n} {s:.1f}s" for n, s in per_preset.items()))
+        if self.loras.hotswap:  # the graphs with the LoRA slots on, so no LoRA request compiles
+            compiled = [n for n, (p, _) in self.presets.runnable.items() if p.compile != "none"]
+            with self.loras.warm():
+                per_preset = self.presets.warmup(
+                    self.pipe, sizes, names=compiled, base_weights="LoRA warm-up"
+                )
+            logger.info("LoRA warm-up: %s", ", ".join(f"{n} {s:.1f}s" for n, s in per_preset.items()))
         for width, height in sizes:
             self.generate(
                 GenerationRequest(

@@ -141,6 +141,11 @@ class HotswapSlots:
         activate(self.modules, scales)
         return hits, misses, "; ".join(eager_reasons) or None
 
+    def activate_empty(self) -> None:
+        """All slots on, at scale 0: the graph every LoRA request runs, without any LoRA."""
+        self.prepare()
+        activate(self.modules, dict.fromkeys(self.names, 0.0))
+
     def deactivate(self) -> None:
         deactivate(self.modules)
         if self._temporary:

@@ -85,6 +85,19 @@ class LoraManager:
         return [key[0] for key in self.strategy.loaded_keys()]
 
     @contextmanager
+    def warm(self) -> Iterator[None]:
+        """Every hot-swap slot on at scale 0 (the graph LoRA requests run), for warm-up."""
+        if not isinstance(self.strategy, HotswapSlots):
+            yield
+            return
+        with self._lock:
+            try:
+                self.strategy.activate_empty()
+                yield
+            finally:
+                self.strategy.deactivate()
+
+    @contextmanager
     def apply(self, specs: Sequence[LoraSpec]) -> Iterator[LoraRun]:
         run = LoraRun()
         if not specs:

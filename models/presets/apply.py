@@ -268,9 +268,17 @@ class PresetManager:
     # ------------------------------------------------------------------ warm-up
 
     def warmup(
-        self, pipe: Any, sizes: Iterable[tuple[int, int]], *, steps: int = 2, max_images: int = 1
+        self,
+        pipe: Any,
+        sizes: Iterable[tuple[int, int]],
+        *,
+        steps: int = 2,
+        max_images: int = 1,
+        names: Iterable[str] | None = None,
+        base_weights: str | None = None,
     ) -> dict[str, float]:
-        """Compile and warm every enabled preset at every size; returns seconds per preset.
+        """Compile and warm every enabled preset (or `names`) at every size; returns seconds
+        per preset. `base_weights`: warm them on the loaded weights, as `use` runs them then.
 
         Call before the worker reports ready. Compiles with dynamic shapes, so after this no
         configured size recompiles; `max_images > 1` also warms a batch of 2 (batch 1 -> 2
@@ -279,13 +287,13 @@ class PresetManager:
 
         sizes = list(sizes) or [(1024, 1024)]
         seconds: dict[str, float] = {}
-        for name in self.enabled:
+        for name in self.enabled if names is None else list(names):
             runs = [(w, h, 1) for w, h in sizes]
             if max_images > 1:
                 runs.append((*min(sizes, key=lambda s: s[0] * s[1]), 2))
             start = time.perf_counter()
             for width, height, count in runs:
-                with self.use(pipe, name):
+                with self.use(pipe, name, base_weights=base_weights):
                     pipe(
                         prompt="warm-up",
                         width=width,

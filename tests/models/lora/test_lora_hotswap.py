@@ -116,3 +116,33 @@ def _decode(data: bytes):
     from PIL import Image
 
     return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def test_warm_up_compiles_the_lora_graph_too(tiny_model_dir: Path, lora_file: Callable[..., Path]) -> None:
+    """After `warmup`, the first LoRA request (and the first plain one) compiles nothing."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    runtime = FluxRuntime.load("tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",))
+    runtime.presets = PresetManager(
+        runtime.pipe.transformer,
+        device="cpu",
+        enabled=["regular"],
+        data_dir=tiny_model_dir.parent,
+        presets={"regular": Preset("regular", compile="regional")},
+        compile_backend=counter,
+        hardware=CPU,
+    )
+    runtime.loras = LoraManager(runtime.pipe, limits=LoraLimits(max_rank=8, max_per_request=2), hotswap=True)
+    runtime.loras.prepare()
+    try:
+        runtime.warmup([(64, 64)])
+        graphs = counter.frame_count
+        assert graphs > 0
+        run(runtime, LoraSpec("a", lora_file("a", seed=1)))
+        run(runtime, LoraSpec("b", lora_file("b", seed=2)), LoraSpec("a", lora_file("a", seed=1), 0.5))
+        run(runtime)
+        assert counter.frame_count == graphs
+    finally:
+        torch._dynamo.reset()
