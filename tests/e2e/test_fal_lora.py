@@ -25,7 +25,7 @@ from lora_support import (
     write_good_loras,
 )
 
-from tests.server.queue.conftest import eventually
+from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -278,7 +278,7 @@ def test_webhooks_carry_the_output_and_the_lora_error(lora: LoraSetup) -> None:
     def delivered() -> dict[str, dict]:
         return {path.rsplit("/", 1)[-1]: payload for path, payload in lora.lan.posted}
 
-    eventually(lambda: len(delivered()) == 2, timeout=30, what="both webhooks")
+    wait_until(lambda: len(delivered()) == 2, timeout=30, what="both webhooks")
     hooks = delivered()
     assert hooks["good"]["status"] == "OK" and hooks["good"]["payload"]["images"]
     assert hooks["bad"]["status"] == "ERROR" and hooks["bad"]["error"] == "Invalid status code: 422"
