@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from models.request import GenerationRequest, InputError, TaskUnavailable, img2img_steps, validate
+
 if TYPE_CHECKING:
     import torch
     from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, FluxPriorReduxPipeline
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
     from models.lora.manager import LoraManager
     from models.memory import MemoryPlan
     from models.presets.apply import PresetManager
-    from models.request import GenerationRequest
     from models.safety import SafetyChecker
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class Generation:
     preset_note: str | None = None
     cancelled: bool = False
     log: list[str] = field(default_factory=list)  # lines for the job's log (LoRA loads, paths)
+    lora_hits: int = 0  # LoRAs already in memory / read from disk for this call
+    lora_misses: int = 0
 
 
 class FluxRuntime:
@@ -118,8 +121,6 @@ class FluxRuntime:
         on_step: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> Generation:
-        from models.request import TaskUnavailable, validate
-
         validate(request)
         if request.task == "redux" and self.redux is None:
             raise TaskUnavailable(
@@ -132,6 +133,7 @@ class FluxRuntime:
                 request, on_step, should_cancel, lora_eager=lora_run.eager_reason is not None
             )
             generation.log = lora_run.log
+            generation.lora_hits, generation.lora_misses = lora_run.hits, lora_run.misses
             return generation
 
     def _generate_locked(
@@ -186,9 +188,13 @@ class FluxRuntime:
 
         # Noise drawn on the CPU: the same request and seed give the same bytes on this machine.
         generator = torch.Generator("cpu").manual_seed(seed)
+        steps = request.steps
+        if request.task in ("image-to-image", "inpainting"):
+            steps = img2img_steps(request.steps, request.strength)
         use = self.presets.use(
             pipe,
             request.acceleration,
+            steps=steps,
             # LoRAs live on the loaded weights; the hot-swap slots' slower path runs eager.
             base_weights="LoRAs apply to the weights as loaded" if request.loras else None,
             eager=lora_eager,
@@ -274,8 +280,6 @@ class FluxRuntime:
 
     def warmup(self, sizes: Sequence[tuple[int, int]]) -> float:
         """One short text-to-image run per size (compiles/caches what the sizes need); seconds."""
-        from models.request import GenerationRequest
-
         started = time.perf_counter()
         # Compiles every enabled preset for every size (dynamic shapes: no later recompiles).
         per_preset = self.presets.warmup(self.pipe, sizes)
@@ -298,8 +302,6 @@ class FluxRuntime:
 
 def _open_image(data: bytes) -> Image.Image:
     from PIL import Image, UnidentifiedImageError
-
-    from models.request import InputError
 
     try:
         with Image.open(io.BytesIO(data)) as image:

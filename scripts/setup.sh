@@ -32,9 +32,19 @@ if ! "$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('p
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
 
-# @fal-ai/client for the JavaScript end-to-end tests (npm registry).
+# @fal-ai/client for the JavaScript end-to-end tests, and esbuild to bundle it for a browser
+# page (npm registry).
 if [ "${FLUX_SKIP_NODE:-0}" != "1" ] && command -v npm >/dev/null 2>&1; then
-  if [ ! -d tests/e2e/js/node_modules/@fal-ai/client ]; then
+  if [ ! -d tests/e2e/js/node_modules/@fal-ai/client ] || [ ! -x tests/e2e/js/node_modules/.bin/esbuild ]; then
     (cd tests/e2e/js && npm install --no-audit --no-fund --silent)
+  fi
+fi
+
+# Headless Chromium for the browser tests (Debian's package; Playwright drives it and never
+# downloads a browser of its own).
+if [ "${FLUX_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+      || echo "setup: could not install chromium; the browser tests will fail" >&2
   fi
 fi

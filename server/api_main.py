@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from server.app import create_app
 from server.config import Settings
+from server.logs import configure_logging
 
 EXIT_UNSAFE = 2
 
@@ -48,7 +49,9 @@ def app_from_environment() -> FastAPI:
         # If uvicorn's manager process is killed outright, its processes go at once too: a
         # graceful shutdown would keep the port from the API that `serve` restarts.
         set_parent_death_signal(signal.SIGKILL)
-    return frozen(create_app(Settings()))
+    settings = Settings()
+    configure_logging(settings, "api")  # a fresh process: uvicorn started it from an import string
+    return frozen(create_app(settings))
 
 
 def frozen(app: FastAPI) -> FastAPI:
@@ -80,8 +83,12 @@ def run_api(settings: Settings) -> int:
         port=settings.port,
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
-        log_level="info",
+        log_level=settings.log_level,
+        log_config=None,  # keep server/logs.py's format (configured by the CLI)
         access_log=False,  # one line per status poll costs throughput; use a proxy's log
+        # Forwarded headers are the app's business, trusted only from --trusted-proxy
+        # addresses (server/deps.py); uvicorn would believe any loopback peer.
+        proxy_headers=False,
         http="httptools" if importlib.util.find_spec("httptools") else "auto",
         loop="uvloop" if importlib.util.find_spec("uvloop") else "auto",
         timeout_graceful_shutdown=5,

@@ -24,11 +24,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
 from server.errors import install_error_handlers
 from server.maintenance import maintain_queue
+from server.openapi import install_docs
 from server.protocols.bfl import routes as bfl_routes
 from server.protocols.bfl import webhook as bfl_webhook
 from server.protocols.fal import queue_routes, run_routes
@@ -39,7 +42,7 @@ from server.protocols.openai import routes as openai_routes
 from server.queue.aio import AsyncQueue
 from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.factory import open_queue
-from server.routes import files, health, jwks
+from server.routes import files, health, jwks, metrics, playground
 from server.webhooks.dispatch import start_dispatcher
 
 log = logging.getLogger("flux_server.api")
@@ -69,7 +72,14 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
                 queue.close()
 
     # Trailing slashes are stripped by middleware instead of answered with redirects.
-    app = FastAPI(title="flux-server", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
+    app = FastAPI(
+        title="flux-server",
+        version="0.1.0",
+        lifespan=lifespan,
+        redirect_slashes=False,
+        docs_url=None,  # served from the package's own assets: server/openapi.py
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.api_keys = settings.all_api_keys()  # read once: not a file read per request
     app.state.queue = queue
@@ -78,7 +88,10 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.state.background = []
     install_error_handlers(app, unavailable=(QueueUnavailable,))
 
+    install_docs(app)
+    app.include_router(playground.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(files.router)
     app.include_router(fal_storage.router)  # fixed paths under /files and /storage
     for module in PROTOCOL_ROUTES:
@@ -91,10 +104,22 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.include_router(queue_routes.router)  # last: its patterns match almost any path
 
     # Added innermost first: the proxy rewrites the path, then slashes are stripped, then
-    # the request-id header is added on the way out.
+    # the request-id header is added on the way out; the body limit wraps them all.
     app.add_middleware(RequestIdHeaderMiddleware)
     app.add_middleware(StripTrailingSlashMiddleware)
     app.add_middleware(FalProxyMiddleware)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.request_body_limit)
+    if settings.cors_origin:
+        # Outermost, so that preflights are answered before the proxy route sees them and
+        # every answer (413s included) carries the headers a browser needs.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin,
+            allow_methods=["GET", "HEAD", "POST", "PUT"],
+            allow_headers=["*"],
+            expose_headers=["x-fal-request-id"],
+            max_age=600,
+        )
     return app
 
 

@@ -7,6 +7,7 @@ never imports torch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from server.config import Settings
 
 # Flags shared by serve/api/worker; each maps to a Settings field (env FLUX_<NAME>).
 _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--model", {"help": "diffusers folder, single-file transformer (.safetensors), or 'tiny'"}),
+    ("--model", {"help": "diffusers folder, single-file transformer (.safetensors), 'tiny' or 'synthetic'"}),
     ("--components-dir", {"help": "folder with the other components when --model is a single file"}),
     ("--safety-checker", {"help": "local image-classification model folder (NSFW checker)"}),
     ("--data-dir", {"help": "queue database, outputs, tiny model and caches"}),
@@ -35,6 +36,16 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--api-key", {"action": "append", "help": "accepted API key (repeatable)"}),
     ("--api-keys-file", {"help": "file with one API key per line"}),
     ("--insecure-no-auth", {"action": "store_true", "default": None}),
+    ("--metrics-key", {"help": "key that reads /metrics (default: the API keys)"}),
+    (
+        "--trusted-proxy",
+        {"action": "append", "help": "proxy address/network whose X-Forwarded-* count"},
+    ),
+    ("--cors-origin", {"action": "append", "help": "browser origin allowed to call the API (repeatable)"}),
+    ("--max-prompt-length", {"type": int, "help": "longest prompt accepted, in characters (default 4000)"}),
+    ("--max-request-bytes", {"type": int, "help": "largest request body (default: one input image + 1 MiB)"}),
+    ("--log-format", {"choices": ["text", "json"], "help": "text (default) or one JSON object a line"}),
+    ("--log-level", {"choices": ["debug", "info", "warning", "error"]}),
     ("--api-processes", {"type": int, "help": "API processes sharing the port (default 2, 1 below 4 cores)"}),
     ("--workers", {"type": int, "help": "worker processes (default: one per GPU, else one)"}),
     ("--device", {"choices": ["auto", "cpu", "cuda"]}),
@@ -45,6 +56,8 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--retention-seconds", {"type": float}),
     ("--max-upload-bytes", {"type": int, "help": "largest file a client may upload (fal storage)"}),
     ("--lease-seconds", {"type": float}),
+    ("--fetch-allow", {"action": "append", "help": "only fetch from these hosts/networks (repeatable)"}),
+    ("--fetch-deny", {"action": "append", "help": "never fetch from these hosts/networks (repeatable)"}),
     ("--lora-dir", {"help": "folder of LoRA files that requests may name (the studio's library)"}),
     ("--lora-cache-dir", {"help": "downloaded LoRAs (default <data-dir>/lora-cache)"}),
     ("--lora-cache-bytes", {"type": int, "help": "size bound of the LoRA download cache"}),
@@ -127,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_metrics_directory(settings: Settings) -> None:
+    """Where this process writes its Prometheus samples (server/metrics.py), unless `serve`
+    already chose; before anything imports prometheus_client."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        directory = settings.run_dir / "metrics"
+        directory.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
@@ -143,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return make_cert_command(args)
 
     settings = settings_from_args(args)
+    from server.logs import configure_logging
+
+    worker_name = f"worker {args.worker_id}" if getattr(args, "worker_id", None) else "worker"
+    configure_logging(settings, {"serve": "supervisor", "api": "api", "worker": worker_name}[args.command])
     problem = queue_problem(settings)
     if problem is not None:
         print(f"flux-server: {problem}", file=sys.stderr)
@@ -151,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.supervisor import serve
 
         return serve(settings)
+    if args.command in ("api", "worker"):
+        use_metrics_directory(settings)
     if args.command == "api":
         from server.api_main import run_api
 

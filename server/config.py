@@ -42,13 +42,22 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     public_url: str | None = None  # base of returned URLs; default: derived from each request
+    # Addresses or networks of reverse proxies whose X-Forwarded-Proto/-Host are believed.
+    trusted_proxy: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Browser origins allowed to call the API from their pages (CORS); none by default.
+    cors_origin: Annotated[list[str], NoDecode] = Field(default_factory=list)
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_keys_file: Path | None = None
     insecure_no_auth: bool = False
+    metrics_key: str | None = None  # accepted on /metrics instead of the API keys
     # API processes sharing the port (uvicorn workers); each is a full API on the same queue.
     api_processes: int | None = Field(default=None, ge=1)  # None: server.api_main decides
+
+    # Logs: one line per request lifecycle event; json for log shippers (server/logs.py).
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Workers
     workers: int | None = None  # default: one per visible GPU, else one on CPU
@@ -66,12 +75,22 @@ class Settings(BaseSettings):
 
     # Inputs, outputs, retention
     max_input_image_bytes: int = 20 * 1024 * 1024
+    # Longest prompt accepted (characters); FLUX's T5 reads 512 tokens, about 2000 characters.
+    max_prompt_length: int = Field(default=4000, ge=1)
+    # Largest request body (bytes) on every protocol; default: room for one input image,
+    # base64-encoded, plus 1 MiB for the rest of the request.
+    max_request_bytes: int | None = Field(default=None, ge=1024)
     input_fetch_timeout: float = 10.0
     retention_seconds: float = 24 * 3600.0
     # fal storage uploads: the largest file, and the longest lifetime a client's lifecycle
     # header may ask for (without one, an upload lives for retention_seconds).
     max_upload_bytes: int = Field(default=1024**3, gt=0)
     max_upload_retention_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
+
+    # Outbound fetches (input images, webhooks, LoRA URLs): host names, "*.domain" patterns,
+    # addresses or networks; see server/fetch.py. Link-local and metadata are always refused.
+    fetch_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any other
+    fetch_deny: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # LoRAs (fal-ai/flux-lora): where they come from and how many a request may use
     lora_dir: Path | None = None  # the studio's LoRA library; requests name files inside it
@@ -90,7 +109,17 @@ class Settings(BaseSettings):
     # First retry delay; doubles per failed attempt (10 attempts over about 2 h with 15 s).
     webhook_retry_base_seconds: float = 15.0
 
-    @field_validator("api_key", "presets", "warmup_sizes", "webhook_allowlist", mode="before")
+    @field_validator(
+        "api_key",
+        "presets",
+        "warmup_sizes",
+        "webhook_allowlist",
+        "trusted_proxy",
+        "cors_origin",
+        "fetch_allow",
+        "fetch_deny",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -135,8 +164,38 @@ class Settings(BaseSettings):
         return keys
 
     @property
+    def request_body_limit(self) -> int:
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return self.max_input_image_bytes * 4 // 3 + 1024 * 1024
+
+    def prompt_too_long(self, prompt: str | None) -> str | None:
+        """The message for a prompt over the limit, or None when it fits."""
+        if prompt is not None and len(prompt) > self.max_prompt_length:
+            return (
+                f"The prompt is {len(prompt)} characters long; at most {self.max_prompt_length} are accepted"
+            )
+        return None
+
+    @property
     def auth_enabled(self) -> bool:
         return bool(self.all_api_keys())
+
+    def is_trusted_proxy(self, address: str | None) -> bool:
+        if not address or not self.trusted_proxy:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(item, strict=False) for item in self.trusted_proxy)
+
+    @field_validator("trusted_proxy")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
+        return value
 
     def host_is_loopback(self) -> bool:
         if self.host in LOOPBACK_NAMES:

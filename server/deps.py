@@ -36,16 +36,20 @@ def public_base_url(request: Request) -> str:
 
     `settings.public_url` wins when set. Otherwise the URL is derived from the request: the
     `Host` header and the scheme the connection arrived on. `X-Forwarded-Proto` and
-    `X-Forwarded-Host` are honoured too, so that a TLS-terminating reverse proxy in front of
-    the server yields https URLs; a deployment that exposes the server directly to untrusted
-    clients and cares about that should set `--public-url`.
+    `X-Forwarded-Host` count only on connections from `--trusted-proxy` addresses (a
+    TLS-terminating reverse proxy); from anyone else they are ignored, so a client cannot
+    make the server hand out links to a host of its choosing.
     """
     settings = get_settings(request)
     if settings.public_url:
         return settings.public_url.rstrip("/")
     headers = request.headers
-    scheme = _first(headers.get("x-forwarded-proto")) or request.scope.get("scheme", "http")
-    host = _first(headers.get("x-forwarded-host")) or headers.get("host")
+    scheme = request.scope.get("scheme", "http")
+    host = headers.get("host")
+    client = request.client.host if request.client else None
+    if settings.is_trusted_proxy(client):
+        scheme = _first(headers.get("x-forwarded-proto")) or scheme
+        host = _first(headers.get("x-forwarded-host")) or host
     if not host:
         server = request.scope.get("server") or ("127.0.0.1", 80)
         host = f"{server[0]}:{server[1]}"

@@ -23,6 +23,8 @@ from urllib.parse import unquote_to_bytes
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from server.fetch import FetchFailed, FetchPolicy, FetchRefused, TooLarge, fetch
+
 # Decoding a huge image costs memory before any size check on the result could run.
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
 
@@ -48,24 +50,29 @@ class InputImage:
 
 
 async def load_image(
-    url: str, *, max_bytes: int, timeout: float, local_file: LocalFile | None = None
+    url: str, *, max_bytes: int, timeout: float, policy: FetchPolicy, local_file: LocalFile | None = None
 ) -> InputImage:
     """Fetch and decode an image URL. Raises InputImageError."""
-    data = await fetch_bytes(url, max_bytes=max_bytes, timeout=timeout, local_file=local_file)
+    data = await fetch_bytes(url, max_bytes=max_bytes, timeout=timeout, policy=policy, local_file=local_file)
     # Decoding is CPU work: keep it off the event loop.
     return await asyncio.to_thread(decode_image, data)
 
 
 async def fetch_bytes(
-    url: str, *, max_bytes: int, timeout: float, local_file: LocalFile | None = None
+    url: str, *, max_bytes: int, timeout: float, policy: FetchPolicy, local_file: LocalFile | None = None
 ) -> bytes:
+    """A data: URI's bytes, this server's own upload read from the disk, or an http(s) URL
+    downloaded under the server's fetch policy."""
     url = url.strip()
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         data = decode_data_uri(url)
     elif scheme in ("http", "https"):
         local = await asyncio.to_thread(read_local, url, local_file, max_bytes) if local_file else None
-        data = local if local is not None else await download(url, max_bytes=max_bytes, timeout=timeout)
+        if local is not None:
+            data = local
+        else:
+            data = await download(url, max_bytes=max_bytes, timeout=timeout, policy=policy)
     else:
         raise InputImageError("file_download_error", "image_url must be a data: URI or an http(s) URL")
     if len(data) > max_bytes:
@@ -100,27 +107,17 @@ def decode_data_uri(url: str) -> bytes:
     return unquote_to_bytes(payload)
 
 
-async def download(url: str, *, max_bytes: int, timeout: float) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
+async def download(url: str, *, max_bytes: int, timeout: float, policy: FetchPolicy) -> bytes:
     try:
-        async with (
-            httpx.AsyncClient(timeout=timeout, follow_redirects=True, max_redirects=5) as client,
-            client.stream("GET", url) as response,
-        ):
-            if response.status_code != 200:
-                raise InputImageError(
-                    "file_download_error",
-                    f"Downloading the image failed: HTTP {response.status_code} from {url}",
-                )
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise InputImageError("file_too_large", f"The image is larger than {max_bytes} bytes")
-                chunks.append(chunk)
+        return await fetch(url, policy, max_bytes=max_bytes, timeout=timeout)
+    except FetchRefused as exc:
+        raise InputImageError("file_download_error", f"The image URL is refused: {exc}") from None
+    except TooLarge:
+        raise InputImageError("file_too_large", f"The image is larger than {max_bytes} bytes") from None
+    except FetchFailed as exc:
+        raise InputImageError("file_download_error", f"Downloading the image failed: {exc}") from None
     except httpx.HTTPError as exc:
         raise InputImageError("file_download_error", f"Downloading the image failed: {exc!r}") from exc
-    return b"".join(chunks)
 
 
 def decode_image(data: bytes) -> InputImage:

@@ -64,12 +64,12 @@ def check_settings(settings: Settings) -> None:
 def check_model(settings: Settings) -> None:
     """Fail fast on a --model that cannot be loaded, before any worker starts.
 
-    models.weights.resolve_model checks file names, configs and safetensors headers only, and
+    models.weights.check.resolve_model checks file names, configs and safetensors headers only, and
     imports no torch. The tiny model is skipped: building it is the worker's job (it needs torch).
     """
     if settings.model == "tiny" or str(settings.components_dir) == "tiny":
         return
-    from models.weights import WeightsError, resolve_model
+    from models.weights.check import WeightsError, resolve_model
 
     try:
         resolve_model(settings.model, data_dir=settings.data_dir, components_dir=settings.components_dir)

@@ -97,7 +97,14 @@ class Supervisor:
             if slot.gpu is not None:
                 argv += ["--gpu", str(slot.gpu)]
             self.children.append(Child(slot.worker_id, argv, slot=slot))
-        self._env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        # Every child writes its Prometheus samples into one directory, emptied per run.
+        self.metrics_dir = self.settings.run_dir / "metrics"
+        self._env = {
+            **os.environ,
+            **self.settings.to_env(),
+            "PYTHONUNBUFFERED": "1",
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+        }
 
     # --- processes ---------------------------------------------------------------------
     def _start(self, child: Child) -> None:
@@ -122,6 +129,8 @@ class Supervisor:
     def _on_exit(self, child: Child, code: int) -> None:
         now = time.monotonic()
         ran = now - child.started_at
+        if child.process is not None:
+            self._forget_metrics_of(child.process.pid)
         child.process = None
         if child.slot is not None:
             released = self._release(child.name)
@@ -163,8 +172,11 @@ class Supervisor:
         self.queue = open_queue(self.settings, role="supervisor")
         # Rows left by an earlier run with more workers would keep /health at 503 forever.
         planned = {slot.worker_id for slot in self.slots}
+        # With a shared queue, only this box's rows are ours to clean up.
+        own = f"{self.settings.box}-" if self.settings.shared_queue else ""
         for worker in self.queue.workers():
-            if worker.worker_id not in planned and worker.state in ("stopped", "failed"):
+            stale = worker.state in ("stopped", "failed") and worker.worker_id.startswith(own)
+            if worker.worker_id not in planned and stale:
                 self.queue.remove_worker(worker.worker_id)
 
     def _release(self, worker_id: str) -> list[str]:
@@ -202,8 +214,20 @@ class Supervisor:
         except OSError:
             return False
 
+    def _forget_metrics_of(self, pid: int) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        mark_process_dead(pid, str(self.metrics_dir))
+
+    def _clear_metrics(self) -> None:
+        """Samples of an earlier run would count again (and its pids may be reused)."""
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.metrics_dir.glob("*.db"):
+            stale.unlink(missing_ok=True)
+
     def run(self) -> int:
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        self._clear_metrics()
         self._open_queue()
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)

@@ -24,8 +24,10 @@ from typing import Any
 import anyio
 from fastapi import Request
 
+from server import lifecycle
 from server.jobs import Job, JobRecord, Status
 from server.queue.aio import AsyncQueue
+from server.queue.base import CancelOutcome
 
 # Longest wait on the queue's change notification before the record is read again; also how
 # often a waiting request checks whether its client is still connected.
@@ -43,13 +45,17 @@ class ClientGone(Exception):
 async def cancel_quietly(queue: AsyncQueue, request_id: str) -> None:
     """Cancel even while the surrounding task is being cancelled (a dropped connection)."""
     with anyio.CancelScope(shield=True):
-        await queue.cancel(request_id)
+        if await queue.cancel(request_id) is CancelOutcome.CANCELLED:
+            record = await queue.get(request_id, with_logs=False)
+            if record is not None:  # a running job is counted by its worker
+                lifecycle.cancelled_in_queue(record)
 
 
 async def submit_and_wait(request: Request, queue: AsyncQueue, job: Job) -> JobRecord:
     """Submit `job` for a synchronous caller and return its completed record; raises
     ClientGone (having cancelled the job) if the caller hangs up first."""
-    record, _ = await queue.submit(job)
+    record, position = await queue.submit(job)
+    lifecycle.submitted(record, position)
     return await wait_until_completed(request, queue, record.id)
 
 

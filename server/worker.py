@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from models.lora.errors import LoraError
+from models.lora.spec import LoraSpec
+from models.request import GenerationRequest, InputError
+from server import lifecycle, metrics
 from server.config import Settings
 from server.images import content_type, encode_image, to_data_uri
 from server.jobs import Job, JobError, JobRecord, JobResult, OutputImage, cancelled_error, parse_wxh
@@ -34,8 +37,6 @@ from server.queue.factory import open_queue
 from server.storage import LocalStorage
 
 if TYPE_CHECKING:
-    from models.lora.spec import LoraSpec
-    from models.request import GenerationRequest
     from models.runtime import FluxRuntime, Generation
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ def generation_request(job: Job, loras: tuple[LoraSpec, ...] = ()) -> Generation
     """The runtime's request for `job`: what to generate, none of the routing metadata.
     `Job.seed` is always concrete (server.jobs draws one when a client sent none). `loras`:
     the job's LoRAs, already resolved to local files (server.lora)."""
-    from models.request import GenerationRequest
-
     return GenerationRequest(
         prompt=job.prompt,
         width=job.width,
@@ -93,6 +92,7 @@ class _Finished:
     record: JobRecord
     generation: Generation
     seconds: float
+    idle_before: float | None
 
 
 class Worker:
@@ -108,6 +108,7 @@ class Worker:
         self._held_lock = threading.Lock()
         self._finished: queue.Queue[_Finished | None] = queue.Queue()
         self._heartbeat_stop = threading.Event()
+        self._device_free_since: float | None = None  # perf_counter when the last job's generate ended
         self.runtime: FluxRuntime | None = None  # set once loaded
 
     # --- control -------------------------------------------------------------------------
@@ -138,6 +139,7 @@ class Worker:
         for thread in threads:
             thread.start()
         self._state("ready", runtime.summary)
+        self._report_gpu_memory()
         logger.info("worker %s ready on %s", self.worker_id, self.device)
         try:
             while not self._stop.is_set():
@@ -162,6 +164,8 @@ class Worker:
         self._state("loading")  # first with the asked-for device ("auto"), then the real one
         self.device = resolve_device(self.settings.device)
         self._state("loading")
+        logger.info("loading model %s on %s", self.settings.model, self.device)
+        started = time.perf_counter()
         runtime = FluxRuntime.load(
             self.settings.model,
             data_dir=self.settings.data_dir,
@@ -172,16 +176,16 @@ class Worker:
             memory_plan=self.settings.memory_plan,
             lora_limits=self.loras.limits(),
         )
+        logger.info("model loaded in %.1f s: %s", time.perf_counter() - started, runtime.summary)
         sizes = parse_sizes(self.settings.warmup_sizes) or default_warmup_sizes(self.device)
         if sizes:
+            logger.info("warming up %d size(s) (compiling; this can take minutes on a GPU)", len(sizes))
             self._state("warming", ", ".join(f"{w}x{h}" for w, h in sizes))
             seconds = runtime.warmup(sizes)
             logger.info("warmed up %d size(s) in %.1f s", len(sizes), seconds)
         return runtime
 
     def _run_job(self, runtime: FluxRuntime, record: JobRecord) -> None:
-        from models.request import InputError
-
         request_id = record.id
         lease_lost = threading.Event()
         with self._held_lock:
@@ -193,25 +197,29 @@ class Worker:
         def should_cancel() -> bool:
             return self._stop.is_set() or lease_lost.is_set() or self.queue.is_cancel_requested(request_id)
 
+        lifecycle.started(record, self.worker_id)
         started = time.perf_counter()
+        # How long the device sat idle since the previous job: between two queued jobs, only
+        # what the loop itself costs (claiming, mapping); docs/benchmarks.md reports it.
+        idle_before = None if self._device_free_since is None else started - self._device_free_since
         try:
             loras = tuple(self.loras.specs(record.job))  # downloads run here, inside the lease
             request = generation_request(record.job, loras)
-            generation = runtime.generate(request, on_step=on_step, should_cancel=should_cancel)
+            try:
+                generation = runtime.generate(request, on_step=on_step, should_cancel=should_cancel)
+            finally:
+                self._device_free_since = time.perf_counter()
         except LoraError as exc:  # names the LoRA; fal's 422 shape, located at its path
             logger.info("job %s refused: %s", request_id, exc)
-            self._release(request_id)
-            self.queue.fail(request_id, self.worker_id, self.loras.error(record.job, exc))
+            self._fail(record, self.loras.error(record.job, exc))
             return
         except InputError as exc:  # the request's own fault (TaskUnavailable included): a 4xx
             logger.info("job %s refused: %s", request_id, exc)
-            self._release(request_id)
-            self.queue.fail(request_id, self.worker_id, input_error(str(exc)))
+            self._fail(record, input_error(str(exc)))
             return
         except Exception as exc:  # any other failure is ours, a ValueError from diffusers too
             logger.exception("job %s failed", request_id)
-            self._release(request_id)
-            self.queue.fail(request_id, self.worker_id, internal_error(f"{type(exc).__name__}: {exc}"))
+            self._fail(record, internal_error(f"{type(exc).__name__}: {exc}"))
             return
 
         if generation.cancelled or lease_lost.is_set():
@@ -219,18 +227,37 @@ class Worker:
             if lease_lost.is_set():
                 logger.warning("job %s: lease lost; abandoned", request_id)
             elif self.queue.is_cancel_requested(request_id):
-                self.queue.fail(request_id, self.worker_id, cancelled_error())
+                self._fail(record, cancelled_error())
             else:  # stopping
                 self.queue.requeue(request_id, self.worker_id)
             return
         for line in generation.log:
             self.queue.log(request_id, line)
+        if record.job.loras:
+            metrics.lora_loads_total.labels("hit").inc(generation.lora_hits)
+            metrics.lora_loads_total.labels("miss").inc(generation.lora_misses)
         # Still held: the heartbeat keeps renewing the lease until the finisher completes it.
-        self._finished.put(_Finished(record, generation, time.perf_counter() - started))
+        self._finished.put(_Finished(record, generation, time.perf_counter() - started, idle_before))
 
     def _release(self, request_id: str) -> None:
         with self._held_lock:
             self._held.pop(request_id, None)
+
+    def _fail(self, record: JobRecord, error: JobError) -> None:
+        self._release(record.id)
+        if self.queue.fail(record.id, self.worker_id, error):
+            lifecycle.finished(record, error)
+        self._report_gpu_memory()
+
+    def _report_gpu_memory(self) -> None:
+        """Memory of this worker's GPU, for /metrics (nothing to report on a CPU)."""
+        if not str(self.device).startswith("cuda"):
+            return
+        import torch
+
+        used = torch.cuda.memory_allocated()
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        metrics.record_gpu_memory(self.worker_id, used, total)
 
     # --- finisher --------------------------------------------------------------------------
     def _finisher(self) -> None:
@@ -239,9 +266,7 @@ class Worker:
                 self._finish(item)
             except Exception as exc:
                 logger.exception("job %s: storing the output failed", item.record.id)
-                self.queue.fail(
-                    item.record.id, self.worker_id, internal_error(f"{type(exc).__name__}: {exc}")
-                )
+                self._fail(item.record, internal_error(f"{type(exc).__name__}: {exc}"))
             finally:
                 self._release(item.record.id)
 
@@ -264,6 +289,8 @@ class Worker:
                 )
             )
         timings = {"inference": item.seconds, **generation.timings}
+        if item.idle_before is not None:
+            timings["device_idle_before"] = item.idle_before
         timings["store"] = time.perf_counter() - started
         result = JobResult(
             images=images,
@@ -283,6 +310,9 @@ class Worker:
             for output in images:
                 if output.file_name:
                     self.storage.delete(output.file_name)
+            return
+        lifecycle.finished(item.record, None, inference=item.seconds, images=len(images))
+        self._report_gpu_memory()
 
     # --- heartbeat -------------------------------------------------------------------------
     def _heartbeat(self) -> None:

@@ -8,6 +8,7 @@ time stays that of the download, which is what the runtime's in-memory caches ke
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -15,10 +16,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urljoin
 
 import httpx
 
 from models.lora.errors import LoraError
+from server.fetch import MAX_REDIRECTS, REDIRECTS, FetchPolicy, FetchRefused, HostRules
 
 _CHUNK = 1024 * 1024
 
@@ -31,7 +34,16 @@ class CacheStats:
 
 
 class DownloadCache:
-    def __init__(self, folder: Path, *, max_total_bytes: int, max_file_bytes: int, timeout: float) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        max_total_bytes: int,
+        max_file_bytes: int,
+        timeout: float,
+        policy: FetchPolicy | None = None,
+    ) -> None:
+        self.policy = policy or FetchPolicy(allow=HostRules.parse([]), deny=HostRules.parse([]))
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_total_bytes = max_total_bytes
@@ -54,7 +66,7 @@ class DownloadCache:
             return path
         with self._lock:
             self.stats.misses += 1
-        download(url, path, max_bytes=self.max_file_bytes, timeout=self.timeout)
+        download(url, path, policy=self.policy, max_bytes=self.max_file_bytes, timeout=self.timeout)
         self.evict(keep=keep | {path})
         return path
 
@@ -77,41 +89,53 @@ class DownloadCache:
                     self.stats.evicted += 1
 
 
-def download(url: str, path: Path, *, max_bytes: int, timeout: float) -> None:
+def download(url: str, path: Path, *, policy: FetchPolicy, max_bytes: int, timeout: float) -> None:
     """Stream `url` into `path` (atomically), at most `max_bytes`, within `timeout` seconds in
-    all. Outbound-fetch policy for LoRA URLs: http(s) only, up to 5 redirects, no credentials
-    forwarded. (To be routed through the server's one fetch policy module once it exists.)"""
+    all, under the server's fetch policy (server/fetch.py: every redirect checked again). The
+    body goes to disk, not memory (LoRAs can be gigabytes), so fetch.fetch is not used."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     deadline = time.monotonic() + timeout
-    size = 0
+    source = url  # errors name the URL as the request gave it, also after redirects
     try:
-        with (
-            httpx.Client(timeout=timeout, follow_redirects=True, max_redirects=5) as client,
-            client.stream("GET", url) as response,
-        ):
-            if response.status_code != 200:
-                raise LoraError(url, f"download failed: HTTP {response.status_code}")
-            declared = response.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise LoraError(
-                    url, f"is {_mb(int(declared))}, above this server's limit of {_mb(max_bytes)}"
-                )
-            with open(partial, "wb") as handle:
-                for chunk in response.iter_bytes(_CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise LoraError(url, f"is larger than this server's limit of {_mb(max_bytes)}")
-                    if time.monotonic() > deadline:
-                        raise LoraError(url, f"download took longer than {timeout:g} s")
-                    handle.write(chunk)
-        os.replace(partial, path)
+        with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                asyncio.run(policy.check(url))  # the worker's threads run no event loop
+                with client.stream("GET", url) as response:
+                    if response.status_code in REDIRECTS and "location" in response.headers:
+                        url = urljoin(url, response.headers["location"])
+                        continue
+                    _save(response, partial, source, max_bytes=max_bytes, deadline=deadline, timeout=timeout)
+                    os.replace(partial, path)
+                    return
+        raise LoraError(source, f"download failed: more than {MAX_REDIRECTS} redirects")
+    except FetchRefused as exc:
+        raise LoraError(source, f"refused by this server's fetch policy: {exc}") from exc
     except httpx.TimeoutException as exc:
-        raise LoraError(url, f"download took longer than {timeout:g} s") from exc
+        raise LoraError(source, f"download took longer than {timeout:g} s") from exc
     except httpx.HTTPError as exc:
-        raise LoraError(url, f"download failed: {type(exc).__name__}: {exc}") from exc
+        raise LoraError(source, f"download failed: {type(exc).__name__}: {exc}") from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
+
+
+def _save(
+    response: httpx.Response, partial: Path, url: str, *, max_bytes: int, deadline: float, timeout: float
+) -> None:
+    if response.status_code != 200:
+        raise LoraError(url, f"download failed: HTTP {response.status_code}")
+    declared = response.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise LoraError(url, f"is {_mb(int(declared))}, above this server's limit of {_mb(max_bytes)}")
+    size = 0
+    with open(partial, "wb") as handle:
+        for chunk in response.iter_bytes(_CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise LoraError(url, f"is larger than this server's limit of {_mb(max_bytes)}")
+            if time.monotonic() > deadline:
+                raise LoraError(url, f"download took longer than {timeout:g} s")
+            handle.write(chunk)
 
 
 def _touch(path: Path) -> None:

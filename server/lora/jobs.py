@@ -14,7 +14,9 @@ from pathlib import Path
 
 from models.lora.errors import LoraError
 from models.lora.spec import LoraLimits, LoraSpec
+from server import metrics
 from server.config import Settings
+from server.fetch import FetchPolicy
 from server.jobs import Job, JobError
 from server.lora.cache import DownloadCache
 from server.lora.sources import LoraResolver, resolve_all
@@ -33,6 +35,7 @@ class JobLoras:
             max_total_bytes=settings.lora_cache_bytes,
             max_file_bytes=settings.lora_max_bytes,
             timeout=settings.lora_download_timeout,
+            policy=FetchPolicy.from_settings(settings),
         )
         self.resolver = LoraResolver(cache=self.cache, storage=storage, lora_dir=settings.lora_dir)
 
@@ -54,12 +57,17 @@ class JobLoras:
                 ", ".join(lora.path for lora in job.loras),
                 f"at most {self.settings.lora_max_per_request} LoRAs per request on this server",
             )
-        return resolve_all(
-            self.resolver,
-            [(lora.path, lora.scale) for lora in job.loras],
-            own_base_urls=self.own_base_urls(job),
-            max_total_bytes=self.settings.lora_max_total_bytes,
-        )
+        hits, misses = self.cache.stats.hits, self.cache.stats.misses
+        try:
+            return resolve_all(
+                self.resolver,
+                [(lora.path, lora.scale) for lora in job.loras],
+                own_base_urls=self.own_base_urls(job),
+                max_total_bytes=self.settings.lora_max_total_bytes,
+            )
+        finally:
+            metrics.lora_downloads_total.labels("hit").inc(self.cache.stats.hits - hits)
+            metrics.lora_downloads_total.labels("miss").inc(self.cache.stats.misses - misses)
 
     def error(self, job: Job, exc: LoraError) -> JobError:
         """fal's validation shape, located at the LoRA's `path` when it is one of the job's."""

@@ -124,6 +124,14 @@ class Delivery:
     gave_up: bool = False
 
 
+@dataclass(frozen=True)
+class QueueCounts:
+    """How many requests wait (by priority: "normal", "low") and how many run, for metrics."""
+
+    queued: dict[str, int]
+    running: int
+
+
 class JobQueue(ABC):
     # --- producer side (API process) -----------------------------------------------------
     @abstractmethod
@@ -136,7 +144,8 @@ class JobQueue(ABC):
 
     @abstractmethod
     def submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
-        """Several `submit_with_position`s, in order, in one commit (server/queue/aio.py groups concurrent submits)."""
+        """Several `submit_with_position`s, in order, in one commit (the API's AsyncQueue groups
+        concurrent submits into one call)."""
 
     @abstractmethod
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
@@ -150,6 +159,10 @@ class JobQueue(ABC):
     @abstractmethod
     def depth(self) -> int:
         """Number of queued jobs."""
+
+    @abstractmethod
+    def counts(self) -> QueueCounts:
+        """Queued jobs per priority (every priority named, zeros included) and running jobs."""
 
     @abstractmethod
     def cancel(self, request_id: str) -> CancelOutcome:

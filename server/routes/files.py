@@ -22,7 +22,8 @@ router = APIRouter(tags=["files"])
 SAFETY_HEADERS = {"x-content-type-options": "nosniff", "content-security-policy": "sandbox"}
 
 
-@router.api_route("/files/{name}", methods=["GET", "HEAD"])
+@router.head("/files/{name}", include_in_schema=False)
+@router.get("/files/{name}", operation_id="get_file", summary="A generated image")
 async def get_file(name: str, request: Request) -> Response:
     try:
         info = await asyncio.to_thread(get_storage(request).file_info, name)

@@ -61,7 +61,7 @@ def not_ready_reason(workers: list[WorkerInfo], settings: Settings) -> str | Non
     return None
 
 
-@router.get("/health")
+@router.get("/health", operation_id="health", summary="Readiness: 200 once every worker is ready")
 async def health(request: Request) -> JSONResponse:
     queue = get_queue(request)
     settings = get_settings(request)

@@ -24,7 +24,9 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import httpx
 
+from server import metrics
 from server.config import Settings
+from server.fetch import FetchPolicy
 from server.jobs import JobRecord
 from server.queue.base import Delivery, JobQueue
 from server.webhooks.policy import validate_webhook_url
@@ -63,6 +65,7 @@ class WebhookDispatcher:
         self.queue = queue
         self.renderers = dict(renderers)
         self.base_delay = settings.webhook_retry_base_seconds
+        self.fetch_policy = FetchPolicy.from_settings(settings)
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_DELIVERIES)
         self._in_flight: set[asyncio.Task[None]] = set()
 
@@ -123,13 +126,16 @@ class WebhookDispatcher:
             now = time.time()
             if error is None:
                 await asyncio.to_thread(self.queue.delivery_succeeded, record.id, attempt, now)
+                metrics.webhook_deliveries_total.labels("delivered").inc()
                 message = f"Webhook delivered (attempt {attempt})"
             elif attempt >= MAX_ATTEMPTS:
                 await asyncio.to_thread(self.queue.delivery_failed, record.id, attempt, error, None)
+                metrics.webhook_deliveries_total.labels("gave_up").inc()
                 message = f"Webhook delivery attempt {attempt} failed: {error}; giving up"
             else:
                 delay = retry_delay(attempt, self.base_delay)
                 await asyncio.to_thread(self.queue.delivery_failed, record.id, attempt, error, now + delay)
+                metrics.webhook_deliveries_total.labels("retry").inc()
                 message = (
                     f"Webhook delivery attempt {attempt} failed: {error}; retrying in {_format_delay(delay)}"
                 )
@@ -142,7 +148,9 @@ class WebhookDispatcher:
         assert webhook is not None
         try:
             validate_webhook_url(webhook.url, self.settings)  # the allow-list may have changed
-        except ValueError as exc:
+            # The server's outbound policy, with the name resolved now (server/fetch.py).
+            await self.fetch_policy.check(webhook.url)
+        except ValueError as exc:  # FetchRefused included
             return str(exc)
         renderer = self.renderers.get(webhook.kind)
         if renderer is None:

@@ -1,5 +1,5 @@
-"""End-to-end fixtures: the real fal_client pointed at the shared server, and a server with
-API keys (auth on).
+"""End-to-end fixtures: the real fal_client pointed at the shared server, a server with API
+keys (auth on), and a real headless Chromium (Debian's `chromium`, driven by Playwright).
 
 fal_client reads FAL_RUN_HOST / FAL_QUEUE_RUN_HOST once, at import time, and builds its
 https URL formats from them. The `fal` fixture sets those variables (plus SSL_CERT_FILE and
@@ -18,6 +18,7 @@ from types import ModuleType
 
 import pytest
 from e2e_support import AUTH_KEY
+from playwright.sync_api import Browser, Page, sync_playwright
 
 from server.tls import CertPaths
 
@@ -71,3 +72,35 @@ def auth_server(
     yield server
     with contextlib.suppress(AssertionError):
         server.stop()
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[tuple[Page, list[str]]]:
+    """A fresh page (its own storage) and the URL of every request it makes."""
+    context = browser.new_context(ignore_https_errors=True)  # the session's private CA
+    page = context.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.set_default_timeout(60_000)
+    yield page, requested
+    context.close()

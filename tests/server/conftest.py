@@ -110,7 +110,15 @@ class ApiServer:
 def run_api_server(settings: Settings) -> Iterator[ApiServer]:
     app = create_app(settings)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", access_log=False)
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="on",
+            access_log=False,
+            proxy_headers=False,
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -147,9 +147,19 @@ def test_public_url_setting_wins_for_returned_urls(tmp_path):
         assert body["status_url"].startswith("https://flux.example:8443/fal-ai/flux/requests/")
 
 
-def test_forwarded_headers_set_the_base_url(api):
-    body = api.submit(headers={"x-forwarded-proto": "https", "x-forwarded-host": "gpu.example"})
-    assert body["response_url"].startswith("https://gpu.example/fal-ai/flux/requests/")
+FORWARDED = {"x-forwarded-proto": "https", "x-forwarded-host": "gpu.example"}
+
+
+def test_forwarded_headers_count_only_from_trusted_proxies(api, tmp_path):
+    # The shared server trusts no proxy: a client cannot choose the host of returned links.
+    body = api.submit(headers=FORWARDED)
+    assert body["response_url"].startswith(f"{api.base_url}/fal-ai/flux/requests/")
+    with run_api_server(api_settings(tmp_path, trusted_proxy=["127.0.0.0/8"])) as behind_proxy:
+        body = behind_proxy.submit(headers=FORWARDED)
+        assert body["response_url"].startswith("https://gpu.example/fal-ai/flux/requests/")
+    with run_api_server(api_settings(tmp_path / "other", trusted_proxy=["10.1.2.3"])) as elsewhere:
+        body = elsewhere.submit(headers=FORWARDED)
+        assert body["response_url"].startswith(f"{elsewhere.base_url}/fal-ai/flux/requests/")
 
 
 def test_api_refuses_public_host_without_a_key(tmp_path, capsys):

@@ -1,7 +1,9 @@
-"""Settings that helper code derives from others: the files folder and the upload limits."""
+"""Settings: what is derived from other settings, and what reaches child processes intact
+(`serve` hands settings over as FLUX_* variables)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,9 @@ from server.config import Settings
 
 @pytest.fixture(autouse=True)
 def no_flux_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("FLUX_DATA_DIR", "FLUX_FILES_DIR", "FLUX_MAX_UPLOAD_BYTES", "FLUX_DEFAULT_ACCELERATION"):
-        monkeypatch.delenv(name, raising=False)
+    for name in list(os.environ):
+        if name.startswith("FLUX_"):
+            monkeypatch.delenv(name)
 
 
 def test_files_dir_follows_the_data_dir_unless_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -36,6 +39,16 @@ def test_child_processes_get_the_same_files_dir_and_limits(
     child = Settings()
     assert (child.files_dir, child.max_upload_bytes) == (tmp_path / "files", 1234)
     assert child.default_acceleration is None  # unset: each path's documented default
+
+
+def test_every_setting_survives_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    lists = {name for name, field in Settings.model_fields.items() if "list" in str(field.annotation)}
+    assert {"api_key", "fetch_allow", "fetch_deny", "trusted_proxy", "cors_origin"} <= lists
+    for values in ({}, {name: ["a.lan", "10.0.0.0/8"] for name in lists - {"trusted_proxy"}}):
+        settings = Settings(**values, metrics_key="m", max_prompt_length=10)
+        for name, value in settings.to_env().items():
+            monkeypatch.setenv(name, value)
+        assert Settings() == settings
 
 
 def test_upload_limits_must_be_positive(tmp_path: Path) -> None:

@@ -10,9 +10,13 @@ import threading
 import pytest
 from PIL import Image
 
+from server.config import Settings
+from server.fetch import FetchPolicy
 from server.inputs import InputImageError, load_image
 from server.storage import LocalStorage
 from tests.server.conftest import png_bytes
+
+DEFAULT_POLICY = FetchPolicy.from_settings(Settings())
 
 MB = 1024 * 1024
 
@@ -29,13 +33,17 @@ def jpeg_bytes(width: int, height: int) -> bytes:
 
 @pytest.mark.anyio
 async def test_data_uris_decode_to_png():
-    image = await load_image(data_uri(jpeg_bytes(33, 21), "image/jpeg"), max_bytes=MB, timeout=1)
+    image = await load_image(
+        data_uri(jpeg_bytes(33, 21), "image/jpeg"), max_bytes=MB, timeout=1, policy=DEFAULT_POLICY
+    )
     assert (image.width, image.height) == (33, 21)
     decoded = Image.open(io.BytesIO(image.png))
     assert decoded.format == "PNG" and decoded.mode == "RGB" and decoded.size == (33, 21)
     rgba = io.BytesIO()
     Image.new("RGBA", (4, 4)).save(rgba, format="PNG")
-    assert (await load_image(data_uri(rgba.getvalue()), max_bytes=MB, timeout=1)).width == 4
+    assert (
+        await load_image(data_uri(rgba.getvalue()), max_bytes=MB, timeout=1, policy=DEFAULT_POLICY)
+    ).width == 4
 
 
 @pytest.mark.parametrize(
@@ -52,14 +60,14 @@ async def test_data_uris_decode_to_png():
 @pytest.mark.anyio
 async def test_bad_inputs_have_fal_error_types(url, error_type):
     with pytest.raises(InputImageError) as caught:
-        await load_image(url, max_bytes=MB, timeout=1)
+        await load_image(url, max_bytes=MB, timeout=1, policy=DEFAULT_POLICY)
     assert caught.value.error_type == error_type
 
 
 @pytest.mark.anyio
 async def test_size_limit_applies_to_data_uris():
     with pytest.raises(InputImageError) as caught:
-        await load_image(data_uri(png_bytes(300, 300)), max_bytes=100, timeout=1)
+        await load_image(data_uri(png_bytes(300, 300)), max_bytes=100, timeout=1, policy=DEFAULT_POLICY)
     assert caught.value.error_type == "file_too_large"
 
 
@@ -67,13 +75,15 @@ async def test_size_limit_applies_to_data_uris():
 async def test_http_urls_are_downloaded_with_limits(api):
     name = LocalStorage(api.settings.files_dir).save(png_bytes(40, 24), "png")
     url = f"{api.base_url}/files/{name}"
-    image = await load_image(url, max_bytes=MB, timeout=5)
+    image = await load_image(url, max_bytes=MB, timeout=5, policy=DEFAULT_POLICY)
     assert (image.width, image.height) == (40, 24)
     with pytest.raises(InputImageError) as caught:
-        await load_image(url, max_bytes=50, timeout=5)
+        await load_image(url, max_bytes=50, timeout=5, policy=DEFAULT_POLICY)
     assert caught.value.error_type == "file_too_large"
     with pytest.raises(InputImageError) as caught:
-        await load_image(f"{api.base_url}/files/{'A' * 32}.png", max_bytes=MB, timeout=5)
+        await load_image(
+            f"{api.base_url}/files/{'A' * 32}.png", max_bytes=MB, timeout=5, policy=DEFAULT_POLICY
+        )
     assert caught.value.error_type == "file_download_error"
 
 
@@ -87,7 +97,12 @@ async def test_slow_servers_time_out():
     thread.start()
     try:
         with pytest.raises(InputImageError) as caught:
-            await load_image(f"http://127.0.0.1:{silent.getsockname()[1]}/x.png", max_bytes=MB, timeout=0.3)
+            await load_image(
+                f"http://127.0.0.1:{silent.getsockname()[1]}/x.png",
+                max_bytes=MB,
+                timeout=0.3,
+                policy=DEFAULT_POLICY,
+            )
         assert caught.value.error_type == "file_download_error"
     finally:
         for conn in accepted:

@@ -79,8 +79,9 @@ def test_supervisor_restarts_crashed_workers_with_backoff_and_parks_load_failure
     starts = [float(line) for line in (data / "w0.starts").read_text().split()]
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert len(starts) >= 3, log  # 0.3 s, 0.6 s, 1.2 s, 2.4 s apart
-    assert all(later > earlier * 1.5 for earlier, later in itertools.pairwise(gaps)), gaps
-    assert gaps[0] >= 0.3
+    # Each wait at least its doubled backoff (0.3, 0.6, 1.2 s); a loaded machine only adds
+    # process start-up time on top, so lower bounds hold however slow it is.
+    assert all(gap >= 0.3 * 2**n for n, gap in enumerate(gaps[:3])), gaps
     assert "w0 exited with status 1" in log and "restarting in" in log
 
     assert len((data / "w1.starts").read_text().split()) == 1  # a load failure is not retried

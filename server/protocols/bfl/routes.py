@@ -20,9 +20,12 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server import lifecycle
 from server.auth import KeyProblem, api_key_dependency
+from server.config import Settings
 from server.deps import get_queue, get_settings, public_base_url
 from server.errors import register_error_renderer
+from server.fetch import FetchPolicy
 from server.inputs import InputImageError, decode_image, fetch_bytes
 from server.protocols.bfl import adapter
 from server.protocols.bfl.models import AsyncResponse, AsyncWebhookResponse, FluxDevInputs, ResultResponse
@@ -86,11 +89,14 @@ def refuse_key(problem: KeyProblem) -> HTTPException:
 router = APIRouter(route_class=BflRoute, dependencies=[Depends(api_key_dependency(refuse_key))], tags=["BFL"])
 
 
-async def _decode_image_prompt(value: str, max_bytes: int, timeout: float) -> bytes:
+async def _decode_image_prompt(value: str, settings: Settings) -> bytes:
     """`image_prompt` as PNG bytes: BFL sends bare base64; a data: URI or http(s) URL works too."""
+    max_bytes = settings.max_input_image_bytes
     try:
         if value.strip().lower().startswith(("data:", "http://", "https://")):
-            data = await fetch_bytes(value, max_bytes=max_bytes, timeout=timeout)
+            policy = FetchPolicy.from_settings(settings)
+            timeout = settings.input_fetch_timeout
+            data = await fetch_bytes(value, max_bytes=max_bytes, timeout=timeout, policy=policy)
         else:
             try:
                 data = base64.b64decode(value.strip(), validate=True)
@@ -107,11 +113,15 @@ async def _decode_image_prompt(value: str, max_bytes: int, timeout: float) -> by
 
 @router.post(
     "/v1/flux-dev",
+    operation_id="bfl_flux_dev",
     response_model=AsyncResponse | AsyncWebhookResponse,
     summary="Generate an image with FLUX.1 [dev] (BFL API)",
 )
 async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
     settings = get_settings(request)
+    too_long = settings.prompt_too_long(inputs.prompt)
+    if too_long:
+        raise RequestValidationError([_error(["body", "prompt"], too_long, "string_too_long")])
     if inputs.webhook_url:
         try:
             validate_webhook_url(inputs.webhook_url, settings)
@@ -119,12 +129,11 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
             raise RequestValidationError([_error(["body", "webhook_url"], str(exc), "value_error")]) from None
     image_png = None
     if inputs.image_prompt:
-        image_png = await _decode_image_prompt(
-            inputs.image_prompt, settings.max_input_image_bytes, settings.input_fetch_timeout
-        )
+        image_png = await _decode_image_prompt(inputs.image_prompt, settings)
     base_url = public_base_url(request)
     job = adapter.inputs_to_job(inputs, base_url=base_url, image_png=image_png)
-    record, _ = await get_queue(request).submit(job)
+    record, position = await get_queue(request).submit(job)
+    lifecycle.submitted(record, position)
     polling_url = adapter.polling_url(base_url, record.id)
     body: AsyncResponse | AsyncWebhookResponse
     if inputs.webhook_url:
@@ -136,9 +145,13 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump())
 
 
-@router.get("/v1/get_result", response_model=ResultResponse, summary="Poll a BFL task")
+@router.get(
+    "/v1/get_result", operation_id="bfl_get_result", response_model=ResultResponse, summary="Poll a BFL task"
+)
 async def get_result(
     request: Request, id: str = Query(..., description="Task id from the submit")
 ) -> JSONResponse:
     record = await get_queue(request).get(id, with_logs=False)
+    if record is not None and record.job.protocol != "bfl":
+        record = None  # another protocol's request: BFL clients cannot tell it exists
     return JSONResponse(adapter.record_to_result(record, id).model_dump(mode="json"))

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from server.config import Settings
+from server.fetch import FetchPolicy
 from server.inputs import InputImage, InputImageError, load_image
 from server.jobs import (
     Acceleration,
@@ -194,6 +195,9 @@ async def build_job(
         data = spec.input_model.model_validate(body)
     except ValidationError as exc:
         raise RequestValidationError(pydantic_errors(exc)) from None
+    too_long = settings.prompt_too_long(getattr(data, "prompt", None))
+    if too_long:
+        raise RequestValidationError([validation_error(["body", "prompt"], too_long, "string_too_long")])
 
     image: bytes | None = None
     mask: bytes | None = None
@@ -250,6 +254,7 @@ async def load_input(
             url,
             max_bytes=settings.max_input_image_bytes,
             timeout=settings.input_fetch_timeout,
+            policy=FetchPolicy.from_settings(settings),
             # An upload to this server is read from the disk, not fetched over HTTP.
             local_file=partial(storage.own_file, base_urls=(base_url, settings.public_url))
             if storage is not None

@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server import lifecycle
 from server.auth import KeyProblem, api_key_dependency
 from server.deps import get_queue, get_settings, get_storage, public_base_url
 from server.jobs import Job, JobRecord, Status
@@ -33,10 +33,9 @@ def fal_key_refusal(problem: KeyProblem) -> HTTPException:
 
 
 require_fal_key = api_key_dependency(fal_key_refusal)
-router = APIRouter(dependencies=[Depends(require_fal_key)], tags=["fal queue"])
-
-# Room for the JSON around a data-URI image in a request body.
-BODY_OVERHEAD = 1024 * 1024
+# Path patterns document nothing useful: server/protocols/fal/openapi.py describes each
+# app and endpoint of the app table instead.
+router = APIRouter(dependencies=[Depends(require_fal_key)], include_in_schema=False)
 
 
 def check_endpoint(owner: str, app: str, endpoint: str) -> str:
@@ -52,7 +51,7 @@ async def request_job(request: Request, owner: str, app: str, endpoint: str) -> 
     """Validate a submit into its `Job`; shared by the queue and run routes."""
     app_id = check_endpoint(owner, app, endpoint.strip("/"))
     settings = get_settings(request)
-    body = adapter.parse_body(await read_body(request, settings.max_input_image_bytes))
+    body = adapter.parse_body(await read_body(request))
     return await adapter.build_job(
         app_id=app_id,
         endpoint=endpoint.strip("/"),
@@ -68,23 +67,10 @@ async def request_job(request: Request, owner: str, app: str, endpoint: str) -> 
     )
 
 
-async def read_body(request: Request, max_image_bytes: int) -> bytes:
-    """The request body, refused (422 file_too_large) when it is far above what one input
-    image (base64-encoded in a data URI) needs."""
-    limit = max_image_bytes * 4 // 3 + BODY_OVERHEAD
-    declared = request.headers.get("content-length", "")
-    too_large = [
-        adapter.validation_error(["body"], f"Request body is larger than {limit} bytes", "file_too_large")
-    ]
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestValidationError(too_large)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestValidationError(too_large)
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def read_body(request: Request) -> bytes:
+    """The raw body; one over the server's request-size limit fails with 413 while it is
+    read (server/body_limit.py)."""
+    return b"".join([chunk async for chunk in request.stream()])
 
 
 async def find_record(
@@ -162,9 +148,12 @@ async def status(owner: str, app: str, request_id: str, request: Request) -> JSO
 
 @router.put("/{owner}/{app}/requests/{request_id}/cancel")
 async def cancel(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
-    if await find_record(request, owner, app, request_id) is None:
+    found = await find_record(request, owner, app, request_id)
+    if found is None:
         return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
     outcome = await get_queue(request).cancel(request_id)
+    if outcome is CancelOutcome.CANCELLED:  # a running job is counted by its worker
+        lifecycle.cancelled_in_queue(found[0])
     if outcome in (CancelOutcome.CANCELLED, CancelOutcome.REQUESTED):
         return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
     if outcome is CancelOutcome.ALREADY_COMPLETED:
@@ -185,6 +174,7 @@ async def result(owner: str, app: str, request_id: str, request: Request) -> JSO
 async def submit(owner: str, app: str, endpoint: str, request: Request) -> JSONResponse:
     job = await request_job(request, owner, app, endpoint)
     record, position = await get_queue(request).submit(job)
+    lifecycle.submitted(record, position)
     request.state.fal_request_id = record.id
     return JSONResponse(adapter.submit_body(record, record.job.base_url, position))
 

@@ -14,13 +14,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
+from server import lifecycle
 from server.deps import get_queue, public_base_url
 from server.jobs import JobRecord, Status
 from server.protocols.fal import adapter
 from server.protocols.fal.queue_routes import request_job, require_fal_key, result_response
 from server.waiting import EVENT_STREAM_HEADERS, ClientGone, StreamEvent, event_stream, submit_and_wait
 
-router = APIRouter(prefix="/run", dependencies=[Depends(require_fal_key)], tags=["fal sync"])
+router = APIRouter(prefix="/run", dependencies=[Depends(require_fal_key)], include_in_schema=False)
 
 STREAM_SUFFIX = "/stream"
 # No HTTP status reaches a client that has gone; 499 is nginx's name for that case in logs.
@@ -51,7 +52,8 @@ async def run(owner: str, app: str, endpoint: str, request: Request) -> Response
 async def run_stream(owner: str, app: str, endpoint: str, request: Request) -> StreamingResponse:
     job = await request_job(request, owner, app, endpoint)
     queue = get_queue(request)
-    record, _ = await queue.submit(job)
+    record, position = await queue.submit(job)
+    lifecycle.submitted(record, position)
     request.state.fal_request_id = record.id
     base_url = public_base_url(request)
     last_state: tuple | None = None

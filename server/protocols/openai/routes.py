@@ -120,11 +120,24 @@ def _answer(record: JobRecord) -> JSONResponse:
     return JSONResponse(body.model_dump(exclude_none=True))
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse, summary="Create images (OpenAI API)")
+@router.post(
+    "/v1/images/generations",
+    operation_id="openai_create_image",
+    response_model=ImagesResponse,
+    summary="Create images (OpenAI API)",
+)
 async def generations(body: ImageGenerationRequest, request: Request) -> JSONResponse:
+    check_prompt(request, body.prompt)
     size = adapter.parse_size(body.size)
     job = adapter.build_job(body, size=size, base_url=public_base_url(request))
     return _answer(await run_job(request, job))
+
+
+def check_prompt(request: Request, prompt: str) -> None:
+    """The server's prompt-length limit, as OpenAI reports a string over its maximum."""
+    too_long = get_settings(request).prompt_too_long(prompt)
+    if too_long:
+        raise OpenAIError(400, too_long, param="prompt", code="string_above_max_length")
 
 
 async def _read_image(form_value: Any, max_bytes: int) -> tuple[bytes, int, int]:
@@ -140,7 +153,12 @@ async def _read_image(form_value: Any, max_bytes: int) -> tuple[bytes, int, int]
     return decoded.png, decoded.width, decoded.height
 
 
-@router.post("/v1/images/edits", response_model=ImagesResponse, summary="Edit an image (image-to-image)")
+@router.post(
+    "/v1/images/edits",
+    operation_id="openai_edit_image",
+    response_model=ImagesResponse,
+    summary="Edit an image (image-to-image)",
+)
 async def edits(request: Request) -> JSONResponse:
     settings = get_settings(request)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -162,6 +180,7 @@ async def edits(request: Request) -> JSONResponse:
             raise _validation_error(list(exc.errors())) from None
     finally:
         await form.close()
+    check_prompt(request, fields.prompt)
     size = adapter.edit_size(fields.size, width, height)
     job = adapter.build_job(
         fields,
@@ -174,13 +193,15 @@ async def edits(request: Request) -> JSONResponse:
     return _answer(await run_job(request, job))
 
 
-@router.get("/v1/models", response_model=ModelList, summary="List the served model")
+@router.get(
+    "/v1/models", operation_id="openai_list_models", response_model=ModelList, summary="List the served model"
+)
 async def list_models(request: Request) -> JSONResponse:
     models = adapter.model_list(get_settings(request).model, _started(request))
     return JSONResponse(models.model_dump())
 
 
-@router.get("/v1/models/{model_id}", summary="Describe the served model")
+@router.get("/v1/models/{model_id}", operation_id="openai_get_model", summary="Describe the served model")
 async def get_model(model_id: str, request: Request) -> JSONResponse:
     for model in adapter.model_list(get_settings(request).model, _started(request)).data:
         if model.id == model_id:

@@ -48,14 +48,14 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
 
 
 def open_pool(url: str, *, max_size: int) -> ConnectionPool:
-    """Connections checked before each use, so that those a server restart broke are
-    replaced instead of handed out."""
+    """Autocommit connections: a read is one round trip; writes of several statements open
+    a transaction themselves. Connections a server restart broke are found on first use
+    (see `PostgresStore._with_connection`), not checked before every use."""
     return ConnectionPool(
         url,
         min_size=1,
         max_size=max_size,
-        kwargs={"connect_timeout": CONNECT_TIMEOUT_SECONDS},
-        check=ConnectionPool.check_connection,
+        kwargs={"connect_timeout": CONNECT_TIMEOUT_SECONDS, "autocommit": True},
         reconnect_timeout=RECONNECT_TIMEOUT_SECONDS,
         open=True,
         name="flux-queue",

@@ -24,17 +24,17 @@ class PostgresDeliveries(PostgresStore):
                 (hold_until, now, limit),
             ).fetchall()
 
-        rows = sorted(self._tx(lease), key=lambda row: row[1])
+        rows = sorted(self._run(lease), key=lambda row: row[1])
         return [Delivery(request_id, due_at, attempts) for request_id, due_at, attempts in rows]
 
     def next_delivery_due(self) -> float | None:
-        row = self._tx(
+        row = self._run(
             lambda conn: conn.execute(f"SELECT MIN(due_at) FROM flux_deliveries WHERE {_PENDING}").fetchone()
         )
         return row[0] if row else None
 
     def delivery_succeeded(self, request_id: str, attempts: int, now: float) -> None:
-        self._tx(
+        self._run(
             lambda conn: conn.execute(
                 "UPDATE flux_deliveries SET attempts = %s, delivered_at = %s, last_error = NULL "
                 "WHERE request_id = %s",
@@ -55,7 +55,7 @@ class PostgresDeliveries(PostgresStore):
         self._tx(record)
 
     def delivery(self, request_id: str) -> Delivery | None:
-        row = self._tx(
+        row = self._run(
             lambda conn: conn.execute(
                 "SELECT request_id, due_at, attempts, last_error, delivered_at, gave_up "
                 "FROM flux_deliveries WHERE request_id = %s",

@@ -4,12 +4,12 @@ Ordering: `priority_rank` (0 normal, 1 low) then `seq` from a sequence; a job pu
 its `seq` from a second sequence counting down from 0, so it goes to the head. Claims take the
 head with `FOR UPDATE SKIP LOCKED` in one short transaction: workers on many boxes never wait
 for each other and never take the same job. Pool, transactions and row steps are in
-store.py, the tables in schema.py, webhook deliveries in deliveries.py, wake-ups in wakeups.py.
+store.py, the tables in schema.py, webhook deliveries in deliveries.py, recovery, purge and
+the worker registry in maintenance.py, wake-ups in wakeups.py.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -20,37 +20,30 @@ from server.jobs import (
     JobError,
     JobRecord,
     JobResult,
+    LogEntry,
     Status,
     cancelled_error,
-    disconnected_error,
     new_request_id,
 )
 from server.queue.base import (
-    MAX_ATTEMPTS,
-    PURGE_BATCH,
     CancelOutcome,
     ClaimPreference,
     Heartbeats,
     JobQueue,
-    WorkerInfo,
+    QueueUnavailable,
 )
 from server.queue.postgres.deliveries import PostgresDeliveries
-from server.queue.postgres.schema import PURGE_LOCK
-from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS
-from server.queue.postgres.wakeups import SUBMIT_KEY, WORKERS_KEY
-from server.queue.records import PRIORITY_RANK, without_image
+from server.queue.postgres.maintenance import PostgresMaintenance
+from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS, REQUEUE
+from server.queue.postgres.wakeups import CHANNEL, SUBMIT_KEY
+from server.queue.records import PRIORITY_RANK, utc_timestamp, without_image
 
 # A lost notification (a dropped listening connection) costs at most this long.
 FALLBACK_POLL_SECONDS = 2.0
 CHANGE_FALLBACK_SECONDS = 1.0
 
-_REQUEUE = (
-    "status = 'IN_QUEUE', worker = NULL, lease_expires = NULL, progress = 0, start_deadline = NULL, "
-    "seq = nextval('flux_jobs_head_seq')"
-)
 
-
-class PostgresQueue(PostgresDeliveries, JobQueue):
+class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
     def __init__(self, url: str, *, role: str, lease_seconds: float = 30.0) -> None:
         super().__init__(url, role=role, lease_seconds=lease_seconds)
         self._interrupted = threading.Event()
@@ -107,20 +100,27 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
         ]
 
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
-        def read(conn: psycopg.Connection) -> JobRecord | None:
-            row = conn.execute(
-                f"SELECT {RECORD_COLUMNS} FROM flux_jobs WHERE id = %s", (request_id,)
+        # The record and its log lines in one statement: one round trip per status poll.
+        row = self._run(
+            lambda conn: conn.execute(
+                f"SELECT {RECORD_COLUMNS}, CASE WHEN %s THEN (SELECT json_agg(json_build_array("
+                "ts, level, source, message) ORDER BY l.id) FROM flux_logs l WHERE l.request_id = j.id) END "
+                "FROM flux_jobs j WHERE j.id = %s",
+                (with_logs, request_id),
             ).fetchone()
-            if row is None:
-                return None
-            return self._record(row, self._logs(conn, request_id) if with_logs else [])
-
-        return self._tx(read)
+        )
+        if row is None:
+            return None
+        logs = [
+            LogEntry(timestamp=ts, level=level, source=source, message=message)
+            for ts, level, source, message in row[-1] or []
+        ]
+        return self._record(row[:-1], logs)
 
     def position(self, request_id: str) -> int | None:
         # One range count over the queue index: the cost grows with the position, not with
         # the length of the queue.
-        row = self._tx(
+        row = self._run(
             lambda conn: conn.execute(
                 "SELECT j.status, (SELECT count(*) FROM flux_jobs q WHERE q.status = 'IN_QUEUE' "
                 "AND (q.priority_rank, q.seq) < (j.priority_rank, j.seq)) FROM flux_jobs j WHERE j.id = %s",
@@ -132,7 +132,7 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
         return int(row[1])
 
     def depth(self) -> int:
-        row = self._tx(
+        row = self._run(
             lambda conn: conn.execute("SELECT count(*) FROM flux_jobs WHERE status = 'IN_QUEUE'").fetchone()
         )
         return int(row[0]) if row else 0
@@ -190,50 +190,52 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
             if heartbeat:
                 self._touch_worker(conn, worker_id)
             self._expire_deadlines(conn, now)
-            if prefer is None:
-                row = conn.execute(
-                    "WITH head AS (SELECT id FROM flux_jobs WHERE status = 'IN_QUEUE' "
-                    "ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED) "
-                    "UPDATE flux_jobs j SET status = 'IN_PROGRESS', worker = %s, "
-                    f"lease_expires = {DB_NOW} + %s, "
-                    "attempts = attempts + 1, started_at = %s FROM head WHERE j.id = head.id "
-                    f"RETURNING {', '.join('j.' + c for c in RECORD_COLUMNS.split(', '))}",
-                    (worker_id, self.lease_seconds, now),
-                ).fetchone()
-            else:
-                row = self._claim_preferred(conn, worker_id, prefer, now)
+            # The head (or, with a preference, the job it chooses among the first few, locked
+            # while it looks), then claim it, log who took it and wake its waiters: one statement.
+            head = (
+                "SELECT id FROM flux_jobs WHERE status = 'IN_QUEUE' "
+                "ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
+            )
+            head_params: tuple = ()
+            if prefer is not None:
+                rows = conn.execute(
+                    "SELECT id, priority_rank, created_at, job_json FROM flux_jobs "
+                    "WHERE status = 'IN_QUEUE' ORDER BY priority_rank, seq LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (prefer.window,),
+                ).fetchall()
+                if not rows:
+                    return None
+                head, head_params = "SELECT %s AS id", (prefer.choose(rows, now),)
+            started = f"Started on {worker_id}"
+            row = conn.execute(
+                f"WITH head AS ({head}), "
+                f"claimed AS (UPDATE flux_jobs j SET status = 'IN_PROGRESS', worker = %s, "
+                f"lease_expires = {DB_NOW} + %s, attempts = attempts + 1, started_at = %s FROM head "
+                f"WHERE j.id = head.id RETURNING {', '.join('j.' + c for c in RECORD_COLUMNS.split(', '))}), "
+                "line AS (INSERT INTO flux_logs (request_id, ts, level, source, message) "
+                "SELECT id, %s, 'INFO', 'USER', %s FROM claimed), "
+                "woken AS (SELECT pg_notify(%s, id) FROM claimed) "
+                "SELECT claimed.*, (SELECT json_agg(json_build_array(ts, level, source, message) "
+                "ORDER BY l.id) FROM flux_logs l WHERE l.request_id = claimed.id), "
+                "(SELECT count(*) FROM woken) FROM claimed",
+                (*head_params, worker_id, self.lease_seconds, now, utc_timestamp(now), started, CHANNEL),
+            ).fetchone()
             if row is None:
                 return None
-            request_id = row[0]
-            self._add_log(conn, request_id, f"Started on {worker_id}", now)
-            self._notify(conn, [request_id])
-            return self._record(row, self._logs(conn, request_id))
+            earlier = [
+                LogEntry(timestamp=ts, level=level, source=source, message=message)
+                for ts, level, source, message in row[-2] or []
+            ]
+            # The statement's own log line is not visible to it: add it here.
+            return self._record(row[:-2], [*earlier, LogEntry(timestamp=utc_timestamp(now), message=started)])
 
         try:
             return self._tx(claim)
-        except Exception:
-            if self._patience > 0:  # a worker waits for the database to come back
+        except QueueUnavailable:
+            if self._patience > 0:  # a worker keeps waiting for jobs until the database is back
                 time.sleep(FALLBACK_POLL_SECONDS)
                 return None
             raise
-
-    def _claim_preferred(
-        self, conn: psycopg.Connection, worker_id: str, prefer: ClaimPreference, now: float
-    ) -> tuple | None:
-        """Lock the first `window` queued jobs (other workers skip them), claim the one
-        `prefer` chooses (ClaimPreference.choose)."""
-        rows = conn.execute(
-            "SELECT id, priority_rank, created_at, job_json FROM flux_jobs WHERE status = 'IN_QUEUE' "
-            "ORDER BY priority_rank, seq LIMIT %s FOR UPDATE SKIP LOCKED",
-            (prefer.window,),
-        ).fetchall()
-        if not rows:
-            return None
-        return conn.execute(
-            f"UPDATE flux_jobs SET status = 'IN_PROGRESS', worker = %s, lease_expires = {DB_NOW} + %s, "
-            f"attempts = attempts + 1, started_at = %s WHERE id = %s RETURNING {RECORD_COLUMNS}",
-            (worker_id, self.lease_seconds, now, prefer.choose(rows, now)),
-        ).fetchone()
 
     @staticmethod
     def _touch_worker(conn: psycopg.Connection, worker_id: str) -> None:
@@ -252,10 +254,10 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
             ).fetchone()
             return row is not None
 
-        return self._tx(renew)
+        return (self._tx if heartbeat else self._run)(renew)
 
     def is_cancel_requested(self, request_id: str) -> bool:
-        row = self._tx(
+        row = self._run(
             lambda conn: conn.execute(
                 "SELECT cancel_requested FROM flux_jobs WHERE id = %s", (request_id,)
             ).fetchone()
@@ -263,13 +265,25 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
         return bool(row and row[0])
 
     def log(self, request_id: str, message: str, progress: float | None = None) -> None:
-        def log(conn: psycopg.Connection) -> None:
-            self._add_log(conn, request_id, message, time.time())
-            if progress is not None:
-                conn.execute("UPDATE flux_jobs SET progress = %s WHERE id = %s", (progress, request_id))
-            self._notify(conn, [request_id])
-
-        self._tx(log)
+        # One statement (one round trip per denoising step): the line, the progress, the wake-up.
+        self._run(
+            lambda conn: conn.execute(
+                "WITH line AS (INSERT INTO flux_logs (request_id, ts, level, source, message) "
+                "VALUES (%s, %s, 'INFO', 'USER', %s)), "
+                "progress AS (UPDATE flux_jobs SET progress = %s WHERE id = %s AND %s::double precision "
+                "IS NOT NULL) SELECT pg_notify(%s, %s)",
+                (
+                    request_id,
+                    utc_timestamp(time.time()),
+                    message,
+                    progress,
+                    request_id,
+                    progress,
+                    CHANNEL,
+                    request_id,
+                ),
+            )
+        )
 
     def complete(self, request_id: str, worker_id: str, result: JobResult) -> bool:
         return self._tx(
@@ -300,7 +314,7 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
     def requeue(self, request_id: str, worker_id: str, message: str = "Worker stopping; requeued") -> bool:
         def requeue(conn: psycopg.Connection) -> bool:
             row = conn.execute(
-                f"UPDATE flux_jobs SET {_REQUEUE}, attempts = GREATEST(attempts - 1, 0) "
+                f"UPDATE flux_jobs SET {REQUEUE}, attempts = GREATEST(attempts - 1, 0) "
                 "WHERE id = %s AND worker = %s AND status = 'IN_PROGRESS' RETURNING 1",
                 (request_id, worker_id),
             ).fetchone()
@@ -311,103 +325,3 @@ class PostgresQueue(PostgresDeliveries, JobQueue):
             return True
 
         return self._tx(requeue)
-
-    # --- maintenance ---------------------------------------------------------------------
-    def recover_expired(self) -> list[str]:
-        due = self._tx(
-            lambda conn: conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM flux_jobs WHERE status = 'IN_PROGRESS' "
-                f"AND lease_expires < {DB_NOW}) OR EXISTS (SELECT 1 FROM flux_jobs WHERE status = 'IN_QUEUE' "
-                f"AND start_deadline IS NOT NULL AND start_deadline < {DB_NOW})"
-            ).fetchone()
-        )
-        if not due or not due[0]:
-            return []
-        return self._recover(f"lease_expires < {DB_NOW}", (), deadlines=True)
-
-    def release_worker(self, worker_id: str) -> list[str]:
-        return self._recover("worker = %s", (worker_id,), deadlines=False)
-
-    def _recover(self, condition: str, params: tuple, *, deadlines: bool) -> list[str]:
-        def recover(conn: psycopg.Connection) -> list[str]:
-            now = time.time()
-            rows = conn.execute(
-                "SELECT id, attempts, cancel_requested FROM flux_jobs "
-                f"WHERE status = 'IN_PROGRESS' AND {condition} FOR UPDATE SKIP LOCKED",
-                params,
-            ).fetchall()
-            requeued: list[str] = []
-            finished: list[str] = []
-            for request_id, attempts, cancel_requested in rows:
-                if cancel_requested:
-                    self._finish(conn, request_id, now, error=cancelled_error())
-                    finished.append(request_id)
-                elif attempts < MAX_ATTEMPTS:
-                    conn.execute(f"UPDATE flux_jobs SET {_REQUEUE} WHERE id = %s", (request_id,))
-                    self._add_log(conn, request_id, "Worker lost; retrying", now)
-                    requeued.append(request_id)
-                else:
-                    self._finish(conn, request_id, now, error=disconnected_error())
-                    finished.append(request_id)
-            if deadlines:
-                finished += self._expire_deadlines(conn, now)
-            if requeued:
-                self._notify(conn, [*requeued, SUBMIT_KEY])
-            return requeued + finished
-
-        return self._tx(recover)
-
-    def purge(self, older_than: float, limit: int = PURGE_BATCH) -> list[JobRecord]:
-        def purge(conn: psycopg.Connection) -> list[tuple]:
-            # One purger at a time across every box; the others find nothing to do.
-            (locked,) = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (PURGE_LOCK,)).fetchone()
-            if not locked:
-                return []
-            rows = conn.execute(
-                "DELETE FROM flux_jobs WHERE id IN (SELECT id FROM flux_jobs WHERE status = 'COMPLETED' "
-                "AND completed_at < %s ORDER BY completed_at LIMIT %s FOR UPDATE SKIP LOCKED) "
-                f"RETURNING {RECORD_COLUMNS}",
-                (older_than, limit),
-            ).fetchall()
-            ids = [row[0] for row in rows]
-            if ids:
-                conn.execute("DELETE FROM flux_logs WHERE request_id = ANY(%s)", (ids,))
-                conn.execute("DELETE FROM flux_deliveries WHERE request_id = ANY(%s)", (ids,))
-            return rows
-
-        records = [self._record(row, []) for row in self._tx(purge)]
-        for record in records:
-            self._jobs.forget(record.id)
-        return records
-
-    # --- worker registry -----------------------------------------------------------------
-    def set_worker_state(
-        self, worker_id: str, state: str, *, device: str, model: str, detail: str = ""
-    ) -> None:
-        def upsert(conn: psycopg.Connection) -> None:
-            conn.execute(
-                "INSERT INTO flux_workers (worker_id, state, device, model, detail, pid, updated_at) "
-                f"VALUES (%s, %s, %s, %s, %s, %s, {DB_NOW}) ON CONFLICT (worker_id) DO UPDATE SET "
-                "state = EXCLUDED.state, device = EXCLUDED.device, model = EXCLUDED.model, "
-                "detail = EXCLUDED.detail, pid = EXCLUDED.pid, updated_at = EXCLUDED.updated_at",
-                (worker_id, state, device, model, detail, os.getpid()),
-            )
-            self._notify(conn, [WORKERS_KEY])
-
-        self._tx(upsert)
-
-    def remove_worker(self, worker_id: str) -> None:
-        def remove(conn: psycopg.Connection) -> None:
-            conn.execute("DELETE FROM flux_workers WHERE worker_id = %s", (worker_id,))
-            self._notify(conn, [WORKERS_KEY])
-
-        self._tx(remove)
-
-    def workers(self) -> list[WorkerInfo]:
-        rows = self._tx(
-            lambda conn: conn.execute(
-                "SELECT worker_id, state, device, model, detail, pid, updated_at FROM flux_workers "
-                "ORDER BY worker_id"
-            ).fetchall()
-        )
-        return [WorkerInfo(*row) for row in rows]

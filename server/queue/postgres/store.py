@@ -31,10 +31,19 @@ RECORD_COLUMNS = (
     "id, status, job_json, image, created_at, started_at, completed_at, attempts, worker, "
     "cancel_requested, progress, result_json, error_json"
 )
+# Puts a job back at the head of the queue (its seq from the sequence that counts down).
+REQUEUE = (
+    "status = 'IN_QUEUE', worker = NULL, lease_expires = NULL, progress = 0, start_deadline = NULL, "
+    "seq = nextval('flux_jobs_head_seq')"
+)
 # How long an API request waits for a connection before it answers 503.
 CHECKOUT_TIMEOUT_SECONDS = 1.5
 RETRY_DELAY_SECONDS = 0.5
 WORKER_PATIENCE_SECONDS = 60.0
+
+
+class _BrokenConnection(Exception):
+    """A pooled connection turned out dead on first use."""
 
 
 class PostgresStore:
@@ -59,11 +68,32 @@ class PostgresStore:
     # --- transactions --------------------------------------------------------------------
     def _tx(self, work: Callable[[psycopg.Connection], T]) -> T:
         """Run `work` in one transaction (committed when it returns)."""
+        return self._with_connection(work, transaction=True)
+
+    def _run(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """Run `work` whose one statement is its own transaction (one round trip)."""
+        return self._with_connection(work, transaction=False)
+
+    def _with_connection(self, work: Callable[[psycopg.Connection], T], *, transaction: bool) -> T:
         give_up_at = time.monotonic() + self._patience
+        swept = False
         while True:
             try:
                 with self._pool.connection(timeout=CHECKOUT_TIMEOUT_SECONDS) as conn:
-                    return work(conn)
+                    try:
+                        if not transaction:
+                            return work(conn)
+                        with conn.transaction():
+                            return work(conn)
+                    except (psycopg.OperationalError, psycopg.InterfaceError):
+                        if conn.broken and not swept:
+                            raise _BrokenConnection from None
+                        raise
+            except _BrokenConnection:
+                # The server restarted since this connection was last used (its statements
+                # never ran): drop every such connection, then try once more at once.
+                swept = True
+                self._pool.check()
             except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
                 if time.monotonic() >= give_up_at:
                     raise unavailable(self.url, exc) from exc
@@ -91,17 +121,6 @@ class PostgresStore:
         )
 
     @staticmethod
-    def _logs(conn: psycopg.Connection, request_id: str) -> list[LogEntry]:
-        rows = conn.execute(
-            "SELECT ts, level, source, message FROM flux_logs WHERE request_id = %s ORDER BY id",
-            (request_id,),
-        ).fetchall()
-        return [
-            LogEntry(timestamp=ts, level=level, source=source, message=message)
-            for ts, level, source, message in rows
-        ]
-
-    @staticmethod
     def _add_log(conn: psycopg.Connection, request_id: str, message: str, now: float) -> None:
         conn.execute(
             "INSERT INTO flux_logs (request_id, ts, level, source, message) "
@@ -127,12 +146,15 @@ class PostgresStore:
         condition: str = "status != 'COMPLETED'",
         params: tuple = (),
     ) -> bool:
-        """Mark a job COMPLETED (if `condition` holds) and queue its webhook delivery in the
-        same transaction; notify its waiters at commit."""
+        """Mark a job COMPLETED (if `condition` holds), write its webhook delivery row and
+        notify its waiters: one statement, so atomic also outside a transaction."""
         row = conn.execute(
-            "UPDATE flux_jobs SET status = 'COMPLETED', completed_at = %s, lease_expires = NULL, "
-            "result_json = %s, error_json = %s, progress = %s "
-            f"WHERE id = %s AND {condition} RETURNING webhook",
+            "WITH done AS (UPDATE flux_jobs SET status = 'COMPLETED', completed_at = %s, "
+            "lease_expires = NULL, result_json = %s, error_json = %s, progress = %s "
+            f"WHERE id = %s AND {condition} RETURNING id, webhook), "
+            "delivery AS (INSERT INTO flux_deliveries (request_id, due_at) SELECT id, %s FROM done "
+            "WHERE webhook ON CONFLICT DO NOTHING) "
+            "SELECT pg_notify(%s, CASE WHEN webhook THEN id || E'\\n' || %s ELSE id END) FROM done",
             (
                 now,
                 result.model_dump_json() if result is not None else None,
@@ -140,19 +162,12 @@ class PostgresStore:
                 1.0 if result is not None else 0.0,
                 request_id,
                 *params,
+                now,
+                CHANNEL,
+                DELIVERIES_KEY,
             ),
         ).fetchone()
-        if row is None:
-            return False
-        keys = [request_id]
-        if row[0]:
-            conn.execute(
-                "INSERT INTO flux_deliveries (request_id, due_at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                (request_id, now),
-            )
-            keys.append(DELIVERIES_KEY)
-        self._notify(conn, keys)
-        return True
+        return row is not None
 
     def _expire_deadlines(self, conn: psycopg.Connection, now: float) -> list[str]:
         """Fail queued jobs whose start deadline passed: they must never start late."""

@@ -30,6 +30,7 @@ from server.queue.base import (
     ClaimPreference,
     Heartbeats,
     JobQueue,
+    QueueCounts,
     WorkerInfo,
 )
 from server.queue.records import PRIORITY_RANK, without_image
@@ -116,6 +117,16 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
     def depth(self) -> int:
         (count,) = self._conn().execute("SELECT COALESCE(SUM(queued), 0) FROM queue_counts").fetchone()
         return int(count)
+
+    def counts(self) -> QueueCounts:
+        conn = self._conn()
+        by_rank = dict(conn.execute("SELECT priority_rank, queued FROM queue_counts").fetchall())
+        queued = {priority: int(by_rank.get(rank, 0)) for priority, rank in PRIORITY_RANK.items()}
+        # The lease index holds exactly the running jobs.
+        (running,) = conn.execute(
+            "SELECT COUNT(*) FROM jobs INDEXED BY jobs_lease WHERE status = 'IN_PROGRESS'"
+        ).fetchone()
+        return QueueCounts(queued=queued, running=int(running))
 
     def cancel(self, request_id: str) -> CancelOutcome:
         now = time.time()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from models.lora.errors import LoraError
+from server.fetch import FetchPolicy, HostRules
 from server.lora.cache import DownloadCache
 from server.lora.sources import LoraResolver, resolve_all
 from server.storage import LocalStorage, file_url
@@ -151,6 +152,21 @@ def test_download_failures_name_the_lora(tmp_path: Path, lan: LanServer) -> None
     with pytest.raises(LoraError, match=r"download failed: ConnectError"):
         resolver.resolve("http://127.0.0.1:1/a.safetensors")
     assert not list((tmp_path / "cache").iterdir())
+
+
+def test_the_fetch_policy_applies_to_every_hop(tmp_path: Path, lan: LanServer) -> None:
+    lan.files["a.safetensors"] = SAFETENSORS
+    resolver = make_resolver(tmp_path)
+    resolver.cache.policy = FetchPolicy(allow=HostRules.parse([]), deny=HostRules.parse(["127.0.0.0/8"]))
+    with pytest.raises(LoraError) as caught:
+        resolver.resolve(f"{lan.url}/a.safetensors")
+    assert message(caught) == (
+        f"LoRA '{lan.url}/a.safetensors': refused by this server's fetch policy: "
+        "127.0.0.1 (127.0.0.1) is on this server's deny list"
+    )
+    assert lan.requests == []
+    with pytest.raises(LoraError, match="refused by this server's fetch policy: .* link-local"):
+        resolver.resolve("http://169.254.10.10/a.safetensors")
 
 
 # --- the LoRA folder --------------------------------------------------------------------------

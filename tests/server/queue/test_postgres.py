@@ -56,6 +56,19 @@ def test_positions_and_depth_stay_index_reads_at_ten_thousand_queued(url: str, a
     print(f"position at 5000 of 10000: {(time.perf_counter() - started) / 20 * 1000:.2f} ms")
 
 
+def test_a_unix_socket_url_reaches_the_same_server(postgres_server: PostgresServer, url: str) -> None:
+    database = url.rsplit("/", 1)[1]
+    socket_url = f"postgresql://flux@/{database}?host={postgres_server.data}&port={postgres_server.port}"
+    via_socket = PostgresQueue(socket_url, role="api")
+    via_tcp = PostgresQueue(url, role="api")
+    try:
+        request_id = via_socket.submit(make_job()).id
+        assert via_tcp.get(request_id) is not None
+    finally:
+        via_socket.close()
+        via_tcp.close()
+
+
 def test_boxes_starting_at_once_migrate_the_schema_once(url: str) -> None:
     queues: list[PostgresQueue] = []
     errors: list[BaseException] = []

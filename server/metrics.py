@@ -1,0 +1,138 @@
+"""Prometheus figures: what each process records, and how `/metrics` puts them together.
+
+Several processes serve one box (API processes, one worker per GPU), so the figures use
+prometheus_client's multiprocess mode: every process writes its own samples to files in one
+directory (`PROMETHEUS_MULTIPROC_DIR`, `<data-dir>/run/metrics`), and a scrape sums them.
+The variable must be set before prometheus_client is first imported: `flux-server serve`
+puts it into its children's environment (emptying the directory at start), `flux-server api`
+and `flux-server worker` set it themselves (server/cli.py). Without it (a test that runs the
+app in-process) the figures stay in the process's own registry.
+
+What the queue knows is read at scrape time instead (`QueueCollector`): queue size by
+priority, requests running, workers by state. Those are true for every process and every box
+sharing the queue, and cannot drift.
+
+The figures are recorded where a request's lifecycle events happen (server/lifecycle.py).
+Every name has the `fluxserver_` prefix and base units (seconds, bytes); counters end in
+`_total`. Labels: `endpoint` is the path a request was submitted on (`fal-ai/flux/dev`,
+`bfl/flux-dev`, `openai/images/generations`...), so endpoints added later (LoRA) appear
+without code changes; `outcome` is `success` or the error type of a failed request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from server.queue.base import JobQueue
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+PREFIX = "fluxserver_"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+WORKER_STATES = ("loading", "warming", "ready", "failed", "stopped")
+
+# Seconds, from a fast tiny-model job to a long 2-megapixel generation on a small card.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
+
+queue_wait_seconds = Histogram(
+    PREFIX + "queue_wait_seconds",
+    "Time from submit until a worker started the request",
+    ["endpoint"],
+    buckets=DURATION_BUCKETS,
+)
+inference_seconds = Histogram(
+    PREFIX + "inference_seconds",
+    "Time a worker spent generating (text encoding, denoising, decoding)",
+    ["endpoint"],
+    buckets=DURATION_BUCKETS,
+)
+request_duration_seconds = Histogram(
+    PREFIX + "request_duration_seconds",
+    "End-to-end time from submit until the result was stored",
+    ["endpoint"],
+    buckets=DURATION_BUCKETS,
+)
+denoising_step_seconds = Histogram(
+    PREFIX + "denoising_step_seconds",
+    "Seconds per denoising step (a request's inference time divided by its steps)",
+    ["endpoint"],
+    buckets=STEP_BUCKETS,
+)
+requests_total = Counter(
+    PREFIX + "requests",
+    "Finished requests by endpoint and outcome (success, or the error type)",
+    ["endpoint", "outcome"],
+)
+images_generated_total = Counter(PREFIX + "images_generated", "Images generated and stored", ["endpoint"])
+# `result`: "hit" (already in the worker's memory / already downloaded) or "miss".
+lora_loads_total = Counter(
+    PREFIX + "lora_loads", "LoRAs requests used, by whether the worker held them in memory", ["result"]
+)
+lora_downloads_total = Counter(
+    PREFIX + "lora_downloads", "LoRA URLs requests used, by whether the download cache had them", ["result"]
+)
+webhook_deliveries_total = Counter(
+    PREFIX + "webhook_deliveries",
+    "Webhook delivery attempts by outcome (delivered, retry, gave_up)",
+    ["outcome"],
+)
+gpu_memory_used_bytes = Gauge(
+    PREFIX + "gpu_memory_used_bytes",
+    "GPU memory allocated by a worker's model and buffers",
+    ["worker"],
+    multiprocess_mode="livemostrecent",
+)
+gpu_memory_total_bytes = Gauge(
+    PREFIX + "gpu_memory_total_bytes",
+    "Total memory of a worker's GPU",
+    ["worker"],
+    multiprocess_mode="livemostrecent",
+)
+
+
+class QueueCollector(Collector):
+    """Figures read from the queue at scrape time."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.queue.counts()
+        size = GaugeMetricFamily(PREFIX + "queue_size", "Requests waiting in the queue", labels=["priority"])
+        for priority, queued in sorted(counts.queued.items()):
+            size.add_metric([priority], queued)
+        yield size
+        yield GaugeMetricFamily(
+            PREFIX + "requests_running", "Requests a worker is running", value=counts.running
+        )
+        workers = GaugeMetricFamily(PREFIX + "workers", "Workers by state", labels=["state"])
+        states = [worker.state for worker in self.queue.workers()]
+        for state in sorted({*WORKER_STATES, *states}):
+            workers.add_metric([state], states.count(state))
+        yield workers
+
+
+def render(queue: JobQueue) -> bytes:
+    """The text exposition of every figure: this box's processes plus the queue's."""
+    registry = CollectorRegistry()
+    if os.environ.get(MULTIPROCESS_ENV):
+        MultiProcessCollector(registry)
+        registry.register(QueueCollector(queue))
+        return generate_latest(registry)
+    registry.register(QueueCollector(queue))
+    return generate_latest(REGISTRY) + generate_latest(registry)
