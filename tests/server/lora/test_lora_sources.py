@@ -165,7 +165,7 @@ def test_the_fetch_policy_applies_to_every_hop(tmp_path: Path, lan: LanServer) -
         "127.0.0.1 (127.0.0.1) is on this server's deny list"
     )
     assert lan.requests == []
-    with pytest.raises(LoraError, match="refused by this server's fetch policy: .* link-local"):
+    with pytest.raises(LoraError, match=r"refused by this server.s fetch policy: .* link-local"):
         resolver.resolve("http://169.254.10.10/a.safetensors")
 
 
