@@ -313,3 +313,30 @@ def test_the_js_client_in_proxy_mode(lora: LoraSetup) -> None:
     assert image == lora.png(loras=[{"path": f"{lora.lan.url}/lan.safetensors"}])[0]
     assert out["bad"]["thrown"] and out["bad"]["isApiError"] and out["bad"]["status"] == 422
     assert "does not fit this model" in out["bad"]["body"]["detail"][0]["msg"]
+
+
+def test_lora_cache_hits_and_misses_are_in_the_metrics(lora: LoraSetup) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, str], float]:
+        with lora.client() as client:
+            text = client.get("/metrics").text
+        return {
+            (sample.name, sample.labels.get("result", "")): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name.startswith("fluxserver_lora_")
+        }
+
+    before = scrape()
+    lora.png(loras=[{"path": "style"}])  # held by now on both workers or read once more
+    lora.png(loras=[{"path": f"{lora.lan.url}/lan.safetensors"}])  # downloaded long ago: a hit
+    after = scrape()
+
+    def grew(name: str, result: str) -> float:
+        return after.get((name, result), 0.0) - before.get((name, result), 0.0)
+
+    loads = grew("fluxserver_lora_loads_total", "hit") + grew("fluxserver_lora_loads_total", "miss")
+    assert loads == 2
+    assert grew("fluxserver_lora_downloads_total", "hit") == 1
+    assert grew("fluxserver_lora_downloads_total", "miss") == 0

@@ -6,18 +6,14 @@ under pytest's temporary directory and returns its `LoraSpec`-ready path.
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
 
-from models.lora.spec import LoraSpec
 from models.lora.tiny_loras import write_lora
-from models.request import GenerationRequest
-from models.runtime import FluxRuntime, Generation
+from models.runtime import FluxRuntime
 
 
 @pytest.fixture(scope="session")
@@ -42,19 +38,3 @@ def lora_file(tmp_path_factory: pytest.TempPathFactory, lora_runtime: FluxRuntim
         return written[name]
 
     return make
-
-
-def tiny_request(**fields: Any) -> GenerationRequest:
-    defaults = {"width": 64, "height": 64, "prompt": "a red cat", "steps": 2, "seed": 7}
-    return GenerationRequest(**{**defaults, **fields})
-
-
-def generate(runtime: FluxRuntime, *, loras: Sequence[LoraSpec] = (), **fields: Any) -> Generation:
-    """One tiny request (64x64, 2 steps, seed 7 unless given) with these LoRAs."""
-    return runtime.generate(tiny_request(loras=tuple(loras), **fields))
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

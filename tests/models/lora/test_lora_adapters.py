@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import generate, png
 
 from models.lora import LoraError, LoraLimits, LoraSpec
 from models.lora.manager import LoraManager
 from models.lora.named import NamedAdapters
 from models.request import InputError
 from models.runtime import FluxRuntime
+from tests.models.lora.helpers import generate, png
 
 
 def image_bytes(runtime: FluxRuntime, *loras: LoraSpec, **job_fields: object) -> bytes:

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import generate, png
 
 from models.lora import LoraLimits, LoraSpec
 from models.lora.manager import LoraManager
 from models.presets.apply import PresetManager
 from models.presets.policy import Hardware, Preset
 from models.runtime import FluxRuntime
+from tests.models.lora.helpers import generate, png
 
 CPU = Hardware("cpu", None, torchao=True, compiler=True)
 
