@@ -58,6 +58,13 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--lease-seconds", {"type": float}),
     ("--fetch-allow", {"action": "append", "help": "only fetch from these hosts/networks (repeatable)"}),
     ("--fetch-deny", {"action": "append", "help": "never fetch from these hosts/networks (repeatable)"}),
+    ("--lora-dir", {"help": "folder of LoRA files that requests may name (the studio's library)"}),
+    ("--lora-cache-dir", {"help": "downloaded LoRAs (default <data-dir>/lora-cache)"}),
+    ("--lora-cache-bytes", {"type": int, "help": "size bound of the LoRA download cache"}),
+    ("--lora-max-bytes", {"type": int, "help": "largest single LoRA file"}),
+    ("--lora-max-per-request", {"type": int}),
+    ("--lora-download-timeout", {"type": float, "help": "seconds allowed to download one LoRA URL"}),
+    ("--lora-max-rank", {"type": int, "help": "highest LoRA rank accepted (hot-swap slot rank)"}),
     ("--webhook-allowlist", {"help": "comma-separated host names webhooks may be sent to"}),
     ("--webhook-retry-base-seconds", {"type": float, "help": "first webhook retry delay (doubles)"}),
 ]

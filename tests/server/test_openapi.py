@@ -28,11 +28,8 @@ def test_every_endpoint_of_the_fal_app_table_is_documented_with_stable_ids(api) 
     paths = schema["paths"]
     for app_id, endpoints in adapter.APPS.items():
         for endpoint in endpoints:
-            for path in (
-                f"/{app_id}/{endpoint}",
-                f"/run/{app_id}/{endpoint}",
-                f"/run/{app_id}/{endpoint}/stream",
-            ):
+            path_id = f"{app_id}/{endpoint}" if endpoint else app_id  # "": fal-ai/flux-lora itself
+            for path in (f"/{path_id}", f"/run/{path_id}", f"/run/{path_id}/stream"):
                 assert "post" in paths[path], path
         base = f"/{app_id}/requests/{{request_id}}"
         assert (

@@ -80,7 +80,7 @@ def fal_openapi() -> tuple[dict[str, Any], dict[str, Any]]:
     logs = {"name": "logs", "in": "query", "required": False, "schema": {"type": "boolean"}}
     for app_id, endpoints in adapter.APPS.items():
         for endpoint, spec in endpoints.items():
-            path_id = f"{app_id}/{endpoint}"
+            path_id = f"{app_id}/{endpoint}" if endpoint else app_id  # "": the app itself
             schema = {"$ref": refs[spec.input_model.__name__]}
             body = {"required": True, "content": {"application/json": {"schema": schema}}}
             tags = [f"fal {app_id}"]
