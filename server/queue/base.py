@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from server.jobs import Job, JobError, JobRecord, JobResult
+from server.jobs import Job, JobError, JobRecord, JobResult, new_request_id
 
 # A job whose worker vanished is tried this many times in all before it fails.
 MAX_ATTEMPTS = 2
@@ -134,18 +134,23 @@ class QueueCounts:
 
 class JobQueue(ABC):
     # --- producer side (API process) -----------------------------------------------------
-    @abstractmethod
     def submit(self, job: Job, request_id: str | None = None) -> JobRecord:
         """Store a job durably (committed before this returns) and wake a waiting worker."""
+        return self.submit_with_position(job, request_id)[0]
 
-    @abstractmethod
     def submit_with_position(self, job: Job, request_id: str | None = None) -> tuple[JobRecord, int]:
         """`submit`, plus the number of jobs ahead of the new one (its queue position)."""
+        return self.store([(job, request_id or new_request_id())])[0]
 
-    @abstractmethod
     def submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
         """Several `submit_with_position`s, in order, in one commit (the API's AsyncQueue groups
         concurrent submits into one call)."""
+        return self.store([(job, new_request_id()) for job in jobs])
+
+    @abstractmethod
+    def store(self, entries: list[tuple[Job, str]]) -> list[tuple[JobRecord, int]]:
+        """Insert `(job, request id)` pairs in order in one transaction, wake the workers, and
+        return each record with its queue position as stored."""
 
     @abstractmethod
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:

@@ -23,7 +23,6 @@ from server.jobs import (
     LogEntry,
     Status,
     cancelled_error,
-    new_request_id,
 )
 from server.queue.base import (
     CancelOutcome,
@@ -51,16 +50,7 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
         self._heartbeats = Heartbeats(lease_seconds)
 
     # --- producer side -------------------------------------------------------------------
-    def submit(self, job: Job, request_id: str | None = None) -> JobRecord:
-        return self._store([(job, request_id or new_request_id())])[0][0]
-
-    def submit_with_position(self, job: Job, request_id: str | None = None) -> tuple[JobRecord, int]:
-        return self._store([(job, request_id or new_request_id())])[0]
-
-    def submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
-        return self._store([(job, new_request_id()) for job in jobs])
-
-    def _store(self, entries: list[tuple[Job, str]]) -> list[tuple[JobRecord, int]]:
+    def store(self, entries: list[tuple[Job, str]]) -> list[tuple[JobRecord, int]]:
         """Insert the jobs in order in one transaction; each with its position."""
         now = time.time()
         bare_jobs = [without_image(job) for job, _ in entries]
