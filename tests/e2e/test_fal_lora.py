@@ -338,7 +338,9 @@ def test_lora_cache_hits_and_misses_are_in_the_metrics(lora: LoraSetup) -> None:
     def grew(name: str, result: str) -> float:
         return after.get((name, result), 0.0) - before.get((name, result), 0.0)
 
-    loads = grew("fluxserver_lora_loads_total", "hit") + grew("fluxserver_lora_loads_total", "miss")
+    loads = grew("fluxserver_lora_cache_lookups_total", "hit") + grew(
+        "fluxserver_lora_cache_lookups_total", "miss"
+    )
     assert loads == 2
     assert grew("fluxserver_lora_downloads_total", "hit") == 1
     assert grew("fluxserver_lora_downloads_total", "miss") == 0
