@@ -234,8 +234,8 @@ class Worker:
         for line in generation.log:
             self.queue.log(request_id, line)
         if record.job.loras:
-            metrics.lora_loads_total.labels("hit").inc(generation.lora_hits)
-            metrics.lora_loads_total.labels("miss").inc(generation.lora_misses)
+            metrics.lora_cache_lookups_total.labels("hit").inc(generation.lora_hits)
+            metrics.lora_cache_lookups_total.labels("miss").inc(generation.lora_misses)
         # Still held: the heartbeat keeps renewing the lease until the finisher completes it.
         self._finished.put(_Finished(record, generation, time.perf_counter() - started, idle_before))
 

@@ -66,11 +66,11 @@ class HotswapSlots:
 
         if self.prepared:
             return
-        parameter = next(self.transformer.parameters())
+        dtype = self.transformer.dtype  # the compute dtype, also under fp8 storage
         zeros: dict[str, torch.Tensor] = {}
         for module, (fan_in, fan_out) in linear_dims(self.transformer).items():
-            zeros[f"{module}.lora_A.weight"] = torch.zeros(self.rank, fan_in, dtype=parameter.dtype)
-            zeros[f"{module}.lora_B.weight"] = torch.zeros(fan_out, self.rank, dtype=parameter.dtype)
+            zeros[f"{module}.lora_A.weight"] = torch.zeros(self.rank, fan_in, dtype=dtype)
+            zeros[f"{module}.lora_B.weight"] = torch.zeros(fan_out, self.rank, dtype=dtype)
         for name in self.names:
             # Once per slot: diffusers prepares (tensor scalings, padding) only the next load.
             self.transformer.enable_lora_hotswap(target_rank=self.rank, check_compiled="ignore")

@@ -41,6 +41,20 @@ def activate(modules: Iterable[torch.nn.Module], scales: Mapping[str, float]) ->
                 layer.scaling[name] = float(scales[name])
 
 
+def compute_in(modules: Iterable[torch.nn.Module], dtype: torch.dtype) -> None:
+    """Keep adapter weights out of fp8 storage. Under the fp8 memory plan the transformer's
+    weights are stored in float8 and cast per layer by hooks that only the original layers
+    have; peft gives new adapter weights their base layer's (fp8) dtype, which no CPU or GPU
+    matmul takes. Adapters are small: they stay in the compute dtype."""
+    import torch
+
+    fp8 = {torch.float8_e4m3fn, torch.float8_e5m2}
+    for layer in lora_layers(modules):
+        for part in (*layer.lora_A.values(), *layer.lora_B.values()):
+            if part.weight.dtype in fp8:
+                part.to(dtype)
+
+
 def deactivate(modules: Iterable[torch.nn.Module]) -> None:
     for layer in lora_layers(modules):
         layer.enable_adapters(False)

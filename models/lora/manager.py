@@ -22,6 +22,7 @@ from typing import Any
 
 from models.lora.errors import LoraError
 from models.lora.hotswap import HotswapSlots
+from models.lora.layers import compute_in
 from models.lora.named import NamedAdapters
 from models.lora.reading import LoadedLora, read_lora
 from models.lora.spec import LoraLimits, LoraSpec, file_key
@@ -50,7 +51,8 @@ class LoraManager:
         self.hotswap = hotswap
         self.stats = LoraStats()
         self._lock = threading.Lock()
-        self._dtype = next(pipe.transformer.parameters()).dtype
+        # The compute dtype (diffusers reports it also when the weights are stored in fp8).
+        self._dtype = pipe.transformer.dtype
         self.strategy: NamedAdapters | HotswapSlots
         if hotswap:
             self.strategy = HotswapSlots(
@@ -70,6 +72,7 @@ class LoraManager:
     def prepare(self) -> None:
         if isinstance(self.strategy, HotswapSlots):
             self.strategy.prepare()
+            compute_in(self.strategy.modules, self._dtype)
 
     def read(self, spec: LoraSpec) -> LoadedLora:
         return read_lora(
@@ -116,6 +119,7 @@ class LoraManager:
                     run.hits, run.misses, run.eager_reason = self.strategy.activate(merged, run.log)
                 else:
                     run.hits, run.misses = self.strategy.activate(merged, run.log)
+                compute_in(self.strategy.modules, self._dtype)
                 self.stats.hits += run.hits
                 self.stats.misses += run.misses
                 run.log.append(

@@ -328,15 +328,31 @@ def test_lora_cache_hits_and_misses_are_in_the_metrics(lora: LoraSetup) -> None:
             if sample.name.startswith("fluxserver_lora_")
         }
 
+    lan = f"{lora.lan.url}/lan.safetensors"
+    lora.png(loras=[{"path": lan}])  # downloaded now unless an earlier test did
     before = scrape()
-    lora.png(loras=[{"path": "style"}])  # held by now on both workers or read once more
-    lora.png(loras=[{"path": f"{lora.lan.url}/lan.safetensors"}])  # downloaded long ago: a hit
+    lora.png(loras=[{"path": "style"}])  # in one worker's memory or read: a hit or a miss
+    lora.png(loras=[{"path": lan}])  # in the download cache: a hit
     after = scrape()
 
     def grew(name: str, result: str) -> float:
         return after.get((name, result), 0.0) - before.get((name, result), 0.0)
 
-    loads = grew("fluxserver_lora_loads_total", "hit") + grew("fluxserver_lora_loads_total", "miss")
+    loads = grew("fluxserver_lora_cache_lookups_total", "hit") + grew(
+        "fluxserver_lora_cache_lookups_total", "miss"
+    )
     assert loads == 2
     assert grew("fluxserver_lora_downloads_total", "hit") == 1
     assert grew("fluxserver_lora_downloads_total", "miss") == 0
+
+
+def test_the_stream_route_ends_with_the_lora_output(lora: LoraSetup) -> None:
+    body = {"prompt": "p", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2, "seed": 9}
+    body |= {"output_format": "png", "loras": [{"path": "style"}]}
+    events = list(lora.fal.stream(APP, body))  # type: ignore[attr-defined]
+    final = events[-1]
+    assert final["seed"] == 9 and final["images"][0]["width"] == 64
+    assert any(e.get("status") == "IN_PROGRESS" for e in events[:-1]), events
+    with lora.client() as client:
+        streamed = client.get(final["images"][0]["url"]).content
+    assert streamed == lora.png(prompt="p", loras=[{"path": "style"}])[0]  # same as /run gives

@@ -205,3 +205,23 @@ def test_inpainting_with_a_lora(lora_runtime: FluxRuntime, lora_file: Callable[.
     assert png(generate(lora_runtime, **fields).images[0]) == png(plain.images[0])
     with pytest.raises(InputError, match="needs a mask"):
         generate(lora_runtime, **{**fields, "mask": None})
+
+
+@pytest.mark.parametrize("hotswap", [False, True], ids=["adapters", "hotswap"])
+def test_loras_on_fp8_stored_weights(
+    tiny_model_dir: Path, lora_file: Callable[..., Path], hotswap: bool
+) -> None:
+    """The fp8 memory plan stores the transformer in float8 (layerwise casting): adapters
+    must still compute in the model's dtype."""
+    import torch
+
+    runtime = FluxRuntime.load("tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",))
+    runtime.pipe.transformer.enable_layerwise_casting(
+        storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32
+    )
+    runtime.loras = LoraManager(runtime.pipe, limits=LoraLimits(max_rank=8), hotswap=hotswap)
+    runtime.loras.prepare()
+    plain = png(generate(runtime).images[0])
+    styled = png(generate(runtime, loras=[LoraSpec("a", lora_file("a", seed=1))]).images[0])
+    assert styled != plain
+    assert png(generate(runtime).images[0]) == plain
