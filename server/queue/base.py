@@ -90,7 +90,8 @@ class JobQueue(ABC):
 
     @abstractmethod
     def submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
-        """Several `submit_with_position`s, in order, in one commit (server/queue/batch.py)."""
+        """Several `submit_with_position`s, in order, in one commit (the API's group commit:
+        server/queue/aio.py)."""
 
     @abstractmethod
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
