@@ -69,7 +69,9 @@ def load_runtime(
     from models.weights.load import load_components
 
     device = resolve_device(device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # fp32 on a CPU (no fast bf16 there, in general); random weights are bf16 everywhere, as the
+    # real weights on a GPU, and half the memory of fp32 on a CPU.
+    dtype = torch.bfloat16 if device == "cuda" or spec.kind == "synthetic" else torch.float32
     plan = choose_plan(vram_bytes(device), forced=memory_plan)  # ValueError for an unknown name
     # Weights made at load time (synthetic) are made where the plan keeps them, so a card
     # smaller than the model never holds all of it at once.

@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from models.request import GenerationRequest, InputError, TaskUnavailable, img2img_steps, validate
+
 if TYPE_CHECKING:
     import torch
     from diffusers import FluxImg2ImgPipeline, FluxPipeline, FluxPriorReduxPipeline
@@ -36,7 +38,6 @@ if TYPE_CHECKING:
 
     from models.memory import MemoryPlan
     from models.presets.apply import PresetManager
-    from models.request import GenerationRequest
     from models.safety import SafetyChecker
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,6 @@ class FluxRuntime:
         on_step: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> Generation:
-        from models.request import TaskUnavailable, validate
-
         validate(request)
         if request.task == "redux" and self.redux is None:
             raise TaskUnavailable(
@@ -169,7 +168,10 @@ class FluxRuntime:
 
         # Noise drawn on the CPU: the same request and seed give the same bytes on this machine.
         generator = torch.Generator("cpu").manual_seed(seed)
-        with self.presets.use(pipe, request.acceleration) as active, _timed(timings, "denoise"):
+        steps = request.steps
+        if request.task == "image-to-image":
+            steps = img2img_steps(request.steps, request.strength)
+        with self.presets.use(pipe, request.acceleration, steps=steps) as active, _timed(timings, "denoise"):
             latents = pipe(
                 prompt_embeds=prompt_embeds,
                 pooled_prompt_embeds=pooled_prompt_embeds,
@@ -250,8 +252,6 @@ class FluxRuntime:
 
     def warmup(self, sizes: Sequence[tuple[int, int]]) -> float:
         """One short text-to-image run per size (compiles/caches what the sizes need); seconds."""
-        from models.request import GenerationRequest
-
         started = time.perf_counter()
         # Compiles every enabled preset for every size (dynamic shapes: no later recompiles).
         per_preset = self.presets.warmup(self.pipe, sizes)
@@ -267,8 +267,6 @@ class FluxRuntime:
 
 def _open_image(data: bytes) -> Image.Image:
     from PIL import Image, UnidentifiedImageError
-
-    from models.request import InputError
 
     try:
         with Image.open(io.BytesIO(data)) as image:

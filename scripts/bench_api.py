@@ -15,6 +15,12 @@ the worker computes on the GPU, while on a 2-core CPU box a busy CPU worker woul
 cores the API needs.
 
     .venv/bin/python scripts/bench_api.py [--burst 1000] [--api-processes N] [--out results.json]
+    .venv/bin/python scripts/bench_api.py --queue-url [postgresql://...]   # the same on PostgreSQL
+
+With `--queue-url` and no URL the script starts a local PostgreSQL server of its own (the
+binaries of the `pgserver` package, else Debian's); with a URL, that database's flux_* tables
+are emptied before each phase: give it a scratch database. `wrk` is installed from Debian when
+missing (apt-get), as for the recorded figures.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import platform
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -44,6 +51,7 @@ from server.jobs import Status  # noqa: E402
 from server.queue.base import JobQueue  # noqa: E402
 from server.queue.factory import open_queue  # noqa: E402
 
+START_POSTGRES = "start"  # `--queue-url` given without a URL
 INPUT = {"prompt": "bench", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
 SUBMIT_PATH = "/fal-ai/flux/dev"
 
@@ -55,13 +63,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(data_dir: Path, workers: int, api_processes: int = 1) -> Iterator[str]:
+def running_server(
+    data_dir: Path, workers: int, api_processes: int = 1, queue_url: str | None = None
+) -> Iterator[str]:
     port = free_port()
     log = open(data_dir / f"serve-{workers}.log", "w")  # noqa: SIM115 - closed below
     # No workers: the API process alone (`flux-server api`), as on a box whose workers run
     # elsewhere.
     command = ["serve", "--workers", str(workers)] if workers else ["api"]
     command += ["--api-processes", str(api_processes)]
+    if queue_url is not None:
+        command += ["--queue-url", queue_url]
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", *command, "--model", "tiny", "--device", "cpu",
          "--data-dir", str(data_dir), "--port", str(port)],
@@ -197,6 +209,63 @@ async def _status_loop(target: str, seconds: int, queued: int) -> dict:
     return {"tool": "httpx x16 (wrk not installed)", "queued": queued, "rps": count / seconds}
 
 
+def ensure_wrk() -> None:
+    """The load generator of the recorded figures, from Debian when it is missing."""
+    if shutil.which("wrk") is None and shutil.which("apt-get") is not None:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, capture_output=True)
+        if shutil.which("wrk") is None:
+            subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, capture_output=True)
+
+
+class Queues:
+    """Where each phase's queue lives: SQLite in the phase's data directory, or an empty
+    PostgreSQL database (a new one on a server the script started, or the given one emptied)."""
+
+    def __init__(self, queue_url: str | None, tmp: Path) -> None:
+        self.postgres = None
+        self.url = queue_url
+        if queue_url == START_POSTGRES:
+            from tests.pg_server import start_postgres  # the test suite's local server
+
+            self.postgres = start_postgres(tmp / "postgres")
+
+    def phase_url(self) -> str | None:
+        if self.postgres is not None:
+            return self.postgres.fresh_database_url()
+        if self.url is not None:
+            import psycopg
+
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                tables = [
+                    r[0]
+                    for r in conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'flux\\_%'")
+                ]
+                wanted = [
+                    t for t in tables if t in ("flux_jobs", "flux_logs", "flux_deliveries", "flux_workers")
+                ]
+                if wanted:
+                    conn.execute(f"TRUNCATE {', '.join(wanted)}")
+        return self.url
+
+    def describe(self) -> str:
+        if self.url is None:
+            return f"SQLite {sqlite3.sqlite_version}"
+        import psycopg
+
+        url = self.postgres.url() if self.postgres is not None else self.url
+        with psycopg.connect(url) as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]
+        where = "started by the script, on this machine" if self.postgres is not None else "given URL"
+        return f"PostgreSQL {version} ({where}; psycopg {psycopg.__version__})"
+
+    def close(self) -> None:
+        if self.postgres is not None:
+            from tests.pg_server import remove
+
+            remove(self.postgres)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--dispatch-jobs", type=int, default=30)
@@ -206,7 +275,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--api-processes", type=int, default=1, help="passed to `serve` and `api`")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument(
+        "--queue-url", nargs="?", const=START_POSTGRES, default=None,
+        help="PostgreSQL queue: this URL (its flux_* tables are emptied), or with no URL a local server",
+    )  # fmt: skip
     args = parser.parse_args()
+    ensure_wrk()
 
     results: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -215,25 +289,33 @@ def main() -> int:
         "api_processes": args.api_processes,
     }
     with tempfile.TemporaryDirectory(prefix="flux-bench-") as tmp:
-        busy_dir, idle_dir = Path(tmp) / "busy", Path(tmp) / "queue-only"
-        busy_dir.mkdir()
-        idle_dir.mkdir()
-        with running_server(busy_dir, workers=1, api_processes=args.api_processes) as base:
-            queue = open_queue(Settings(data_dir=busy_dir), role="bench")
-            results["dispatch"] = measure_dispatch(base, queue, args.dispatch_jobs)
-            results["inter_job"] = measure_gap(base, queue, args.gap_jobs)
-            queue.close()
-        with running_server(idle_dir, workers=0, api_processes=args.api_processes) as base:
-            queue = open_queue(Settings(data_dir=idle_dir), role="bench")
-            results["burst"] = measure_burst(base, queue, args.burst)
-            queue.close()
-        # A fresh queue-only server, so that exactly `waiting` jobs wait.
-        shutil.rmtree(idle_dir)
-        idle_dir.mkdir()
-        with running_server(idle_dir, workers=0, api_processes=args.api_processes) as base:
-            queue = open_queue(Settings(data_dir=idle_dir), role="bench")
-            results["status"] = measure_status_rps(base, queue, args.waiting, args.seconds)
-            queue.close()
+        queues = Queues(args.queue_url, Path(tmp))
+        try:
+            results["queue"] = queues.describe()
+            busy_dir, idle_dir = Path(tmp) / "busy", Path(tmp) / "queue-only"
+            busy_dir.mkdir()
+            idle_dir.mkdir()
+            url = queues.phase_url()
+            with running_server(busy_dir, workers=1, api_processes=args.api_processes, queue_url=url) as base:
+                queue = open_queue(Settings(data_dir=busy_dir, queue_url=url), role="bench")
+                results["dispatch"] = measure_dispatch(base, queue, args.dispatch_jobs)
+                results["inter_job"] = measure_gap(base, queue, args.gap_jobs)
+                queue.close()
+            url = queues.phase_url()
+            with running_server(idle_dir, workers=0, api_processes=args.api_processes, queue_url=url) as base:
+                queue = open_queue(Settings(data_dir=idle_dir, queue_url=url), role="bench")
+                results["burst"] = measure_burst(base, queue, args.burst)
+                queue.close()
+            # A fresh queue-only server, so that exactly `waiting` jobs wait.
+            shutil.rmtree(idle_dir)
+            idle_dir.mkdir()
+            url = queues.phase_url()
+            with running_server(idle_dir, workers=0, api_processes=args.api_processes, queue_url=url) as base:
+                queue = open_queue(Settings(data_dir=idle_dir, queue_url=url), role="bench")
+                results["status"] = measure_status_rps(base, queue, args.waiting, args.seconds)
+                queue.close()
+        finally:
+            queues.close()
 
     print(json.dumps(results, indent=2))
     if args.out:

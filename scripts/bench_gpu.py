@@ -1,26 +1,30 @@
 """Benchmark the acceleration presets against plain diffusers, in one run on one machine.
 
-GPU (the real measurement; no weights needed, see shared/GPU.md):
+GPU (the real measurement; no weights needed):
 
-    .venv/bin/python scripts/bench_gpu.py --out bench.json
+    python scripts/bench_gpu.py --out bench.json --memory-plans all
 
-builds the full-size FLUX.1 [dev] architecture with random bf16 weights directly on the GPU,
-then times the plain diffusers FluxPipeline (bf16 eager: the baseline) and each preset at
-1024x1024, 28 steps: median seconds per image after warm-up, warm-up (compile) time, peak
-memory, ratio to the baseline, ratio to the compute floor (FLOPs / measured bf16 matmul rate)
-and the relative error of the final latents against the baseline. `--memory-plan` applies
-one memory plan first (run once per plan to measure each plan's peak).
+builds `--model synthetic` (the full-size FLUX.1 [dev] architecture with random bf16 weights
+made directly on the GPU, by the server's own models/weights/synthetic.py), then times the
+plain diffusers FluxPipeline (bf16 eager: the baseline) and each preset at 1024x1024, 28
+steps: median seconds per image after warm-up, warm-up (compile) time, peak memory, ratio to
+the baseline, ratio to the compute floor (FLOPs / measured bf16 matmul rate) and the relative
+error of the final latents against the baseline. `--memory-plans` then measures each memory
+plan's peak on a fresh pipeline (`--plan-steps` steps each).
 
-CPU (tests the script itself): `--tiny` uses the tiny model at 64x64, 4 steps.
+CPU (tests the script itself): `--tiny` uses the tiny model at 64x64, 4 steps;
+`--device cpu --model synthetic:layers=1,...` runs the synthetic path at full width.
 
-Step caching decides what to skip from activations, so with random weights its skip rate
-means nothing: cached presets are timed, their skipped fraction of block work is shown, and
-their ratios are reported as not measurable.
+Step caching: First Block Cache (the shipped `high`) decides what to skip from activations,
+which mean nothing with random weights. So `high` runs here with MagCache and FLUX.1 [dev]'s
+published magnitude ratios instead: a skip schedule fixed by the step count alone, stated in
+the report; everything else in `high` is as shipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -32,51 +36,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
-FULL_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-FULL_T5 = dict(
-    d_model=4096,
-    d_ff=10240,
-    d_kv=64,
-    num_heads=64,
-    num_layers=24,
-    vocab_size=32128,
-    feed_forward_proj="gated-gelu",
-)
-FULL_CLIP = dict(
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
-    max_position_embeddings=77,
-    vocab_size=49408,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-)
-FULL_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=16,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
+from gpu_report import bench_table  # noqa: E402
+
 TEXT_TOKENS = 512  # FLUX pads T5 prompts to max_sequence_length
 
 
@@ -121,50 +84,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_full_pipeline(tiny_dir: Path) -> Any:
-    """Full-size FLUX.1 [dev] with random bf16 weights, created directly on the GPU.
-
-    Tokenizers come from the tiny model (only token ids matter; they are all below the full
-    vocabulary sizes); the CLIP end-of-text id must match the tokenizer's, since pooling uses it."""
+def build_pipeline(args: argparse.Namespace, device: str) -> Any:
+    """The pipeline under test: the tiny model, or a synthetic FLUX.1 [dev] made directly on
+    `device` in bf16 by the server's own code (models/weights/synthetic.py)."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTokenizer,
-        T5Config,
-        T5EncoderModel,
-        T5Tokenizer,
-    )
+    from diffusers import FluxPipeline
 
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer", model_max_length=77)
-    tokenizer_2 = T5Tokenizer.from_pretrained(tiny_dir / "tokenizer_2")
-    eos = tokenizer.eos_token_id
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            transformer = FluxTransformer2DModel(**FULL_TRANSFORMER)
-            text_encoder_2 = T5EncoderModel(T5Config(**FULL_T5, pad_token_id=0, eos_token_id=1))
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(
-                    **FULL_CLIP, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=eos
-                )
-            )
-            vae = AutoencoderKL(**FULL_VAE)
-    finally:
-        torch.set_default_dtype(previous)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_dir / "scheduler")
-    pipe = FluxPipeline(
-        transformer=transformer,
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-    )
-    return pipe.to(dtype=torch.bfloat16)
+    from models.tiny import ensure_tiny
+    from models.weights.synthetic import build_components, parse_synthetic
+
+    tiny_dir = ensure_tiny(Path(args.data_dir))
+    if args.model == "tiny":
+        pipe = FluxPipeline.from_pretrained(tiny_dir)
+    else:
+        parts = build_components(
+            parse_synthetic(args.model), tiny_dir, device=device, dtype=torch.bfloat16, redux=False
+        )
+        pipe = FluxPipeline(**parts.pipeline_kwargs())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def count_block_work(transformer: Any) -> list[int]:
@@ -230,31 +168,76 @@ def time_mode(
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import contextlib
+def fixed_schedule_presets() -> dict[str, Any]:
+    """The presets as shipped, except that `high`'s step cache is MagCache with FLUX.1 [dev]'s
+    published magnitude ratios: its skips follow the step schedule alone, so they are the same
+    for random and real weights (First Block Cache's own decisions mean nothing on random
+    weights). Every other part of `high` (fp8, compile, fused QKV) is as shipped."""
+    from dataclasses import replace
 
-    import diffusers
+    from models.presets.policy import PRESETS, CacheSetting
+
+    return {**PRESETS, "high": replace(PRESETS["high"], cache=CacheSetting("mag", threshold=0.06))}
+
+
+def release(device: str) -> None:
+    import gc
+
     import torch
 
+    torch._dynamo.reset()  # compiled graphs hold on to the modules they were traced from
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_plans(
+    args: argparse.Namespace, device: str, started: float, rows: list[dict[str, Any]], save: Any
+) -> None:
+    """Each memory plan's peak: a fresh pipeline made on the device, placed by the plan, one
+    plain (preset `none`) generation of `--plan-steps` steps at the benchmark's size."""
+    import torch
+
+    from models.memory import PLANS, apply_plan
+
+    plan_args = argparse.Namespace(**{**vars(args), "runs": 1, "steps": args.plan_steps})
+    for name in args.memory_plans:
+        if time.perf_counter() - started > args.budget_s:
+            rows.append({"plan": name, "skipped": f"time budget of {args.budget_s:.0f} s spent"})
+            continue
+        pipe = build_pipeline(args, device)
+        apply_plan(pipe, PLANS[name], device)
+        release(device)
+        resident = torch.cuda.memory_allocated() / 1024**3 if device == "cuda" else None
+        result = time_mode(pipe, plan_args, device, contextlib.nullcontext, None)
+        rows.append(
+            {
+                "plan": name,
+                "steps": args.plan_steps,
+                "seconds": result["seconds"],
+                "resident_gib": resident,
+                "peak_gib": result["peak_gib"],
+                "expected_peak_gib": PLANS[name].expected_peak_gib,
+            }
+        )
+        del pipe, result
+        release(device)
+        save()  # a run cut short still leaves every plan measured so far
+
+
+def measure_presets(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """The baseline and every preset on one pipeline; what the report needs of it."""
     from models.memory import apply_plan, choose_plan, vram_bytes
     from models.presets.apply import PresetManager
-    from models.tiny import ensure_tiny
 
-    device = "cpu" if args.tiny else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --tiny on a CPU, or on a machine with a GPU")
-    data_dir = Path(args.data_dir)
-    tiny_dir = ensure_tiny(data_dir)
-    if args.tiny:
-        from diffusers import FluxPipeline
-
-        pipe = FluxPipeline.from_pretrained(tiny_dir)
-    else:
-        pipe = build_full_pipeline(tiny_dir)
+    started = time.perf_counter()
+    pipe = build_pipeline(args, device)
+    build_s = time.perf_counter() - started
     plan = choose_plan(vram_bytes(device), forced=args.memory_plan)
     apply_plan(pipe, plan, device)
     rate = matmul_rate(device, pipe.transformer.dtype)
-    floor = flops_per_image(pipe.transformer.config, args.width, args.height, args.steps) / rate
+    flops = flops_per_image(pipe.transformer.config, args.width, args.height, args.steps)
+    floor = flops / rate
 
     calls = count_block_work(pipe.transformer) if args.count_blocks else None
     rows: list[dict[str, Any]] = []
@@ -269,31 +252,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pipe.transformer,
         device=device,
         enabled=args.presets,
-        data_dir=data_dir,
+        data_dir=Path(args.data_dir),
+        presets=fixed_schedule_presets(),
         memory_plan=plan,
         compile_backend=args.compile_backend,
     )
     warmups = manager.warmup(pipe, [(args.width, args.height)], steps=2)
     for name in args.presets:
-        result = time_mode(pipe, args, device, lambda name=name: manager.use(pipe, name), calls)
+        result = time_mode(
+            pipe, args, device, lambda name=name: manager.use(pipe, name, steps=args.steps), calls
+        )
         rows.append({"mode": f"preset {name}", "warmup_s": warmups[name], **result})
 
     base_latents = rows[0]["latents"]
+    plain = f"plain FluxPipeline, {str(pipe.transformer.dtype).removeprefix('torch.')}"
     for row in rows:
         latents = row.pop("latents")
         active = row.pop("active")
-        plain = f"plain FluxPipeline, {str(pipe.transformer.dtype).removeprefix('torch.')}"
         row["ran"] = active.preset.describe() if active is not None and active.preset else plain
         row["note"] = active.note if active is not None else None
-        cached = active is not None and active.preset is not None and active.preset.cache is not None
+        cache = active.preset.cache if active is not None and active.preset is not None else None
         row["rel_error"] = float((latents - base_latents).norm() / base_latents.norm())
-        row["vs_baseline"] = None if cached else row["seconds"] / rows[0]["seconds"]
-        row["vs_floor"] = None if cached else row["seconds"] / floor
-        if cached:
+        row["vs_baseline"] = row["seconds"] / rows[0]["seconds"]
+        row["vs_floor"] = row["seconds"] / floor
+        if cache is not None:
             row["note"] = (row["note"] + "; " if row["note"] else "") + (
-                "step cache with random weights: skip rate not meaningful, ratios not measurable"
+                "fixed skip schedule (MagCache, FLUX.1 [dev] ratios); vs floor counts every step"
             )
+    config = pipe.transformer.config
     return {
+        "transformer_blocks": [config.num_layers, config.num_single_layers],
+        "memory_plan": plan.name,
+        "build_s": build_s,
+        "matmul_tflops": rate / 1e12,
+        "floor_s": floor,
+        "flops_per_image": flops,
+        "rows": rows,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import diffusers
+    import torch
+
+    started = time.perf_counter()
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --tiny or --device cpu on a CPU")
+    measured = measure_presets(args, device)
+    release(device)  # the presets' pipeline is gone: each memory plan builds its own
+    plans: list[dict[str, Any]] = []
+    report = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": torch.cuda.get_device_name()
@@ -304,48 +313,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
             "python": platform.python_version(),
+            "cuda": torch.version.cuda,
         },
+        "model": args.model,
         "size": f"{args.width}x{args.height}",
         "steps": args.steps,
         "runs": args.runs,
-        "memory_plan": plan.name,
         "compile_backend": args.compile_backend,
-        "matmul_tflops": rate / 1e12,
-        "floor_s": floor,
-        "flops_per_image": flops_per_image(pipe.transformer.config, args.width, args.height, args.steps),
-        "rows": rows,
+        **measured,
+        "memory_plans": plans,
     }
 
+    def save() -> None:
+        report["total_s"] = time.perf_counter() - started
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
-def markdown_table(report: dict[str, Any]) -> str:
-    def fmt(value: float | None, spec: str, suffix: str = "") -> str:
-        return "n/a" if value is None else format(value, spec) + suffix
-
-    versions = report["versions"]
-    lines = [
-        f"{report['device']}, torch {versions['torch']}, diffusers {versions['diffusers']}, "
-        f"{report['size']}, "
-        f"{report['steps']} steps, median of {report['runs']}, memory plan {report['memory_plan']}; "
-        f"matmul {report['matmul_tflops']:.3g} TFLOP/s, floor {report['floor_s']:.3g} s",
-        "",
-        "| mode | ran | s/image | warm-up s | peak GiB | vs baseline | vs floor | block work "
-        "| latent rel. error |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["rows"]:
-        lines.append(
-            f"| {row['mode']} | {row['ran']} | {row['seconds']:.3f} | {row['warmup_s']:.1f} "
-            f"| {fmt(row['peak_gib'], '.1f')} | {fmt(row['vs_baseline'], '.2f', 'x')} "
-            f"| {fmt(row['vs_floor'], '.2f', 'x')} | {fmt(row['block_work'], '.0%')} "
-            f"| {row['rel_error']:.2e} |"
-        )
-    notes = [f"- {row['mode']}: {row['note']}" for row in report["rows"] if row["note"]]
-    return "\n".join(lines + (["", *notes] if notes else []))
+    save()  # the presets' figures are kept even if the memory plans are cut short
+    if args.memory_plans:
+        measure_plans(args, device, started, plans, save)
+    save()
+    return report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="CPU, tiny model, small size, few steps")
+    parser.add_argument(
+        "--model", default=None, help="synthetic (default), synthetic:layers=N,..., or tiny (with --tiny)"
+    )
+    parser.add_argument(
+        "--device", default=None, choices=["cuda", "cpu"], help="default: cuda (cpu with --tiny)"
+    )
+    parser.add_argument(
+        "--memory-plans", default="", help="comma-separated plans whose peaks to measure, or 'all' (GPU)"
+    )
+    parser.add_argument("--plan-steps", type=int, default=2, help="steps per memory-plan run")
+    parser.add_argument(
+        "--budget-s", type=float, default=float("inf"), help="skip the memory plans left after this long"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--presets", default="none,regular,high")
     parser.add_argument("--width", type=int, default=None)
@@ -368,6 +375,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps or steps
     args.runs = args.runs or runs
     args.presets = [p for p in args.presets.split(",") if p]
+    args.model = args.model or ("tiny" if args.tiny else "synthetic")
+    args.device = args.device or ("cpu" if args.tiny else "cuda")
+    from models.memory import PLANS
+
+    plans = list(PLANS) if args.memory_plans == "all" else [p for p in args.memory_plans.split(",") if p]
+    unknown = [p for p in plans if p not in PLANS]
+    if unknown:
+        parser.error(f"unknown memory plan(s) {', '.join(unknown)}; choose from {', '.join(PLANS)}")
+    args.memory_plans = plans
     if args.count_blocks is None:
         args.count_blocks = args.tiny
     return args
@@ -375,11 +391,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    report = run(args)
-    print(markdown_table(report))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report = run(args)  # writes --out as it goes
+    print(bench_table(report))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+# PostgreSQL for the queue tests: the binaries the pgserver package ships, else Debian's.
+if ! "$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pgserver') is None)" \
+  && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+
 # @fal-ai/client for the JavaScript end-to-end tests, and esbuild to bundle it for a browser
 # page (npm registry).
 if [ "${FLUX_SKIP_NODE:-0}" != "1" ] && command -v npm >/dev/null 2>&1; then

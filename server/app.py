@@ -35,11 +35,12 @@ from server.openapi import install_docs
 from server.protocols.bfl import routes as bfl_routes
 from server.protocols.bfl import webhook as bfl_webhook
 from server.protocols.fal import queue_routes, run_routes
+from server.protocols.fal import storage as fal_storage
 from server.protocols.fal import webhook as fal_webhook
 from server.protocols.fal.proxy import FalProxyMiddleware
 from server.protocols.openai import routes as openai_routes
 from server.queue.aio import AsyncQueue
-from server.queue.base import JobQueue
+from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.factory import open_queue
 from server.routes import files, health, jwks, metrics, playground
 from server.webhooks.dispatch import start_dispatcher
@@ -85,13 +86,14 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     async_queue = app.state.async_queue = AsyncQueue(queue)
     app.state.storage = LocalStorage(settings.files_dir)
     app.state.background = []
-    install_error_handlers(app)
+    install_error_handlers(app, unavailable=(QueueUnavailable,))
 
     install_docs(app)
     app.include_router(playground.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(files.router)
+    app.include_router(fal_storage.router)  # fixed paths under /files and /storage
     for module in PROTOCOL_ROUTES:
         app.include_router(module.router)
         if hasattr(module, "setup"):

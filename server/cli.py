@@ -1,4 +1,4 @@
-"""`flux-server` command line: serve | api | worker | health | generate | make-cert.
+"""`flux-server` command line: serve | api | worker | health | generate | migrate-queue | make-cert.
 
 Every subcommand's work lives in its own module, imported lazily so that the API process
 never imports torch.
@@ -10,16 +10,24 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from server.config import Settings
 
 # Flags shared by serve/api/worker; each maps to a Settings field (env FLUX_<NAME>).
 _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--model", {"help": "diffusers folder, single-file transformer (.safetensors), or 'tiny'"}),
+    ("--model", {"help": "diffusers folder, single-file transformer (.safetensors), 'tiny' or 'synthetic'"}),
     ("--components-dir", {"help": "folder with the other components when --model is a single file"}),
     ("--safety-checker", {"help": "local image-classification model folder (NSFW checker)"}),
     ("--data-dir", {"help": "queue database, outputs, tiny model and caches"}),
+    ("--queue-url", {"help": "postgresql://user:password@host:port/dbname: a queue shared by many boxes"}),
+    ("--files-dir", {"help": "generated files and uploads (default <data-dir>/files; a shared mount)"}),
+    (
+        "--role",
+        {"choices": ["all", "api", "workers"], "help": "serve: API and workers, API only, or workers only"},
+    ),
+    ("--box-name", {"help": "this box's name in a shared queue (default: host name + data-dir hash)"}),
     ("--host", {}),
     ("--port", {"type": int}),
     ("--public-url", {"help": "base of the URLs the server returns (default: from the request)"}),
@@ -46,6 +54,7 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--warmup-sizes", {"help": "comma-separated WxH sizes to compile for before ready"}),
     ("--memory-plan", {"help": "auto, resident, fp8-offload-text, model-offload, sequential-offload"}),
     ("--retention-seconds", {"type": float}),
+    ("--max-upload-bytes", {"type": int, "help": "largest file a client may upload (fal storage)"}),
     ("--lease-seconds", {"type": float}),
     ("--fetch-allow", {"action": "append", "help": "only fetch from these hosts/networks (repeatable)"}),
     ("--fetch-deny", {"action": "append", "help": "never fetch from these hosts/networks (repeatable)"}),
@@ -67,6 +76,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if getattr(args, flag[2:].replace("-", "_"), None) is not None
     }
     return Settings(**overrides)
+
+
+def queue_problem(settings: Settings) -> str | None:
+    """Why the queue cannot be opened (one line naming where and why), or None. Also creates
+    or migrates its schema, once, before any child process starts."""
+    from server.queue.base import QueueUnavailable
+    from server.queue.factory import open_queue
+
+    try:
+        open_queue(settings, role="cli").close()
+    except (QueueUnavailable, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", default=None, help="input image for image-to-image")
     gen.add_argument("--strength", type=float, default=0.95)
     gen.add_argument("--acceleration", default="none", choices=["none", "regular", "high"])
+
+    migrate = sub.add_parser(
+        "migrate-queue", help="copy this install's SQLite queue into PostgreSQL (with the server stopped)"
+    )
+    migrate.add_argument("--data-dir", default=None, help="the data directory holding queue.sqlite3")
+    migrate.add_argument("--queue-url", required=True, help="postgresql://user:password@host:port/dbname")
 
     cert = sub.add_parser("make-cert", help="write a local CA and a server certificate")
     cert.add_argument("--out", required=True)
@@ -142,6 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.generate_cli import run_generate
 
         return run_generate(args)
+    if args.command == "migrate-queue":
+        from server.queue.migrate import migrate_queue_command
+
+        return migrate_queue_command(Path(args.data_dir or Settings().data_dir), args.queue_url)
     if args.command == "make-cert":
         from server.tls import make_cert_command
 
@@ -154,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     worker_name = f"worker {args.worker_id}" if getattr(args, "worker_id", None) else "worker"
     configure_logging(settings, {"serve": "supervisor", "api": "api", "worker": worker_name}[args.command])
+    problem = queue_problem(settings)
+    if problem is not None:
+        print(f"flux-server: {problem}", file=sys.stderr)
+        return 2
     if args.command == "serve":
         from server.supervisor import serve
 

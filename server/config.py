@@ -6,7 +6,9 @@ children through the environment, so every process sees the same values.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,6 +28,15 @@ class Settings(BaseSettings):
 
     # Where the queue database, generated files, the tiny model and compile caches live.
     data_dir: Path = Path(".flux-data")
+    # The queue: None is SQLite in the data directory (one box); a postgresql:// URL is a
+    # PostgreSQL server shared by many boxes.
+    queue_url: str | None = None
+    # Generated files, uploads and stored inputs; many boxes point it at one shared mount.
+    files_dir: Path = Field(default_factory=lambda values: values["data_dir"] / "files")
+    # What `serve` runs on this box: the API and workers, only the API, or only workers.
+    role: Literal["all", "api", "workers"] = "all"
+    # Names this box's workers in a shared queue; default: host name + a hash of the data dir.
+    box_name: str | None = None
 
     # HTTP
     host: str = "127.0.0.1"
@@ -71,6 +82,10 @@ class Settings(BaseSettings):
     max_request_bytes: int | None = Field(default=None, ge=1024)
     input_fetch_timeout: float = 10.0
     retention_seconds: float = 24 * 3600.0
+    # fal storage uploads: the largest file, and the longest lifetime a client's lifecycle
+    # header may ask for (without one, an upload lives for retention_seconds).
+    max_upload_bytes: int = Field(default=1024**3, gt=0)
+    max_upload_retention_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
 
     # Outbound fetches (input images, webhooks, LoRA URLs): host names, "*.domain" patterns,
     # addresses or networks; see server/fetch.py. Link-local and metadata are always refused.
@@ -106,8 +121,18 @@ class Settings(BaseSettings):
         return self.data_dir / "queue.sqlite3"
 
     @property
-    def files_dir(self) -> Path:
-        return self.data_dir / "files"
+    def box(self) -> str:
+        """This box's name in a shared queue: unique per host and data directory, so that two
+        boxes on one host (as in the tests) still differ, and stable across restarts."""
+        if self.box_name:
+            return self.box_name
+        digest = hashlib.sha1(str(Path(self.data_dir).resolve()).encode()).hexdigest()[:6]
+        return f"{socket.gethostname()}-{digest}"
+
+    @property
+    def shared_queue(self) -> bool:
+        """Whether other boxes may use this queue too (a database server, not a local file)."""
+        return self.queue_url is not None
 
     @property
     def run_dir(self) -> Path:

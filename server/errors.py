@@ -37,15 +37,24 @@ def register_error_renderer(app: FastAPI, prefix: str, renderer: ErrorRenderer) 
     renderers.sort(key=lambda item: len(item[0]), reverse=True)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every error the app's handlers see through the registry."""
+def install_error_handlers(app: FastAPI, *, unavailable: tuple[type[Exception], ...] = ()) -> None:
+    """Route every error the app's handlers see through the registry.
+
+    `unavailable`: exceptions that mean a backing service is down for now (the queue's
+    database restarting): answered 503 in the protocol's shape, logged without a traceback."""
     app.state.error_renderers = []
+    app.state.unavailable_errors = unavailable
     app.add_exception_handler(RequestValidationError, handle_error)
     app.add_exception_handler(StarletteHTTPException, handle_error)
+    for exc_type in unavailable:
+        app.add_exception_handler(exc_type, handle_error)
     app.add_exception_handler(Exception, handle_error)
 
 
 async def handle_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, request.app.state.unavailable_errors):
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        exc = StarletteHTTPException(503, detail="The queue is unavailable; retry shortly")
     for prefix, renderer in request.app.state.error_renderers:
         if request.url.path.startswith(prefix):
             return await renderer(request, exc)

@@ -31,17 +31,18 @@ class UsageError(ValueError):
 
 def parse_size(text: str) -> tuple[int, int]:
     """A fal preset name or WxH, rounded and checked with server.jobs.round_size."""
-    from server.jobs import IMAGE_SIZE_PRESETS, round_size
+    from server.jobs import IMAGE_SIZE_PRESETS, parse_wxh, round_size
 
     if text in IMAGE_SIZE_PRESETS:
         return IMAGE_SIZE_PRESETS[text]
-    width, sep, height = text.lower().partition("x")
-    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+    try:
+        size = parse_wxh(text)
+    except ValueError:
         raise UsageError(
             f"--size {text!r}: expected WxH (e.g. 512x512) or one of {', '.join(IMAGE_SIZE_PRESETS)}"
-        )
+        ) from None
     try:
-        return round_size(int(width), int(height))
+        return round_size(*size)
     except ValueError as exc:
         raise UsageError(f"--size {text!r}: {exc}") from exc
 

@@ -1,5 +1,8 @@
 """Input images (`image_url`): fetch a `data:` URI or an http(s) URL, decode, re-encode as PNG.
 
+A URL of this server's own files (an upload) is read from the disk when the caller passes a
+`local_file` resolver (see `LocalStorage.own_file`), without an HTTP round trip.
+
 The worker receives the image already decoded and size-checked (`Job.image`, PNG bytes), so a
 bad input fails at submit with a 422 instead of occupying a GPU. Errors carry fal's documented
 error type names (`image_load_error`, `file_download_error`, `file_too_large`,
@@ -12,7 +15,9 @@ import asyncio
 import base64
 import binascii
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 import httpx
@@ -22,6 +27,10 @@ from server.fetch import FetchFailed, FetchPolicy, FetchRefused, TooLarge, fetch
 
 # Decoding a huge image costs memory before any size check on the result could run.
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
+
+# An input URL -> this server's file behind it, None for any other URL; FileNotFoundError for
+# one of ours that is gone.
+LocalFile = Callable[[str], Path | None]
 
 
 class InputImageError(ValueError):
@@ -40,23 +49,47 @@ class InputImage:
     height: int
 
 
-async def load_image(url: str, *, max_bytes: int, timeout: float, policy: FetchPolicy) -> InputImage:
+async def load_image(
+    url: str, *, max_bytes: int, timeout: float, policy: FetchPolicy, local_file: LocalFile | None = None
+) -> InputImage:
     """Fetch and decode an image URL. Raises InputImageError."""
-    data = await fetch_bytes(url, max_bytes=max_bytes, timeout=timeout, policy=policy)
+    data = await fetch_bytes(url, max_bytes=max_bytes, timeout=timeout, policy=policy, local_file=local_file)
     # Decoding is CPU work: keep it off the event loop.
     return await asyncio.to_thread(decode_image, data)
 
 
-async def fetch_bytes(url: str, *, max_bytes: int, timeout: float, policy: FetchPolicy) -> bytes:
-    """A data: URI's bytes, or an http(s) URL downloaded under the server's fetch policy."""
+async def fetch_bytes(
+    url: str, *, max_bytes: int, timeout: float, policy: FetchPolicy, local_file: LocalFile | None = None
+) -> bytes:
+    """A data: URI's bytes, this server's own upload read from the disk, or an http(s) URL
+    downloaded under the server's fetch policy."""
     url = url.strip()
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         data = decode_data_uri(url)
     elif scheme in ("http", "https"):
-        data = await download(url, max_bytes=max_bytes, timeout=timeout, policy=policy)
+        local = await asyncio.to_thread(read_local, url, local_file, max_bytes) if local_file else None
+        if local is not None:
+            data = local
+        else:
+            data = await download(url, max_bytes=max_bytes, timeout=timeout, policy=policy)
     else:
         raise InputImageError("file_download_error", "image_url must be a data: URI or an http(s) URL")
+    if len(data) > max_bytes:
+        raise InputImageError("file_too_large", f"The image is larger than {max_bytes} bytes")
+    return data
+
+
+def read_local(url: str, local_file: LocalFile, max_bytes: int) -> bytes | None:
+    """The bytes of this server's own file behind `url`, or None for any other URL."""
+    try:
+        path = local_file(url)
+        if path is None:
+            return None
+        with open(path, "rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise InputImageError("file_download_error", str(exc)) from exc
     if len(data) > max_bytes:
         raise InputImageError("file_too_large", f"The image is larger than {max_bytes} bytes")
     return data

@@ -1,5 +1,6 @@
 """The API process's queue upkeep: requeue or fail jobs whose lease or start deadline ran out
-(workers that died, hung, or ran on other machines), and delete results past retention.
+(workers that died, hung, or ran on other machines), and delete results past retention and
+expired uploads.
 
 Every queue call runs in a thread, never on the event loop. The once-a-second recovery pass
 is a read when nothing is due (the queue takes no write lock then), so several API processes
@@ -74,6 +75,10 @@ async def maintain_queue(queue: JobQueue, storage: LocalStorage, settings: Setti
                 purged = await purge_expired(queue, storage, time.time() - settings.retention_seconds)
                 if purged:
                     log.info("deleted %d result(s) older than %.0f s", purged, settings.retention_seconds)
+                # Uploads expire on their own clocks; an expired one is already no longer served.
+                uploads = await asyncio.to_thread(storage.purge_uploads)
+                if uploads:
+                    log.info("deleted %d expired or abandoned upload(s)", uploads)
         except Exception:
             log.exception("queue maintenance failed; retrying")
         await asyncio.sleep(RECOVER_INTERVAL)

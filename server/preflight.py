@@ -123,12 +123,16 @@ def visible_gpu_count() -> int:
 
 
 def plan_workers(settings: Settings, gpu_count: int | None = None) -> list[WorkerSlot]:
-    """One worker per visible GPU (or --workers N spread over them), else one CPU worker."""
+    """One worker per visible GPU (or --workers N spread over them), else one CPU worker; none
+    on an API-only box. With a shared queue, ids start with the box name (unique across boxes)."""
+    if settings.role == "api":
+        return []
+    prefix = f"{settings.box}-" if settings.shared_queue else ""
     gpus = 0 if settings.device == "cpu" else (visible_gpu_count() if gpu_count is None else gpu_count)
     if settings.device == "cuda" and gpus == 0:
         raise ConfigError("--device cuda, but no GPU is visible (nvidia-smi -L / CUDA_VISIBLE_DEVICES)")
     count = settings.workers or (gpus if gpus > 0 else 1)
-    return [WorkerSlot(f"w{i}", (i % gpus) if gpus > 0 else None) for i in range(count)]
+    return [WorkerSlot(f"{prefix}w{i}", (i % gpus) if gpus > 0 else None) for i in range(count)]
 
 
 def base_url(settings: Settings) -> str:
@@ -139,6 +143,14 @@ def base_url(settings: Settings) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{scheme}://{host}:{settings.port}"
+
+
+def describe_queue(settings: Settings) -> str:
+    if settings.queue_url is None:
+        return f"SQLite {settings.db_path}"
+    from server.queue.postgres.connection import describe
+
+    return f"PostgreSQL {describe(settings.queue_url)}; files {settings.files_dir}"
 
 
 def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
@@ -157,6 +169,7 @@ def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
         f"  auth     {'on (' + str(len(settings.all_api_keys())) + ' key(s))' if auth else 'off'}",
         f"  TLS      {'on' if tls else 'off'}",
         f"  data     {settings.data_dir}",
+        f"  queue    {describe_queue(settings)}; role {settings.role}; box {settings.box}",
         "",
         "Point fal_client (Python) at it:",
         f"  export FAL_QUEUE_RUN_HOST={hostport}",

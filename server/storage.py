@@ -1,28 +1,72 @@
-"""Generated files on the local disk, under names nobody can guess, and the URLs they have.
+"""Files on the local disk (generated images and client uploads), under names nobody can
+guess, and the URLs they have.
 
 Only names this module could have produced are ever served: `path()` refuses anything with a
 separator, a leading dot, a traversal, or a symlink, so a URL cannot reach outside the folder.
 Every URL of a stored file is built here (`file_url`, `image_url`) and read back here
 (`file_name_from_url`), so the files route, the protocol adapters and the input loaders agree.
+
+Layout of the files folder (a shared mount works: nothing here is per process):
+
+    <name>                      a generated image or a finished upload, served at /files/<name>
+    .meta/<name>.json           an upload's content type, original name and expiry time
+    .uploads/<upload id>.json   an upload that was started and not finished (a reservation)
+    .parts/<upload id>/<n>      the parts of a multipart upload received so far
+    .tmp/                       bodies being received
+
+A generated image has no metadata: its request's retention deletes it. An upload lives until
+its own expiry time, which `purge_uploads` enforces (and `file_info` checks when serving).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import mimetypes
 import os
 import re
 import secrets
+import shutil
+import time
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from server.jobs import OutputImage
+from server.jobs import CONTENT_TYPES, OutputImage
 
 # Where the files route serves stored files: {base_url}/files/{name}.
 FILES_PATH = "/files"
-
 # secrets.token_urlsafe(24) -> 32 characters of [A-Za-z0-9_-]; then one short extension.
-_FILE_NAME = re.compile(r"[A-Za-z0-9_-]{16,64}\.[a-z0-9]{1,8}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_-]{16,64}\.[a-z0-9]{1,16}")
+_UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{32,64}")
+_CONTENT_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
+_EXTENSION = re.compile(r"[a-z0-9]{1,16}")
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+# An upload that was started must be finished within this many seconds.
+UPLOAD_WINDOW_SECONDS = 3600.0
+# Most parts a multipart upload may have (S3's limit, which fal's multipart protocol mirrors).
+MAX_PARTS = 10_000
+_IMAGE_TYPES = {**{f".{ext}": kind for ext, kind in CONTENT_TYPES.items()}, ".jpg": "image/jpeg"}
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: Path
+    content_type: str
+    expires_at: float | None  # None: a generated image, deleted with its request
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """An upload that was started: where its bytes go and what the finished file will be."""
+
+    upload_id: str  # unguessable: knowing it is the permission to send the bytes
+    file_name: str  # the stored name, already in the file URL handed to the client
+    content_type: str
+    original_name: str | None
+    expires_at: float  # when the finished file expires
+    deadline: float  # the upload must be finished by then
 
 
 class LocalStorage:
@@ -30,17 +74,14 @@ class LocalStorage:
         self.files_dir = Path(files_dir)
         self.files_dir.mkdir(parents=True, exist_ok=True)
 
+    # --- generated images ---------------------------------------------------------------
     def save(self, data: bytes, extension: str) -> str:
         """Write `data` under a fresh unguessable name; the file appears complete or not at all."""
-        extension = extension.lower().lstrip(".")
-        name = f"{secrets.token_urlsafe(24)}.{extension}"
-        if not _FILE_NAME.fullmatch(name):
-            raise ValueError(f"bad file extension {extension!r}")
-        final = self.files_dir / name
+        name = _new_name(extension)
         partial = self.files_dir / f".{name}.partial"
         with open(partial, "wb") as handle:
             handle.write(data)
-        os.replace(partial, final)
+        os.replace(partial, self.files_dir / name)
         return name
 
     def path(self, file_name: str) -> Path | None:
@@ -60,11 +101,244 @@ class LocalStorage:
         if candidate is not None:
             with contextlib.suppress(FileNotFoundError):
                 candidate.unlink()
+        if _FILE_NAME.fullmatch(file_name):
+            with contextlib.suppress(FileNotFoundError):
+                self._meta_path(file_name).unlink()
+
+    def file_info(self, file_name: str, now: float | None = None) -> StoredFile | None:
+        """A servable file and its content type, or None (unknown, unfinished or expired)."""
+        path = self.path(file_name)
+        if path is None:
+            return None
+        meta = _read_json(self._meta_path(file_name))
+        if meta is None:
+            kind = _IMAGE_TYPES.get(path.suffix)
+            return StoredFile(path, kind, None) if kind else None
+        expires_at = float(meta.get("expires_at", 0))
+        if expires_at <= (time.time() if now is None else now):
+            return None
+        return StoredFile(path, normalize_content_type(meta.get("content_type")), expires_at)
+
+    def own_file(self, url: str, base_urls: Iterable[str | None]) -> Path | None:
+        """The local file behind `url` if it is one of this server's file URLs, else None.
+
+        Raises FileNotFoundError for a URL of ours whose file is gone (expired, deleted), so
+        that the caller reports that instead of fetching our own 404 over HTTP."""
+        name = file_name_from_url(url, base_urls)
+        if name is None:
+            return None
+        info = self.file_info(name)
+        if info is None:
+            raise FileNotFoundError(f"{url} was not found on this server or has expired")
+        return info.path
+
+    # --- uploads ------------------------------------------------------------------------
+    def temp_path(self) -> Path:
+        """A fresh path for receiving a body; `store_upload` or `finish` moves it into place."""
+        folder = self._folder(".tmp")
+        return folder / secrets.token_urlsafe(24)
+
+    def reserve(
+        self, content_type: str | None, original_name: str | None, lifetime: float, now: float | None = None
+    ) -> Reservation:
+        """Start an upload whose bytes arrive later (a PUT, or the parts of a multipart upload)."""
+        now = time.time() if now is None else now
+        kind = normalize_content_type(content_type)
+        reservation = Reservation(
+            upload_id=secrets.token_urlsafe(32),
+            file_name=_new_name(upload_extension(kind, original_name)),
+            content_type=kind,
+            original_name=_clean_original_name(original_name),
+            expires_at=now + lifetime,
+            deadline=now + UPLOAD_WINDOW_SECONDS,
+        )
+        _write_json(self._folder(".uploads") / f"{reservation.upload_id}.json", asdict(reservation))
+        return reservation
+
+    def reservation(self, upload_id: str, file_name: str, now: float | None = None) -> Reservation | None:
+        """The open upload `upload_id` for the file `file_name`, or None (unknown or too late)."""
+        if not _UPLOAD_ID.fullmatch(upload_id) or not _FILE_NAME.fullmatch(file_name):
+            return None
+        data = _read_json(self.files_dir / ".uploads" / f"{upload_id}.json")
+        if data is None:
+            return None
+        try:
+            reservation = Reservation(**data)
+        except TypeError:
+            return None
+        now = time.time() if now is None else now
+        if reservation.file_name != file_name or reservation.deadline <= now:
+            return None
+        return reservation
+
+    def save_part(self, reservation: Reservation, part_number: int, received: Path, etag: str) -> None:
+        """Keep part `part_number` (sent again: replaced) and the ETag it was answered with."""
+        if not 1 <= part_number <= MAX_PARTS:
+            raise ValueError(f"part numbers run from 1 to {MAX_PARTS}, got {part_number}")
+        folder = self._folder(".parts") / reservation.upload_id
+        folder.mkdir(exist_ok=True)
+        (folder / f"{part_number}.etag").write_text(etag)
+        os.replace(received, folder / str(part_number))
+
+    def parts(self, reservation: Reservation) -> dict[int, tuple[int, str]]:
+        """The parts received so far: number -> (size, ETag)."""
+        folder = self.files_dir / ".parts" / reservation.upload_id
+        found: dict[int, tuple[int, str]] = {}
+        for path in _listing(folder):
+            if path.name.isdigit():
+                with contextlib.suppress(FileNotFoundError):
+                    etag = (folder / f"{path.name}.etag").read_text()
+                    found[int(path.name)] = (path.stat().st_size, etag)
+        return found
+
+    def assemble(self, reservation: Reservation, part_numbers: list[int]) -> Path:
+        """Concatenate the parts in this order into one temporary file (a missing part raises
+        FileNotFoundError) and remove the parts."""
+        target = self.temp_path()
+        folder = self.files_dir / ".parts" / reservation.upload_id
+        with open(target, "wb") as out:
+            for number in part_numbers:
+                with open(folder / str(number), "rb") as part:
+                    shutil.copyfileobj(part, out, 1024 * 1024)
+        shutil.rmtree(folder, ignore_errors=True)
+        return target
+
+    def finish(self, reservation: Reservation, received: Path) -> str:
+        """Move the received bytes into place as the reserved file; closes the reservation."""
+        self._publish(received, reservation.file_name, reservation)
+        with contextlib.suppress(FileNotFoundError):
+            (self.files_dir / ".uploads" / f"{reservation.upload_id}.json").unlink()
+        return reservation.file_name
+
+    def store_upload(
+        self,
+        received: Path,
+        content_type: str | None,
+        original_name: str | None,
+        lifetime: float,
+        now: float | None = None,
+    ) -> str:
+        """Move a body received in one request into place as a new upload; returns its name."""
+        reservation = self.reserve(content_type, original_name, lifetime, now)
+        return self.finish(reservation, received)
+
+    def purge_uploads(self, now: float | None = None) -> int:
+        """Delete expired uploads, abandoned reservations, their parts and stale bodies;
+        returns how many uploads (finished or not) were removed."""
+        now = time.time() if now is None else now
+        removed = 0
+        for meta_path in _listing(self.files_dir / ".meta"):
+            meta = _read_json(meta_path)
+            if meta is None or float(meta.get("expires_at", 0)) <= now:
+                self.delete(meta_path.name.removesuffix(".json"))
+                removed += 1
+        for path in _listing(self.files_dir / ".uploads"):
+            data = _read_json(path)
+            if data is None or float(data.get("deadline", 0)) <= now:
+                shutil.rmtree(self.files_dir / ".parts" / path.stem, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                removed += 1
+        for path in _listing(self.files_dir / ".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < now - UPLOAD_WINDOW_SECONDS:
+                    path.unlink()
+        return removed
+
+    # --- internals ------------------------------------------------------------------------
+    def _publish(self, received: Path, file_name: str, reservation: Reservation) -> None:
+        # Metadata first: a crash in between leaves metadata without a file (never served,
+        # purged at its expiry), never a file served with the wrong type or no expiry.
+        meta = {
+            "content_type": reservation.content_type,
+            "original_name": reservation.original_name,
+            "expires_at": reservation.expires_at,
+        }
+        _write_json(self._new_meta_path(file_name), meta)
+        os.replace(received, self.files_dir / file_name)
+
+    def _meta_path(self, file_name: str) -> Path:
+        return self.files_dir / ".meta" / f"{file_name}.json"
+
+    def _new_meta_path(self, file_name: str) -> Path:
+        return self._folder(".meta") / f"{file_name}.json"
+
+    def _folder(self, name: str) -> Path:
+        folder = self.files_dir / name
+        folder.mkdir(exist_ok=True)
+        return folder
+
+
+def normalize_content_type(value: str | None) -> str:
+    """`Image/PNG; charset=x` -> `image/png`; anything unparsable -> application/octet-stream."""
+    kind = (value or "").split(";", 1)[0].strip().lower()
+    return kind if _CONTENT_TYPE.fullmatch(kind) else DEFAULT_CONTENT_TYPE
+
+
+def upload_extension(content_type: str, original_name: str | None) -> str:
+    """The stored file's extension: the original name's (`lora.safetensors` stays
+    `.safetensors`, which loaders look at), else one for the content type, else `bin`."""
+    suffix = Path(original_name or "").suffix.lower().lstrip(".")
+    if _EXTENSION.fullmatch(suffix):
+        return suffix
+    guessed = (mimetypes.guess_extension(content_type) or "").lstrip(".")
+    return guessed if _EXTENSION.fullmatch(guessed) else "bin"
+
+
+def _new_name(extension: str) -> str:
+    name = f"{secrets.token_urlsafe(24)}.{extension.lower().lstrip('.')}"
+    if not _FILE_NAME.fullmatch(name):
+        raise ValueError(f"bad file extension {extension!r}")
+    return name
+
+
+def _clean_original_name(name: str | None) -> str | None:
+    if not name:
+        return None
+    # Only the last path component, printable, bounded: it is kept for information only.
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = "".join(ch for ch in base if ch.isprintable())[:255]
+    return cleaned or None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    partial.write_text(json.dumps(data))
+    os.replace(partial, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _listing(folder: Path) -> list[Path]:
+    try:
+        return [path for path in folder.iterdir() if not path.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+
+
+# --- URLs -------------------------------------------------------------------------------------
 
 
 def file_url(base_url: str, file_name: str) -> str:
     """The public URL of a stored file, on the base URL the client used (or --public-url)."""
     return f"{base_url.rstrip('/')}{FILES_PATH}/{file_name}"
+
+
+def upload_url(base_url: str, reservation: Reservation) -> str:
+    """Where the bytes of an initiated upload are PUT (the URL is the permission)."""
+    return f"{file_url(base_url, reservation.file_name)}/upload/{reservation.upload_id}"
+
+
+def multipart_url(base_url: str, reservation: Reservation) -> str:
+    """The base of a multipart upload's part URLs (`/<n>`) and its `/complete` URL; fal_client
+    builds the same URL from the file URL and the upload id."""
+    return f"{file_url(base_url, reservation.file_name)}/multipart/{reservation.upload_id}"
 
 
 def image_url(base_url: str, image: OutputImage) -> str:
@@ -76,7 +350,7 @@ def image_url(base_url: str, image: OutputImage) -> str:
     return file_url(base_url, image.file_name)
 
 
-def file_name_from_url(url: str, base_urls: Iterable[str]) -> str | None:
+def file_name_from_url(url: str, base_urls: Iterable[str | None]) -> str | None:
     """The stored file's name if `url` is one of our own file URLs on one of `base_urls`.
 
     Lets an input URL pointing at this server (an uploaded image, mask or LoRA) be read from

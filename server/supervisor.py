@@ -90,7 +90,8 @@ class Supervisor:
 
     def __post_init__(self) -> None:
         base = [sys.executable, "-m", "server.cli"]
-        self.children.append(Child("api", [*base, "api"]))
+        if self.settings.role != "workers":  # a workers-only box serves no HTTP
+            self.children.append(Child("api", [*base, "api"]))
         for slot in self.slots:
             argv = [*base, "worker", "--worker-id", slot.worker_id]
             if slot.gpu is not None:
@@ -171,8 +172,11 @@ class Supervisor:
         self.queue = open_queue(self.settings, role="supervisor")
         # Rows left by an earlier run with more workers would keep /health at 503 forever.
         planned = {slot.worker_id for slot in self.slots}
+        # With a shared queue, only this box's rows are ours to clean up.
+        own = f"{self.settings.box}-" if self.settings.shared_queue else ""
         for worker in self.queue.workers():
-            if worker.worker_id not in planned and worker.state in ("stopped", "failed"):
+            stale = worker.state in ("stopped", "failed") and worker.worker_id.startswith(own)
+            if worker.worker_id not in planned and stale:
                 self.queue.remove_worker(worker.worker_id)
 
     def _release(self, worker_id: str) -> list[str]:
@@ -233,7 +237,7 @@ class Supervisor:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)
         }
         old_wakeup = signal.set_wakeup_fd(wake_w)
-        api = self.children[0]
+        api = next((child for child in self.children if child.slot is None), None)
         try:
             for child in self.children:
                 self._start(child)
@@ -247,7 +251,7 @@ class Supervisor:
                     pass
                 if self.stopping:
                     break
-                if not api.ever_listened and api.process is not None:
+                if api is not None and not api.ever_listened and api.process is not None:
                     if self._api_listening():
                         api.ever_listened = True
                         logger.info("API listening on %s", base_url(self.settings))
@@ -320,9 +324,11 @@ def serve(settings: Settings) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s supervisor: %(message)s", stream=sys.stderr
     )
     try:
-        check_settings(settings)
+        if settings.role != "workers":  # a workers-only box listens on no port
+            check_settings(settings)
         settings = settings.model_copy(update={"data_dir": Path(settings.data_dir).resolve()})
-        check_model(settings)
+        if settings.role != "api":  # an API-only box loads no model
+            check_model(settings)
         slots = plan_workers(settings)
         # The children see the resolved count: the API reports ready only when all are.
         settings = settings.model_copy(update={"workers": len(slots)})
@@ -331,7 +337,8 @@ def serve(settings: Settings) -> int:
         print(f"flux-server: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        check_port_free(settings)
+        if settings.role != "workers":
+            check_port_free(settings)
     except StartupError as exc:
         print(f"flux-server: {exc}", file=sys.stderr)
         return 1

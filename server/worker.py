@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from models.request import GenerationRequest, InputError
 from server import lifecycle, metrics
 from server.config import Settings
 from server.images import content_type, encode_image, to_data_uri
@@ -33,7 +34,6 @@ from server.queue.factory import open_queue
 from server.storage import LocalStorage
 
 if TYPE_CHECKING:
-    from models.request import GenerationRequest
     from models.runtime import FluxRuntime, Generation
 
 logger = logging.getLogger(__name__)
@@ -46,8 +46,6 @@ CLAIM_TIMEOUT_SECONDS = 1.0
 def generation_request(job: Job) -> GenerationRequest:
     """The runtime's request for `job`: what to generate, none of the routing metadata.
     `Job.seed` is always concrete (server.jobs draws one when a client sent none)."""
-    from models.request import GenerationRequest
-
     return GenerationRequest(
         prompt=job.prompt,
         width=job.width,
@@ -88,6 +86,7 @@ class _Finished:
     record: JobRecord
     generation: Generation
     seconds: float
+    idle_before: float | None
 
 
 class Worker:
@@ -102,6 +101,7 @@ class Worker:
         self._held_lock = threading.Lock()
         self._finished: queue.Queue[_Finished | None] = queue.Queue()
         self._heartbeat_stop = threading.Event()
+        self._device_free_since: float | None = None  # perf_counter when the last job's generate ended
         self.runtime: FluxRuntime | None = None  # set once loaded
 
     # --- control -------------------------------------------------------------------------
@@ -177,8 +177,6 @@ class Worker:
         return runtime
 
     def _run_job(self, runtime: FluxRuntime, record: JobRecord) -> None:
-        from models.request import InputError
-
         request_id = record.id
         lease_lost = threading.Event()
         with self._held_lock:
@@ -192,9 +190,15 @@ class Worker:
 
         lifecycle.started(record, self.worker_id)
         started = time.perf_counter()
+        # How long the device sat idle since the previous job: between two queued jobs, only
+        # what the loop itself costs (claiming, mapping); docs/benchmarks.md reports it.
+        idle_before = None if self._device_free_since is None else started - self._device_free_since
         try:
             request = generation_request(record.job)
-            generation = runtime.generate(request, on_step=on_step, should_cancel=should_cancel)
+            try:
+                generation = runtime.generate(request, on_step=on_step, should_cancel=should_cancel)
+            finally:
+                self._device_free_since = time.perf_counter()
         except InputError as exc:  # the request's own fault (TaskUnavailable included): a 4xx
             logger.info("job %s refused: %s", request_id, exc)
             self._fail(record, input_error(str(exc)))
@@ -214,7 +218,7 @@ class Worker:
                 self.queue.requeue(request_id, self.worker_id)
             return
         # Still held: the heartbeat keeps renewing the lease until the finisher completes it.
-        self._finished.put(_Finished(record, generation, time.perf_counter() - started))
+        self._finished.put(_Finished(record, generation, time.perf_counter() - started, idle_before))
 
     def _release(self, request_id: str) -> None:
         with self._held_lock:
@@ -266,6 +270,8 @@ class Worker:
                 )
             )
         timings = {"inference": item.seconds, **generation.timings}
+        if item.idle_before is not None:
+            timings["device_idle_before"] = item.idle_before
         timings["store"] = time.perf_counter() - started
         result = JobResult(
             images=images,

@@ -32,6 +32,7 @@ import httpx
 import pytest
 
 from server.tls import CertPaths, make_certificates
+from tests.pg_server import postgres_server  # noqa: F401 - the session's PostgreSQL server
 from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[1]

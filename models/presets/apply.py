@@ -68,8 +68,15 @@ def detect_hardware(device: str) -> Hardware:
     return Hardware(device_type, capability, torchao, compiler)
 
 
-def cache_config(setting: CacheSetting) -> Any:
-    """The diffusers hook configuration for a step-cache setting."""
+def cache_config(setting: CacheSetting, steps: int) -> Any:
+    """The diffusers hook configuration for a step-cache setting, for a call of `steps` steps."""
+    if setting.kind == "mag":
+        from diffusers import MagCacheConfig
+        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+        return MagCacheConfig(
+            threshold=setting.threshold, num_inference_steps=steps, mag_ratios=FLUX_MAG_RATIOS
+        )
     from diffusers import FirstBlockCacheConfig
 
     return FirstBlockCacheConfig(threshold=setting.threshold)
@@ -218,8 +225,9 @@ class PresetManager:
         return preset, ("; ".join(notes) or None)
 
     @contextmanager
-    def use(self, pipe: Any, requested: str) -> Iterator[ActivePreset]:
-        """Run `pipe` (any pipeline sharing the transformer, e.g. img2img) with a preset.
+    def use(self, pipe: Any, requested: str, *, steps: int = 28) -> Iterator[ActivePreset]:
+        """Run `pipe` (any pipeline sharing the transformer, e.g. img2img) with a preset, for a
+        call that runs `steps` denoising steps (a schedule-based step cache needs the count).
 
         Swaps `pipe.transformer` for the preset's weight set, switches compile and the step
         cache on for this call only and restores everything afterwards. Not re-entrant.
@@ -233,7 +241,7 @@ class PresetManager:
         self._set_compiled(preset.weight_set, preset.compile if preset.compile != "none" else None)
         set_vae_channels_last(pipe.vae, preset.vae_channels_last)
         if preset.cache is not None:
-            variant.enable_cache(cache_config(preset.cache))  # fresh cache state per call
+            variant.enable_cache(cache_config(preset.cache, steps))  # fresh cache state per call
         try:
             yield ActivePreset(name=preset.name, note=note, requested=requested, preset=preset)
         finally:
@@ -263,7 +271,7 @@ class PresetManager:
                 runs.append((*min(sizes, key=lambda s: s[0] * s[1]), 2))
             start = time.perf_counter()
             for width, height, count in runs:
-                with self.use(pipe, name):
+                with self.use(pipe, name, steps=steps):
                     pipe(
                         prompt="warm-up",
                         width=width,

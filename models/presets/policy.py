@@ -33,12 +33,21 @@ PRESET_ORDER = ("none", "regular", "high")
 
 @dataclass(frozen=True)
 class CacheSetting:
-    """A diffusers step-cache hook. Only First Block Cache is wired today."""
+    """A diffusers step-cache hook.
 
-    kind: Literal["first_block"] = "first_block"
+    - `first_block` (First Block Cache, the `high` preset's): skips a step's remaining blocks
+      when the first block's output barely changed: the decision follows the activations.
+    - `mag` (MagCache with FLUX.1 [dev]'s published magnitude ratios): skips on the step
+      schedule alone, whatever the weights; the benchmark's fixed skip schedule for random
+      weights, on which First Block Cache's decisions mean nothing.
+    """
+
+    kind: Literal["first_block", "mag"] = "first_block"
     threshold: float = 0.12
 
     def describe(self) -> str:
+        if self.kind == "mag":
+            return f"MagCache {self.threshold:g} (FLUX.1 [dev] magnitude ratios: a fixed skip schedule)"
         return f"First Block Cache {self.threshold:g}"
 
 

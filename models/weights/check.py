@@ -2,6 +2,8 @@
 
 `--model` accepts (see `resolve_model`):
 - `tiny`: the tiny random model, built on first use into the data directory;
+- `synthetic` or `synthetic:layers=N,...`: FLUX.1 [dev]'s architecture with random weights
+  made at load (models/weights/synthetic.py), with the tiny model's tokenizers;
 - a diffusers folder of FLUX.1 [dev] (`model_index.json`, `transformer/`, `vae/`, ...);
 - a single-file transformer (`.safetensors`, BFL's or diffusers' key layout, bf16 or fp8),
   with a folder (`components_dir`) for the other components and the transformer's config.
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from models.tiny import ensure_tiny
+from models.tiny import TINY_DIRNAME, ensure_tiny
+from models.weights.synthetic_spec import SyntheticSpec, is_synthetic, parse_synthetic
 
 FETCH_HINT = "download them with `python scripts/fetch_weights.py --dest <folder>` on a connected machine"
 
@@ -41,11 +44,12 @@ class WeightsError(Exception):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    kind: Literal["diffusers", "single-file", "tiny"]
+    kind: Literal["diffusers", "single-file", "tiny", "synthetic"]
     folder: Path  # diffusers folder: configs, tokenizers and every component but a single file
     transformer_file: Path | None  # the single-file transformer, when kind == "single-file"
     redux_dir: Path | None  # image_encoder/, feature_extractor/, image_embedder/; None: no redux
     name: str  # for logs and the health endpoint
+    synthetic: SyntheticSpec | None = None  # the block counts, when kind == "synthetic"
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -234,6 +238,14 @@ def resolve_model(model: str, *, data_dir: Path, components_dir: Path | None = N
     if model == "tiny":
         folder = ensure_tiny(data_dir)
         return ModelSpec("tiny", folder, None, folder / "redux", "tiny")
+    if is_synthetic(model):
+        try:
+            synthetic = parse_synthetic(model)
+        except ValueError as exc:
+            raise WeightsError(str(exc)) from None
+        # Only the tiny model's tokenizers and scheduler are read; it is built at load (torch).
+        folder = Path(data_dir) / TINY_DIRNAME
+        return ModelSpec("synthetic", folder, None, None, synthetic.name, synthetic=synthetic)
 
     path = Path(model).expanduser()
     if not path.exists():

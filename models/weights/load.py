@@ -85,6 +85,12 @@ def load_components(spec: ModelSpec, *, dtype: torch.dtype, device: str = "cpu")
     Files load on the CPU (the memory plan places them afterwards); `device` is where weights
     made at load time, with no file behind them, are made."""
     enforce_offline()
+    if spec.kind == "synthetic":
+        from models.tiny import ensure_tiny
+        from models.weights.synthetic import build_components
+
+        assert spec.synthetic is not None
+        return build_components(spec.synthetic, ensure_tiny(spec.folder.parent), device=device, dtype=dtype)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 

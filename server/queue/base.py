@@ -21,6 +21,7 @@ attempt is made by one dispatcher at a time, across every process sharing the st
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
@@ -31,6 +32,32 @@ from server.jobs import Job, JobError, JobRecord, JobResult
 MAX_ATTEMPTS = 2
 # The most completed records one `purge` call deletes (one short transaction each).
 PURGE_BATCH = 200
+
+
+def heartbeat_interval(lease_seconds: float) -> float:
+    """How often a worker's `claim` and `renew` calls refresh its registry row."""
+    return min(5.0, lease_seconds / 3)
+
+
+def alive_window(lease_seconds: float) -> float:
+    """A worker whose row was refreshed within this many seconds is alive. A busy worker
+    renews every third of a lease; an idle one claims every second."""
+    return max(lease_seconds, 3 * heartbeat_interval(lease_seconds))
+
+
+class Heartbeats:
+    """When each worker of this handle last refreshed its registry row."""
+
+    def __init__(self, lease_seconds: float) -> None:
+        self.interval = heartbeat_interval(lease_seconds)
+        self._last: dict[str, float] = {}
+
+    def due(self, worker_id: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(worker_id, float("-inf")) < self.interval:
+            return False
+        self._last[worker_id] = now
+        return True
 
 
 class CancelOutcome(str, Enum):
@@ -90,8 +117,8 @@ class JobQueue(ABC):
 
     @abstractmethod
     def submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
-        """Several `submit_with_position`s, in order, in one commit (the API's group commit:
-        server/queue/aio.py)."""
+        """Several `submit_with_position`s, in order, in one commit (the API's AsyncQueue groups
+        concurrent submits into one call)."""
 
     @abstractmethod
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
@@ -124,7 +151,9 @@ class JobQueue(ABC):
     # --- consumer side (worker process) --------------------------------------------------
     @abstractmethod
     def claim(self, worker_id: str, timeout: float) -> JobRecord | None:
-        """Atomically take the next job and a lease on it, waiting up to `timeout` seconds."""
+        """Atomically take the next job and a lease on it, waiting up to `timeout` seconds.
+        Each call (and each `renew`) is also the worker's heartbeat: it refreshes the
+        worker's registry row, at most every `heartbeat_interval`."""
 
     @abstractmethod
     def interrupt_claim(self) -> None:

@@ -8,8 +8,13 @@ blocker: a large, many-step job that keeps the worker busy until it is cancelled
 from __future__ import annotations
 
 import io
+import json
+import os
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 from PIL import Image
@@ -145,3 +150,28 @@ def sample_image_data_uri(size: tuple[int, int] = (64, 64)) -> str:
         for y in range(size[1]):
             image.putpixel((x, y), (30, 120, 220))
     return fal_client.encode_image(image, format="png")
+
+
+JS_DIR = Path(__file__).parent / "js"
+
+
+def run_node_script(server, script: str, **env: str) -> dict:
+    """Run tests/e2e/js/<script> against `server` with the real @fal-ai/client; returns the
+    JSON object it prints last. `env` adds variables (FAL_MODE, ...)."""
+    node = shutil.which("node")
+    assert node is not None, "node is not installed: run scripts/setup.sh on a machine with Node 18+"
+    assert (JS_DIR / "node_modules" / "@fal-ai" / "client").is_dir(), (
+        f"@fal-ai/client is not installed in {JS_DIR}: run scripts/setup.sh (it runs `npm install` there)"
+    )
+    full_env = {
+        **os.environ,
+        "FLUX_BASE": server.base_url,
+        "NODE_EXTRA_CA_CERTS": str(server.certs.ca),
+        **env,
+    }
+    full_env.pop("FAL_KEY", None)
+    proc = subprocess.run(
+        [node, script], cwd=JS_DIR, env=full_env, capture_output=True, text=True, timeout=200
+    )
+    assert proc.returncode == 0, f"{proc.stderr}\n--- server log ---\n{server.log()[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -9,38 +9,17 @@ mode runs tests/e2e/js/flow.mjs once, which prints what the client returned and 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
-from e2e_support import check_output
+from e2e_support import JS_DIR, check_output, run_node_script
 
 pytestmark = pytest.mark.timeout(240)
 
-JS_DIR = Path(__file__).parent / "js"
 CLIENT_PACKAGE = JS_DIR / "node_modules" / "@fal-ai" / "client" / "package.json"
 
 
 def run_flow(server, mode: str) -> dict:
-    node = shutil.which("node")
-    assert node is not None, "node is not installed: run scripts/setup.sh on a machine with Node 18+"
-    assert CLIENT_PACKAGE.is_file(), (
-        f"@fal-ai/client is not installed in {JS_DIR}: run scripts/setup.sh (it runs `npm install` there)"
-    )
-    env = {
-        **os.environ,
-        "FLUX_BASE": server.base_url,
-        "FAL_MODE": mode,
-        "NODE_EXTRA_CA_CERTS": str(server.certs.ca),
-    }
-    env.pop("FAL_KEY", None)
-    proc = subprocess.run(
-        [node, "flow.mjs"], cwd=JS_DIR, env=env, capture_output=True, text=True, timeout=200
-    )
-    assert proc.returncode == 0, f"{proc.stderr}\n--- server log ---\n{server.log()[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_node_script(server, "flow.mjs", FAL_MODE=mode)
 
 
 @pytest.fixture(scope="module", params=["proxy", "middleware"])

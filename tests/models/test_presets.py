@@ -186,6 +186,35 @@ def test_cache_preset_skips_transformer_work(pipe, manager, block_bodies) -> Non
     assert done["high"][0] <= 0.6 * 3 * steps  # threshold 0.5: [3, 1, 1, 1, 3, 1] on this model
 
 
+def test_magcache_skips_on_a_fixed_schedule_whatever_the_activations(pipe, block_bodies, data_dir) -> None:
+    # The benchmark's `high` for random weights: MagCache with FLUX.1 [dev]'s ratios decides
+    # from the step count alone, so two different prompts and seeds skip the very same steps.
+    fixed = {"none": PRESETS["none"], "high": Preset("high", cache=CacheSetting("mag", 0.06))}
+    manager = PresetManager(
+        pipe.transformer,
+        device="cpu",
+        enabled=["none", "high"],
+        data_dir=data_dir,
+        presets=fixed,
+        hardware=CPU,
+    )
+    steps, work = 10, []
+    for prompt, seed in (("a red chair", 0), ("a blue dog on the moon", 7)):
+        with manager.use(pipe, "high", steps=steps) as active:
+            before = block_bodies[0]
+            pipe(
+                prompt=prompt,
+                width=64,
+                height=64,
+                num_inference_steps=steps,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="latent",
+            )
+            work.append(block_bodies[0] - before)
+    assert "MagCache" in active.preset.describe()
+    assert work[0] == work[1] < 3 * steps  # some steps skipped, the same ones both times
+
+
 def test_img2img_pipeline_sharing_components(pipe, manager) -> None:
     from diffusers import FluxImg2ImgPipeline
     from PIL import Image

@@ -1,19 +1,44 @@
-"""Settings reach child processes intact: `serve` hands them over as FLUX_* variables."""
+"""Settings: what is derived from other settings, and what reaches child processes intact
+(`serve` hands settings over as FLUX_* variables)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+from server.cli import build_parser, settings_from_args
 from server.config import Settings
 
 
 @pytest.fixture(autouse=True)
-def no_flux_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
+def no_flux_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("FLUX_"):
             monkeypatch.delenv(name)
+
+
+def test_files_dir_follows_the_data_dir_unless_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert Settings(data_dir=tmp_path).files_dir == tmp_path / "files"
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path)])
+    assert settings_from_args(args).files_dir == tmp_path / "files"
+    shared = tmp_path / "mount"
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path), "--files-dir", str(shared)])
+    assert settings_from_args(args).files_dir == shared
+    monkeypatch.setenv("FLUX_FILES_DIR", str(shared))
+    assert Settings(data_dir=tmp_path).files_dir == shared
+
+
+def test_child_processes_get_the_same_files_dir_and_limits(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    parent = Settings(data_dir=tmp_path, max_upload_bytes=1234)
+    for name, value in parent.to_env().items():
+        monkeypatch.setenv(name, value)
+    child = Settings()
+    assert (child.files_dir, child.max_upload_bytes) == (tmp_path / "files", 1234)
+    assert child.default_acceleration is None  # unset: each path's documented default
 
 
 def test_every_setting_survives_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,3 +49,9 @@ def test_every_setting_survives_the_environment(monkeypatch: pytest.MonkeyPatch)
         for name, value in settings.to_env().items():
             monkeypatch.setenv(name, value)
         assert Settings() == settings
+
+
+def test_upload_limits_must_be_positive(tmp_path: Path) -> None:
+    for bad in ({"max_upload_bytes": 0}, {"max_upload_retention_seconds": 0}):
+        with pytest.raises(ValueError):
+            Settings(data_dir=tmp_path, **bad)

@@ -132,3 +132,17 @@ def test_parse_size_and_output_paths() -> None:
     assert parse_size("512X512") == (512, 512)
     assert output_paths(Path("d/img.png"), 1) == [Path("d/img.png")]
     assert output_paths(Path("d/img.png"), 2) == [Path("d/img-1.png"), Path("d/img-2.png")]
+
+
+def test_generate_on_a_synthetic_model_says_its_weights_are_random(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "noise.png"
+    small = "synthetic:layers=1,single_layers=1,t5_layers=1,clip_layers=1,siglip_layers=1"
+    args = ["generate", "--model", small, "--data-dir", str(tiny_model_dir.parent), "--device", "cpu"]
+    assert main([*args, "--prompt", "a cat", "--out", str(out), "--steps", "1", "--size", "64x64"]) == 0
+    printed = capsys.readouterr().out
+    assert f"model: {small}; memory plan resident; random weights" in printed
+    assert "no safety checker" in printed
+    with Image.open(out) as image:
+        assert image.size == (64, 64)

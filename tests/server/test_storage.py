@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from server.jobs import OutputImage
-from server.storage import LocalStorage, file_name_from_url, file_url, image_url
+from server.storage import (
+    LocalStorage,
+    file_name_from_url,
+    file_url,
+    image_url,
+    normalize_content_type,
+    upload_extension,
+)
 
 
 def test_save_path_url_and_delete(tmp_path: Path) -> None:
@@ -87,3 +95,70 @@ def test_file_name_from_url_reads_back_only_our_own_file_urls() -> None:
         "not a url",
     ]:
         assert file_name_from_url(url, ours) is None, url
+
+
+def test_uploads_keep_their_type_and_expire(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "files")
+    body = storage.temp_path()
+    body.write_bytes(b"weights")
+    name = storage.store_upload(
+        body, "Application/Octet-Stream; x=1", "dir/my lora.safetensors", 100, now=1000
+    )
+    assert name.endswith(".safetensors") and not body.exists()
+    info = storage.file_info(name, now=1050)
+    assert info is not None and info.content_type == "application/octet-stream" and info.expires_at == 1100
+    assert info.path.read_bytes() == b"weights"
+    assert storage.file_info(name, now=1100) is None  # expired: not served even before the purge
+    assert storage.purge_uploads(now=1100) == 1
+    assert storage.path(name) is None
+    assert list((tmp_path / "files" / ".meta").iterdir()) == []
+
+
+def test_abandoned_reservations_and_their_parts_are_purged(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "files")
+    reservation = storage.reserve("image/png", None, 100, now=time.time())
+    part = storage.temp_path()
+    part.write_bytes(b"p1")
+    storage.save_part(reservation, 1, part, "etag-1")
+    assert storage.parts(reservation) == {1: (2, "etag-1")}
+    assert storage.reservation(reservation.upload_id, reservation.file_name) == reservation
+    assert storage.reservation(reservation.upload_id, "B" * 32 + ".png") is None  # another file
+    later = reservation.deadline + 1
+    assert storage.reservation(reservation.upload_id, reservation.file_name, now=later) is None
+    assert storage.purge_uploads(now=later) == 1
+    assert not (tmp_path / "files" / ".parts" / reservation.upload_id).exists()
+    assert list((tmp_path / "files" / ".uploads").iterdir()) == []
+    with pytest.raises(ValueError):
+        storage.save_part(reservation, 0, part, "x")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "original", "extension"),
+    [
+        ("image/png", "a.PNG", "png"),
+        ("image/jpeg", None, "jpg"),
+        ("application/octet-stream", "style.safetensors", "safetensors"),
+        ("application/octet-stream", None, "bin"),
+        ("image/png", "../../evil.png/..", "png"),  # no usable suffix: from the type
+        ("image/png", "x.a-b", "png"),
+    ],
+)
+def test_upload_extension(content_type: str, original: str | None, extension: str) -> None:
+    assert upload_extension(content_type, original) == extension
+
+
+def test_content_types_are_normalized() -> None:
+    assert normalize_content_type("Image/PNG; charset=binary") == "image/png"
+    for bad in (None, "", "text", "a/b/c", "<script>/x", "x" * 300 + "/y"):
+        assert normalize_content_type(bad) == "application/octet-stream"
+
+
+def test_own_file_reads_back_our_urls_only(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "files")
+    name = storage.save(b"\x89PNG", "png")
+    ours = ("http://127.0.0.1:8000", None)
+    assert storage.own_file(file_url("http://127.0.0.1:8000", name), ours) == storage.path(name)
+    assert storage.own_file(f"http://elsewhere/files/{name}", ours) is None
+    storage.delete(name)
+    with pytest.raises(FileNotFoundError):
+        storage.own_file(file_url("http://127.0.0.1:8000", name), ours)

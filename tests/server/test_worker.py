@@ -170,6 +170,16 @@ def _frames(tb: object) -> list:
     return traceback.extract_tb(tb)  # type: ignore[arg-type]
 
 
+def test_queued_jobs_report_how_long_the_device_sat_idle_before_them(served: Served) -> None:
+    api = served.api
+    first, second = api.submit(job(seed=1, num_inference_steps=20)).id, api.submit(job(seed=2)).id
+    done = [wait_until(completed(api, rid), what="the queued jobs") for rid in (first, second)]
+    gaps = [record.result.timings["device_idle_before"] for record in done]
+    # The second waited in the queue while the first ran: only the loop's own cost separates
+    # them, far less than the first job's whole inference (the first followed an idle queue).
+    assert 0 <= gaps[1] < done[0].result.timings["inference"]
+
+
 def test_the_ready_worker_says_what_it_loaded(served: Served) -> None:
     (info,) = served.api.workers()
     assert info.state == "ready"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -43,7 +44,7 @@ from server.protocols.fal.models import (
     SizedInput,
     resolve_image_size,
 )
-from server.storage import image_url
+from server.storage import LocalStorage, image_url
 from server.webhooks.policy import validate_webhook_url
 
 
@@ -174,6 +175,7 @@ async def build_job(
     priority: Priority = "normal",
     start_deadline: float | None = None,
     webhook: Webhook | None = None,
+    storage: LocalStorage | None = None,
 ) -> Job:
     """Validate `body` for `endpoint` of `app_id` and map it to a Job. Raises
     RequestValidationError (and KeyError for an endpoint not in `APPS`)."""
@@ -196,6 +198,10 @@ async def build_job(
                 max_bytes=settings.max_input_image_bytes,
                 timeout=settings.input_fetch_timeout,
                 policy=FetchPolicy.from_settings(settings),
+                # An upload to this server is read from the disk, not fetched over HTTP.
+                local_file=partial(storage.own_file, base_urls=(base_url, settings.public_url))
+                if storage is not None
+                else None,
             )
         except InputImageError as exc:
             raise RequestValidationError(

@@ -9,6 +9,7 @@ exactly as they answer direct calls:
 
     https://queue.fal.run/<path>?<query>  ->  /<path>?<query>       (queue API)
     https://fal.run/<path>?<query>        ->  /run/<path>?<query>   (sync run and /stream)
+    https://rest.fal.ai/storage/<path>    ->  /storage/<path>       (starting uploads)
 
 Anything else, or no header, gets 400 "Invalid request" like fal's own server proxy.
 """
@@ -24,7 +25,9 @@ PROXY_PATH = "/api/fal/proxy"
 TARGET_HEADER = b"x-fal-target-url"
 METHODS = frozenset({"GET", "POST", "PUT"})
 # Target host -> prefix of the local route.
-TARGET_HOSTS = {"queue.fal.run": "", "fal.run": "/run"}
+TARGET_HOSTS = {"queue.fal.run": "", "fal.run": "/run", "rest.fal.ai": ""}
+# Of fal's REST API, only the storage routes exist here.
+REST_HOST, REST_PATHS = "rest.fal.ai", "/storage/"
 
 
 def local_target(target_url: str) -> tuple[str, str] | None:
@@ -33,6 +36,8 @@ def local_target(target_url: str) -> tuple[str, str] | None:
     if parts.scheme not in ("https", "http") or parts.hostname not in TARGET_HOSTS:
         return None
     if not parts.path.startswith("/") or parts.path == "/" or ".." in parts.path.split("/"):
+        return None
+    if parts.hostname == REST_HOST and not parts.path.startswith(REST_PATHS):
         return None
     return TARGET_HOSTS[parts.hostname] + parts.path, parts.query
 

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import lifecycle
 from server.auth import KeyProblem, api_key_dependency
-from server.deps import get_queue, get_settings, public_base_url
+from server.deps import get_queue, get_settings, get_storage, public_base_url
 from server.jobs import Job, JobRecord, Status
 from server.protocols.fal import adapter
 from server.queue.base import CancelOutcome
@@ -63,6 +63,7 @@ async def request_job(request: Request, owner: str, app: str, endpoint: str) -> 
             request.headers.get("x-fal-request-timeout"), time.time()
         ),
         webhook=adapter.parse_webhook(request.query_params.get("fal_webhook"), settings),
+        storage=get_storage(request),
     )
 
 

@@ -27,6 +27,7 @@ from server.queue.base import (
     MAX_ATTEMPTS,
     PURGE_BATCH,
     CancelOutcome,
+    Heartbeats,
     JobQueue,
     QueueCounts,
     WorkerInfo,
@@ -43,6 +44,7 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
     def __init__(self, db_path: Path, run_dir: Path, *, role: str, lease_seconds: float = 30.0) -> None:
         super().__init__(db_path, run_dir, role=role, lease_seconds=lease_seconds)
         self._interrupted = threading.Event()  # set by `interrupt_claim`, cleared by `claim`
+        self._heartbeats = Heartbeats(lease_seconds)
 
     # --- producer side -------------------------------------------------------------------
     def submit(self, job: Job, request_id: str | None = None) -> JobRecord:
@@ -148,6 +150,7 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
 
     # --- consumer side -------------------------------------------------------------------
     def claim(self, worker_id: str, timeout: float) -> JobRecord | None:
+        self._heartbeat(worker_id)
         deadline = time.monotonic() + timeout
         conn = self._conn()
         while True:
@@ -191,7 +194,14 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
         self.notifier.notify("api", request_id.encode())
         return self._record(record_row, self._logs(self._conn(), request_id))
 
+    def _heartbeat(self, worker_id: str) -> None:
+        if self._heartbeats.due(worker_id):
+            self._execute_write(
+                "UPDATE workers SET updated_at = ? WHERE worker_id = ?", (time.time(), worker_id)
+            )
+
     def renew(self, request_id: str, worker_id: str) -> bool:
+        self._heartbeat(worker_id)
         changed = self._execute_write(
             "UPDATE jobs SET lease_expires = ? WHERE id = ? AND worker = ? AND status = 'IN_PROGRESS'",
             (time.time() + self.lease_seconds, request_id, worker_id),

@@ -1,4 +1,5 @@
-"""The `backend` fixture of the queue contract suite: every backend, behind one interface.
+"""The `backend` fixture of the queue contract suite: every backend, behind one interface
+(SQLite in a temporary directory; a fresh database on the session's PostgreSQL server).
 
 `backend.open(role=..., lease_seconds=...)` returns a new handle on one shared store, as a
 separate process would have; the fixture closes every handle it opened.
@@ -17,6 +18,7 @@ from server.config import Settings
 from server.jobs import Job, JobResult, OutputImage
 from server.queue.base import JobQueue
 from server.queue.factory import open_queue
+from tests.pg_server import PostgresServer
 
 T = TypeVar("T")
 
@@ -73,7 +75,15 @@ def _sqlite_settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings
     return Settings(data_dir=tmp_path / "data")
 
 
-BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Settings]] = {"sqlite": _sqlite_settings}
+def _postgres_settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return Settings(data_dir=tmp_path / "data", queue_url=server.fresh_database_url())
+
+
+BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Settings]] = {
+    "sqlite": _sqlite_settings,
+    "postgres": _postgres_settings,
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))

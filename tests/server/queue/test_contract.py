@@ -11,7 +11,7 @@ import threading
 import time
 
 from server.jobs import JobError, Status, Webhook, cancelled_error
-from server.queue.base import CancelOutcome, JobQueue
+from server.queue.base import CancelOutcome, JobQueue, QueueCounts
 from tests.server.queue.conftest import QueueBackend, eventually, make_job, make_result
 
 HOOK = Webhook(url="https://example.test/hook", kind="fal")
@@ -52,6 +52,13 @@ def test_submit_positions_follow_every_way_in_and_out_of_the_queue(api: JobQueue
     assert api.cancel(low.id) is CancelOutcome.CANCELLED  # leaves from the middle
     assert api.depth() == 5 and api.position(batch[1][0].id) == 4
     assert api.submit_with_position(make_job(priority="low"))[1] == 5
+
+
+def test_counts_of_queued_by_priority_and_running(api: JobQueue, worker: JobQueue) -> None:
+    assert api.counts() == QueueCounts(queued={"normal": 0, "low": 0}, running=0)
+    api.submit_many([make_job(), make_job(), make_job(priority="low")])
+    worker.claim("w1", timeout=0)
+    assert api.counts() == QueueCounts(queued={"normal": 1, "low": 1}, running=1)
 
 
 def test_submit_with_a_given_id_and_an_input_image(api: JobQueue, worker: JobQueue) -> None:
@@ -431,6 +438,25 @@ def test_concurrent_purges_return_each_record_once(backend: QueueBackend) -> Non
         thread.join(60)
     flat = [rid for part in purged for rid in part]
     assert sorted(flat) == sorted(ids) and len(flat) == len(set(flat))
+
+
+def test_claims_and_renewals_are_the_workers_heartbeat(backend: QueueBackend) -> None:
+    api, worker = backend.open("api"), backend.open("worker", lease_seconds=0.3)
+    worker.set_worker_state("w1", "ready", device="cpu", model="tiny")
+    (registered,) = api.workers()
+    assert worker.claim("w1", timeout=0) is None  # an idle worker's poll
+    eventually(
+        lambda: worker.claim("w1", timeout=0) is None and api.workers()[0].updated_at > registered.updated_at,
+        what="an idle claim to refresh the row",
+    )
+    rid = api.submit(make_job()).id
+    assert worker.claim("w1", timeout=0).id == rid
+    polled = api.workers()[0].updated_at
+    eventually(
+        lambda: worker.renew(rid, "w1") and api.workers()[0].updated_at > polled,
+        what="a renewal to refresh the row",
+    )
+    assert api.workers()[0].state == "ready"  # a heartbeat keeps the state
 
 
 def test_worker_registry(api: JobQueue, worker: JobQueue) -> None:

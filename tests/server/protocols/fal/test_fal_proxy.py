@@ -21,7 +21,12 @@ def test_local_target_mapping():
         "logs=0",
     )
     assert local_target("https://fal.run/fal-ai/flux/dev/stream") == ("/run/fal-ai/flux/dev/stream", "")
-    assert local_target("https://rest.fal.ai/storage/upload/initiate") is None
+    # fal's REST host: only the storage routes (uploads) exist here.
+    assert local_target("https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3") == (
+        "/storage/upload/initiate",
+        "storage_type=fal-cdn-v3",
+    )
+    assert local_target("https://rest.fal.ai/fal-ai/flux/dev") is None
     assert local_target("https://evil.example/fal-ai/flux/dev") is None
     assert local_target("https://queue.fal.run/") is None
 
@@ -92,8 +97,8 @@ def test_proxy_rejects_missing_or_foreign_targets(api):
         PROXY, json={"prompt": "p"}, headers=target("https://example.com/fal-ai/flux/dev")
     )
     assert foreign.status_code == 400
-    rest = api.client.post(PROXY, json={}, headers=target("https://rest.fal.ai/storage/upload/initiate"))
-    assert rest.status_code == 400
+    rest = api.client.post(PROXY, json={"prompt": "p"}, headers=target("https://rest.fal.ai/fal-ai/flux/dev"))
+    assert rest.status_code == 400  # of fal's REST host only the storage routes are served
     assert (
         api.client.delete(PROXY, headers=target("https://queue.fal.run/fal-ai/flux/dev")).status_code == 405
     )

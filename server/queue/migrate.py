@@ -1,0 +1,126 @@
+"""`flux-server migrate-queue`: copy a one-box install's SQLite queue into PostgreSQL.
+
+Run it with the server stopped (`serve` gives running jobs back to the queue when it stops),
+then start every box with `--queue-url`. Queued requests keep their order and priority,
+finished ones keep their results, logs and webhook delivery state, so clients can still read
+them until retention deletes them. A job left running by a crash is copied as queued, with
+its attempts. Copying again skips what is already there, so an interrupted run can simply be
+repeated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from server.queue.postgres.connection import connect
+from server.queue.postgres.schema import migrate
+
+_JOB_COLUMNS = (
+    "id, app_id, status, priority_rank, job_json, image, created_at, started_at, completed_at, attempts, "
+    "worker, lease_expires, cancel_requested, progress, result_json, error_json, start_deadline, webhook"
+)
+
+
+@dataclass(frozen=True)
+class Copied:
+    queued: int
+    finished: int
+    skipped: int
+    logs: int
+    deliveries: int
+
+
+def copy_sqlite_to_postgres(db_path: Path, url: str) -> Copied:
+    """Copy every request of the SQLite file at `db_path` into the PostgreSQL queue at `url`,
+    in one transaction."""
+    if not Path(db_path).is_file():
+        raise FileNotFoundError(f"no queue database at {db_path}")
+    source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    with contextlib.closing(source), connect(url) as target:
+        migrate(target)
+        with target.transaction():
+            # Claim order, so that queued jobs get PostgreSQL sequence numbers in that order; a
+            # job left running goes to the head of its class, as a lost worker's job does.
+            jobs = source.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs "
+                "ORDER BY status = 'COMPLETED', priority_rank, status != 'IN_PROGRESS', seq"
+            ).fetchall()
+            copied = [row for row in jobs if _copy_job(target, row)]
+            logs = sum(_copy_logs(source, target, row[0]) for row in copied)
+            deliveries = sum(_copy_delivery(source, target, row[0]) for row in copied)
+    finished = sum(row[2] == "COMPLETED" for row in copied)
+    return Copied(
+        queued=len(copied) - finished,
+        finished=finished,
+        skipped=len(jobs) - len(copied),
+        logs=logs,
+        deliveries=deliveries,
+    )
+
+
+def _copy_job(target: psycopg.Connection, row: tuple) -> bool:
+    """Insert one job; False if the target has it already."""
+    values = list(row)
+    if values[2] == "IN_PROGRESS":  # left running by a crash: back to the queue
+        values[2], values[10], values[11], values[13] = "IN_QUEUE", None, None, 0.0
+    values[12], values[17] = bool(values[12]), bool(values[17])  # SQLite keeps booleans as 0/1
+    inserted = target.execute(
+        f"INSERT INTO flux_jobs ({_JOB_COLUMNS}) VALUES ({', '.join(['%s'] * len(values))}) "
+        "ON CONFLICT (id) DO NOTHING RETURNING id",
+        values,
+    ).fetchone()
+    return inserted is not None
+
+
+def _copy_logs(source: sqlite3.Connection, target: psycopg.Connection, request_id: str) -> int:
+    rows = source.execute(
+        "SELECT request_id, ts, level, source, message FROM logs WHERE request_id = ? ORDER BY id",
+        (request_id,),
+    ).fetchall()
+    with target.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO flux_logs (request_id, ts, level, source, message) VALUES (%s, %s, %s, %s, %s)",
+            rows,
+        )
+    return len(rows)
+
+
+def _copy_delivery(source: sqlite3.Connection, target: psycopg.Connection, request_id: str) -> int:
+    row = source.execute(
+        "SELECT request_id, due_at, attempts, last_error, delivered_at, gave_up FROM deliveries "
+        "WHERE request_id = ?",
+        (request_id,),
+    ).fetchone()
+    if row is None:
+        return 0
+    target.execute(
+        "INSERT INTO flux_deliveries (request_id, due_at, attempts, last_error, delivered_at, gave_up) "
+        "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (*row[:5], bool(row[5])),
+    )
+    return 1
+
+
+def migrate_queue_command(data_dir: Path, url: str) -> int:
+    """The command line's side: one line of counts, or one line of why not."""
+    from server.config import Settings
+    from server.queue.base import QueueUnavailable
+
+    db_path = Settings(data_dir=data_dir).db_path
+    try:
+        copied = copy_sqlite_to_postgres(db_path, url)
+    except (FileNotFoundError, QueueUnavailable) as exc:
+        print(f"flux-server: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"copied {copied.queued} queued and {copied.finished} finished request(s) "
+        f"({copied.logs} log lines, {copied.deliveries} webhook deliveries) from {db_path}; "
+        f"{copied.skipped} already there"
+    )
+    return 0

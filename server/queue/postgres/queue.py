@@ -1,0 +1,326 @@
+"""The shared queue: one PostgreSQL database used by the API and worker processes of every box.
+
+Ordering: `priority_rank` (0 normal, 1 low) then `seq` from a sequence; a job put back takes
+its `seq` from a second sequence counting down from 0, so it goes to the head. Claims take the
+head with `FOR UPDATE SKIP LOCKED` in one short transaction: workers on many boxes never wait
+for each other and never take the same job. Pool, transactions and row steps are in
+store.py, the tables in schema.py, webhook deliveries in deliveries.py, recovery, purge and
+the worker registry in maintenance.py, wake-ups in wakeups.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+from server.jobs import (
+    Job,
+    JobError,
+    JobRecord,
+    JobResult,
+    LogEntry,
+    Status,
+    cancelled_error,
+    new_request_id,
+)
+from server.queue.base import (
+    CancelOutcome,
+    Heartbeats,
+    JobQueue,
+    QueueCounts,
+    QueueUnavailable,
+)
+from server.queue.postgres.deliveries import PostgresDeliveries
+from server.queue.postgres.maintenance import PostgresMaintenance
+from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS, REQUEUE
+from server.queue.postgres.wakeups import CHANNEL, SUBMIT_KEY
+from server.queue.records import PRIORITY_RANK, utc_timestamp, without_image
+
+# A lost notification (a dropped listening connection) costs at most this long.
+FALLBACK_POLL_SECONDS = 2.0
+CHANGE_FALLBACK_SECONDS = 1.0
+
+
+class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
+    def __init__(self, url: str, *, role: str, lease_seconds: float = 30.0) -> None:
+        super().__init__(url, role=role, lease_seconds=lease_seconds)
+        self._interrupted = threading.Event()
+        self._heartbeats = Heartbeats(lease_seconds)
+
+    # --- producer side -------------------------------------------------------------------
+    def submit(self, job: Job, request_id: str | None = None) -> JobRecord:
+        return self._store([(job, request_id or new_request_id())])[0][0]
+
+    def submit_with_position(self, job: Job, request_id: str | None = None) -> tuple[JobRecord, int]:
+        return self._store([(job, request_id or new_request_id())])[0]
+
+    def submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
+        return self._store([(job, new_request_id()) for job in jobs])
+
+    def _store(self, entries: list[tuple[Job, str]]) -> list[tuple[JobRecord, int]]:
+        """Insert the jobs in order in one transaction; each with its position."""
+        now = time.time()
+        bare_jobs = [without_image(job) for job, _ in entries]
+        rows = [
+            (request_id, job.app_id, PRIORITY_RANK[job.priority], bare.model_dump_json(), job.image, now,
+             job.start_deadline, job.webhook is not None)
+            for (job, request_id), bare in zip(entries, bare_jobs, strict=True)
+        ]  # fmt: skip
+
+        def store(conn: psycopg.Connection) -> list[int]:
+            # Queued jobs of each class and the ones before it: one count per batch.
+            normal, everything = conn.execute(
+                "SELECT count(*) FILTER (WHERE priority_rank = 0), count(*) FROM flux_jobs "
+                "WHERE status = 'IN_QUEUE'"
+            ).fetchone()
+            ahead = [int(normal), int(everything)]
+            positions = []
+            for row in rows:
+                rank = row[2]
+                positions.append(ahead[rank])
+                for later in range(rank, len(ahead)):
+                    ahead[later] += 1
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO flux_jobs (id, app_id, status, priority_rank, job_json, image, created_at, "
+                    "start_deadline, webhook) VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s)",
+                    rows,
+                )
+            self._notify(conn, [SUBMIT_KEY])
+            return positions
+
+        positions = self._tx(store)
+        for (_, request_id), bare in zip(entries, bare_jobs, strict=True):
+            self._jobs.put(request_id, bare)
+        return [
+            (JobRecord(id=request_id, job=job, status=Status.IN_QUEUE, created_at=now), position)
+            for (job, request_id), position in zip(entries, positions, strict=True)
+        ]
+
+    def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
+        # The record and its log lines in one statement: one round trip per status poll.
+        row = self._run(
+            lambda conn: conn.execute(
+                f"SELECT {RECORD_COLUMNS}, CASE WHEN %s THEN (SELECT json_agg(json_build_array("
+                "ts, level, source, message) ORDER BY l.id) FROM flux_logs l WHERE l.request_id = j.id) END "
+                "FROM flux_jobs j WHERE j.id = %s",
+                (with_logs, request_id),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        logs = [
+            LogEntry(timestamp=ts, level=level, source=source, message=message)
+            for ts, level, source, message in row[-1] or []
+        ]
+        return self._record(row[:-1], logs)
+
+    def position(self, request_id: str) -> int | None:
+        # One range count over the queue index: the cost grows with the position, not with
+        # the length of the queue.
+        row = self._run(
+            lambda conn: conn.execute(
+                "SELECT j.status, (SELECT count(*) FROM flux_jobs q WHERE q.status = 'IN_QUEUE' "
+                "AND (q.priority_rank, q.seq) < (j.priority_rank, j.seq)) FROM flux_jobs j WHERE j.id = %s",
+                (request_id,),
+            ).fetchone()
+        )
+        if row is None or row[0] != Status.IN_QUEUE.value:
+            return None
+        return int(row[1])
+
+    def depth(self) -> int:
+        row = self._run(
+            lambda conn: conn.execute("SELECT count(*) FROM flux_jobs WHERE status = 'IN_QUEUE'").fetchone()
+        )
+        return int(row[0]) if row else 0
+
+    def counts(self) -> QueueCounts:
+        # Queued and running rows only (completed ones, the bulk of the table, are not read).
+        row = self._run(
+            lambda conn: conn.execute(
+                "SELECT count(*) FILTER (WHERE status = 'IN_QUEUE' AND priority_rank = 0), "
+                "count(*) FILTER (WHERE status = 'IN_QUEUE' AND priority_rank = 1), "
+                "count(*) FILTER (WHERE status = 'IN_PROGRESS') FROM flux_jobs "
+                "WHERE status IN ('IN_QUEUE', 'IN_PROGRESS')"
+            ).fetchone()
+        )
+        normal, low, running = row if row else (0, 0, 0)
+        by_rank = {0: int(normal), 1: int(low)}
+        queued = {priority: by_rank.get(rank, 0) for priority, rank in PRIORITY_RANK.items()}
+        return QueueCounts(queued=queued, running=int(running))
+
+    def cancel(self, request_id: str) -> CancelOutcome:
+        def cancel(conn: psycopg.Connection) -> CancelOutcome:
+            row = conn.execute(
+                "SELECT status FROM flux_jobs WHERE id = %s FOR UPDATE", (request_id,)
+            ).fetchone()
+            if row is None:
+                return CancelOutcome.NOT_FOUND
+            if row[0] == Status.COMPLETED.value:
+                return CancelOutcome.ALREADY_COMPLETED
+            if row[0] == Status.IN_QUEUE.value:
+                self._finish(conn, request_id, time.time(), error=cancelled_error())
+                return CancelOutcome.CANCELLED
+            conn.execute("UPDATE flux_jobs SET cancel_requested = TRUE WHERE id = %s", (request_id,))
+            self._notify(conn, [request_id])
+            return CancelOutcome.REQUESTED
+
+        return self._tx(cancel)
+
+    async def wait_for_change(self, request_id: str, timeout: float) -> None:
+        await self.wakeups.wait_for(request_id, min(timeout, CHANGE_FALLBACK_SECONDS))
+
+    # --- consumer side -------------------------------------------------------------------
+    def claim(self, worker_id: str, timeout: float) -> JobRecord | None:
+        deadline = time.monotonic() + timeout
+        if timeout > 0:
+            self.wakeups.start()
+        while True:
+            if self._interrupted.is_set():
+                self._interrupted.clear()
+                return None
+            generation = self.wakeups.submit_generation()
+            record = self._claim_head(worker_id)
+            if record is not None:
+                return record
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.wakeups.wait_for_submit(generation, min(remaining, FALLBACK_POLL_SECONDS))
+
+    def interrupt_claim(self) -> None:
+        self._interrupted.set()
+        self.wakeups.bump_submits()
+
+    def _claim_head(self, worker_id: str) -> JobRecord | None:
+        heartbeat = self._heartbeats.due(worker_id)
+
+        def claim(conn: psycopg.Connection) -> JobRecord | None:
+            now = time.time()
+            if heartbeat:
+                self._touch_worker(conn, worker_id)
+            self._expire_deadlines(conn, now)
+            # Take the head, log who took it and wake its waiters: one statement.
+            started = f"Started on {worker_id}"
+            row = conn.execute(
+                "WITH head AS (SELECT id FROM flux_jobs WHERE status = 'IN_QUEUE' "
+                "ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED), "
+                f"claimed AS (UPDATE flux_jobs j SET status = 'IN_PROGRESS', worker = %s, "
+                f"lease_expires = {DB_NOW} + %s, attempts = attempts + 1, started_at = %s FROM head "
+                f"WHERE j.id = head.id RETURNING {', '.join('j.' + c for c in RECORD_COLUMNS.split(', '))}), "
+                "line AS (INSERT INTO flux_logs (request_id, ts, level, source, message) "
+                "SELECT id, %s, 'INFO', 'USER', %s FROM claimed), "
+                "woken AS (SELECT pg_notify(%s, id) FROM claimed) "
+                "SELECT claimed.*, (SELECT json_agg(json_build_array(ts, level, source, message) "
+                "ORDER BY l.id) FROM flux_logs l WHERE l.request_id = claimed.id), "
+                "(SELECT count(*) FROM woken) FROM claimed",
+                (worker_id, self.lease_seconds, now, utc_timestamp(now), started, CHANNEL),
+            ).fetchone()
+            if row is None:
+                return None
+            earlier = [
+                LogEntry(timestamp=ts, level=level, source=source, message=message)
+                for ts, level, source, message in row[-2] or []
+            ]
+            # The statement's own log line is not visible to it: add it here.
+            return self._record(row[:-2], [*earlier, LogEntry(timestamp=utc_timestamp(now), message=started)])
+
+        try:
+            return self._tx(claim)
+        except QueueUnavailable:
+            if self._patience > 0:  # a worker keeps waiting for jobs until the database is back
+                time.sleep(FALLBACK_POLL_SECONDS)
+                return None
+            raise
+
+    @staticmethod
+    def _touch_worker(conn: psycopg.Connection, worker_id: str) -> None:
+        conn.execute(f"UPDATE flux_workers SET updated_at = {DB_NOW} WHERE worker_id = %s", (worker_id,))
+
+    def renew(self, request_id: str, worker_id: str) -> bool:
+        heartbeat = self._heartbeats.due(worker_id)
+
+        def renew(conn: psycopg.Connection) -> bool:
+            if heartbeat:
+                self._touch_worker(conn, worker_id)
+            row = conn.execute(
+                f"UPDATE flux_jobs SET lease_expires = {DB_NOW} + %s WHERE id = %s AND worker = %s "
+                "AND status = 'IN_PROGRESS' RETURNING 1",
+                (self.lease_seconds, request_id, worker_id),
+            ).fetchone()
+            return row is not None
+
+        return (self._tx if heartbeat else self._run)(renew)
+
+    def is_cancel_requested(self, request_id: str) -> bool:
+        row = self._run(
+            lambda conn: conn.execute(
+                "SELECT cancel_requested FROM flux_jobs WHERE id = %s", (request_id,)
+            ).fetchone()
+        )
+        return bool(row and row[0])
+
+    def log(self, request_id: str, message: str, progress: float | None = None) -> None:
+        # One statement (one round trip per denoising step): the line, the progress, the wake-up.
+        self._run(
+            lambda conn: conn.execute(
+                "WITH line AS (INSERT INTO flux_logs (request_id, ts, level, source, message) "
+                "VALUES (%s, %s, 'INFO', 'USER', %s)), "
+                "progress AS (UPDATE flux_jobs SET progress = %s WHERE id = %s AND %s::double precision "
+                "IS NOT NULL) SELECT pg_notify(%s, %s)",
+                (
+                    request_id,
+                    utc_timestamp(time.time()),
+                    message,
+                    progress,
+                    request_id,
+                    progress,
+                    CHANNEL,
+                    request_id,
+                ),
+            )
+        )
+
+    def complete(self, request_id: str, worker_id: str, result: JobResult) -> bool:
+        return self._tx(
+            lambda conn: self._finish(
+                conn,
+                request_id,
+                time.time(),
+                result=result,
+                condition="status = 'IN_PROGRESS' AND worker = %s",
+                params=(worker_id,),
+            )
+        )
+
+    def fail(self, request_id: str, worker_id: str | None, error: JobError) -> bool:
+        if worker_id is None:
+            return self._tx(lambda conn: self._finish(conn, request_id, time.time(), error=error))
+        return self._tx(
+            lambda conn: self._finish(
+                conn,
+                request_id,
+                time.time(),
+                error=error,
+                condition="status = 'IN_PROGRESS' AND worker = %s",
+                params=(worker_id,),
+            )
+        )
+
+    def requeue(self, request_id: str, worker_id: str, message: str = "Worker stopping; requeued") -> bool:
+        def requeue(conn: psycopg.Connection) -> bool:
+            row = conn.execute(
+                f"UPDATE flux_jobs SET {REQUEUE}, attempts = GREATEST(attempts - 1, 0) "
+                "WHERE id = %s AND worker = %s AND status = 'IN_PROGRESS' RETURNING 1",
+                (request_id, worker_id),
+            ).fetchone()
+            if row is None:
+                return False
+            self._add_log(conn, request_id, message, time.time())
+            self._notify(conn, [request_id, SUBMIT_KEY])
+            return True
+
+        return self._tx(requeue)
