@@ -103,12 +103,13 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.include_router(run_routes.router)
     app.include_router(queue_routes.router)  # last: its patterns match almost any path
 
-    # Added innermost first: the proxy rewrites the path, then slashes are stripped, then
-    # the request-id header is added on the way out; the body limit wraps them all.
+    # Added innermost first: the proxy rewrites the path, then the body limit applies to that
+    # path, then slashes are stripped, then the request-id header is added on the way out.
     app.add_middleware(RequestIdHeaderMiddleware)
     app.add_middleware(StripTrailingSlashMiddleware)
+    # fal storage uploads (under /files/) have their own, larger limit (--max-upload-bytes).
+    app.add_middleware(BodyLimitMiddleware, limit=settings.request_body_limit, exempt_prefix="/files/")
     app.add_middleware(FalProxyMiddleware)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.request_body_limit)
     if settings.cors_origin:
         # Outermost, so that preflights are answered before the proxy route sees them and
         # every answer (413s included) carries the headers a browser needs.

@@ -15,12 +15,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    """`exempt_prefix`: paths whose routes enforce a limit of their own (file uploads)."""
+
+    def __init__(self, app: ASGIApp, limit: int, exempt_prefix: str | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.exempt_prefix = exempt_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        exempt = self.exempt_prefix is not None and scope.get("path", "").startswith(self.exempt_prefix)
+        if scope["type"] != "http" or exempt:
             await self.app(scope, receive, send)
             return
         declared = next((value for name, value in scope["headers"] if name == b"content-length"), b"")

@@ -129,7 +129,7 @@ def fetch_image(client: httpx.Client, url: str) -> tuple[Image.Image, httpx.Resp
 
 
 def check_output(client: httpx.Client, output: dict, *, size: tuple[int, int] = (64, 64)) -> Image.Image:
-    """The fal FLUX output shape (§9.2) with a fetchable image of the expected size."""
+    """fal's FLUX output shape (docs/api/fal.md) with a fetchable image of the expected size."""
     assert set(output) >= {"images", "timings", "seed", "has_nsfw_concepts", "prompt"}, output
     assert len(output["images"]) == len(output["has_nsfw_concepts"]) >= 1
     meta = output["images"][0]

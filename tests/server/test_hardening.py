@@ -73,6 +73,17 @@ def test_oversized_multipart_upload_is_413_in_openai_shape(api_limited) -> None:
     assert "larger than" in response.json()["error"]["message"]
 
 
+def test_fal_storage_uploads_keep_their_own_larger_limit(api_limited) -> None:
+    """File uploads are not requests to generate: --max-upload-bytes applies to them."""
+    response = api_limited.client.post(
+        "/files/upload",
+        content=png_bytes(64, 64) + b"\0" * (LIMIT * 2),
+        headers={"content-type": "image/png"},
+    )
+    assert response.status_code == 200, response.text
+    assert "/files/" in response.json()["access_url"]
+
+
 def test_a_body_within_the_limit_is_accepted(api_limited) -> None:
     assert api_limited.client.post("/fal-ai/flux/dev", json={"prompt": "fits"}).status_code == 200
 

@@ -338,7 +338,7 @@ def inference_seconds(record: JobRecord) -> float | None:
 
 
 def output_body(result: JobResult, base_url: str) -> dict[str, Any]:
-    """The raw model output (§9.2): what the result route and sync run return."""
+    """The raw model output (docs/api/fal.md): what the result route and sync run return."""
     images = [
         FalImage(
             url=image_url(base_url, image),
