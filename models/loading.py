@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from diffusers import FluxPipeline, FluxPriorReduxPipeline
 
+    from models.lora.spec import LoraLimits
     from models.memory import MemoryPlan
     from models.runtime import FluxRuntime
 
@@ -48,9 +49,10 @@ def load_runtime(
     device: str = "auto",
     presets: Sequence[str] | None = None,
     memory_plan: str = "auto",
+    lora_limits: LoraLimits | None = None,
 ) -> FluxRuntime:
     """`presets`: the acceleration presets to prepare; None or empty: the device's default
-    (models.presets.policy.default_presets)."""
+    (models.presets.policy.default_presets). `lora_limits`: per-request LoRA bounds."""
     from models.weights.check import resolve_model
     from models.weights.offline import enforce_offline
 
@@ -59,8 +61,10 @@ def load_runtime(
     # Resolve first: a broken --model fails before the slow torch/diffusers imports.
     spec = resolve_model(model, data_dir=Path(data_dir), components_dir=components_dir)
     import torch
-    from diffusers import FluxImg2ImgPipeline, FluxPipeline, FluxPriorReduxPipeline
+    from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, FluxPriorReduxPipeline
 
+    from models.lora.manager import LoraManager
+    from models.lora.spec import LoraLimits
     from models.memory import choose_plan, vram_bytes
     from models.presets.apply import PresetManager
     from models.presets.policy import default_presets
@@ -98,6 +102,8 @@ def load_runtime(
     # Built after placement so that it shares the very same (already placed) modules.
     img2img = FluxImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
+    inpaint = FluxInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
 
     safety = None
     if safety_checker is not None:
@@ -115,6 +121,10 @@ def load_runtime(
         data_dir=Path(data_dir),
         memory_plan=plan,
     )
+    # Compiled presets switch LoRAs by hot-swap, whose slots must exist before any compile.
+    compiled = any(p.compile != "none" for p, _ in preset_manager.runnable.values())
+    loras = LoraManager(pipe, limits=lora_limits or LoraLimits(), hotswap=compiled)
+    loras.prepare()
     logger.info(
         "loaded %s on %s (%s, memory plan %s) in %.1fs; redux %s",
         spec.name,
@@ -127,12 +137,14 @@ def load_runtime(
     return FluxRuntime(
         pipe=pipe,
         img2img=img2img,
+        inpaint=inpaint,
         redux=redux,
         safety=safety,
         presets=preset_manager,
         memory_plan=plan,
         device=device,
         model_name=spec.name,
+        loras=loras,
         model_kind=spec.kind,
     )
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-Task = Literal["text-to-image", "image-to-image", "redux"]
+if TYPE_CHECKING:
+    from models.lora.spec import LoraSpec
+
+Task = Literal["text-to-image", "image-to-image", "inpainting", "redux"]
 PresetName = Literal["none", "regular", "high"]
 
 # Sanity limits. The protocol adapters check their own (narrower) limits first; the runtime
@@ -52,9 +55,11 @@ class GenerationRequest:
     steps: int = 28
     guidance: float = 3.5
     num_images: int = 1
-    strength: float = 0.95  # image-to-image only: the share of the steps that run
-    # Input image for image-to-image and redux, as encoded bytes (any format PIL reads).
+    strength: float = 0.95  # image-to-image and inpainting: the share of the steps that run
+    # Input image for image-to-image, inpainting and redux, as encoded bytes (any format PIL reads).
     image: bytes | None = None
+    mask: bytes | None = None  # inpainting: white is repainted, black kept
+    loras: tuple[LoraSpec, ...] = ()  # local LoRA files and their scales, for this call only
     acceleration: PresetName = "none"
     enable_safety_checker: bool = True
     # BFL's 0 (strict) .. 6 (permissive); None: the checker's default threshold.
@@ -90,9 +95,11 @@ def validate(request: GenerationRequest) -> None:
         if 1 <= request.num_images <= MAX_IMAGES
         else f"num_images must be between 1 and {MAX_IMAGES}, got {request.num_images}",
     ]
-    if request.task in ("image-to-image", "redux") and not request.image:
+    if request.task in ("image-to-image", "inpainting", "redux") and not request.image:
         problems.append(f"task {request.task!r} needs an input image")
-    if request.task == "image-to-image" and not (
+    if request.task == "inpainting" and not request.mask:
+        problems.append("task 'inpainting' needs a mask")
+    if request.task in ("image-to-image", "inpainting") and not (
         math.isfinite(request.strength) and 0 < request.strength <= 1
     ):
         problems.append(f"strength must be in (0, 1], got {request.strength}")

@@ -33,9 +33,10 @@ from models.request import GenerationRequest, InputError, TaskUnavailable, img2i
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import FluxImg2ImgPipeline, FluxPipeline, FluxPriorReduxPipeline
+    from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, FluxPriorReduxPipeline
     from PIL import Image
 
+    from models.lora.manager import LoraManager
     from models.memory import MemoryPlan
     from models.presets.apply import PresetManager
     from models.safety import SafetyChecker
@@ -53,6 +54,9 @@ class Generation:
     preset: str = "none"
     preset_note: str | None = None
     cancelled: bool = False
+    log: list[str] = field(default_factory=list)  # lines for the job's log (LoRA loads, paths)
+    lora_hits: int = 0  # LoRAs already in memory / read from disk for this call
+    lora_misses: int = 0
 
 
 class FluxRuntime:
@@ -61,16 +65,19 @@ class FluxRuntime:
         *,
         pipe: FluxPipeline,
         img2img: FluxImg2ImgPipeline,
+        inpaint: FluxInpaintPipeline,
         redux: FluxPriorReduxPipeline | None,
         safety: SafetyChecker | None,
         presets: PresetManager,
         memory_plan: MemoryPlan,
         device: str,
         model_name: str,
+        loras: LoraManager,
         model_kind: str = "diffusers",
     ) -> None:
         self.pipe = pipe
         self.img2img = img2img
+        self.inpaint = inpaint
         self.redux = redux
         self.safety = safety
         self.presets = presets
@@ -78,6 +85,7 @@ class FluxRuntime:
         self.device = device
         self.model_name = model_name
         self.model_kind = model_kind  # "tiny", "synthetic", "diffusers" or "single-file"
+        self.loras = loras  # per-request LoRAs on the shared pipeline (models/lora)
         self._lock = threading.Lock()
 
     @classmethod
@@ -90,7 +98,7 @@ class FluxRuntime:
     @property
     def tasks(self) -> tuple[str, ...]:
         """The tasks this runtime can run."""
-        base = ("text-to-image", "image-to-image")
+        base = ("text-to-image", "image-to-image", "inpainting")
         return (*base, "redux") if self.redux is not None else base
 
     @property
@@ -119,14 +127,22 @@ class FluxRuntime:
                 "redux is not available: the loaded model has no redux parts "
                 "(image_encoder, feature_extractor, image_embedder)"
             )
-        with self._lock:
-            return self._generate_locked(request, on_step, should_cancel)
+        # The request's LoRAs are on for this call only, also when it fails.
+        with self._lock, self.loras.apply(request.loras) as lora_run:
+            generation = self._generate_locked(
+                request, on_step, should_cancel, lora_eager=lora_run.eager_reason is not None
+            )
+            generation.log = lora_run.log
+            generation.lora_hits, generation.lora_misses = lora_run.hits, lora_run.misses
+            return generation
 
     def _generate_locked(
         self,
         request: GenerationRequest,
         on_step: Callable[[int, int], None] | None,
         should_cancel: Callable[[], bool] | None,
+        *,
+        lora_eager: bool = False,
     ) -> Generation:
         import torch
 
@@ -154,10 +170,14 @@ class FluxRuntime:
         with _timed(timings, "encode"), torch.no_grad():
             prompt_embeds, pooled_prompt_embeds = self._encode(request, input_image)
 
-        pipe: Any = self.img2img if request.task == "image-to-image" else self.pipe
+        pipe: Any = {"image-to-image": self.img2img, "inpainting": self.inpaint}.get(request.task, self.pipe)
         extra: dict[str, Any] = {}
         if request.task == "image-to-image":
             extra = {"image": input_image, "strength": request.strength}
+        elif request.task == "inpainting":
+            assert request.mask is not None
+            mask = _open_image(request.mask)
+            extra = {"image": input_image, "mask_image": mask, "strength": request.strength}
 
         def step_end(pipeline: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             if on_step is not None:
@@ -169,9 +189,17 @@ class FluxRuntime:
         # Noise drawn on the CPU: the same request and seed give the same bytes on this machine.
         generator = torch.Generator("cpu").manual_seed(seed)
         steps = request.steps
-        if request.task == "image-to-image":
+        if request.task in ("image-to-image", "inpainting"):
             steps = img2img_steps(request.steps, request.strength)
-        with self.presets.use(pipe, request.acceleration, steps=steps) as active, _timed(timings, "denoise"):
+        use = self.presets.use(
+            pipe,
+            request.acceleration,
+            steps=steps,
+            # LoRAs live on the loaded weights; the hot-swap slots' slower path runs eager.
+            base_weights="LoRAs apply to the weights as loaded" if request.loras else None,
+            eager=lora_eager,
+        )
+        with use as active, _timed(timings, "denoise"):
             latents = pipe(
                 prompt_embeds=prompt_embeds,
                 pooled_prompt_embeds=pooled_prompt_embeds,
@@ -256,6 +284,13 @@ class FluxRuntime:
         # Compiles every enabled preset for every size (dynamic shapes: no later recompiles).
         per_preset = self.presets.warmup(self.pipe, sizes)
         logger.info("preset warm-up: %s", ", ".join(f"{n} {s:.1f}s" for n, s in per_preset.items()))
+        if self.loras.hotswap:  # the graphs with the LoRA slots on, so no LoRA request compiles
+            compiled = [n for n, (p, _) in self.presets.runnable.items() if p.compile != "none"]
+            with self.loras.warm():
+                per_preset = self.presets.warmup(
+                    self.pipe, sizes, names=compiled, base_weights="LoRA warm-up"
+                )
+            logger.info("LoRA warm-up: %s", ", ".join(f"{n} {s:.1f}s" for n, s in per_preset.items()))
         for width, height in sizes:
             self.generate(
                 GenerationRequest(

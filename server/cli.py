@@ -1,4 +1,4 @@
-"""`flux-server` command line: serve | api | worker | generate | migrate-queue | make-cert.
+"""`flux-server` command line: serve | api | worker | health | generate | migrate-queue | make-cert.
 
 Every subcommand's work lives in its own module, imported lazily so that the API process
 never imports torch.
@@ -58,6 +58,13 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--lease-seconds", {"type": float}),
     ("--fetch-allow", {"action": "append", "help": "only fetch from these hosts/networks (repeatable)"}),
     ("--fetch-deny", {"action": "append", "help": "never fetch from these hosts/networks (repeatable)"}),
+    ("--lora-dir", {"help": "folder of LoRA files that requests may name (the studio's library)"}),
+    ("--lora-cache-dir", {"help": "downloaded LoRAs (default <data-dir>/lora-cache)"}),
+    ("--lora-cache-bytes", {"type": int, "help": "size bound of the LoRA download cache"}),
+    ("--lora-max-bytes", {"type": int, "help": "largest single LoRA file"}),
+    ("--lora-max-per-request", {"type": int}),
+    ("--lora-download-timeout", {"type": float, "help": "seconds allowed to download one LoRA URL"}),
+    ("--lora-max-rank", {"type": int, "help": "highest LoRA rank accepted (hot-swap slot rank)"}),
     ("--webhook-allowlist", {"help": "comma-separated host names webhooks may be sent to"}),
     ("--webhook-retry-base-seconds", {"type": float, "help": "first webhook retry delay (doubles)"}),
 ]
@@ -99,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_flags(serve)
     api = sub.add_parser("api", help="the API process alone (no torch)")
     _add_server_flags(api)
+    health = sub.add_parser("health", help="exit 0 when the server on this box is ready (HEALTHCHECK)")
+    _add_server_flags(health)
     worker = sub.add_parser("worker", help="one worker process alone")
     _add_server_flags(worker)
     worker.add_argument("--worker-id", default=None)
@@ -133,6 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def health_command(settings: Settings) -> int:
+    """`flux-server health`: exit 0 when this box's server answers /health with 200 (the
+    container's HEALTHCHECK); 1 otherwise, with the reason on stderr."""
+    import httpx
+
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    scheme = "https" if settings.ssl_certfile else "http"
+    try:
+        # Loopback only, often with a self-signed certificate: checking it proves nothing here.
+        response = httpx.get(f"{scheme}://{host}:{settings.port}/health", timeout=5.0, verify=False)
+    except httpx.HTTPError as exc:
+        print(f"flux-server health: {exc!r}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"flux-server health: {response.status_code} {response.text[:500]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def use_metrics_directory(settings: Settings) -> None:
     """Where this process writes its Prometheus samples (server/metrics.py), unless `serve`
     already chose; before anything imports prometheus_client."""
@@ -158,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return make_cert_command(args)
 
     settings = settings_from_args(args)
+    if args.command == "health":
+        return health_command(settings)
     from server.logs import configure_logging
 
     worker_name = f"worker {args.worker_id}" if getattr(args, "worker_id", None) else "worker"

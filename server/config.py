@@ -92,6 +92,17 @@ class Settings(BaseSettings):
     fetch_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any other
     fetch_deny: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # LoRAs (fal-ai/flux-lora): where they come from and how many a request may use
+    lora_dir: Path | None = None  # the studio's LoRA library; requests name files inside it
+    lora_cache_dir: Path | None = None  # downloaded LoRAs; default <data_dir>/lora-cache
+    lora_cache_bytes: int = Field(default=20 * 1024**3, ge=0)  # least recently used goes first
+    lora_max_bytes: int = Field(default=2 * 1024**3, ge=1)  # one LoRA file
+    lora_max_total_bytes: int = Field(default=4 * 1024**3, ge=1)  # all LoRAs of one request
+    lora_max_per_request: int = Field(default=3, ge=1)
+    lora_max_rank: int = Field(default=128, ge=1)  # also the hot-swap slot rank (compiled presets)
+    lora_max_loaded: int = Field(default=8, ge=1)  # LoRAs kept in memory per worker
+    lora_download_timeout: float = Field(default=120.0, gt=0)
+
     # Webhooks
     webhook_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)  # host names
     webhook_user_id: str = "flux-server"
@@ -133,6 +144,10 @@ class Settings(BaseSettings):
     def shared_queue(self) -> bool:
         """Whether other boxes may use this queue too (a database server, not a local file)."""
         return self.queue_url is not None
+
+    @property
+    def lora_cache_path(self) -> Path:
+        return self.lora_cache_dir or self.data_dir / "lora-cache"
 
     @property
     def run_dir(self) -> Path:

@@ -1,5 +1,6 @@
 """The one policy for every URL the server fetches or posts to on a client's behalf: input
-images and masks, webhooks, and (later) LoRA weights.
+images and masks, webhooks, and LoRA weights (server/lora/cache.py streams those to disk,
+checking every hop with `FetchPolicy.check`).
 
 - http and https only;
 - the host's addresses are checked before each connection, and again for every redirect:

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Task = Literal["text-to-image", "image-to-image", "redux"]
+Task = Literal["text-to-image", "image-to-image", "inpainting", "redux"]
 # The one output-format type: every protocol's format names map onto these three.
 OutputFormat = Literal["jpeg", "png", "webp"]
 Acceleration = Literal["none", "regular", "high"]
@@ -107,6 +107,16 @@ class Webhook(BaseModel):
     secret: str | None = None
 
 
+class LoraRef(BaseModel):
+    """One LoRA of a job, as the client named it (URL, name in --lora-dir, HF repo id); the
+    worker resolves it to a local file."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    scale: float = 1.0
+
+
 class Job(BaseModel):
     """A request to generate images, independent of the protocol it arrived on."""
 
@@ -122,9 +132,11 @@ class Job(BaseModel):
     # None (the client sent no seed) is replaced by a drawn one: this is where seeds are drawn.
     seed: int = Field(default_factory=draw_seed, ge=0, lt=SEED_LIMIT)
     num_images: int = Field(default=1, ge=1, le=4)
-    strength: float = 0.95  # image-to-image only
-    # Input image for image-to-image and redux: already downloaded, decoded and re-encoded as PNG.
+    strength: float = 0.95  # image-to-image and inpainting
+    # Input image for image-to-image, inpainting and redux: downloaded, decoded, re-encoded as PNG.
     image: bytes | None = None
+    mask: bytes | None = None  # inpainting: white = repaint, black = keep (PNG, like `image`)
+    loras: tuple[LoraRef, ...] = ()  # applied for this job only
     output_format: OutputFormat = "jpeg"
     acceleration: Acceleration = "none"
     enable_safety_checker: bool = True

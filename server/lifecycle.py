@@ -66,3 +66,15 @@ def cancelled_in_queue(record: JobRecord) -> None:
     endpoint = endpoint_label(record.job)
     metrics.requests_total.labels(endpoint, "request_cancelled").inc()
     event("cancelled", record.id, endpoint, queued_seconds=max(0.0, time.time() - record.created_at))
+
+
+def recovered(record: JobRecord) -> None:
+    """The queue's upkeep put the request back (its worker was lost) or failed it (a start
+    deadline passed, or its worker was lost once more)."""
+    endpoint = endpoint_label(record.job)
+    if record.error is None:
+        event("requeued", record.id, endpoint, attempt=record.attempts)
+        return
+    metrics.requests_total.labels(endpoint, record.error.error_type).inc()
+    total = max(0.0, time.time() - record.created_at)
+    event("failed", record.id, endpoint, error_type=record.error.error_type, total_seconds=total)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 
+from server import lifecycle
 from server.config import Settings
 from server.jobs import JobRecord
 from server.queue.base import PURGE_BATCH, JobQueue
@@ -52,6 +53,14 @@ async def purge_expired(
             return purged
 
 
+def record_recovered(queue: JobQueue, request_ids: list[str]) -> None:
+    """A metric and a log line for each request the upkeep requeued or failed (rare)."""
+    for request_id in request_ids:
+        record = queue.get(request_id, with_logs=False)
+        if record is not None:
+            lifecycle.recovered(record)
+
+
 async def maintain_queue(queue: JobQueue, storage: LocalStorage, settings: Settings) -> None:
     """Run until cancelled (a background task of the API's lifespan)."""
     next_purge = time.monotonic()
@@ -60,6 +69,7 @@ async def maintain_queue(queue: JobQueue, storage: LocalStorage, settings: Setti
             recovered = await asyncio.to_thread(queue.recover_expired)
             if recovered:
                 log.warning("requeued or failed (lost lease or start deadline): %s", ", ".join(recovered))
+                await asyncio.to_thread(record_recovered, queue, recovered)
             if time.monotonic() >= next_purge:
                 next_purge = time.monotonic() + purge_interval(settings.retention_seconds)
                 purged = await purge_expired(queue, storage, time.time() - settings.retention_seconds)

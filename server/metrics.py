@@ -79,10 +79,21 @@ requests_total = Counter(
     ["endpoint", "outcome"],
 )
 images_generated_total = Counter(PREFIX + "images_generated", "Images generated and stored", ["endpoint"])
+# `result`: "hit" (already in the worker's memory / already downloaded) or "miss".
+lora_loads_total = Counter(
+    PREFIX + "lora_loads", "LoRAs requests used, by whether the worker held them in memory", ["result"]
+)
+lora_downloads_total = Counter(
+    PREFIX + "lora_downloads", "LoRA URLs requests used, by whether the download cache had them", ["result"]
+)
 webhook_deliveries_total = Counter(
     PREFIX + "webhook_deliveries",
     "Webhook delivery attempts by outcome (delivered, retry, gave_up)",
     ["outcome"],
+)
+# For the LoRA loader: one lookup per LoRA a request names, `result` "hit" or "miss".
+lora_cache_lookups_total = Counter(
+    PREFIX + "lora_cache_lookups", "LoRA weight cache lookups by result (hit, miss)", ["result"]
 )
 gpu_memory_used_bytes = Gauge(
     PREFIX + "gpu_memory_used_bytes",

@@ -25,11 +25,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from models.lora.errors import LoraError
+from models.lora.spec import LoraSpec
 from models.request import GenerationRequest, InputError
 from server import lifecycle, metrics
 from server.config import Settings
 from server.images import content_type, encode_image, to_data_uri
 from server.jobs import Job, JobError, JobRecord, JobResult, OutputImage, cancelled_error, parse_wxh
+from server.lora.jobs import JobLoras
 from server.queue.factory import open_queue
 from server.storage import LocalStorage
 
@@ -43,9 +46,10 @@ EXIT_LOAD_FAILED = 2
 CLAIM_TIMEOUT_SECONDS = 1.0
 
 
-def generation_request(job: Job) -> GenerationRequest:
+def generation_request(job: Job, loras: tuple[LoraSpec, ...] = ()) -> GenerationRequest:
     """The runtime's request for `job`: what to generate, none of the routing metadata.
-    `Job.seed` is always concrete (server.jobs draws one when a client sent none)."""
+    `Job.seed` is always concrete (server.jobs draws one when a client sent none). `loras`:
+    the job's LoRAs, already resolved to local files (server.lora)."""
     return GenerationRequest(
         prompt=job.prompt,
         width=job.width,
@@ -57,6 +61,8 @@ def generation_request(job: Job) -> GenerationRequest:
         num_images=job.num_images,
         strength=job.strength,
         image=job.image,
+        mask=job.mask,
+        loras=loras,
         acceleration=job.acceleration,
         enable_safety_checker=job.enable_safety_checker,
         safety_tolerance=job.safety_tolerance,
@@ -95,6 +101,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.queue = open_queue(settings, role="worker")
         self.storage = LocalStorage(settings.files_dir)
+        self.loras = JobLoras(settings, self.storage)
         self.device = settings.device
         self._stop = threading.Event()
         self._held: dict[str, threading.Event] = {}  # request id -> set when its lease is lost
@@ -136,7 +143,8 @@ class Worker:
         logger.info("worker %s ready on %s", self.worker_id, self.device)
         try:
             while not self._stop.is_set():
-                record = self.queue.claim(self.worker_id, timeout=CLAIM_TIMEOUT_SECONDS)
+                prefer = self.loras.preference(runtime.loras.loaded)  # jobs whose LoRAs it holds
+                record = self.queue.claim(self.worker_id, timeout=CLAIM_TIMEOUT_SECONDS, prefer=prefer)
                 if record is not None:
                     self._run_job(runtime, record)
         finally:
@@ -166,6 +174,7 @@ class Worker:
             device=self.device,
             presets=self.settings.presets,
             memory_plan=self.settings.memory_plan,
+            lora_limits=self.loras.limits(),
         )
         logger.info("model loaded in %.1f s: %s", time.perf_counter() - started, runtime.summary)
         sizes = parse_sizes(self.settings.warmup_sizes) or default_warmup_sizes(self.device)
@@ -194,11 +203,16 @@ class Worker:
         # what the loop itself costs (claiming, mapping); docs/benchmarks.md reports it.
         idle_before = None if self._device_free_since is None else started - self._device_free_since
         try:
-            request = generation_request(record.job)
+            loras = tuple(self.loras.specs(record.job))  # downloads run here, inside the lease
+            request = generation_request(record.job, loras)
             try:
                 generation = runtime.generate(request, on_step=on_step, should_cancel=should_cancel)
             finally:
                 self._device_free_since = time.perf_counter()
+        except LoraError as exc:  # names the LoRA; fal's 422 shape, located at its path
+            logger.info("job %s refused: %s", request_id, exc)
+            self._fail(record, self.loras.error(record.job, exc))
+            return
         except InputError as exc:  # the request's own fault (TaskUnavailable included): a 4xx
             logger.info("job %s refused: %s", request_id, exc)
             self._fail(record, input_error(str(exc)))
@@ -217,6 +231,11 @@ class Worker:
             else:  # stopping
                 self.queue.requeue(request_id, self.worker_id)
             return
+        for line in generation.log:
+            self.queue.log(request_id, line)
+        if record.job.loras:
+            metrics.lora_loads_total.labels("hit").inc(generation.lora_hits)
+            metrics.lora_loads_total.labels("miss").inc(generation.lora_misses)
         # Still held: the heartbeat keeps renewing the lease until the finisher completes it.
         self._finished.put(_Finished(record, generation, time.perf_counter() - started, idle_before))
 

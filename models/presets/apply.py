@@ -225,16 +225,44 @@ class PresetManager:
         return preset, ("; ".join(notes) or None)
 
     @contextmanager
-    def use(self, pipe: Any, requested: str, *, steps: int = 28) -> Iterator[ActivePreset]:
+    def use(
+        self,
+        pipe: Any,
+        requested: str,
+        *,
+        steps: int = 28,
+        base_weights: str | None = None,
+        eager: bool = False,
+    ) -> Iterator[ActivePreset]:
         """Run `pipe` (any pipeline sharing the transformer, e.g. img2img) with a preset, for a
         call that runs `steps` denoising steps (a schedule-based step cache needs the count).
 
         Swaps `pipe.transformer` for the preset's weight set, switches compile and the step
         cache on for this call only and restores everything afterwards. Not re-entrant.
         Order matters: compiled forwards go in before the cache hooks wrap them and come out
-        after the hooks are removed."""
+        after the hooks are removed.
+
+        `base_weights`: why this call must run on the weights as loaded (LoRAs live on them);
+        a preset with other weights keeps its compile and cache and says so in its note.
+        `eager`: compile off for this call (the caller logs why)."""
         preset, note = self.resolve(requested)
-        variant = self._variants[preset.weight_set]
+        if base_weights is not None and preset.weight_set != ("bf16", False):
+            dropped = ", ".join(
+                part
+                for part, on in (
+                    (f"{preset.precision} weights", preset.precision != "bf16"),
+                    ("fused QKV", preset.fuse_qkv),
+                )
+                if on
+            )
+            preset = replace(preset, precision="bf16", fuse_qkv=False)
+            extra = f"{base_weights}: ran without {dropped}"
+            note = f"{note}; {extra}" if note else extra
+        if eager and preset.compile != "none":
+            preset = replace(preset, compile="none")
+        variant, _ = self._variant_for(preset)
+        if preset.compile != "none":
+            self._compile(preset.weight_set, variant, preset.compile)  # once; lazy until called
         original = pipe.transformer
         if variant is not original:
             pipe.transformer = variant
@@ -254,9 +282,17 @@ class PresetManager:
     # ------------------------------------------------------------------ warm-up
 
     def warmup(
-        self, pipe: Any, sizes: Iterable[tuple[int, int]], *, steps: int = 2, max_images: int = 1
+        self,
+        pipe: Any,
+        sizes: Iterable[tuple[int, int]],
+        *,
+        steps: int = 2,
+        max_images: int = 1,
+        names: Iterable[str] | None = None,
+        base_weights: str | None = None,
     ) -> dict[str, float]:
-        """Compile and warm every enabled preset at every size; returns seconds per preset.
+        """Compile and warm every enabled preset (or `names`) at every size; returns seconds
+        per preset. `base_weights`: warm them on the loaded weights, as `use` runs them then.
 
         Call before the worker reports ready. Compiles with dynamic shapes, so after this no
         configured size recompiles; `max_images > 1` also warms a batch of 2 (batch 1 -> 2
@@ -265,13 +301,13 @@ class PresetManager:
 
         sizes = list(sizes) or [(1024, 1024)]
         seconds: dict[str, float] = {}
-        for name in self.enabled:
+        for name in self.enabled if names is None else list(names):
             runs = [(w, h, 1) for w, h in sizes]
             if max_images > 1:
                 runs.append((*min(sizes, key=lambda s: s[0] * s[1]), 2))
             start = time.perf_counter()
             for width, height, count in runs:
-                with self.use(pipe, name, steps=steps):
+                with self.use(pipe, name, steps=steps, base_weights=base_weights):
                     pipe(
                         prompt="warm-up",
                         width=width,

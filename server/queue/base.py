@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -83,6 +84,32 @@ class WorkerInfo:
     detail: str
     pid: int
     updated_at: float  # unix time of the last state change or heartbeat
+
+
+@dataclass(frozen=True)
+class ClaimPreference:
+    """A worker's hint for `claim`: among the first `window` queued jobs of the head's
+    priority, take the first that `wants` (e.g. its LoRAs are already loaded on this worker)
+    instead of the head, unless the head has waited `max_wait` seconds or more. So a preference
+    reorders only nearby jobs and never delays any job by more than `max_wait` (plus the
+    jobs already running)."""
+
+    wants: Callable[[Job], bool]
+    window: int = 8
+    max_wait: float = 10.0
+
+    def choose(self, rows: Sequence[tuple[str, int, float, str]], now: float) -> str:
+        """The id to claim among queued rows `(id, priority_rank, created_at, job_json)` in
+        claim order (the head first, at most `window` of them)."""
+        head_id, head_rank, head_created, _ = rows[0]
+        if now - head_created >= self.max_wait:
+            return head_id
+        for request_id, rank, _created, job_json in rows:
+            if rank != head_rank:
+                break
+            if self.wants(Job.model_validate_json(job_json)):
+                return request_id
+        return head_id
 
 
 @dataclass(frozen=True)
@@ -150,10 +177,13 @@ class JobQueue(ABC):
 
     # --- consumer side (worker process) --------------------------------------------------
     @abstractmethod
-    def claim(self, worker_id: str, timeout: float) -> JobRecord | None:
+    def claim(
+        self, worker_id: str, timeout: float, prefer: ClaimPreference | None = None
+    ) -> JobRecord | None:
         """Atomically take the next job and a lease on it, waiting up to `timeout` seconds.
-        Each call (and each `renew`) is also the worker's heartbeat: it refreshes the
-        worker's registry row, at most every `heartbeat_interval`."""
+        `prefer`: see ClaimPreference; without it, strictly the head. Each call (and each
+        `renew`) is also the worker's heartbeat: it refreshes the worker's registry row, at
+        most every `heartbeat_interval`."""
 
     @abstractmethod
     def interrupt_claim(self) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from PIL import Image
 from playwright.sync_api import Page
 
 DEV = "fal-ai/flux/dev"
@@ -76,6 +77,26 @@ def test_playground_generates_cancels_and_explains_errors(flux_server, page, tmp
     statuses = page.locator("#history li").all_inner_texts()
     assert len(statuses) == 2 and "request_cancelled" in statuses[0] and "COMPLETED" in statuses[1]
 
+    assert hosts(requested) == {urlsplit(flux_server.base_url).netloc}
+
+
+def test_playground_image_to_image_with_an_uploaded_file(flux_server, page, tmp_path: Path) -> None:
+    page, requested = page
+    picture = tmp_path / "input.png"
+    Image.new("RGB", (96, 64), (200, 80, 40)).save(picture)
+    page.goto(flux_server.base_url + "/")
+    page.wait_for_selector(f"#endpoint option[value='{DEV}/image-to-image']", state="attached")
+    page.select_option("#endpoint", f"{DEV}/image-to-image")
+    page.fill("textarea[name=prompt]", "the same, in watercolor")
+    page.set_input_files("input[name='image_url.file']", str(picture))
+    page.wait_for_function(
+        "document.querySelector('input[name=image_url]').value.startsWith('data:image/png')"
+    )
+    page.fill("input[name=num_inference_steps]", "10")  # fal's image-to-image minimum
+    page.click("#generate")
+    # The output follows the input's size.
+    page.wait_for_function("document.querySelector('#images img')?.naturalWidth === 96")
+    assert page.evaluate("document.querySelector('#images img').naturalHeight") == 64
     assert hosts(requested) == {urlsplit(flux_server.base_url).netloc}
 
 

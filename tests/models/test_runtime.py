@@ -256,7 +256,7 @@ def test_redux_without_its_parts_is_a_clear_error(tiny_model_dir: Path, tmp_path
     folder = tmp_path / "no-redux"
     shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("redux"))
     runtime = FluxRuntime.load(str(folder), data_dir=tmp_path, device="cpu", presets=("none",))
-    assert runtime.tasks == ("text-to-image", "image-to-image")
+    assert runtime.tasks == ("text-to-image", "image-to-image", "inpainting")
     assert issubclass(TaskUnavailable, InputError)  # the client asked for what is not loaded
     with pytest.raises(TaskUnavailable, match="redux is not available"):
         runtime.generate(job(task="redux", image=input_png(64, 64)))

@@ -120,14 +120,20 @@ async def test_our_own_file_urls_are_read_from_the_disk(tmp_path):
     def local_file(url: str):
         return storage.own_file(url, [base])
 
-    image = await load_image(f"{base}/files/{name}", max_bytes=MB, timeout=1, local_file=local_file)
+    image = await load_image(
+        f"{base}/files/{name}", max_bytes=MB, timeout=1, policy=DEFAULT_POLICY, local_file=local_file
+    )
     assert (image.width, image.height) == (40, 24)
     with pytest.raises(InputImageError) as caught:
-        await load_image(f"{base}/files/{name}", max_bytes=50, timeout=1, local_file=local_file)
+        await load_image(
+            f"{base}/files/{name}", max_bytes=50, timeout=1, policy=DEFAULT_POLICY, local_file=local_file
+        )
     assert caught.value.error_type == "file_too_large"
     storage.delete(name)
     with pytest.raises(InputImageError) as caught:
-        await load_image(f"{base}/files/{name}", max_bytes=MB, timeout=1, local_file=local_file)
+        await load_image(
+            f"{base}/files/{name}", max_bytes=MB, timeout=1, policy=DEFAULT_POLICY, local_file=local_file
+        )
     assert (
         caught.value.error_type == "file_download_error"
         and "not found on this server" in caught.value.message

@@ -28,11 +28,8 @@ def test_every_endpoint_of_the_fal_app_table_is_documented_with_stable_ids(api) 
     paths = schema["paths"]
     for app_id, endpoints in adapter.APPS.items():
         for endpoint in endpoints:
-            for path in (
-                f"/{app_id}/{endpoint}",
-                f"/run/{app_id}/{endpoint}",
-                f"/run/{app_id}/{endpoint}/stream",
-            ):
+            path_id = f"{app_id}/{endpoint}" if endpoint else app_id  # "": fal-ai/flux-lora itself
+            for path in (f"/{path_id}", f"/run/{path_id}", f"/run/{path_id}/stream"):
                 assert "post" in paths[path], path
         base = f"/{app_id}/requests/{{request_id}}"
         assert (
@@ -47,6 +44,16 @@ def test_every_endpoint_of_the_fal_app_table_is_documented_with_stable_ids(api) 
     # The pattern routes themselves are not in the document.
     assert not any("{owner}" in path for path in paths)
     assert schema == api.client.get("/openapi.json").json()  # the same document every time
+
+
+def test_bfl_and_openai_routes_document_their_error_shapes(api) -> None:
+    schema = api.client.get("/openapi.json").json()
+    bfl = schema["paths"]["/v1/flux-dev"]["post"]
+    assert {"401", "403", "413", "422"} <= set(bfl["responses"])
+    openai = schema["paths"]["/v1/images/generations"]["post"]
+    assert {"400", "401", "413"} <= set(openai["responses"])
+    ref = openai["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
+    assert "error" in schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
 
 
 def linked_urls(html: str) -> list[str]:

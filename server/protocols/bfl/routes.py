@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import lifecycle
@@ -86,7 +87,24 @@ def refuse_key(problem: KeyProblem) -> HTTPException:
     return HTTPException(status_code=403, detail="Invalid API key")
 
 
-router = APIRouter(route_class=BflRoute, dependencies=[Depends(api_key_dependency(refuse_key))], tags=["BFL"])
+class BflError(BaseModel):
+    """BFL's error body: a message, or (422) a list of `{loc, msg, type}`."""
+
+    detail: str | list[dict[str, Any]]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": BflError, "description": "No API key (x-key)"},
+    403: {"model": BflError, "description": "Invalid API key"},
+    413: {"model": BflError, "description": "Request body over the server's limit"},
+    422: {"model": BflError, "description": "Invalid input"},
+}
+router = APIRouter(
+    route_class=BflRoute,
+    dependencies=[Depends(api_key_dependency(refuse_key))],
+    tags=["BFL"],
+    responses=ERROR_RESPONSES,
+)
 
 
 async def _decode_image_prompt(value: str, settings: Settings) -> bytes:

@@ -18,13 +18,14 @@ from pydantic import ValidationError
 
 from server.config import Settings
 from server.fetch import FetchPolicy
-from server.inputs import InputImageError, load_image
+from server.inputs import InputImage, InputImageError, load_image
 from server.jobs import (
     Acceleration,
     Job,
     JobError,
     JobRecord,
     JobResult,
+    LoraRef,
     Priority,
     Status,
     Task,
@@ -40,7 +41,11 @@ from server.protocols.fal.models import (
     FalOutput,
     FluxDevInput,
     FluxImageToImageInput,
+    FluxLoraImageToImageInput,
+    FluxLoraInpaintingInput,
+    FluxLoraInput,
     FluxReduxInput,
+    LoraFields,
     SizedInput,
     resolve_image_size,
 )
@@ -65,6 +70,12 @@ APPS: dict[str, dict[str, Endpoint]] = {
         "dev": Endpoint(FluxDevInput, "text-to-image"),
         "dev/image-to-image": Endpoint(FluxImageToImageInput, "image-to-image"),
         "dev/redux": Endpoint(FluxReduxInput, "redux"),
+    },
+    # The LoRA family; "" is the app itself (`POST /fal-ai/flux-lora`).
+    "fal-ai/flux-lora": {
+        "": Endpoint(FluxLoraInput, "text-to-image"),
+        "image-to-image": Endpoint(FluxLoraImageToImageInput, "image-to-image"),
+        "inpainting": Endpoint(FluxLoraInpaintingInput, "inpainting"),
     },
     "fal-ai/flux-1": {
         "dev": Endpoint(AggregatorDevInput, "text-to-image", default_acceleration="regular"),
@@ -189,26 +200,16 @@ async def build_job(
         raise RequestValidationError([validation_error(["body", "prompt"], too_long, "string_too_long")])
 
     image: bytes | None = None
+    mask: bytes | None = None
+    loras = lora_refs(data, settings) if isinstance(data, LoraFields) else ()
     if isinstance(data, SizedInput):
         width, height = resolve_image_size(data.image_size)
-    if isinstance(data, (FluxImageToImageInput, FluxReduxInput)):
-        try:
-            loaded = await load_image(
-                data.image_url,
-                max_bytes=settings.max_input_image_bytes,
-                timeout=settings.input_fetch_timeout,
-                policy=FetchPolicy.from_settings(settings),
-                # An upload to this server is read from the disk, not fetched over HTTP.
-                local_file=partial(storage.own_file, base_urls=(base_url, settings.public_url))
-                if storage is not None
-                else None,
-            )
-        except InputImageError as exc:
-            raise RequestValidationError(
-                [validation_error(["body", "image_url"], exc.message, exc.error_type)]
-            ) from None
+    if isinstance(data, (FluxImageToImageInput, FluxLoraImageToImageInput, FluxReduxInput)):
+        loaded = await load_input(data.image_url, "image_url", settings, storage, base_url)
         image = loaded.png
-        if isinstance(data, FluxImageToImageInput):
+        if isinstance(data, FluxLoraInpaintingInput):
+            mask = (await load_input(data.mask_url, "mask_url", settings, storage, base_url)).png
+        if isinstance(data, (FluxImageToImageInput, FluxLoraImageToImageInput)):
             try:
                 width, height = round_size(loaded.width, loaded.height)
             except ValueError as exc:
@@ -228,6 +229,8 @@ async def build_job(
         num_images=data.num_images,
         strength=getattr(data, "strength", 0.95),
         image=image,
+        mask=mask,
+        loras=loras,
         output_format=data.output_format,
         acceleration=data.acceleration or settings.default_acceleration or spec.default_acceleration,
         enable_safety_checker=data.enable_safety_checker,
@@ -240,6 +243,44 @@ async def build_job(
         webhook=webhook,
         base_url=base_url,
     )
+
+
+async def load_input(
+    url: str, field: str, settings: Settings, storage: LocalStorage | None, base_url: str
+) -> InputImage:
+    """An input image (`image_url`, `mask_url`), or a 422 located at `field`."""
+    try:
+        return await load_image(
+            url,
+            max_bytes=settings.max_input_image_bytes,
+            timeout=settings.input_fetch_timeout,
+            policy=FetchPolicy.from_settings(settings),
+            # An upload to this server is read from the disk, not fetched over HTTP.
+            local_file=partial(storage.own_file, base_urls=(base_url, settings.public_url))
+            if storage is not None
+            else None,
+        )
+    except InputImageError as exc:
+        raise RequestValidationError(
+            [validation_error(["body", field], exc.message, exc.error_type)]
+        ) from None
+
+
+def lora_refs(data: LoraFields, settings: Settings) -> tuple[LoraRef, ...]:
+    """The request's LoRAs, at most `lora_max_per_request` of them (more: a 422)."""
+    limit = settings.lora_max_per_request
+    if len(data.loras) > limit:
+        raise RequestValidationError(
+            [
+                validation_error(
+                    ["body", "loras"],
+                    f"At most {limit} LoRAs per request on this server, got {len(data.loras)}",
+                    "too_long",
+                    ctx={"max_length": limit},
+                )
+            ]
+        )
+    return tuple(LoraRef(path=lora.path, scale=lora.scale) for lora in data.loras)
 
 
 # --- rendering ------------------------------------------------------------------------------

@@ -108,6 +108,46 @@ class FluxReduxInput(SizedInput):
     image_url: str
 
 
+# --- fal-ai/flux-lora and its sub-paths ------------------------------------------------------
+
+LoraAcceleration = Literal["none", "regular"]
+
+
+class LoraWeight(BaseModel):
+    """One LoRA: a URL, a name in the server's LoRA folder, or a Hugging Face repo id."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    path: str = Field(min_length=1, max_length=2048)
+    scale: float = Field(default=1.0, ge=-4, le=4)
+    force: bool = False  # fal: re-download; here every URL is fetched once per cache entry
+
+
+class LoraFields(BaseModel):
+    """What fal-ai/flux-lora adds to the flux/dev fields (its acceleration has no "high")."""
+
+    loras: list[LoraWeight] = Field(default_factory=list, description="Merged, each with its own scale")
+    acceleration: LoraAcceleration | None = None
+
+
+class FluxLoraInput(LoraFields, FluxDevInput):
+    """`fal-ai/flux-lora`."""
+
+
+class FluxLoraImageToImageInput(LoraFields, FalInput):
+    """`fal-ai/flux-lora/image-to-image`: the output follows the input image's size."""
+
+    prompt: str
+    image_url: str
+    strength: float = Field(default=0.85, ge=0.01, le=1)
+
+
+class FluxLoraInpaintingInput(FluxLoraImageToImageInput):
+    """`fal-ai/flux-lora/inpainting`: white in the mask is repainted, black kept."""
+
+    mask_url: str
+
+
 # --- the aggregator path: fal-ai/flux-1/dev and its sub-paths -------------------------------
 
 

@@ -80,49 +80,29 @@ def fal_openapi() -> tuple[dict[str, Any], dict[str, Any]]:
     logs = {"name": "logs", "in": "query", "required": False, "schema": {"type": "boolean"}}
     for app_id, endpoints in adapter.APPS.items():
         for endpoint, spec in endpoints.items():
-            path_id = f"{app_id}/{endpoint}"
+            path_id = f"{app_id}/{endpoint}" if endpoint else app_id  # "": the app itself
             schema = {"$ref": refs[spec.input_model.__name__]}
             body = {"required": True, "content": {"application/json": {"schema": schema}}}
             tags = [f"fal {app_id}"]
-            paths[f"/{path_id}"] = {
-                "post": {
-                    "operationId": f"fal_submit_{slug(path_id)}",
-                    "summary": f"Queue a {spec.task} request ({path_id})",
-                    "tags": tags,
-                    "requestBody": body,
-                    "responses": {
-                        "200": _json(refs["FalQueueStatus"], "Queued: request id, queue position, URLs"),
-                        **_errors(refs, 401, 404, 413, 422),
-                    },
-                    "security": SECURITY,
+            event_stream = {"description": "text/event-stream", "content": {"text/event-stream": {}}}
+            for path, kind, summary, answer in (
+                (f"/{path_id}", "submit", f"Queue a {spec.task} request ({path_id})",
+                 _json(refs["FalQueueStatus"], "Queued: request id, queue position, URLs")),
+                (f"/run/{path_id}", "run", f"Run {path_id} and wait for the output (sync)",
+                 _json(refs["FalOutput"], "The output")),
+                (f"/run/{path_id}/stream", "stream",
+                 f"Run {path_id}: progress events, then the output (server-sent events)", event_stream),
+            ):  # fmt: skip
+                paths[path] = {
+                    "post": {
+                        "operationId": f"fal_{kind}_{slug(path_id)}",
+                        "summary": summary,
+                        "tags": tags,
+                        "requestBody": body,
+                        "responses": {"200": answer, **_errors(refs, 401, 404, 413, 422)},
+                        "security": SECURITY,
+                    }
                 }
-            }
-            paths[f"/run/{path_id}"] = {
-                "post": {
-                    "operationId": f"fal_run_{slug(path_id)}",
-                    "summary": f"Run {path_id} and wait for the output (sync)",
-                    "tags": tags,
-                    "requestBody": body,
-                    "responses": {
-                        "200": _json(refs["FalOutput"], "The output"),
-                        **_errors(refs, 401, 404, 413, 422),
-                    },
-                    "security": SECURITY,
-                }
-            }
-            paths[f"/run/{path_id}/stream"] = {
-                "post": {
-                    "operationId": f"fal_stream_{slug(path_id)}",
-                    "summary": f"Run {path_id}: progress events, then the output (server-sent events)",
-                    "tags": tags,
-                    "requestBody": body,
-                    "responses": {
-                        "200": {"description": "text/event-stream", "content": {"text/event-stream": {}}},
-                        **_errors(refs, 401, 404, 413, 422),
-                    },
-                    "security": SECURITY,
-                }
-            }
         base = f"/{app_id}/requests/{{request_id}}"
         app_slug = slug(app_id)
         tags = [f"fal {app_id}"]

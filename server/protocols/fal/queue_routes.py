@@ -177,3 +177,9 @@ async def submit(owner: str, app: str, endpoint: str, request: Request) -> JSONR
     lifecycle.submitted(record, position)
     request.state.fal_request_id = record.id
     return JSONResponse(adapter.submit_body(record, record.job.base_url, position))
+
+
+@router.post("/{owner}/{app}")
+async def submit_to_app(owner: str, app: str, request: Request) -> JSONResponse:
+    """An app served at its own id (`fal-ai/flux-lora`): the endpoint is ""."""
+    return await submit(owner, app, "", request)

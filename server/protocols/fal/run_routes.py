@@ -28,10 +28,18 @@ STREAM_SUFFIX = "/stream"
 CLIENT_CLOSED = 499
 
 
+@router.post("/{owner}/{app}", response_model=None)
+async def run_app(owner: str, app: str, request: Request) -> Response:
+    """An app served at its own id (`fal-ai/flux-lora`): the endpoint is ""."""
+    return await run(owner, app, "", request)
+
+
 @router.post("/{owner}/{app}/{endpoint:path}", response_model=None)
 async def run(owner: str, app: str, endpoint: str, request: Request) -> Response:
     if endpoint.endswith(STREAM_SUFFIX):
         return await run_stream(owner, app, endpoint.removesuffix(STREAM_SUFFIX), request)
+    if endpoint == STREAM_SUFFIX.lstrip("/") and adapter.find_endpoint(f"{owner}/{app}", endpoint) is None:
+        return await run_stream(owner, app, "", request)  # `/run/fal-ai/flux-lora/stream`
     job = await request_job(request, owner, app, endpoint)
     try:
         finished = await submit_and_wait(request, get_queue(request), job)

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Respons
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -98,8 +98,28 @@ def refuse_key(problem: KeyProblem) -> OpenAIError:
     return OpenAIError(401, message, code="invalid_api_key")
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": OpenAIErrorBody, "description": "Invalid request (prompt too long included)"},
+    401: {"model": OpenAIErrorBody, "description": "Missing or invalid API key"},
+    413: {"model": OpenAIErrorBody, "description": "Request body over the server's limit"},
+    500: {"model": OpenAIErrorBody, "description": "The generation failed"},
+}
 router = APIRouter(
-    route_class=OpenAIRoute, dependencies=[Depends(api_key_dependency(refuse_key))], tags=["OpenAI"]
+    route_class=OpenAIRoute,
+    dependencies=[Depends(api_key_dependency(refuse_key))],
+    tags=["OpenAI"],
+    responses=ERROR_RESPONSES,
 )
 
 

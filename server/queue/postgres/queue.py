@@ -27,6 +27,7 @@ from server.jobs import (
 )
 from server.queue.base import (
     CancelOutcome,
+    ClaimPreference,
     Heartbeats,
     JobQueue,
     QueueCounts,
@@ -174,7 +175,9 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
         await self.wakeups.wait_for(request_id, min(timeout, CHANGE_FALLBACK_SECONDS))
 
     # --- consumer side -------------------------------------------------------------------
-    def claim(self, worker_id: str, timeout: float) -> JobRecord | None:
+    def claim(
+        self, worker_id: str, timeout: float, prefer: ClaimPreference | None = None
+    ) -> JobRecord | None:
         deadline = time.monotonic() + timeout
         if timeout > 0:
             self.wakeups.start()
@@ -183,7 +186,7 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                 self._interrupted.clear()
                 return None
             generation = self.wakeups.submit_generation()
-            record = self._claim_head(worker_id)
+            record = self._claim_head(worker_id, prefer)
             if record is not None:
                 return record
             remaining = deadline - time.monotonic()
@@ -195,7 +198,7 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
         self._interrupted.set()
         self.wakeups.bump_submits()
 
-    def _claim_head(self, worker_id: str) -> JobRecord | None:
+    def _claim_head(self, worker_id: str, prefer: ClaimPreference | None = None) -> JobRecord | None:
         heartbeat = self._heartbeats.due(worker_id)
 
         def claim(conn: psycopg.Connection) -> JobRecord | None:
@@ -203,11 +206,25 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
             if heartbeat:
                 self._touch_worker(conn, worker_id)
             self._expire_deadlines(conn, now)
-            # Take the head, log who took it and wake its waiters: one statement.
+            # The head (or, with a preference, the job it chooses among the first few, locked
+            # while it looks), then claim it, log who took it and wake its waiters: one statement.
+            head = (
+                "SELECT id FROM flux_jobs WHERE status = 'IN_QUEUE' "
+                "ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
+            )
+            head_params: tuple = ()
+            if prefer is not None:
+                rows = conn.execute(
+                    "SELECT id, priority_rank, created_at, job_json FROM flux_jobs "
+                    "WHERE status = 'IN_QUEUE' ORDER BY priority_rank, seq LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (prefer.window,),
+                ).fetchall()
+                if not rows:
+                    return None
+                head, head_params = "SELECT %s AS id", (prefer.choose(rows, now),)
             started = f"Started on {worker_id}"
             row = conn.execute(
-                "WITH head AS (SELECT id FROM flux_jobs WHERE status = 'IN_QUEUE' "
-                "ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED), "
+                f"WITH head AS ({head}), "
                 f"claimed AS (UPDATE flux_jobs j SET status = 'IN_PROGRESS', worker = %s, "
                 f"lease_expires = {DB_NOW} + %s, attempts = attempts + 1, started_at = %s FROM head "
                 f"WHERE j.id = head.id RETURNING {', '.join('j.' + c for c in RECORD_COLUMNS.split(', '))}), "
@@ -217,7 +234,7 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                 "SELECT claimed.*, (SELECT json_agg(json_build_array(ts, level, source, message) "
                 "ORDER BY l.id) FROM flux_logs l WHERE l.request_id = claimed.id), "
                 "(SELECT count(*) FROM woken) FROM claimed",
-                (worker_id, self.lease_seconds, now, utc_timestamp(now), started, CHANNEL),
+                (*head_params, worker_id, self.lease_seconds, now, utc_timestamp(now), started, CHANNEL),
             ).fetchone()
             if row is None:
                 return None

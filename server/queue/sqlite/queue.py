@@ -27,6 +27,7 @@ from server.queue.base import (
     MAX_ATTEMPTS,
     PURGE_BATCH,
     CancelOutcome,
+    ClaimPreference,
     Heartbeats,
     JobQueue,
     QueueCounts,
@@ -149,7 +150,9 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
         await self.notifier.wait_for(request_id, min(timeout, FALLBACK_POLL_SECONDS))
 
     # --- consumer side -------------------------------------------------------------------
-    def claim(self, worker_id: str, timeout: float) -> JobRecord | None:
+    def claim(
+        self, worker_id: str, timeout: float, prefer: ClaimPreference | None = None
+    ) -> JobRecord | None:
         self._heartbeat(worker_id)
         deadline = time.monotonic() + timeout
         conn = self._conn()
@@ -158,7 +161,7 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
                 self._interrupted.clear()
                 return None
             if conn.execute("SELECT 1 FROM jobs WHERE status = 'IN_QUEUE' LIMIT 1").fetchone():
-                record = self._claim_head(worker_id)
+                record = self._claim_head(worker_id, prefer)
                 if record is not None:
                     return record
             remaining = deadline - time.monotonic()
@@ -170,15 +173,19 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
         self._interrupted.set()
         self.notifier.wake_self()
 
-    def _claim_head(self, worker_id: str) -> JobRecord | None:
+    def _claim_head(self, worker_id: str, prefer: ClaimPreference | None = None) -> JobRecord | None:
         now = time.time()
         with self._write() as conn:
             expired = self._expire_deadlines(conn, now)
-            row = conn.execute(
-                "SELECT id FROM jobs WHERE status = 'IN_QUEUE' ORDER BY priority_rank, seq LIMIT 1"
-            ).fetchone()
-            if row is not None:
-                request_id = row[0]
+            rows = conn.execute(
+                "SELECT id, priority_rank, created_at, job_json FROM jobs WHERE status = 'IN_QUEUE' "
+                "ORDER BY priority_rank, seq LIMIT ?",
+                (prefer.window if prefer is not None else 1,),
+            ).fetchall()
+            request_id = None
+            if rows:
+                request_id = prefer.choose(rows, now) if prefer is not None else rows[0][0]
+            if request_id is not None:
                 conn.execute(
                     "UPDATE jobs SET status = 'IN_PROGRESS', worker = ?, lease_expires = ?, "
                     "attempts = attempts + 1, started_at = ? WHERE id = ?",
@@ -189,7 +196,7 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
                     f"SELECT {RECORD_COLUMNS} FROM jobs WHERE id = ?", (request_id,)
                 ).fetchone()
         self._notify_api(expired)
-        if row is None:
+        if request_id is None:
             return None
         self.notifier.notify("api", request_id.encode())
         return self._record(record_row, self._logs(self._conn(), request_id))

@@ -6,6 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.conftest import api_settings, run_api_server
+from tests.support import wait_until
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -74,3 +75,14 @@ def test_a_metrics_key_replaces_the_api_keys_on_metrics_only(metrics_key_server)
         "/fal-ai/flux/dev", json={"prompt": "p"}, headers={"Authorization": "Key scrape-only"}
     )
     assert submit.status_code == 401
+
+
+def test_requests_failed_by_the_queue_upkeep_are_counted(api):
+    """A start deadline that passes while queued: failed by the API's upkeep, not a worker."""
+    key = ("fluxserver_requests_total", (("endpoint", "fal-ai/flux/dev"), ("outcome", "request_timeout")))
+    before = samples(api.client.get("/metrics").text).get(key, 0.0)
+    request_id = api.submit(headers={"x-fal-request-timeout": "0.5"})["request_id"]
+    wait_until(
+        lambda: (r := api.worker.get(request_id)) is not None and r.error is not None, 30, "the timeout"
+    )
+    wait_until(lambda: samples(api.client.get("/metrics").text).get(key, 0.0) == before + 1, 30, "the count")

@@ -1,0 +1,28 @@
+"""Dockerfile.cuda: hadolint-clean, pinned torch, non-root, a HEALTHCHECK (no container
+runtime here, so it is linted, not built)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "Dockerfile.cuda"
+
+
+def test_hadolint_passes() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_torch_is_pinned_and_the_server_runs_unprivileged_with_a_healthcheck() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"pip install torch==\d+\.\d+\.\d+\b", text)
+    assert re.search(r"^FROM nvidia/cuda:\d+\.\d+\.\d+-", text, re.MULTILINE)
+    users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*flux-server\", \"health\"", text, re.MULTILINE)
