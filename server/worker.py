@@ -3,7 +3,9 @@
 Three threads:
 - the main loop claims a job (blocking on the queue's wake-up socket), runs it on the
   runtime, and hands the finished images to the finisher so the device never waits on Python
-  (encoding, writing files, the database) between two jobs;
+  (encoding, writing files, the database) between two jobs. The hand-over comes after the
+  next claim: the finisher's encoding and database writes would otherwise compete with that
+  claim (for the GIL and SQLite's write lock) and leave the device idle for milliseconds;
 - the finisher encodes and stores the images and completes the job;
 - the heartbeat renews the lease of every job this worker holds, every lease/3 seconds; a lease
   it cannot renew belongs to someone else now, so that job is abandoned at its next step.
@@ -142,12 +144,21 @@ class Worker:
             thread.start()
         self._state("ready", runtime.summary)
         logger.info("worker %s ready on %s", self.worker_id, self.device)
+        finished: _Finished | None = None
         try:
             while not self._stop.is_set():
-                record = self.queue.claim(self.worker_id, timeout=CLAIM_TIMEOUT_SECONDS)
+                # With a finished job in hand, only look for the next one (no wait), then hand
+                # the finished one over and start the next at once.
+                timeout = 0.0 if finished is not None else CLAIM_TIMEOUT_SECONDS
+                record = self.queue.claim(self.worker_id, timeout=timeout)
+                if finished is not None:
+                    self._finished.put(finished)
+                    finished = None
                 if record is not None:
-                    self._run_job(runtime, record)
+                    finished = self._run_job(runtime, record)
         finally:
+            if finished is not None:
+                self._finished.put(finished)
             self._finished.put(None)
             threads[1].join()
             self._heartbeat_stop.set()  # only now: the finisher's jobs needed their leases
@@ -180,7 +191,8 @@ class Worker:
             logger.info("warmed up %d size(s) in %.1f s", len(sizes), seconds)
         return runtime
 
-    def _run_job(self, runtime: FluxRuntime, record: JobRecord) -> None:
+    def _run_job(self, runtime: FluxRuntime, record: JobRecord) -> _Finished | None:
+        """Generate `record`'s images; what the finisher must store, or None (failed, cancelled)."""
         request_id = record.id
         lease_lost = threading.Event()
         with self._held_lock:
@@ -206,12 +218,12 @@ class Worker:
             logger.info("job %s refused: %s", request_id, exc)
             self._release(request_id)
             self.queue.fail(request_id, self.worker_id, input_error(str(exc)))
-            return
+            return None
         except Exception as exc:  # any other failure is ours, a ValueError from diffusers too
             logger.exception("job %s failed", request_id)
             self._release(request_id)
             self.queue.fail(request_id, self.worker_id, internal_error(f"{type(exc).__name__}: {exc}"))
-            return
+            return None
 
         if generation.cancelled or lease_lost.is_set():
             self._release(request_id)
@@ -221,9 +233,9 @@ class Worker:
                 self.queue.fail(request_id, self.worker_id, cancelled_error())
             else:  # stopping
                 self.queue.requeue(request_id, self.worker_id)
-            return
+            return None
         # Still held: the heartbeat keeps renewing the lease until the finisher completes it.
-        self._finished.put(_Finished(record, generation, time.perf_counter() - started, idle_before))
+        return _Finished(record, generation, time.perf_counter() - started, idle_before)
 
     def _release(self, request_id: str) -> None:
         with self._held_lock:
