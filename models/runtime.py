@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.request import GenerationRequest, InputError, TaskUnavailable, img2img_steps, validate
@@ -89,11 +90,29 @@ class FluxRuntime:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, model: str = "tiny", **options: Any) -> FluxRuntime:
+    def load(
+        cls,
+        model: str = "tiny",
+        *,
+        data_dir: Path,
+        components_dir: Path | None = None,
+        safety_checker: Path | None = None,
+        device: str = "auto",
+        presets: Sequence[str] | None = None,
+        memory_plan: str = "auto",
+    ) -> FluxRuntime:
         """models.loading.load_runtime: load weights, assemble and place the pipelines."""
         from models.loading import load_runtime
 
-        return load_runtime(model, **options)
+        return load_runtime(
+            model,
+            data_dir=data_dir,
+            components_dir=components_dir,
+            safety_checker=safety_checker,
+            device=device,
+            presets=presets,
+            memory_plan=memory_plan,
+        )
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -3,7 +3,9 @@
 Three threads:
 - the main loop claims a job (blocking on the queue's wake-up socket), runs it on the
   runtime, and hands the finished images to the finisher so the device never waits on Python
-  (encoding, writing files, the database) between two jobs;
+  (encoding, writing files, the database) between two jobs. The hand-over comes after the
+  next claim: the finisher's encoding and database writes would otherwise compete with that
+  claim (for the GIL and SQLite's write lock) and leave the device idle for milliseconds;
 - the finisher encodes and stores the images and completes the job;
 - the heartbeat renews the lease of every job this worker holds, every lease/3 seconds; a lease
   it cannot renew belongs to someone else now, so that job is abandoned at its next step.
@@ -141,13 +143,22 @@ class Worker:
         self._state("ready", runtime.summary)
         self._report_gpu_memory()
         logger.info("worker %s ready on %s", self.worker_id, self.device)
+        finished: _Finished | None = None
         try:
             while not self._stop.is_set():
                 prefer = self.loras.preference(runtime.loras.loaded)  # jobs whose LoRAs it holds
-                record = self.queue.claim(self.worker_id, timeout=CLAIM_TIMEOUT_SECONDS, prefer=prefer)
+                # With a finished job in hand, only look for the next one (no wait), then hand
+                # the finished one over and start the next at once.
+                timeout = 0.0 if finished is not None else CLAIM_TIMEOUT_SECONDS
+                record = self.queue.claim(self.worker_id, timeout=timeout, prefer=prefer)
+                if finished is not None:
+                    self._finished.put(finished)
+                    finished = None
                 if record is not None:
-                    self._run_job(runtime, record)
+                    finished = self._run_job(runtime, record)
         finally:
+            if finished is not None:
+                self._finished.put(finished)
             self._finished.put(None)
             threads[1].join()
             self._heartbeat_stop.set()  # only now: the finisher's jobs needed their leases
@@ -185,7 +196,8 @@ class Worker:
             logger.info("warmed up %d size(s) in %.1f s", len(sizes), seconds)
         return runtime
 
-    def _run_job(self, runtime: FluxRuntime, record: JobRecord) -> None:
+    def _run_job(self, runtime: FluxRuntime, record: JobRecord) -> _Finished | None:
+        """Generate `record`'s images; what the finisher must store, or None (failed, cancelled)."""
         request_id = record.id
         lease_lost = threading.Event()
         with self._held_lock:
@@ -212,15 +224,15 @@ class Worker:
         except LoraError as exc:  # names the LoRA; fal's 422 shape, located at its path
             logger.info("job %s refused: %s", request_id, exc)
             self._fail(record, self.loras.error(record.job, exc))
-            return
+            return None
         except InputError as exc:  # the request's own fault (TaskUnavailable included): a 4xx
             logger.info("job %s refused: %s", request_id, exc)
             self._fail(record, input_error(str(exc)))
-            return
+            return None
         except Exception as exc:  # any other failure is ours, a ValueError from diffusers too
             logger.exception("job %s failed", request_id)
             self._fail(record, internal_error(f"{type(exc).__name__}: {exc}"))
-            return
+            return None
 
         if generation.cancelled or lease_lost.is_set():
             self._release(request_id)
@@ -230,14 +242,14 @@ class Worker:
                 self._fail(record, cancelled_error())
             else:  # stopping
                 self.queue.requeue(request_id, self.worker_id)
-            return
+            return None
         for line in generation.log:
             self.queue.log(request_id, line)
         if record.job.loras:
             metrics.lora_cache_lookups_total.labels("hit").inc(generation.lora_hits)
             metrics.lora_cache_lookups_total.labels("miss").inc(generation.lora_misses)
         # Still held: the heartbeat keeps renewing the lease until the finisher completes it.
-        self._finished.put(_Finished(record, generation, time.perf_counter() - started, idle_before))
+        return _Finished(record, generation, time.perf_counter() - started, idle_before)
 
     def _release(self, request_id: str) -> None:
         with self._held_lock:

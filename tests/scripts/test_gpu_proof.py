@@ -69,7 +69,8 @@ def test_cpu_smoke_runs_both_parts_and_reports_every_figure(tmp_path: Path, tiny
         assert f"preset {asked!r} is not enabled on this server" in by_asked[asked]["note"]
 
     table = (out / "proof.md").read_text()
-    assert table.startswith("## Targets") and "what the server adds" in table and "fp8-offload-text" in table
+    assert table.startswith("**CPU smoke run**") and "## Targets" in table
+    assert "what the server adds" in table and "fp8-offload-text" in table
     assert "## Failed or skipped" not in table
 
 
