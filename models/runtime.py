@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from models.lora.manager import LoraManager
+    from models.lora.spec import LoraLimits
     from models.memory import MemoryPlan
     from models.presets.apply import PresetManager
     from models.safety import SafetyChecker
@@ -100,6 +101,7 @@ class FluxRuntime:
         device: str = "auto",
         presets: Sequence[str] | None = None,
         memory_plan: str = "auto",
+        lora_limits: LoraLimits | None = None,
     ) -> FluxRuntime:
         """models.loading.load_runtime: load weights, assemble and place the pipelines."""
         from models.loading import load_runtime
@@ -112,6 +114,7 @@ class FluxRuntime:
             device=device,
             presets=presets,
             memory_plan=memory_plan,
+            lora_limits=lora_limits,
         )
 
     @property

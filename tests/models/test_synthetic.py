@@ -108,7 +108,7 @@ def test_full_widths_random_bf16_weights_no_file_and_no_safety_checker(
     ):
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
     assert runtime.model_name == SMALL and runtime.model_kind == "synthetic"
-    assert runtime.tasks == ("text-to-image", "image-to-image", "redux")
+    assert runtime.tasks == ("text-to-image", "image-to-image", "inpainting", "redux")
     assert not runtime.safety_checker_configured
     assert "random weights" in runtime.summary and "no safety checker" in runtime.summary
     written = [p for p in data_dir.rglob("*") if p.is_file() and "tiny-flux" not in p.parts]

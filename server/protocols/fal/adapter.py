@@ -89,6 +89,11 @@ def find_endpoint(app_id: str, endpoint: str) -> Endpoint | None:
     return APPS.get(app_id, {}).get(endpoint)
 
 
+def bare_apps() -> list[str]:
+    """Apps served at their own id, with no endpoint after it (`fal-ai/flux-lora`)."""
+    return [app_id for app_id, endpoints in APPS.items() if "" in endpoints]
+
+
 ERRORS_URL = "https://docs.fal.ai/errors/#"
 
 

@@ -11,6 +11,7 @@ through the app's `AsyncQueue` (server/queue/aio.py), never blocking the event l
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -179,7 +180,17 @@ async def submit(owner: str, app: str, endpoint: str, request: Request) -> JSONR
     return JSONResponse(adapter.submit_body(record, record.job.base_url, position))
 
 
-@router.post("/{owner}/{app}")
-async def submit_to_app(owner: str, app: str, request: Request) -> JSONResponse:
-    """An app served at its own id (`fal-ai/flux-lora`): the endpoint is ""."""
-    return await submit(owner, app, "", request)
+def submit_to_app(app_id: str) -> Callable[[Request], Awaitable[JSONResponse]]:
+    """The route of an app served at its own id (`POST /fal-ai/flux-lora`: endpoint ""). One
+    fixed path per such app, not an `/{owner}/{app}` pattern: that would answer 405 instead of
+    404 for every unknown two-segment GET."""
+    owner, app = app_id.split("/", 1)
+
+    async def submit_app(request: Request) -> JSONResponse:
+        return await submit(owner, app, "", request)
+
+    return submit_app
+
+
+for _app_id in adapter.bare_apps():
+    router.add_api_route(f"/{_app_id}", submit_to_app(_app_id), methods=["POST"])

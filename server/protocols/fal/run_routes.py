@@ -9,6 +9,7 @@ cancels its job (server/waiting.py says why). fal_client reaches these routes wi
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -28,12 +29,6 @@ STREAM_SUFFIX = "/stream"
 CLIENT_CLOSED = 499
 
 
-@router.post("/{owner}/{app}", response_model=None)
-async def run_app(owner: str, app: str, request: Request) -> Response:
-    """An app served at its own id (`fal-ai/flux-lora`): the endpoint is ""."""
-    return await run(owner, app, "", request)
-
-
 @router.post("/{owner}/{app}/{endpoint:path}", response_model=None)
 async def run(owner: str, app: str, endpoint: str, request: Request) -> Response:
     if endpoint.endswith(STREAM_SUFFIX):
@@ -47,6 +42,21 @@ async def run(owner: str, app: str, endpoint: str, request: Request) -> Response
         return Response(status_code=CLIENT_CLOSED)
     request.state.fal_request_id = finished.id
     return result_response(request, finished)
+
+
+def run_app(app_id: str) -> Callable[[Request], Awaitable[Response]]:
+    """`POST /run/fal-ai/flux-lora`: an app served at its own id (endpoint ""), one fixed path
+    per such app (see queue_routes.submit_to_app)."""
+    owner, app = app_id.split("/", 1)
+
+    async def run_bare_app(request: Request) -> Response:
+        return await run(owner, app, "", request)
+
+    return run_bare_app
+
+
+for _app_id in adapter.bare_apps():
+    router.add_api_route(f"/{_app_id}", run_app(_app_id), methods=["POST"], response_model=None)
 
 
 async def run_stream(owner: str, app: str, endpoint: str, request: Request) -> StreamingResponse:
