@@ -9,8 +9,8 @@ How the runtime uses it (models/runtime.py), once, after loading the pipeline on
     enable_vae_tiling_if_large(pipe.vae, width, height, plan)   # before each decode
 
 Plans, from most to least resident. Peaks at 1024x1024, batch 1, are the EXPECTED figures
-from published measurements (shared/reference/performance-anchors.md), NOT measured by this
-project: no GPU was available; `scripts/bench_gpu.py` measures them when run on one.
+from published measurements (the diffusers and PyTorch blog figures for FLUX.1 [dev]), NOT
+measured by this project: no GPU was available; `scripts/bench_gpu.py` measures them when run on one.
 
 - resident (>= 70 GiB): everything on the GPU, and every preset's weight set. Expected peak
   ~34 GiB with bf16 only (33.9 GiB published), ~46 GiB with the fp8 variant of `regular` too.

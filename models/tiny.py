@@ -29,8 +29,8 @@ TINY_DIRNAME = "tiny-flux"
 TINY_BUILD_VERSION = "2"
 _STAMP_FILE = "tiny-build.json"
 
-# Sizes (see docs in shared/reference/tiny-model-notes.md): T5 d_model and CLIP hidden are both
-# 32, matching the transformer's joint_attention_dim and pooled_projection_dim.
+# Sizes: T5 d_model and CLIP hidden are both 32, matching the transformer's
+# joint_attention_dim and pooled_projection_dim.
 TEXT_WIDTH = 32
 CLIP_MAX_LENGTH = 77
 BPE_MERGES = 400

@@ -48,7 +48,7 @@ def flops_per_image(transformer_config: Any, width: int, height: int, steps: int
 
     Every block holds 12*H^2 weights per stream that multiply tokens (modulation weights see one
     vector and are left out): double blocks apply them to image and text tokens separately,
-    single blocks to all tokens together (shared/reference/performance-anchors.md section 6)."""
+    single blocks to all tokens together."""
     hidden = transformer_config.num_attention_heads * transformer_config.attention_head_dim
     double, single = transformer_config.num_layers, transformer_config.num_single_layers
     image_tokens = (width // 16) * (height // 16)
