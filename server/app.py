@@ -88,6 +88,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.state.background = []
     install_error_handlers(app, unavailable=(QueueUnavailable,))
 
+    app.include_router(queue_routes.request_router)  # first: see queue_routes.request_router
     install_docs(app)
     app.include_router(playground.router)
     app.include_router(health.router)

@@ -37,6 +37,10 @@ require_fal_key = api_key_dependency(fal_key_refusal)
 # Path patterns document nothing useful: server/protocols/fal/openapi.py describes each
 # app and endpoint of the app table instead.
 router = APIRouter(dependencies=[Depends(require_fal_key)], include_in_schema=False)
+# A request's own routes (status, its stream, result, cancel): their fixed `requests` segment
+# matches no other route, so the app includes them first and a status poll, the most frequent
+# call, is routed without trying every other router.
+request_router = APIRouter(dependencies=[Depends(require_fal_key)], include_in_schema=False)
 
 
 def check_endpoint(owner: str, app: str, endpoint: str) -> str:
@@ -113,10 +117,7 @@ def result_response(request: Request, record: JobRecord) -> JSONResponse:
     raise HTTPException(status_code=400, detail="Request is still in progress")
 
 
-# Routes with the fixed `requests` segment come before the catch-all submit pattern.
-
-
-@router.get("/{owner}/{app}/requests/{request_id}/status/stream")
+@request_router.get("/{owner}/{app}/requests/{request_id}/status/stream")
 async def status_stream(owner: str, app: str, request_id: str, request: Request) -> StreamingResponse:
     await require_record(request, owner, app, request_id)
     with_logs = logs_requested(request)
@@ -139,7 +140,7 @@ async def status_stream(owner: str, app: str, request_id: str, request: Request)
     return StreamingResponse(events, media_type="text/event-stream", headers=EVENT_STREAM_HEADERS)
 
 
-@router.get("/{owner}/{app}/requests/{request_id}/status")
+@request_router.get("/{owner}/{app}/requests/{request_id}/status")
 async def status(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
     with_logs = logs_requested(request)
     record, position = await require_record(request, owner, app, request_id, with_logs=with_logs)
@@ -147,7 +148,7 @@ async def status(owner: str, app: str, request_id: str, request: Request) -> JSO
     return JSONResponse(body, status_code=200 if record.status is Status.COMPLETED else 202)
 
 
-@router.put("/{owner}/{app}/requests/{request_id}/cancel")
+@request_router.put("/{owner}/{app}/requests/{request_id}/cancel")
 async def cancel(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
     found = await find_record(request, owner, app, request_id)
     if found is None:
@@ -162,7 +163,7 @@ async def cancel(owner: str, app: str, request_id: str, request: Request) -> JSO
     return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
 
 
-@router.get("/{owner}/{app}/requests/{request_id}")
+@request_router.get("/{owner}/{app}/requests/{request_id}")
 async def result(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
     record, _ = await require_record(request, owner, app, request_id)
     if record.status is not Status.COMPLETED:
