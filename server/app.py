@@ -1,8 +1,10 @@
 """App factory: one FastAPI app carrying every protocol, on one queue.
 
-Router order matters: fal's routes are path patterns (`/{owner}/{app}/...`) that would also
-match `/v1/...`, so the fixed-path routers (health, files, the optional protocol packages)
-are included first, then fal's `/run/...` routes, then fal's queue routes last.
+Router order matters: fal's submit routes are path patterns (`/{owner}/{app}/...`) that would
+also match `/v1/...`, so the fixed-path routers (health, files, the other protocol packages)
+come before them, then fal's `/run/...` routes, then fal's submit routes last. Only a
+request's own routes (`.../requests/{id}/status` and the like) come first of all: their
+fixed `requests` segment matches nothing else, and status polls are the most frequent call.
 
 A protocol package's `routes` module exposes `router: APIRouter` and may expose `setup(app:
 FastAPI) -> None` (called once, e.g. to register its error renderer with server/errors.py);
