@@ -5,7 +5,7 @@
                            device="auto" | "cpu" | "cuda",
                            presets=("none", "regular", "high"), memory_plan="auto")
 
-(`FluxRuntime.load` is the same call.) The order matters: the model is resolved (checked)
+The order matters: the model is resolved (checked)
 before the slow imports, components are placed by the memory plan before the img2img pipeline
 is built from them (so both share the placed modules), and the preset manager comes last
 because its variants are copies of the placed transformer.

@@ -1,10 +1,10 @@
 """FluxRuntime: FLUX.1 [dev] components loaded once, shared by every task.
 
-    runtime = FluxRuntime.load("tiny" | "synthetic" | folder | file.safetensors, data_dir=...)
+    runtime = load_runtime("tiny" | "synthetic" | folder | file.safetensors, data_dir=...)
     out: Generation = runtime.generate(request, on_step=lambda i, n: ..., should_cancel=lambda: False)
 
-`request` is a `models.request.GenerationRequest` with a concrete seed (loading options:
-models/loading.py). `on_step(i, n)` is called after every denoising step (i from 1 to n; for
+`request` is a `models.request.GenerationRequest` with a concrete seed. `load_runtime` and its
+options live in models/loading.py. `on_step(i, n)` is called after every denoising step (i from 1 to n; for
 image-to-image n is the number of steps left after `strength`). `should_cancel()` is checked
 at every step; a cancelled request returns `cancelled=True` and no images, and the VAE decode
 never runs (the pipelines always return latents; this module decodes them).
@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.request import GenerationRequest, InputError, TaskUnavailable, img2img_steps, validate
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from models.lora.manager import LoraManager
-    from models.lora.spec import LoraLimits
     from models.memory import MemoryPlan
     from models.presets.apply import PresetManager
     from models.safety import SafetyChecker
@@ -89,33 +87,6 @@ class FluxRuntime:
         self.model_kind = model_kind  # "tiny", "synthetic", "diffusers" or "single-file"
         self.loras = loras  # per-request LoRAs on the shared pipeline (models/lora)
         self._lock = threading.Lock()
-
-    @classmethod
-    def load(
-        cls,
-        model: str = "tiny",
-        *,
-        data_dir: Path,
-        components_dir: Path | None = None,
-        safety_checker: Path | None = None,
-        device: str = "auto",
-        presets: Sequence[str] | None = None,
-        memory_plan: str = "auto",
-        lora_limits: LoraLimits | None = None,
-    ) -> FluxRuntime:
-        """models.loading.load_runtime: load weights, assemble and place the pipelines."""
-        from models.loading import load_runtime
-
-        return load_runtime(
-            model,
-            data_dir=data_dir,
-            components_dir=components_dir,
-            safety_checker=safety_checker,
-            device=device,
-            presets=presets,
-            memory_plan=memory_plan,
-            lora_limits=lora_limits,
-        )
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -95,12 +95,12 @@ def main() -> int:
     import peft
     import torch
 
+    from models.loading import load_runtime
     from models.lora.manager import LoraManager
     from models.lora.spec import LoraLimits
     from models.lora.tiny_loras import write_lora
     from models.presets.apply import PresetManager
     from models.presets.policy import Hardware, Preset
-    from models.runtime import FluxRuntime
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or Path(tmp)
@@ -118,7 +118,7 @@ def main() -> int:
         }
         limits = LoraLimits(max_rank=args.rank, max_loaded=args.loras)
         for mode in ("adapters", "hotswap"):
-            runtime = FluxRuntime.load("tiny", data_dir=data_dir, device="cpu", presets=("none",))
+            runtime = load_runtime("tiny", data_dir=data_dir, device="cpu", presets=("none",))
             if mode == "hotswap":
                 runtime.presets = PresetManager(
                     runtime.pipe.transformer,

@@ -111,8 +111,8 @@ def run_generate(args: argparse.Namespace) -> int:
     # Heavy imports only once the arguments are known to be good.
     from tqdm import tqdm
 
+    from models.loading import load_runtime
     from models.request import InputError, validate
-    from models.runtime import FluxRuntime
     from models.weights import WeightsError
     from server.worker import generation_request
 
@@ -126,7 +126,7 @@ def run_generate(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir) if args.data_dir else Settings().data_dir
     started = time.perf_counter()
     try:
-        runtime = FluxRuntime.load(
+        runtime = load_runtime(
             args.model,
             data_dir=data_dir,
             components_dir=Path(args.components_dir) if args.components_dir else None,

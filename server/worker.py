@@ -168,16 +168,15 @@ class Worker:
         return 0
 
     def _load(self) -> FluxRuntime:
-        from models.loading import resolve_device
+        from models.loading import load_runtime, resolve_device
         from models.presets.policy import default_warmup_sizes
-        from models.runtime import FluxRuntime
 
         self._state("loading")  # first with the asked-for device ("auto"), then the real one
         self.device = resolve_device(self.settings.device)
         self._state("loading")
         logger.info("loading model %s on %s", self.settings.model, self.device)
         started = time.perf_counter()
-        runtime = FluxRuntime.load(
+        runtime = load_runtime(
             self.settings.model,
             data_dir=self.settings.data_dir,
             components_dir=self.settings.components_dir,

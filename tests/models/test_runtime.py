@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from models.loading import load_runtime
 from models.presets.apply import PresetManager
 from models.presets.policy import PRESETS, CacheSetting, Preset
 from models.request import GenerationRequest, InputError, TaskUnavailable, img2img_steps
@@ -39,7 +40,7 @@ def data_dir(tiny_model_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def runtime(data_dir: Path) -> FluxRuntime:
     # Only "none": the compiled presets cost minutes on 2 cores and are tests/models/test_presets.py's.
-    return FluxRuntime.load("tiny", data_dir=data_dir, device="cpu", presets=("none",))
+    return load_runtime("tiny", data_dir=data_dir, device="cpu", presets=("none",))
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -255,7 +256,7 @@ def test_a_value_error_from_inside_diffusers_is_not_the_requests_fault(
 def test_redux_without_its_parts_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "no-redux"
     shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("redux"))
-    runtime = FluxRuntime.load(str(folder), data_dir=tmp_path, device="cpu", presets=("none",))
+    runtime = load_runtime(str(folder), data_dir=tmp_path, device="cpu", presets=("none",))
     assert runtime.tasks == ("text-to-image", "image-to-image", "inpainting")
     assert issubclass(TaskUnavailable, InputError)  # the client asked for what is not loaded
     with pytest.raises(TaskUnavailable, match="redux is not available"):
@@ -350,7 +351,7 @@ def test_warmup_runs_each_size(runtime: FluxRuntime) -> None:
 
 def test_load_logs_that_no_safety_checker_is_configured(data_dir: Path, caplog) -> None:
     with caplog.at_level("WARNING", logger="models.runtime"):
-        runtime = FluxRuntime.load("tiny", data_dir=data_dir, device="cpu")
+        runtime = load_runtime("tiny", data_dir=data_dir, device="cpu")
     assert runtime.safety_checker_configured is False
     assert "no safety checker configured" in caplog.text
 
@@ -388,7 +389,7 @@ def test_the_network_guard_works() -> None:
 
 def test_loading_and_generating_open_no_connection(data_dir: Path) -> None:
     with no_network():
-        runtime = FluxRuntime.load("tiny", data_dir=data_dir, device="cpu")
+        runtime = load_runtime("tiny", data_dir=data_dir, device="cpu")
         image = input_png(64, 64)
         runtime.generate(job())
         runtime.generate(job(task="image-to-image", image=image, steps=4))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from models.loading import load_runtime
 from models.request import GenerationRequest
 from models.runtime import FluxRuntime
 from models.safety import (
@@ -30,20 +31,20 @@ def never_flag_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_safety_checker(tmp_path_factory.mktemp("safety") / "never", flag=False)
 
 
-def load_runtime(tiny_model_dir: Path, checker: Path | None) -> FluxRuntime:
-    return FluxRuntime.load(
+def runtime_with_checker(tiny_model_dir: Path, checker: Path | None) -> FluxRuntime:
+    return load_runtime(
         "tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",), safety_checker=checker
     )
 
 
 @pytest.fixture(scope="module")
 def always_runtime(tiny_model_dir: Path, always_flag_dir: Path) -> FluxRuntime:
-    return load_runtime(tiny_model_dir, always_flag_dir)
+    return runtime_with_checker(tiny_model_dir, always_flag_dir)
 
 
 @pytest.fixture(scope="module")
 def never_runtime(tiny_model_dir: Path, never_flag_dir: Path) -> FluxRuntime:
-    return load_runtime(tiny_model_dir, never_flag_dir)
+    return runtime_with_checker(tiny_model_dir, never_flag_dir)
 
 
 def job(**fields) -> GenerationRequest:
@@ -152,7 +153,7 @@ def test_flagging_does_not_change_unflagged_runs(
 
 def test_a_broken_checker_fails_at_load(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(SafetyCheckerError, match=str(tmp_path)):
-        load_runtime(tiny_model_dir, tmp_path)
+        runtime_with_checker(tiny_model_dir, tmp_path)
 
 
 def _png(width: int, height: int) -> bytes:

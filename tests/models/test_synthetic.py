@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from models.loading import load_runtime
 from models.request import GenerationRequest
 from models.runtime import FluxRuntime
 from models.weights import WeightsError, resolve_model
@@ -86,7 +87,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
 
 @pytest.fixture(scope="module")
 def runtime(data_dir: Path) -> FluxRuntime:
-    return FluxRuntime.load(SMALL, data_dir=data_dir, device="cpu")
+    return load_runtime(SMALL, data_dir=data_dir, device="cpu")
 
 
 def test_full_widths_random_bf16_weights_no_file_and_no_safety_checker(

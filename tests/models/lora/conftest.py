@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from models.loading import load_runtime
 from models.lora.tiny_loras import write_lora
 from models.runtime import FluxRuntime
 
@@ -19,7 +20,7 @@ from models.runtime import FluxRuntime
 @pytest.fixture(scope="session")
 def lora_runtime(tiny_model_dir: Path) -> FluxRuntime:
     """Eager ("none" only): LoRAs are plain named adapters here."""
-    return FluxRuntime.load("tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",))
+    return load_runtime("tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",))
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.loading import load_runtime
 from models.lora import LoraError, LoraLimits, LoraSpec
 from models.lora.manager import LoraManager
 from models.lora.named import NamedAdapters
@@ -215,7 +216,7 @@ def test_loras_on_fp8_stored_weights(
     must still compute in the model's dtype."""
     import torch
 
-    runtime = FluxRuntime.load("tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",))
+    runtime = load_runtime("tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",))
     runtime.pipe.transformer.enable_layerwise_casting(
         storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32
     )

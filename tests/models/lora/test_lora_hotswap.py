@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.loading import load_runtime
 from models.lora import LoraLimits, LoraSpec
 from models.lora.manager import LoraManager
 from models.presets.apply import PresetManager
@@ -30,7 +31,7 @@ def compiled(tiny_model_dir: Path) -> Iterator[tuple[FluxRuntime, torch._dynamo.
 
     torch._dynamo.reset()
     counter = CompileCounter()
-    runtime = FluxRuntime.load("tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",))
+    runtime = load_runtime("tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",))
     runtime.presets = PresetManager(
         runtime.pipe.transformer,
         device="cpu",
@@ -124,7 +125,7 @@ def test_warm_up_compiles_the_lora_graph_too(tiny_model_dir: Path, lora_file: Ca
 
     torch._dynamo.reset()
     counter = CompileCounter()
-    runtime = FluxRuntime.load("tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",))
+    runtime = load_runtime("tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",))
     runtime.presets = PresetManager(
         runtime.pipe.transformer,
         device="cpu",
