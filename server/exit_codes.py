@@ -15,6 +15,7 @@ EXIT_LOAD_FAILED = 3  # the model could not be loaded or warmed up: retry after 
 EXIT_DEVICE_LOST = 4  # the GPU context is unusable (a sticky CUDA error): restart at once
 EXIT_HUNG = 5  # the watchdog saw no step progress on a held job: restart at once
 EXIT_HELPER_DIED = 6  # a helper thread (heartbeat, finisher) died: restart with backoff
+EXIT_FAILING = 7  # too many internal failures in a row: stop draining the queue; restart with backoff
 
 DESCRIPTIONS: dict[int, str] = {
     EXIT_OK: "stopped",
@@ -24,6 +25,7 @@ DESCRIPTIONS: dict[int, str] = {
     EXIT_DEVICE_LOST: "lost its GPU context",
     EXIT_HUNG: "made no progress on its job (watchdog)",
     EXIT_HELPER_DIED: "lost a helper thread",
+    EXIT_FAILING: "failed too many jobs in a row",
 }
 
 
