@@ -55,6 +55,10 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--memory-plan", {"help": "auto, resident, fp8-offload-text, model-offload, sequential-offload"}),
     ("--retention-seconds", {"type": float}),
     ("--max-upload-bytes", {"type": int, "help": "largest file a client may upload (fal storage)"}),
+    (
+        "--min-free-disk-bytes",
+        {"type": int, "help": "refuse submits and uploads below this free space (default 1 GiB; 0: off)"},
+    ),
     ("--lease-seconds", {"type": float}),
     ("--fetch-allow", {"action": "append", "help": "only fetch from these hosts/networks (repeatable)"}),
     ("--fetch-deny", {"action": "append", "help": "never fetch from these hosts/networks (repeatable)"}),

@@ -1,9 +1,11 @@
-"""What every backend shares about rows: priority ranks, log timestamps, and decoding a
-stored job without re-parsing its JSON on every status poll."""
+"""What every backend shares about rows: priority ranks, log timestamps, decoding a stored
+job without re-parsing its JSON on every status poll, and the files a stored result names."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterable
 from datetime import datetime, timezone
 
 from server.jobs import Job
@@ -21,6 +23,18 @@ def utc_timestamp(now: float | None = None) -> str:
 def without_image(job: Job) -> Job:
     """The job as stored in its JSON column: the input image lives in a column of its own."""
     return job.model_copy(update={"image": None}) if job.image is not None else job
+
+
+def file_names_in_results(result_jsons: Iterable[str]) -> set[str]:
+    """The stored files that results (their `result_json` columns) reference: each image's
+    `file_name` (an inline image has none). Plain JSON, not the models: one sweep may read
+    many thousands of results."""
+    names: set[str] = set()
+    for result_json in result_jsons:
+        for image in json.loads(result_json).get("images") or []:
+            if image.get("file_name"):
+                names.add(image["file_name"])
+    return names
 
 
 class JobCache:
