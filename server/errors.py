@@ -64,7 +64,8 @@ async def handle_error(request: Request, exc: Exception) -> Response:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
         exc = StarletteHTTPException(503, detail="The queue is unavailable; retry shortly")
     elif is_disk_full(exc):
-        log.warning("%s %s refused: %s", request.method, request.url.path, exc)
+        cause = exc.__cause__ if isinstance(exc, DiskFull) and exc.__cause__ else exc
+        log.warning("%s %s refused, the disk is full: %s", request.method, request.url.path, cause)
         exc = StarletteHTTPException(INSUFFICIENT_STORAGE, detail=DISK_FULL_MESSAGE)
     for prefix, renderer in request.app.state.error_renderers:
         if request.url.path.startswith(prefix):
