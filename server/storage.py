@@ -262,7 +262,7 @@ class LocalStorage:
             for entry in entries:
                 name = entry.name
                 is_partial = name.startswith(".") and name.endswith(".partial")
-                is_image = _FILE_NAME.fullmatch(name) and Path(name).suffix in _IMAGE_TYPES
+                is_image = bool(_FILE_NAME.fullmatch(name)) and Path(name).suffix in _IMAGE_TYPES
                 if not (is_partial or is_image) or name in uploads:
                     continue
                 try:
