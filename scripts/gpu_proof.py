@@ -101,7 +101,7 @@ class Server:
         """Start and wait for /health 200; seconds from the start to ready."""
         import httpx
 
-        command = [sys.executable, "-m", "server.cli", "serve", "--model", self.args.model]
+        command = [sys.executable, "-m", "server.supervisor.cli", "serve", "--model", self.args.model]
         command += ["--data-dir", str(self.data_dir), "--port", str(self.port), "--workers", "1"]
         command += ["--device", self.args.device, "--ssl-certfile", str(self.certs.cert)]
         command += ["--ssl-keyfile", str(self.certs.key)]

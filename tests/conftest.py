@@ -157,7 +157,7 @@ def launch_server(
     if not link.exists():
         link.symlink_to(tiny_model_dir, target_is_directory=True)
     port = port or free_port()
-    argv = [sys.executable, "-m", "server.cli", "serve", "--model", "tiny"]
+    argv = [sys.executable, "-m", "server.supervisor.cli", "serve", "--model", "tiny"]
     argv += ["--data-dir", str(data_dir), "--host", host, "--port", str(port), "--workers", str(workers)]
     if certs is not None:
         argv += ["--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key)]

@@ -138,7 +138,7 @@ def test_restart_of_serve_keeps_queued_and_running_jobs(
 
 
 def test_public_host_without_keys_refuses_to_start(tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "server.cli", "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]
+    argv = [sys.executable, "-m", "server.supervisor.cli", "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "refusing to listen on 0.0.0.0" in proc.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from server.api_main import default_api_processes
-from server.cli import build_parser, settings_from_args
+from server.supervisor.cli import build_parser, settings_from_args
 from server.jobs import Status
 from server.queue.notify import socket_dir
 from server.queue.sqlite import SQLiteQueue
@@ -57,7 +57,7 @@ def test_several_api_processes_share_the_port_queue_and_wake_ups(tmp_path: Path)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "api", "--data-dir", str(tmp_path), "--port", str(port),
+        [sys.executable, "-m", "server.supervisor.cli", "api", "--data-dir", str(tmp_path), "--port", str(port),
          "--api-processes", "2"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip

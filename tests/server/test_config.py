@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser, settings_from_args
+from server.supervisor.cli import build_parser, settings_from_args
 from server.config import Settings
 
 

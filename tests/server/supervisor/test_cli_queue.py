@@ -12,7 +12,7 @@ import pytest
 
 from tests.pg_server import PostgresServer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("command", ["serve", "api", "worker"])
@@ -22,7 +22,16 @@ def test_a_wrong_password_fails_start_up_with_one_line(
     url = postgres_server.url(password="not-the-password")
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "server.cli", command, "--data-dir", str(tmp_path), "--queue-url", url],
+        [
+            sys.executable,
+            "-m",
+            "server.supervisor.cli",
+            command,
+            "--data-dir",
+            str(tmp_path),
+            "--queue-url",
+            url,
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -41,7 +50,7 @@ def test_a_queue_url_of_another_kind_is_refused(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "server.supervisor.cli",
             "api",
             "--data-dir",
             str(tmp_path),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.cli import main
+from server.supervisor.cli import main
 from tests.server.conftest import api_settings, run_api_server
 
 
