@@ -120,7 +120,9 @@ class Server:
                 if self.process.poll() is not None:
                     raise ProofError(f"serve exited with {self.process.returncode}; see serve.log")
                 try:
-                    if client.get(f"{self.url}/health").status_code == 200:
+                    health = client.get(f"{self.url}/health")
+                    # "ok": every worker ready ("degraded" is ready with some still loading).
+                    if health.status_code == 200 and health.json()["status"] == "ok":
                         return time.perf_counter() - started
                 except httpx.HTTPError:
                     pass

@@ -98,6 +98,7 @@ class FluxServer:
             return client.get("/health")
 
     def wait_healthy(self, timeout: float = HEALTH_TIMEOUT) -> dict:
+        """Wait until /health says "ok" (every worker ready); its body."""
         deadline = time.monotonic() + timeout
         last = "no answer"
         while time.monotonic() < deadline:
@@ -107,7 +108,8 @@ class FluxServer:
                 )
             try:
                 response = self.health()
-                if response.status_code == 200:
+                # "ok": every worker of the box is ready (200 "degraded" is ready with fewer).
+                if response.status_code == 200 and response.json()["status"] == "ok":
                     return response.json()
                 last = f"{response.status_code} {response.text}"
             except httpx.HTTPError as exc:
