@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     workers: int | None = None  # default: one per visible GPU, else one on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lease_seconds: float = 30.0  # a worker that stops renewing loses its job after this
+    # A worker whose model could not load is started again after this long: a transient
+    # out-of-memory or a weights mount that came back late is not forever.
+    load_retry_seconds: float = Field(default=300.0, gt=0)
+    # /health/ready (and /health) answer 200 once this many of the box's workers are ready (at
+    # most as many as it runs): a box with one failed GPU of eight keeps serving, "degraded".
+    min_ready_workers: int = Field(default=1, ge=1)
 
     # Acceleration (see models/presets/policy.py)
     # For fal requests that name no preset. None: each path's documented default (fal-ai/flux/dev
