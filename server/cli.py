@@ -56,6 +56,8 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--retention-seconds", {"type": float}),
     ("--max-upload-bytes", {"type": int, "help": "largest file a client may upload (fal storage)"}),
     ("--lease-seconds", {"type": float}),
+    ("--watchdog-seconds", {"type": float, "help": "restart a worker whose job makes no progress this long"}),
+    ("--max-consecutive-failures", {"type": int, "help": "a worker stops after this many failures in a row"}),
     ("--fetch-allow", {"action": "append", "help": "only fetch from these hosts/networks (repeatable)"}),
     ("--fetch-deny", {"action": "append", "help": "never fetch from these hosts/networks (repeatable)"}),
     ("--lora-dir", {"help": "folder of LoRA files that requests may name (the studio's library)"}),
@@ -193,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     worker_name = f"worker {args.worker_id}" if getattr(args, "worker_id", None) else "worker"
     configure_logging(settings, {"serve": "supervisor", "api": "api", "worker": worker_name}[args.command])
-    problem = queue_problem(settings)
+    # A worker waits for an unreachable queue itself (server.worker), so that a database
+    # outage never stops it for good.
+    problem = queue_problem(settings) if args.command != "worker" else None
     if problem is not None:
         print(f"flux-server: {problem}", file=sys.stderr)
         return 2

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     workers: int | None = None  # default: one per visible GPU, else one on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lease_seconds: float = 30.0  # a worker that stops renewing loses its job after this
+    # A held job without a step or stage change for this long ends its worker (0: never).
+    watchdog_seconds: float = Field(default=600.0, ge=0)
+    # Internal failures in a row after which a worker stops taking jobs and exits (0: never).
+    max_consecutive_failures: int = Field(default=3, ge=0)
 
     # Acceleration (see models/presets/policy.py)
     # For fal requests that name no preset. None: each path's documented default (fal-ai/flux/dev
