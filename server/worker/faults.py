@@ -80,14 +80,14 @@ def gpu_fault(exc: BaseException) -> GpuFault | None:
 
 
 class GpuOutOfMemory(Exception):
-    """Generating the job ran out of GPU memory also one image at a time."""
+    """Generating the job ran out of GPU memory, also one image at a time."""
 
     def __init__(self, width: int, height: int, num_images: int) -> None:
-        images = f"{num_images} images" if num_images > 1 else "1 image"
-        super().__init__(
-            f"the GPU ran out of memory generating {images} of {width}x{height}; "
-            "try a smaller size or fewer images"
+        size = f"{width}x{height}"
+        what = (
+            f"{num_images} images of {size}, also one at a time" if num_images > 1 else f"an image of {size}"
         )
+        super().__init__(f"the GPU ran out of memory generating {what}; try a smaller size")
 
 
 def storage_error(exc: OSError) -> JobError:

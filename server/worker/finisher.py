@@ -96,7 +96,13 @@ class Finisher:
         generation = item.generation
         preset = generation.preset + (f": {generation.preset_note}" if generation.preset_note else "")
         line = f"Generated {len(images)} image(s) in {item.seconds:.2f} s (preset {preset})"
-        best_effort(lambda: self.queue.log(job.id, line), None, doing="logging", outage=self.outage)
+        best_effort(
+            lambda: self.queue.log(job.id, line),
+            None,
+            doing="logging",
+            outage=self.outage,
+            try_when_down=True,
+        )
         job.enter(Stage.COMPLETING)
         try:
             done = self._complete(job, result)

@@ -85,7 +85,7 @@ def _one_at_a_time(
             failed = False
         if failed:
             free_device_memory(device)
-            raise GpuOutOfMemory(request.width, request.height, 1)
+            raise GpuOutOfMemory(request.width, request.height, count)
         if part.cancelled:
             return part
         parts.append(part)

@@ -104,10 +104,13 @@ def until_back(
         return result
 
 
-def best_effort(call: Callable[[], T], default: T, *, doing: str, outage: QueueOutage) -> T:
-    """`call()`, or `default` while the queue is unreachable (not even tried once an outage
-    is known: writes that only inform, such as progress, must not stall the device)."""
-    if outage.down:
+def best_effort(
+    call: Callable[[], T], default: T, *, doing: str, outage: QueueOutage, try_when_down: bool = False
+) -> T:
+    """`call()`, or `default` while the queue is unreachable. Unless `try_when_down`, not even
+    tried once an outage is known: writes that only inform, such as progress, must not stall
+    the device."""
+    if outage.down and not try_when_down:
         return default
     try:
         return call()

@@ -9,9 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.runtime import FluxRuntime
 from server.config import Settings
 from server.jobs import Job, JobRecord, Status
-from server.queue.base import JobQueue
+from server.queue.base import JobQueue, QueueUnavailable
 from server.worker import Worker
 from tests.support import wait_until
 
@@ -44,11 +45,15 @@ class ThreadWorker:
 
     settings: Settings
     worker_id: str
+    runtime: FluxRuntime | None = None  # an already loaded one, instead of loading again
     exits: list[int] = field(default_factory=list)
     returned: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.worker = Worker(self.settings, worker_id=self.worker_id, exit_process=self.exits.append)
+        if self.runtime is not None:
+            runtime = self.runtime
+            self.worker._load = lambda: runtime  # type: ignore[method-assign]
         self.thread = threading.Thread(target=lambda: self.returned.append(self.worker.run()), daemon=True)
 
     def start(self, api: JobQueue, *, wait_ready: bool = True) -> ThreadWorker:
@@ -69,3 +74,54 @@ class ThreadWorker:
         assert not self.thread.is_alive(), f"worker {self.worker_id} did not end"
         (code,) = self.returned
         return code
+
+
+def pause_at_step(
+    runtime: FluxRuntime, monkeypatch, step: int = 1
+) -> tuple[threading.Event, threading.Event]:
+    """Make the next generations wait after denoising step `step` until `go` is set (a job
+    held mid-run while the test breaks something); `reached` is set when one gets there."""
+    reached, go = threading.Event(), threading.Event()
+    original = runtime.generate
+
+    def generate(request, on_step=None, should_cancel=None):  # type: ignore[no-untyped-def]
+        def on_step_then_wait(i: int, total: int) -> None:
+            if on_step is not None:
+                on_step(i, total)
+            if i == step:
+                reached.set()
+                assert go.wait(120), "the test never let the job go on"
+
+        return original(request, on_step=on_step_then_wait, should_cancel=should_cancel)
+
+    monkeypatch.setattr(runtime, "generate", generate)
+    return reached, go
+
+
+# Every queue method a worker calls: an injected outage makes all of them fail at once, as a
+# database that went away does.
+WORKER_QUEUE_METHODS = (
+    "claim", "renew", "log", "is_cancel_requested", "complete", "fail", "requeue", "get", "set_worker_state",
+)  # fmt: skip
+
+
+class InjectedOutage:
+    """While `down()` holds, each of the worker's queue calls raises QueueUnavailable (counted
+    per method in `calls`, failed or not)."""
+
+    def __init__(self, queue: JobQueue, monkeypatch, down: Callable[[], bool]) -> None:  # type: ignore[no-untyped-def]
+        self.calls: dict[str, int] = dict.fromkeys(WORKER_QUEUE_METHODS, 0)
+        self.down = down
+        for name in WORKER_QUEUE_METHODS:
+            monkeypatch.setattr(queue, name, self._wrap(name, getattr(queue, name)))
+
+    def _wrap(self, name: str, real: Callable) -> Callable:
+        def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.calls[name] += 1
+            if self.down():
+                raise QueueUnavailable(
+                    "the queue database at db:5432/flux is unavailable: Connection refused"
+                )
+            return real(*args, **kwargs)
+
+        return call
