@@ -195,9 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     worker_name = f"worker {args.worker_id}" if getattr(args, "worker_id", None) else "worker"
     configure_logging(settings, {"serve": "supervisor", "api": "api", "worker": worker_name}[args.command])
-    # A worker waits for an unreachable queue itself (server.worker), so that a database
-    # outage never stops it for good.
-    problem = queue_problem(settings) if args.command != "worker" else None
+    problem = queue_problem(settings)
+    if problem is not None and args.command == "worker":
+        from server.worker.faults import queue_misconfigured
+
+        # A database that is away is waited for (server.worker): an outage never stops a
+        # worker for good. A wrong password or database name is refused here, at once.
+        away = problem.startswith("the queue database at") and not queue_misconfigured(problem)
+        problem = None if away else problem
     if problem is not None:
         print(f"flux-server: {problem}", file=sys.stderr)
         return 2

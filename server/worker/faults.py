@@ -50,10 +50,26 @@ DISK_FULL_MESSAGE = "the server's disk is full; the output could not be stored"
 DEVICE_LOST_REQUEUED = "The GPU failed while running this request; requeued for a fresh worker"
 
 
+# Reasons a database gives that waiting will not fix: the configuration is wrong.
+_MISCONFIGURED = (
+    "password authentication failed",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "permission denied",
+)
+
+
+def queue_misconfigured(reason: str) -> bool:
+    """Whether a `QueueUnavailable` message names a configuration error (a wrong password, a
+    missing database) rather than a database that is away for now."""
+    return any(marker in reason for marker in _MISCONFIGURED)
+
+
 def is_queue_outage(exc: BaseException) -> bool:
-    """The queue cannot be reached right now (wait and retry); anything else is a bug."""
+    """The queue cannot be reached right now (wait and retry); anything else is a bug or a
+    configuration error."""
     if isinstance(exc, QueueUnavailable):
-        return True
+        return not queue_misconfigured(str(exc))
     if isinstance(exc, sqlite3.OperationalError):
         text = str(exc).lower()
         return any(marker in text for marker in _SQLITE_TRANSIENT)

@@ -31,7 +31,7 @@ from server.config import Settings
 from server.exit_codes import EXIT_DEVICE_LOST, EXIT_FAILING, EXIT_HUNG, EXIT_LOAD_FAILED, EXIT_OK, EXIT_USAGE
 from server.jobs import JobRecord, cancelled_error
 from server.lora.jobs import JobLoras
-from server.queue.base import JobQueue
+from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.factory import open_queue
 from server.storage import LocalStorage
 from server.worker.faults import (
@@ -103,7 +103,7 @@ class Worker:
     def run(self) -> int:
         try:
             queue = self._open_queue()
-        except ValueError as exc:  # a queue URL of another kind: the configuration's fault
+        except (ValueError, QueueUnavailable) as exc:  # a wrong URL or password: not an outage
             logger.error("%s", exc)
             return EXIT_USAGE
         if queue is None:
