@@ -93,6 +93,3 @@ class HeldJobs:
 
     def renewable(self) -> list[HeldJob]:
         return [job for job in self.snapshot() if not job.lease_lost and not job.hung]
-
-    def __len__(self) -> int:
-        return len(self._jobs)
