@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     # /health/ready (and /health) answer 200 once this many of the box's workers are ready (at
     # most as many as it runs): a box with one failed GPU of eight keeps serving, "degraded".
     min_ready_workers: int = Field(default=1, ge=1)
+    # A held job without a step or stage change for this long ends its worker (0: never).
+    watchdog_seconds: float = Field(default=600.0, ge=0)
+    # Internal failures in a row after which a worker stops taking jobs and exits (0: never).
+    max_consecutive_failures: int = Field(default=3, ge=0)
 
     # Acceleration (see models/presets/policy.py)
     # For fal requests that name no preset. None: each path's documented default (fal-ai/flux/dev

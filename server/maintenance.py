@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 
 from server import lifecycle
 from server.config import Settings
 from server.jobs import JobRecord
-from server.queue.base import PURGE_BATCH, JobQueue
+from server.queue.base import PURGE_BATCH, JobQueue, QueueUnavailable
 from server.storage import LocalStorage
 
 log = logging.getLogger("flux_server.api")
@@ -97,30 +98,75 @@ def record_recovered(queue: JobQueue, request_ids: list[str]) -> None:
             lifecycle.recovered(record)
 
 
+class OutageGrace:
+    """No lease is expired until one lease after the queue came back from an outage.
+
+    While the queue was unreachable no worker could renew its leases, so right after the
+    outage every lease looks expired: expiring them at once would requeue (and run twice) the
+    jobs of workers that are alive and about to renew. During the outage and the grace that
+    follows, a cheap probe replaces the recovery pass."""
+
+    def __init__(self, lease_seconds: float) -> None:
+        self.lease_seconds = lease_seconds
+        self._down = False
+        self._recover_from = 0.0  # monotonic time from which leases may be expired again
+
+    def recovery_allowed(self) -> bool:
+        return not self._down and time.monotonic() >= self._recover_from
+
+    def unreachable(self, exc: Exception) -> None:
+        if not self._down:
+            log.warning("queue maintenance paused: %s", exc)
+        self._down = True
+
+    def reachable(self) -> None:
+        if self._down:
+            self._down = False
+            self._recover_from = time.monotonic() + self.lease_seconds
+            log.warning("the queue is back; expiring leases again in %.0f s", self.lease_seconds)
+
+
+async def recover_and_purge(
+    queue: JobQueue, storage: LocalStorage, settings: Settings, *, purge: bool
+) -> None:
+    """One upkeep pass: expired leases and start deadlines, then (when `purge`) old results."""
+    recovered = await asyncio.to_thread(queue.recover_expired)
+    if recovered:
+        log.warning("requeued or failed (lost lease or start deadline): %s", ", ".join(recovered))
+        await asyncio.to_thread(record_recovered, queue, recovered)
+    if not purge:
+        return
+    purged = await purge_expired(queue, storage, time.time() - settings.retention_seconds)
+    if purged:
+        log.info("deleted %d result(s) older than %.0f s", purged, settings.retention_seconds)
+    # Uploads expire on their own clocks; an expired one is already no longer served.
+    uploads = await asyncio.to_thread(storage.purge_uploads)
+    if uploads:
+        log.info("deleted %d expired or abandoned upload(s)", uploads)
+
+
 async def maintain_queue(queue: JobQueue, storage: LocalStorage, settings: Settings) -> None:
     """Run until cancelled (a background task of the API's lifespan)."""
     next_purge = next_orphan_sweep = time.monotonic()
     orphans = OrphanSweep(queue, storage)
+    grace = OutageGrace(settings.lease_seconds)
     while True:
         try:
-            recovered = await asyncio.to_thread(queue.recover_expired)
-            if recovered:
-                log.warning("requeued or failed (lost lease or start deadline): %s", ", ".join(recovered))
-                await asyncio.to_thread(record_recovered, queue, recovered)
-            if time.monotonic() >= next_purge:
-                next_purge = time.monotonic() + purge_interval(settings.retention_seconds)
-                purged = await purge_expired(queue, storage, time.time() - settings.retention_seconds)
-                if purged:
-                    log.info("deleted %d result(s) older than %.0f s", purged, settings.retention_seconds)
-                # Uploads expire on their own clocks; an expired one is already no longer served.
-                uploads = await asyncio.to_thread(storage.purge_uploads)
-                if uploads:
-                    log.info("deleted %d expired or abandoned upload(s)", uploads)
-            if time.monotonic() >= next_orphan_sweep:
-                next_orphan_sweep = time.monotonic() + ORPHAN_SWEEP_INTERVAL
-                deleted = await asyncio.to_thread(orphans.run)
-                if deleted:
-                    log.warning("deleted %d generated image(s) that no request references", deleted)
+            if grace.recovery_allowed():
+                purge = time.monotonic() >= next_purge
+                if purge:
+                    next_purge = time.monotonic() + purge_interval(settings.retention_seconds)
+                await recover_and_purge(queue, storage, settings, purge=purge)
+                if time.monotonic() >= next_orphan_sweep:
+                    next_orphan_sweep = time.monotonic() + ORPHAN_SWEEP_INTERVAL
+                    deleted = await asyncio.to_thread(orphans.run)
+                    if deleted:
+                        log.warning("deleted %d generated image(s) that no request references", deleted)
+            else:
+                await asyncio.to_thread(queue.depth)  # a probe: is the queue back?
+                grace.reachable()
+        except (QueueUnavailable, sqlite3.OperationalError) as exc:
+            grace.unreachable(exc)
         except Exception:
             log.exception("queue maintenance failed; retrying")
         await asyncio.sleep(RECOVER_INTERVAL)

@@ -72,6 +72,8 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
         "--min-ready-workers",
         {"type": int, "help": "ready workers this box needs to report ready (default 1)"},
     ),
+    ("--watchdog-seconds", {"type": float, "help": "restart a worker whose job makes no progress this long"}),
+    ("--max-consecutive-failures", {"type": int, "help": "a worker stops after this many failures in a row"}),
     ("--fetch-allow", {"action": "append", "help": "only fetch from these hosts/networks (repeatable)"}),
     ("--fetch-deny", {"action": "append", "help": "never fetch from these hosts/networks (repeatable)"}),
     ("--lora-dir", {"help": "folder of LoRA files that requests may name (the studio's library)"}),
@@ -217,12 +219,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     worker_name = f"worker {args.worker_id}" if getattr(args, "worker_id", None) else "worker"
     configure_logging(settings, {"serve": "supervisor", "api": "api", "worker": worker_name}[args.command])
-    if args.command in ("serve", "api"):
-        # A worker waits for the queue by itself (a database failover outlasts its start).
-        problem = queue_problem(settings)
-        if problem is not None:
-            print(f"flux-server: {problem}", file=sys.stderr)
-            return EXIT_USAGE
+    problem = queue_problem(settings)
+    if problem is not None and args.command == "worker":
+        from server.worker.faults import queue_misconfigured
+
+        # A database that is away is waited for (server.worker): an outage never stops a
+        # worker for good. A wrong password or database name is refused here, at once.
+        away = problem.startswith("the queue database at") and not queue_misconfigured(problem)
+        problem = None if away else problem
+    if problem is not None:
+        print(f"flux-server: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     if args.command == "serve":
         from server.supervisor.serve import serve
 

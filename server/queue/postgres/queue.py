@@ -30,7 +30,6 @@ from server.queue.base import (
     Heartbeats,
     JobQueue,
     QueueCounts,
-    QueueUnavailable,
 )
 from server.queue.postgres.deliveries import PostgresDeliveries
 from server.queue.postgres.maintenance import PostgresMaintenance
@@ -235,13 +234,7 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
             # The statement's own log line is not visible to it: add it here.
             return self._record(row[:-2], [*earlier, LogEntry(timestamp=utc_timestamp(now), message=started)])
 
-        try:
-            return self._tx(claim)
-        except QueueUnavailable:
-            if self._patience > 0:  # a worker keeps waiting for jobs until the database is back
-                time.sleep(FALLBACK_POLL_SECONDS)
-                return None
-            raise
+        return self._tx(claim)  # QueueUnavailable: the worker waits the outage out (server/worker)
 
     @staticmethod
     def _touch_worker(conn: psycopg.Connection, worker_id: str) -> None:

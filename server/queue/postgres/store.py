@@ -39,7 +39,6 @@ REQUEUE = (
 # How long an API request waits for a connection before it answers 503.
 CHECKOUT_TIMEOUT_SECONDS = 1.5
 RETRY_DELAY_SECONDS = 0.5
-WORKER_PATIENCE_SECONDS = 60.0
 
 
 class _BrokenConnection(Exception):
@@ -51,10 +50,10 @@ class PostgresStore:
         self.url = url
         self.role = role
         self.lease_seconds = lease_seconds
-        # A worker waits out an outage rather than failing the job it runs (its lease may
-        # run out meanwhile: then the job is retried); everyone else fails fast, so that the
-        # API answers 503 at once.
-        self._patience = max(2 * lease_seconds, WORKER_PATIENCE_SECONDS) if role == "worker" else 0.0
+        # Every caller fails fast with QueueUnavailable: the API answers 503 at once, and a
+        # worker waits out the outage itself, with backoff, where it can afford to (server/worker:
+        # a progress write that blocked here would stall the device).
+        self._patience = 0.0
         with connect(url) as conn:  # a clear error now, not a hung pool later
             migrate(conn)
         self._pool = open_pool(url, max_size=4 if role == "worker" else 10)

@@ -7,8 +7,7 @@ import io
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,35 +16,14 @@ from PIL import Image
 
 from models.request import GenerationRequest
 from server.config import Settings
-from server.jobs import MAX_SEED, Job, JobRecord, Status
+from server.exit_codes import EXIT_LOAD_FAILED
+from server.jobs import MAX_SEED, Status
 from server.queue.base import CancelOutcome, JobQueue
 from server.queue.factory import open_queue
 from server.storage import LocalStorage
 from server.worker import Worker, generation_request
+from tests.server.worker.support import REPO, ThreadWorker, completed, job, make_data_dir
 from tests.support import wait_until
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def make_data_dir(root: Path, tiny_model_dir: Path) -> Path:
-    """A data directory that finds the session's tiny model without rebuilding it."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / tiny_model_dir.name).symlink_to(tiny_model_dir, target_is_directory=True)
-    return root
-
-
-def completed(queue: JobQueue, request_id: str) -> Callable[[], JobRecord | None]:
-    def check() -> JobRecord | None:
-        record = queue.get(request_id)
-        return record if record is not None and record.status is Status.COMPLETED else None
-
-    return check
-
-
-def job(**overrides: object) -> Job:
-    return Job(
-        **{"prompt": "a red fox", "width": 64, "height": 48 + 16, "num_inference_steps": 3, **overrides}
-    )
 
 
 @dataclass
@@ -61,15 +39,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     data_dir = make_data_dir(tmp_path_factory.mktemp("worker") / "data", tiny_model_dir)
     settings = Settings(model="tiny", data_dir=data_dir, device="cpu", lease_seconds=30.0)
     api = open_queue(settings, role="api")
-    worker = Worker(settings, worker_id="thread-worker")
-    exit_codes: list[int] = []
-    thread = threading.Thread(target=lambda: exit_codes.append(worker.run()), daemon=True)
-    thread.start()
-    wait_until(lambda: any(w.state == "ready" for w in api.workers()), 300, "the worker to be ready")
-    yield Served(api, settings, worker)
-    worker.stop()
-    thread.join(timeout=60)
-    assert exit_codes == [0]
+    running = ThreadWorker(settings, "thread-worker").start(api)
+    yield Served(api, settings, running.worker)
+    assert running.stop() == 0 and running.exits == []
     assert [w.state for w in api.workers()] == ["stopped"]
     api.close()
 
@@ -290,10 +262,10 @@ def test_killed_worker_job_is_retried_on_a_new_worker_and_sigterm_requeues(
         api.close()
 
 
-def test_a_model_that_cannot_load_marks_the_worker_failed_with_exit_code_2(tmp_path: Path) -> None:
+def test_a_model_that_cannot_load_marks_the_worker_failed_with_exit_load_failed(tmp_path: Path) -> None:
     settings = Settings(model=str(tmp_path / "no-such-model"), data_dir=tmp_path / "data", device="cpu")
     worker = Worker(settings, worker_id="broken")
-    assert worker.run() == 2
+    assert worker.run() == EXIT_LOAD_FAILED == 3
     api = open_queue(settings, role="api")
     try:
         (info,) = api.workers()

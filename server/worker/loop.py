@@ -1,0 +1,371 @@
+"""The worker's main loop: open the queue, load the model once, then claim -> generate -> hand
+over to the finisher, until asked to stop or until a fault says a fresh process is needed.
+
+The hand-over comes after the next claim: the finisher's encoding and database writes would
+otherwise compete with that claim (for the GIL and SQLite's write lock) and leave the device
+idle for milliseconds. Nothing else (no queue round trip, no sleep) runs between two jobs.
+
+How it ends (server/exit_codes.py): SIGTERM/SIGINT -> EXIT_OK (the running job stops at its
+next step and goes back to the head of the queue without counting as an attempt; images
+already generated are finished); the model cannot load -> EXIT_LOAD_FAILED; the GPU context
+is lost -> EXIT_DEVICE_LOST; `max_consecutive_failures` internal failures in a row ->
+EXIT_FAILING. The watchdog (EXIT_HUNG) and a dying helper thread (EXIT_HELPER_DIED) end the
+process from their own threads. Each records the worker's state ("stopped" or "failed" with
+the reason) before it exits, as far as the queue can be reached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from models.lora.errors import LoraError
+from models.request import InputError
+from server import lifecycle, metrics
+from server.config import Settings
+from server.exit_codes import EXIT_DEVICE_LOST, EXIT_FAILING, EXIT_HUNG, EXIT_LOAD_FAILED, EXIT_OK, EXIT_USAGE
+from server.jobs import JobRecord, cancelled_error
+from server.lora.jobs import JobLoras
+from server.queue.base import JobQueue, QueueUnavailable
+from server.queue.factory import open_queue
+from server.storage import LocalStorage
+from server.worker.faults import (
+    DEVICE_LOST_REQUEUED,
+    FailureStreak,
+    GpuFault,
+    GpuOutOfMemory,
+    device_lost_before,
+    gpu_fault,
+    is_queue_outage,
+)
+from server.worker.finisher import Finished, Finisher
+from server.worker.generation import generate
+from server.worker.heartbeat import Heartbeat, Watchdog
+from server.worker.held import HeldJob, HeldJobs, Stage
+from server.worker.outcomes import Outcomes
+from server.worker.request import generation_request, input_error, internal_error, parse_sizes
+from server.worker.retry import Backoff, QueueOutage, best_effort, until_back
+from server.worker.state import StateRecorder
+from server.worker.threads import hard_exit, start_helper
+
+if TYPE_CHECKING:
+    from models.runtime import FluxRuntime
+
+logger = logging.getLogger(__name__)
+
+CLAIM_TIMEOUT_SECONDS = 1.0
+# How long a worker that is ending waits for its last state to reach the queue.
+FINAL_STATE_SECONDS = 5.0
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        worker_id: str | None = None,
+        *,
+        exit_process: Callable[[int], None] = hard_exit,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        # Ends the process from a helper thread (tests pass one that records the status).
+        self.exit_process = exit_process
+        self.storage = LocalStorage(settings.files_dir)
+        self.loras = JobLoras(settings, self.storage)
+        self.device = settings.device
+        self.held = HeldJobs()
+        self.streak = FailureStreak(settings.max_consecutive_failures)
+        self.outage = QueueOutage(on_change=self._outage_changed)
+        self.queue: JobQueue | None = None  # opened by `run`, waiting out an outage
+        self.state: StateRecorder | None = None
+        self.runtime: FluxRuntime | None = None  # set once loaded
+        self._stop = threading.Event()
+        self._ending: tuple[int, str] | None = None  # (exit status, reason) once a fault ends the loop
+        self._device_free_since: float | None = None  # perf_counter when the last job's generate ended
+
+    # --- control -------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the worker to stop (safe from a signal handler or another thread)."""
+        self._stop.set()
+        if self.queue is not None:
+            self.queue.interrupt_claim()
+
+    def _outage_changed(self, reason: str | None) -> None:
+        if self.state is not None:
+            self.state.note(reason and f"{reason}; waiting for it")
+
+    # --- start and end -------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            queue = self._open_queue()
+        except (ValueError, QueueUnavailable) as exc:  # a wrong URL or password: not an outage
+            logger.error("%s", exc)
+            return EXIT_USAGE
+        if queue is None:
+            return EXIT_OK  # stopped while waiting for the queue
+        self.queue = queue
+        self.state = StateRecorder(queue, self.worker_id, self.settings.model, self.outage)
+        start_helper("state", self.state.run, self.exit_process)
+        try:
+            runtime = self.runtime = self._load()
+        except Exception as exc:
+            logger.exception("worker %s could not load the model", self.worker_id)
+            self._end("failed", f"could not load the model: {type(exc).__name__}: {exc}")
+            return EXIT_LOAD_FAILED
+        try:
+            self._serve(runtime, queue)
+        except BaseException as exc:
+            self._end("failed", f"crashed: {type(exc).__name__}: {exc}")
+            raise
+        if self._ending is not None:
+            code, reason = self._ending
+            self._end("failed", reason)
+            return code
+        self._end("stopped")
+        return EXIT_OK
+
+    def _open_queue(self) -> JobQueue | None:
+        """The queue, waiting with backoff while its database cannot be reached."""
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                queue = open_queue(self.settings, role="worker")
+            except Exception as exc:
+                if not is_queue_outage(exc):
+                    raise
+                self.outage.failed(exc, "opening the queue")
+                self._stop.wait(backoff.next_delay())
+                continue
+            self.outage.succeeded()
+            return queue
+        return None
+
+    def _end(self, state: str, detail: str = "") -> None:
+        assert self.state is not None and self.queue is not None
+        if state == "failed":
+            logger.error("worker %s: %s", self.worker_id, detail)
+        self.state.set(state, detail)
+        self.state.wait_written(FINAL_STATE_SECONDS)
+        self.state.close()
+        self.queue.close()
+
+    def _load(self) -> FluxRuntime:
+        from models.loading import load_runtime, resolve_device
+        from models.presets.policy import default_warmup_sizes
+
+        assert self.state is not None
+        self.state.set("loading", device=self.device)  # the asked-for device ("auto"), then the real one
+        self.device = resolve_device(self.settings.device)
+        self.state.set("loading", device=self.device)
+        logger.info("loading model %s on %s", self.settings.model, self.device)
+        started = time.perf_counter()
+        runtime = load_runtime(
+            self.settings.model,
+            data_dir=self.settings.data_dir,
+            components_dir=self.settings.components_dir,
+            safety_checker=self.settings.safety_checker,
+            device=self.device,
+            presets=self.settings.presets,
+            memory_plan=self.settings.memory_plan,
+            lora_limits=self.loras.limits(),
+        )
+        logger.info("model loaded in %.1f s: %s", time.perf_counter() - started, runtime.summary)
+        sizes = parse_sizes(self.settings.warmup_sizes) or default_warmup_sizes(self.device)
+        if sizes:
+            logger.info("warming up %d size(s) (compiling; this can take minutes on a GPU)", len(sizes))
+            self.state.set("warming", ", ".join(f"{w}x{h}" for w, h in sizes))
+            seconds = runtime.warmup(sizes)
+            logger.info("warmed up %d size(s) in %.1f s", len(sizes), seconds)
+        return runtime
+
+    # --- main loop -----------------------------------------------------------------------
+    def _serve(self, runtime: FluxRuntime, queue: JobQueue) -> None:
+        assert self.state is not None
+        self.outcomes = Outcomes(queue, self.worker_id, self.held, self.outage, self.streak, self._stop)
+        finisher = Finisher(
+            queue,
+            self.storage,
+            self.worker_id,
+            self.outcomes,
+            self.outage,
+            self._report_gpu_memory,
+            self._stop,
+        )
+        heartbeat = Heartbeat(queue, self.worker_id, self.held, self.outage, self.settings.lease_seconds)
+        finisher_thread = start_helper("finisher", finisher.run, self.exit_process)
+        start_helper("heartbeat", heartbeat.run, self.exit_process)
+        watchdog = None
+        if self.settings.watchdog_seconds > 0:
+            watchdog = Watchdog(self.held, self.settings.watchdog_seconds, self._hung)
+            start_helper("watchdog", watchdog.run, self.exit_process)
+        self.state.set("ready", runtime.summary)
+        self._report_gpu_memory()
+        logger.info("worker %s ready on %s", self.worker_id, self.device)
+        claim_backoff = Backoff()
+        finished: Finished | None = None
+        try:
+            while not self._stop.is_set() and self._ending is None:
+                if self.streak.tripped.is_set():
+                    self._ending = (
+                        EXIT_FAILING,
+                        f"{self.streak.count} jobs failed in a row; stopped taking jobs. "
+                        f"Last error: {self.streak.last_error}",
+                    )
+                    break
+                prefer = self.loras.preference(runtime.loras.loaded)  # jobs whose LoRAs it holds
+                # With a finished job in hand, only look for the next one (no wait), then hand
+                # the finished one over and start the next at once.
+                timeout = 0.0 if finished is not None else CLAIM_TIMEOUT_SECONDS
+                try:
+                    record = queue.claim(self.worker_id, timeout=timeout, prefer=prefer)
+                except Exception as exc:
+                    if not is_queue_outage(exc):
+                        raise
+                    self.outage.failed(exc, "claiming a job")
+                    record = None
+                    if finished is None:
+                        self._stop.wait(claim_backoff.next_delay())
+                else:
+                    claim_backoff.reset()
+                    if record is not None:
+                        self.outage.succeeded()
+                if finished is not None:
+                    finisher.put(finished)
+                    finished = None
+                if record is not None:
+                    finished = self._run_job(runtime, queue, record)
+        finally:
+            if finished is not None:
+                finisher.put(finished)
+            finisher.close()
+            finisher_thread.join()
+            heartbeat.stop.set()  # only now: the finisher's jobs needed their leases
+            if watchdog is not None:
+                watchdog.stop.set()
+
+    def _run_job(self, runtime: FluxRuntime, queue: JobQueue, record: JobRecord) -> Finished | None:
+        """Generate `record`'s images; what the finisher must store, or None (ended here)."""
+        job = self.held.hold(record)
+        lifecycle.started(record, self.worker_id)
+        started = time.perf_counter()
+        # How long the device sat idle since the previous job: between two queued jobs, only
+        # what the loop itself costs (claiming, mapping); docs/benchmarks.md reports it.
+        idle_before = None if self._device_free_since is None else started - self._device_free_since
+        try:
+            loras = tuple(self.loras.specs(record.job))  # downloads run here, inside the lease
+            job.enter(Stage.ENCODING)
+            request = generation_request(record.job, loras)
+            try:
+                generation = generate(
+                    runtime,
+                    request,
+                    on_step=self._on_step(queue, job),
+                    should_cancel=self._should_cancel(queue, job),
+                    device=self.device,
+                )
+            finally:
+                self._device_free_since = time.perf_counter()
+        except LoraError as exc:  # names the LoRA; fal's 422 shape, located at its path
+            logger.info("job %s refused: %s", job.id, exc)
+            self.outcomes.fail(job, self.loras.error(record.job, exc), internal=False)
+            return None
+        except InputError as exc:  # the request's own fault (TaskUnavailable included): a 4xx
+            logger.info("job %s refused: %s", job.id, exc)
+            self.outcomes.fail(job, input_error(str(exc)), internal=False)
+            return None
+        except GpuOutOfMemory as exc:
+            logger.error("job %s failed: %s", job.id, exc)
+            self.outcomes.fail(job, internal_error(str(exc)), internal=True)
+            self._report_gpu_memory()
+            return None
+        except Exception as exc:  # any other failure is ours, a ValueError from diffusers too
+            if gpu_fault(exc) is GpuFault.DEVICE_LOST:
+                self._device_lost(job, exc)
+                return None
+            logger.exception("job %s failed", job.id)
+            self.outcomes.fail(job, internal_error(f"{type(exc).__name__}: {exc}"), internal=True)
+            self._report_gpu_memory()
+            return None
+
+        if generation.cancelled or job.lease_lost:
+            if job.lease_lost:
+                self.outcomes.abandon(job, "lease lost")
+            elif until_back(
+                lambda: queue.is_cancel_requested(job.id), doing="reading a cancel flag", outage=self.outage
+            ):
+                self.outcomes.fail(job, cancelled_error(), internal=False)
+            else:  # stopping
+                self.outcomes.requeue(job, "Worker stopping; requeued")
+            return None
+        for line in generation.log:
+            best_effort(lambda line=line: queue.log(job.id, line), None, doing="logging", outage=self.outage)
+        if record.job.loras:
+            metrics.lora_cache_lookups_total.labels("hit").inc(generation.lora_hits)
+            metrics.lora_cache_lookups_total.labels("miss").inc(generation.lora_misses)
+        # Still held: the heartbeat keeps renewing the lease until the finisher completes it.
+        return Finished(job, generation, time.perf_counter() - started, idle_before)
+
+    def _on_step(self, queue: JobQueue, job: HeldJob) -> Callable[[int, int], None]:
+        def on_step(step: int, total: int) -> None:
+            job.stepped(step, total)  # progress for the watchdog, also while the queue is down
+            best_effort(
+                lambda: queue.log(job.id, f"step {step}/{total}", progress=step / total),
+                None,
+                doing="logging progress",
+                outage=self.outage,
+            )
+
+        return on_step
+
+    def _should_cancel(self, queue: JobQueue, job: HeldJob) -> Callable[[], bool]:
+        def should_cancel() -> bool:
+            if self._stop.is_set() or job.lease_lost or job.hung:
+                return True
+            return best_effort(
+                lambda: queue.is_cancel_requested(job.id),
+                False,
+                doing="reading a cancel flag",
+                outage=self.outage,
+            )
+
+        return should_cancel
+
+    # --- faults --------------------------------------------------------------------------
+    def _device_lost(self, job: HeldJob, exc: Exception) -> None:
+        """A sticky GPU error: give the job back (unless it did this before) and end the loop
+        so that a fresh process gets a fresh CUDA context."""
+        reason = f"{type(exc).__name__}: {exc}"
+        logger.critical("job %s: the GPU failed (%s); this worker ends", job.id, reason, exc_info=exc)
+        if device_lost_before(job.record):  # a poison job: it would take down every worker
+            message = f"the GPU failed twice running this request; giving up ({reason})"
+            self.outcomes.fail(job, internal_error(message), internal=True)
+        else:
+            self.outcomes.requeue(job, f"{DEVICE_LOST_REQUEUED}: {reason}")
+        self._ending = (EXIT_DEVICE_LOST, f"the GPU failed: {reason}; a fresh process is needed")
+
+    def _hung(self, job: HeldJob, stalled: float) -> None:
+        """The watchdog's verdict (its thread): no progress on a held job for too long."""
+        detail = (
+            f"no progress on {job.describe()} for {stalled:.0f} s "
+            f"(watchdog_seconds {self.settings.watchdog_seconds:g}); exiting so that it is retried"
+        )
+        logger.critical("worker %s: %s", self.worker_id, detail)
+        if self.state is not None:
+            self.state.set("failed", detail)
+            self.state.wait_written(FINAL_STATE_SECONDS)
+        self.exit_process(EXIT_HUNG)
+
+    def _report_gpu_memory(self) -> None:
+        """Memory of this worker's GPU, for /metrics (nothing to report on a CPU)."""
+        if not str(self.device).startswith("cuda"):
+            return
+        import torch
+
+        used = torch.cuda.memory_allocated()
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        metrics.record_gpu_memory(self.worker_id, used, total)
