@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from server.config import Settings
+from server.disk import OUTPUT_NOT_STORED_MESSAGE
 from server.jobs import JobError
 from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.factory import open_queue
 from server.storage import LocalStorage
 from server.worker import Worker
-from server.disk import OUTPUT_NOT_STORED_MESSAGE
 from tests.server.worker.support import (
     InjectedOutage,
     ThreadWorker,
