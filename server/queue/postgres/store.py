@@ -7,8 +7,6 @@ so that clock skew between boxes cannot expire a live lease.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -20,8 +18,6 @@ from server.queue.postgres.connection import connect, open_pool, unavailable
 from server.queue.postgres.schema import migrate
 from server.queue.postgres.wakeups import CHANNEL, DELIVERIES_KEY, Wakeups
 from server.queue.records import JobCache, utc_timestamp
-
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -38,7 +34,6 @@ REQUEUE = (
 )
 # How long an API request waits for a connection before it answers 503.
 CHECKOUT_TIMEOUT_SECONDS = 1.5
-RETRY_DELAY_SECONDS = 0.5
 
 
 class _BrokenConnection(Exception):
@@ -50,10 +45,6 @@ class PostgresStore:
         self.url = url
         self.role = role
         self.lease_seconds = lease_seconds
-        # Every caller fails fast with QueueUnavailable: the API answers 503 at once, and a
-        # worker waits out the outage itself, with backoff, where it can afford to (server/worker:
-        # a progress write that blocked here would stall the device).
-        self._patience = 0.0
         with connect(url) as conn:  # a clear error now, not a hung pool later
             migrate(conn)
         self._pool = open_pool(url, max_size=4 if role == "worker" else 10)
@@ -74,7 +65,10 @@ class PostgresStore:
         return self._with_connection(work, transaction=False)
 
     def _with_connection(self, work: Callable[[psycopg.Connection], T], *, transaction: bool) -> T:
-        give_up_at = time.monotonic() + self._patience
+        """Every caller fails fast with QueueUnavailable: the API answers 503 at once, and a
+        worker waits out the outage itself, with backoff, where it can afford to (server/worker:
+        a progress write that blocked here would stall the device). A statement whose outcome
+        is unknown (a lost COMMIT acknowledgement) raises too: callers retry idempotent work."""
         swept = False
         while True:
             try:
@@ -94,10 +88,7 @@ class PostgresStore:
                 swept = True
                 self._pool.check()
             except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
-                if time.monotonic() >= give_up_at:
-                    raise unavailable(self.url, exc) from exc
-                logger.warning("queue database unavailable (%s); retrying", exc)
-                time.sleep(RETRY_DELAY_SECONDS)
+                raise unavailable(self.url, exc) from exc
 
     # --- rows ----------------------------------------------------------------------------
     def _record(self, row: tuple, logs: list[LogEntry]) -> JobRecord:

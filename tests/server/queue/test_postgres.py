@@ -195,12 +195,13 @@ def _get_or_none(queue: PostgresQueue, request_id: str):
         return None
 
 
-def test_a_completion_whose_commit_acknowledgement_is_lost_is_retried_and_answers_true(
+def test_a_completion_whose_commit_acknowledgement_is_lost_answers_true_when_retried(
     url: str, api: PostgresQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The server commits, the connection breaks before the client hears it: the worker's
-    handle retries the transaction, finds its own result stored, and answers True (before,
-    False: the worker then deleted the images of a job it did complete)."""
+    call raises (its outcome is unknown), and the retry the worker makes finds its own result
+    stored and answers True (before, False: the worker then deleted the images of a job it
+    did complete)."""
     worker = PostgresQueue(url, role="worker")
     try:
         rid = api.submit(make_job()).id
@@ -217,8 +218,10 @@ def test_a_completion_whose_commit_acknowledgement_is_lost_is_retried_and_answer
 
         monkeypatch.setattr(psycopg.Transaction, "__exit__", commit_then_lose_the_acknowledgement)
         result = make_result(seed=3, file_name="mine.png")
-        assert worker.complete(rid, "w1", result)
+        with pytest.raises(QueueUnavailable):
+            worker.complete(rid, "w1", result)
         assert lost == [rid]  # the first commit's answer was lost
+        assert worker.complete(rid, "w1", result)
         record = api.get(rid)
         assert record is not None and record.status is Status.COMPLETED and record.result == result
     finally:
