@@ -32,7 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_api import ensure_wrk, running_server, status_rate  # noqa: E402
+from bench_api import ensure_wrk, running_server, status_rate
 
 TEXT_TO_IMAGE = ("/fal-ai/flux/dev", {"prompt": "bench", "image_size": {"width": 64, "height": 64}})
 

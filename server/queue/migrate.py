@@ -107,7 +107,8 @@ def _copy_inputs(source: sqlite3.Connection, target: psycopg.Connection, request
     ).fetchone()
     if row is not None:
         target.execute(
-            "INSERT INTO flux_job_inputs (request_id, image, mask) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            "INSERT INTO flux_job_inputs (request_id, image, mask) VALUES (%s, %s, %s) "
+            "ON CONFLICT DO NOTHING",
             row,
         )
 

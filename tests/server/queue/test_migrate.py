@@ -83,7 +83,8 @@ def test_queued_and_finished_requests_move_across_once(
         assert queue.depth() == 4
         assert queue.claim("box-w0", timeout=0).id == crashed
         claimed = queue.claim("box-w0", timeout=0)
-        assert claimed.id == normal and (claimed.job.image, claimed.job.mask) == (b"\x89PNG-bytes", b"mask-bytes")
+        assert claimed.id == normal
+        assert (claimed.job.image, claimed.job.mask) == (b"\x89PNG-bytes", b"mask-bytes")
     finally:
         queue.close()
 

@@ -121,7 +121,7 @@ def test_a_database_of_an_earlier_version_is_migrated_in_place(paths: tuple[Path
         assert {"jobs_lease", "deliveries_due"} <= indexes
         assert queue.get("old").job.prompt == "from before" and queue.depth() == 1
         image = bytes(range(256))
-        rid = queue.submit(make_job(task="image-to-image", image=image)).id
+        queue.submit(make_job(task="image-to-image", image=image))
         assert queue.claim("w1", timeout=0).id == "old"
         assert queue.claim("w1", timeout=0).job.image == image
     finally:
@@ -159,7 +159,7 @@ def test_records_survive_a_new_handle_and_images_stay_out_of_the_json(paths: tup
     try:
         assert again.claim("w1", timeout=0).job.image == bytes(range(256)) * 64
         with contextlib.closing(again.connect()) as conn:
-            (job_json, image) = conn.execute("SELECT job_json, image FROM jobs WHERE id = ?", (rid,)).fetchone()
+            job_json, image = conn.execute("SELECT job_json, image FROM jobs WHERE id = ?", (rid,)).fetchone()
         assert len(job_json) < 2000 and image is None
     finally:
         again.close()
