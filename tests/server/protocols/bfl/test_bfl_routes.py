@@ -92,7 +92,9 @@ def test_image_prompt_makes_a_redux_job_and_webhook_shape(client: TestClient) ->
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["status"] == "Pending" and answer["webhook_url"] == "https://hooks.example.com/bfl"
-    job = client.app.state.queue.get(answer["id"]).job
+    queue = client.app.state.queue
+    assert queue.get(answer["id"]).job.image is None  # only the worker that claims it reads it
+    job = queue.claim("w1", timeout=0).job
     assert job.task == "redux" and job.image is not None
     assert Image.open(io.BytesIO(job.image)).format == "PNG"
     assert job.webhook.kind == "bfl" and job.webhook.secret == "sh"

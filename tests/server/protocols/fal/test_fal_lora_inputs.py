@@ -24,10 +24,11 @@ def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
 
 
 def submitted(api: ApiServer, path: str, body: dict) -> Job:
+    """The job as the worker that claims it gets it (input images included)."""
     response = api.client.post(path, json=body)
     assert response.status_code == 200, response.text
     assert response.json()["status_url"].endswith("/status")
-    return api.worker.get(response.json()["request_id"]).job
+    return api.claim(response.json()["request_id"]).job
 
 
 def test_text_to_image_with_loras(api: ApiServer) -> None:
