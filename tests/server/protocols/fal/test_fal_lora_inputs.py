@@ -4,9 +4,11 @@ and the 422s for what the server refuses (the worker side is tested end to end).
 from __future__ import annotations
 
 import base64
+import io
 from collections.abc import Iterator
 
 import pytest
+from PIL import Image
 
 from server.jobs import Job, LoraRef
 from tests.server.conftest import ApiServer, api_settings, png_bytes, run_api_server
@@ -52,6 +54,12 @@ def test_inpainting_takes_image_and_mask(api: ApiServer) -> None:
     job = submitted(api, LORA + "/inpainting", body)
     assert job.task == "inpainting" and job.strength == 0.6
     assert job.image is not None and job.mask is not None
+    # A mask larger than the image is stored at the image's size, as the model resizes it.
+    big_mask = "data:image/png;base64," + base64.b64encode(png_bytes(300, 210, (255, 255, 255))).decode()
+    job = submitted(api, LORA + "/inpainting", {**body, "mask_url": big_mask})
+    mask = Image.open(io.BytesIO(job.mask))
+    assert (job.width, job.height) == (96, 64) and mask.size == (96, 64) and mask.mode == "L"
+    assert Image.open(io.BytesIO(job.image)).size == (96, 64)
 
 
 def test_bounds_and_values_are_422(api: ApiServer) -> None:
