@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,18 +33,6 @@ def png_bytes(width: int, height: int, color: tuple[int, int, int] = (200, 30, 3
     out = io.BytesIO()
     Image.new("RGB", (width, height), color).save(out, format="PNG")
     return out.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims `width` x `height` and whose pixel data is a few bytes: any
-    attempt to decode it fails (image_load_error), so refusing it as too large shows that
-    the header was checked first."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"x\x9c") + chunk(b"IEND", b"")
 
 
 @dataclass

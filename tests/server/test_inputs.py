@@ -31,8 +31,8 @@ from server.inputs import (
 )
 from server.jobs import REDUX_INPUT_SIDE
 from server.storage import LocalStorage
-from tests.server.conftest import png_bytes, png_header_only
-from tests.support import wait_until
+from tests.server.conftest import png_bytes
+from tests.support import png_header_only, wait_until
 
 DEFAULT_POLICY = FetchPolicy.from_settings(Settings())
 

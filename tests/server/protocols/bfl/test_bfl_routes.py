@@ -17,7 +17,7 @@ from server.app import create_app
 from server.config import Settings
 from server.jobs import REDUX_INPUT_SIDE, Job, JobError, JobRecord, JobResult, OutputImage, Status
 from server.protocols.bfl.adapter import record_to_result
-from tests.server.conftest import png_header_only
+from tests.support import png_header_only
 
 KEY = {"x-key": "bfl-key"}
 

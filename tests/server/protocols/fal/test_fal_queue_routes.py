@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from server.jobs import REDUX_INPUT_SIDE, JobError, Status
-from tests.server.conftest import png_bytes, png_header_only
-from tests.support import wait_until
+from tests.server.conftest import png_bytes
+from tests.support import png_header_only, wait_until
 
 PNG_URI = "data:image/png;base64," + base64.b64encode(png_bytes(100, 70)).decode()
 

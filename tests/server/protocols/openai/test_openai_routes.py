@@ -18,7 +18,8 @@ from server.config import Settings
 from server.jobs import JobError
 from server.protocols.openai import adapter
 from server.protocols.openai.adapter import OpenAIError
-from tests.server.conftest import ApiServer, png_bytes, png_header_only
+from tests.server.conftest import ApiServer, png_bytes
+from tests.support import png_header_only
 
 AUTH = {"Authorization": "Bearer oa-key"}
 
