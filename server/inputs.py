@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ctypes
 import io
 import os
 import threading
@@ -128,7 +129,23 @@ async def load_image(
 async def decode(data: bytes, fit: FitRule | None = None, *, threads: int | None = None) -> InputImage:
     """`decode_image` on the bounded decoding pool, off the event loop."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_decode_pool(threads), decode_image, data, fit)
+    return await loop.run_in_executor(_decode_pool(threads), _decode_and_release, data, fit)
+
+
+def _decode_and_release(data: bytes, fit: FitRule | None) -> InputImage:
+    try:
+        return decode_image(data, fit)
+    finally:
+        if _malloc_trim is not None:
+            # glibc keeps what a decode freed (tens of MB for a large image) in the decoding
+            # thread's arena; hand it back, so a burst of image submits does not leave the API
+            # process bloated (without this, status polls after 200 ~1 MP submits were ~10%
+            # slower on the 2-core box of scripts/bench_status_inputs.py).
+            _malloc_trim(0)
+
+
+# glibc's malloc_trim; None elsewhere (musl, macOS), where there is nothing to do.
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 def decode_threads(configured: int | None) -> int:
