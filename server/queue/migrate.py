@@ -3,10 +3,9 @@
 Run it with the server stopped (`serve` gives running jobs back to the queue when it stops),
 then start every box with `--queue-url`. Queued requests keep their order and priority,
 finished ones keep their results, logs and webhook delivery state, so clients can still read
-them until retention deletes them. Input images of the jobs not yet finished are copied with
-them. A job left running by a crash is copied as queued, with
-its attempts. Copying again skips what is already there, so an interrupted run can simply be
-repeated.
+them until retention deletes them. Queued jobs keep their input images. A job left running by
+a crash is copied as queued, with its attempts. Copying again skips what is already there, so
+an interrupted run can simply be repeated.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ def copy_sqlite_to_postgres(db_path: Path, url: str) -> Copied:
             copied = [row for row in jobs if _copy_job(target, row)]
             logs = sum(_copy_logs(source, target, row[0]) for row in copied)
             deliveries = sum(_copy_delivery(source, target, row[0]) for row in copied)
-            if _has_table(source, "job_inputs"):  # absent in a file no release since v3 opened
+            if _has_table(source, "job_inputs"):  # a file from before schema v3 has none
                 for row in copied:
                     _copy_inputs(source, target, row[0])
     finished = sum(row[2] == "COMPLETED" for row in copied)
