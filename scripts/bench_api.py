@@ -75,7 +75,7 @@ def running_server(
     if queue_url is not None:
         command += ["--queue-url", queue_url]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", *command, "--model", "tiny", "--device", "cpu",
+        [sys.executable, "-m", "server.supervisor.cli", *command, "--model", "tiny", "--device", "cpu",
          "--data-dir", str(data_dir), "--port", str(port)],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -101,7 +101,7 @@ class Server:
         """Start and wait for /health 200; seconds from the start to ready."""
         import httpx
 
-        command = [sys.executable, "-m", "server.cli", "serve", "--model", self.args.model]
+        command = [sys.executable, "-m", "server.supervisor.cli", "serve", "--model", self.args.model]
         command += ["--data-dir", str(self.data_dir), "--port", str(self.port), "--workers", "1"]
         command += ["--device", self.args.device, "--ssl-certfile", str(self.certs.cert)]
         command += ["--ssl-keyfile", str(self.certs.key)]
@@ -120,7 +120,9 @@ class Server:
                 if self.process.poll() is not None:
                     raise ProofError(f"serve exited with {self.process.returncode}; see serve.log")
                 try:
-                    if client.get(f"{self.url}/health").status_code == 200:
+                    health = client.get(f"{self.url}/health")
+                    # "ok": every worker ready ("degraded" is ready with some still loading).
+                    if health.status_code == 200 and health.json()["status"] == "ok":
                         return time.perf_counter() - started
                 except httpx.HTTPError:
                     pass

@@ -11,7 +11,8 @@ FastAPI) -> None` (called once, e.g. to register its error renderer with server/
 adding a protocol is one entry in `PROTOCOL_ROUTES`. Shared objects live on `app.state` (see
 server/deps.py): `settings`, `queue` (the `JobQueue`, for background tasks), `async_queue`
 (the same queue for route code: every call off the event loop, submits group-committed; see
-server/queue/aio.py), `storage`, plus:
+server/queue/aio.py), `storage`, `free_space` (the disk's free-space floor, server/disk.py;
+the async queue checks it before storing submits), plus:
 
 - `app.state.background`: zero-argument coroutine functions started with the app and
   cancelled at shutdown (the webhook dispatcher is one).
@@ -31,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.body_limit import BodyLimitMiddleware
 from server.config import Settings
+from server.disk import FreeSpace
 from server.errors import install_error_handlers
 from server.maintenance import maintain_queue
 from server.openapi import install_docs
@@ -85,8 +87,9 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.api_keys = settings.all_api_keys()  # read once: not a file read per request
     app.state.queue = queue
-    async_queue = app.state.async_queue = AsyncQueue(queue)
     app.state.storage = LocalStorage(settings.files_dir)
+    free_space = app.state.free_space = FreeSpace(settings.watched_disks, settings.min_free_disk_bytes)
+    async_queue = app.state.async_queue = AsyncQueue(queue, admit=free_space.check)
     app.state.background = []
     install_error_handlers(app, unavailable=(QueueUnavailable,))
 

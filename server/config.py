@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     workers: int | None = None  # default: one per visible GPU, else one on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lease_seconds: float = 30.0  # a worker that stops renewing loses its job after this
+    # A worker whose model could not load is started again after this long: a transient
+    # out-of-memory or a weights mount that came back late is not forever.
+    load_retry_seconds: float = Field(default=300.0, gt=0)
+    # /health/ready (and /health) answer 200 once this many of the box's workers are ready (at
+    # most as many as it runs): a box with one failed GPU of eight keeps serving, "degraded".
+    min_ready_workers: int = Field(default=1, ge=1)
 
     # Acceleration (see models/presets/policy.py)
     # For fal requests that name no preset. None: each path's documented default (fal-ai/flux/dev
@@ -88,6 +94,9 @@ class Settings(BaseSettings):
     # header may ask for (without one, an upload lives for retention_seconds).
     max_upload_bytes: int = Field(default=1024**3, gt=0)
     max_upload_retention_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # Below this many free bytes on the files directory's or the SQLite queue's filesystem,
+    # the API refuses submits and uploads with 507 (reads go on); 0 disables the floor.
+    min_free_disk_bytes: int = Field(default=1024**3, ge=0)
 
     # Outbound fetches (input images, webhooks, LoRA URLs): host names, "*.domain" patterns,
     # addresses or networks; see server/fetch.py. Link-local and metadata are always refused.
@@ -146,6 +155,12 @@ class Settings(BaseSettings):
     def shared_queue(self) -> bool:
         """Whether other boxes may use this queue too (a database server, not a local file)."""
         return self.queue_url is not None
+
+    @property
+    def watched_disks(self) -> list[Path]:
+        """Where the API writes what it accepts: the files directory, and the data directory
+        when it holds the queue (SQLite)."""
+        return [self.files_dir] if self.shared_queue else [self.files_dir, self.data_dir]
 
     @property
     def lora_cache_path(self) -> Path:

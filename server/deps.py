@@ -1,6 +1,6 @@
 """Accessors for the objects every route shares, and the base URL of returned links.
 
-`create_app` puts `settings`, the queue and `storage` on `app.state`; routes read them
+`create_app` puts `settings`, the queue, `storage` and `free_space` on `app.state`; routes read them
 through these functions (usable directly or as FastAPI dependencies) rather than importing
 globals, so that a test can build several apps side by side. Routes get the queue as an
 `AsyncQueue`: route code runs on the event loop and must never wait on the store itself.
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from server.config import Settings
+from server.disk import FreeSpace
 from server.queue.aio import AsyncQueue
 
 if TYPE_CHECKING:  # the storage module belongs to another part of the tree
@@ -29,6 +30,10 @@ def get_queue(request: Request) -> AsyncQueue:
 
 def get_storage(request: Request) -> LocalStorage:
     return request.app.state.storage
+
+
+def get_free_space(request: Request) -> FreeSpace:
+    return request.app.state.free_space
 
 
 def public_base_url(request: Request) -> str:

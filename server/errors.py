@@ -7,8 +7,11 @@ are the route's business, but some arise before any route runs (404 for an unkno
 a protocol claims its path prefixes with `register_error_renderer` at set-up, and paths no
 protocol claims get FastAPI's shapes, which are fal's.
 
-A leaf module: it imports nothing from the server, so protocol packages can use it without
-importing the app.
+A full disk (`server.disk.DiskFull`, or any error `is_disk_full` recognises) is answered 507
+Insufficient Storage in the protocol's shape, never 500: the request was not stored.
+
+Nearly a leaf module: it imports only the leaf `server.disk`, so protocol packages can use it
+without importing the app.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.disk import DISK_FULL_MESSAGE, DiskFull, is_disk_full
+
 log = logging.getLogger("flux_server.api")
 
 ErrorRenderer = Callable[[Request, Exception], Awaitable[Response]]
+INSUFFICIENT_STORAGE = 507
 
 
 def register_error_renderer(app: FastAPI, prefix: str, renderer: ErrorRenderer) -> None:
@@ -41,11 +47,13 @@ def install_error_handlers(app: FastAPI, *, unavailable: tuple[type[Exception], 
     """Route every error the app's handlers see through the registry.
 
     `unavailable`: exceptions that mean a backing service is down for now (the queue's
-    database restarting): answered 503 in the protocol's shape, logged without a traceback."""
+    database restarting): answered 503 in the protocol's shape, logged without a traceback.
+    `DiskFull` is answered 507 the same way."""
     app.state.error_renderers = []
     app.state.unavailable_errors = unavailable
     app.add_exception_handler(RequestValidationError, handle_error)
     app.add_exception_handler(StarletteHTTPException, handle_error)
+    app.add_exception_handler(DiskFull, handle_error)
     for exc_type in unavailable:
         app.add_exception_handler(exc_type, handle_error)
     app.add_exception_handler(Exception, handle_error)
@@ -55,6 +63,10 @@ async def handle_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, request.app.state.unavailable_errors):
         log.warning("%s %s: %s", request.method, request.url.path, exc)
         exc = StarletteHTTPException(503, detail="The queue is unavailable; retry shortly")
+    elif is_disk_full(exc):
+        cause = exc.__cause__ if isinstance(exc, DiskFull) and exc.__cause__ else exc
+        log.warning("%s %s refused, the disk is full: %s", request.method, request.url.path, cause)
+        exc = StarletteHTTPException(INSUFFICIENT_STORAGE, detail=DISK_FULL_MESSAGE)
     for prefix, renderer in request.app.state.error_renderers:
         if request.url.path.startswith(prefix):
             return await renderer(request, exc)

@@ -1,6 +1,6 @@
 """The API process's queue upkeep: requeue or fail jobs whose lease or start deadline ran out
-(workers that died, hung, or ran on other machines), and delete results past retention and
-expired uploads.
+(workers that died, hung, or ran on other machines), delete results past retention and
+expired uploads, and delete generated images that no record references (`OrphanSweep`).
 
 Every queue call runs in a thread, never on the event loop. The once-a-second recovery pass
 is a read when nothing is due (the queue takes no write lock then), so several API processes
@@ -23,6 +23,11 @@ from server.storage import LocalStorage
 log = logging.getLogger("flux_server.api")
 
 RECOVER_INTERVAL = 1.0  # seconds between lease/deadline checks
+# Orphaned images: a file younger than this may belong to a job being completed right now.
+ORPHAN_MIN_AGE = 3600.0
+ORPHAN_SWEEP_INTERVAL = 600.0
+# Files and records are timed by different clocks (boxes sharing the files directory).
+CLOCK_SKEW_MARGIN = 600.0
 
 
 def purge_interval(retention_seconds: float) -> float:
@@ -53,6 +58,37 @@ async def purge_expired(
             return purged
 
 
+class OrphanSweep:
+    """Deletes generated images that no record references: a worker that crashed (or lost its
+    job) between storing the images and completing the job leaves them behind.
+
+    Cheap because it is incremental: a file is checked once, when it turns `min_age` old. One
+    referenced then stays referenced until the purge deletes it with its record, and one
+    referenced by nothing is deleted. Its record, if any, completed after the file was
+    written, so one read of the results completed since the oldest new file settles them all.
+    The first sweep of a process checks every file once (what crashes left before a restart).
+    Uploads (with metadata) and files younger than `min_age` are never touched."""
+
+    def __init__(self, queue: JobQueue, storage: LocalStorage, min_age: float = ORPHAN_MIN_AGE) -> None:
+        self.queue = queue
+        self.storage = storage
+        self.min_age = min_age
+        self.checked_before = float("-inf")  # files written up to this time have been checked
+
+    def run(self, now: float | None = None) -> int:
+        """One sweep (blocking: call it in a thread); returns how many files it deleted."""
+        cutoff = (time.time() if now is None else now) - self.min_age
+        images = self.storage.generated_images(self.checked_before, cutoff)
+        deleted = 0
+        if images:
+            referenced = self.queue.result_file_names(min(images.values()) - CLOCK_SKEW_MARGIN)
+            for name in images.keys() - referenced:
+                self.storage.delete(name)
+                deleted += 1
+        self.checked_before = cutoff
+        return deleted
+
+
 def record_recovered(queue: JobQueue, request_ids: list[str]) -> None:
     """A metric and a log line for each request the upkeep requeued or failed (rare)."""
     for request_id in request_ids:
@@ -63,7 +99,8 @@ def record_recovered(queue: JobQueue, request_ids: list[str]) -> None:
 
 async def maintain_queue(queue: JobQueue, storage: LocalStorage, settings: Settings) -> None:
     """Run until cancelled (a background task of the API's lifespan)."""
-    next_purge = time.monotonic()
+    next_purge = next_orphan_sweep = time.monotonic()
+    orphans = OrphanSweep(queue, storage)
     while True:
         try:
             recovered = await asyncio.to_thread(queue.recover_expired)
@@ -79,6 +116,11 @@ async def maintain_queue(queue: JobQueue, storage: LocalStorage, settings: Setti
                 uploads = await asyncio.to_thread(storage.purge_uploads)
                 if uploads:
                     log.info("deleted %d expired or abandoned upload(s)", uploads)
+            if time.monotonic() >= next_orphan_sweep:
+                next_orphan_sweep = time.monotonic() + ORPHAN_SWEEP_INTERVAL
+                deleted = await asyncio.to_thread(orphans.run)
+                if deleted:
+                    log.warning("deleted %d generated image(s) that no request references", deleted)
         except Exception:
             log.exception("queue maintenance failed; retrying")
         await asyncio.sleep(RECOVER_INTERVAL)

@@ -5,7 +5,7 @@ prometheus_client's multiprocess mode: every process writes its own samples to f
 directory (`PROMETHEUS_MULTIPROC_DIR`, `<data-dir>/run/metrics`), and a scrape sums them.
 The variable must be set before prometheus_client is first imported: `flux-server serve`
 puts it into its children's environment (emptying the directory at start), `flux-server api`
-and `flux-server worker` set it themselves (server/cli.py). Without it (a test that runs the
+and `flux-server worker` set it themselves (server/supervisor/cli.py). Without it (a test that runs the
 app in-process) the figures stay in the process's own registry.
 
 What the queue knows is read at scrape time instead (`QueueCollector`): queue size by

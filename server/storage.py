@@ -16,6 +16,9 @@ Layout of the files folder (a shared mount works: nothing here is per process):
 
 A generated image has no metadata: its request's retention deletes it. An upload lives until
 its own expiry time, which `purge_uploads` enforces (and `file_info` checks when serving).
+
+A write that fails (a full disk above all) leaves nothing behind: the received bytes and any
+partial file are removed at once, not when a purge comes by, since space is what is short.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -79,7 +82,7 @@ class LocalStorage:
         """Write `data` under a fresh unguessable name; the file appears complete or not at all."""
         name = _new_name(extension)
         partial = self.files_dir / f".{name}.partial"
-        with open(partial, "wb") as handle:
+        with _removed_on_failure(partial), open(partial, "wb") as handle:
             handle.write(data)
         os.replace(partial, self.files_dir / name)
         return name
@@ -175,10 +178,11 @@ class LocalStorage:
         """Keep part `part_number` (sent again: replaced) and the ETag it was answered with."""
         if not 1 <= part_number <= MAX_PARTS:
             raise ValueError(f"part numbers run from 1 to {MAX_PARTS}, got {part_number}")
-        folder = self._folder(".parts") / reservation.upload_id
-        folder.mkdir(exist_ok=True)
-        (folder / f"{part_number}.etag").write_text(etag)
-        os.replace(received, folder / str(part_number))
+        with _removed_on_failure(received):
+            folder = self._folder(".parts") / reservation.upload_id
+            folder.mkdir(exist_ok=True)
+            (folder / f"{part_number}.etag").write_text(etag)
+            os.replace(received, folder / str(part_number))
 
     def parts(self, reservation: Reservation) -> dict[int, tuple[int, str]]:
         """The parts received so far: number -> (size, ETag)."""
@@ -196,7 +200,7 @@ class LocalStorage:
         FileNotFoundError) and remove the parts."""
         target = self.temp_path()
         folder = self.files_dir / ".parts" / reservation.upload_id
-        with open(target, "wb") as out:
+        with _removed_on_failure(target), open(target, "wb") as out:
             for number in part_numbers:
                 with open(folder / str(number), "rb") as part:
                     shutil.copyfileobj(part, out, 1024 * 1024)
@@ -205,7 +209,8 @@ class LocalStorage:
 
     def finish(self, reservation: Reservation, received: Path) -> str:
         """Move the received bytes into place as the reserved file; closes the reservation."""
-        self._publish(received, reservation.file_name, reservation)
+        with _removed_on_failure(received):
+            self._publish(received, reservation.file_name, reservation)
         with contextlib.suppress(FileNotFoundError):
             (self.files_dir / ".uploads" / f"{reservation.upload_id}.json").unlink()
         return reservation.file_name
@@ -219,7 +224,8 @@ class LocalStorage:
         now: float | None = None,
     ) -> str:
         """Move a body received in one request into place as a new upload; returns its name."""
-        reservation = self.reserve(content_type, original_name, lifetime, now)
+        with _removed_on_failure(received):
+            reservation = self.reserve(content_type, original_name, lifetime, now)
         return self.finish(reservation, received)
 
     def purge_uploads(self, now: float | None = None) -> int:
@@ -244,6 +250,32 @@ class LocalStorage:
                 if path.stat().st_mtime < now - UPLOAD_WINDOW_SECONDS:
                     path.unlink()
         return removed
+
+    # --- orphans ----------------------------------------------------------------------------
+    def generated_images(self, stored_after: float, stored_before: float) -> dict[str, float]:
+        """Generated images (image files without upload metadata) last written in the window
+        (`stored_after`, `stored_before`], by name, with that time (unix). Also deletes what
+        an interrupted `save` left (`.<name>.partial`) written before `stored_before`."""
+        uploads = {path.name.removesuffix(".json") for path in _listing(self.files_dir / ".meta")}
+        found: dict[str, float] = {}
+        with os.scandir(self.files_dir) as entries:
+            for entry in entries:
+                name = entry.name
+                is_partial = name.startswith(".") and name.endswith(".partial")
+                is_image = bool(_FILE_NAME.fullmatch(name)) and Path(name).suffix in _IMAGE_TYPES
+                if not (is_partial or is_image) or name in uploads:
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    written = entry.stat(follow_symlinks=False).st_mtime
+                    if is_partial and written <= stored_before:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+                if is_image and stored_after < written <= stored_before:
+                    found[name] = written
+        return found
 
     # --- internals ------------------------------------------------------------------------
     def _publish(self, received: Path, file_name: str, reservation: Reservation) -> None:
@@ -301,9 +333,20 @@ def _clean_original_name(name: str | None) -> str | None:
     return cleaned or None
 
 
+@contextlib.contextmanager
+def _removed_on_failure(path: Path) -> Iterator[None]:
+    """Delete `path` if the block fails (a full disk): nothing half-written stays behind."""
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def _write_json(path: Path, data: dict) -> None:
     partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-    partial.write_text(json.dumps(data))
+    with _removed_on_failure(partial):
+        partial.write_text(json.dumps(data))
     os.replace(partial, path)
 
 

@@ -98,6 +98,7 @@ class FluxServer:
             return client.get("/health")
 
     def wait_healthy(self, timeout: float = HEALTH_TIMEOUT) -> dict:
+        """Wait until /health says "ok" (every worker ready); its body."""
         deadline = time.monotonic() + timeout
         last = "no answer"
         while time.monotonic() < deadline:
@@ -107,7 +108,8 @@ class FluxServer:
                 )
             try:
                 response = self.health()
-                if response.status_code == 200:
+                # "ok": every worker of the box is ready (200 "degraded" is ready with fewer).
+                if response.status_code == 200 and response.json()["status"] == "ok":
                     return response.json()
                 last = f"{response.status_code} {response.text}"
             except httpx.HTTPError as exc:
@@ -157,7 +159,7 @@ def launch_server(
     if not link.exists():
         link.symlink_to(tiny_model_dir, target_is_directory=True)
     port = port or free_port()
-    argv = [sys.executable, "-m", "server.cli", "serve", "--model", "tiny"]
+    argv = [sys.executable, "-m", "server.supervisor.cli", "serve", "--model", "tiny"]
     argv += ["--data-dir", str(data_dir), "--host", host, "--port", str(port), "--workers", str(workers)]
     if certs is not None:
         argv += ["--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key)]

@@ -14,6 +14,10 @@ Two things on top of that:
 - Watching a request without missing a change. `wait_for_change` only sees notifications
   that arrive while it waits, and a read now takes a thread hop; `watch` therefore starts
   waiting before it reads, so a change that lands during the read ends the wait at once.
+- A full disk. `admit` (the free-space floor, server/disk.py) runs before each batch is
+  stored, in the batch's thread; a batch it refuses, or whose commit fails for want of space,
+  raises `DiskFull` to every caller of the batch, and none of its jobs was stored. Any other
+  call that fails for want of space raises `DiskFull` too (answered 507).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+from server.disk import DiskFull, is_disk_full
 from server.jobs import Job, JobRecord, Status
 from server.queue.base import CancelOutcome, JobQueue, WorkerInfo
 
@@ -102,14 +107,24 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], object, BaseException | No
 
 
 class AsyncQueue:
-    def __init__(self, queue: JobQueue, *, threads: int = THREADS) -> None:
+    def __init__(
+        self, queue: JobQueue, *, threads: int = THREADS, admit: Callable[[], None] | None = None
+    ) -> None:
         self.sync = queue  # for code that already runs in a thread, and for tests
+        self._admit = admit  # raises DiskFull to refuse a batch of submits
         self._threads = CallThreads(threads)
         self._pending: list[tuple[Job, asyncio.Future[tuple[JobRecord, int]]]] = []
         self._flush_task: asyncio.Task[None] | None = None
 
     async def _call(self, function: Callable[..., T], /, *args: object, **kwargs: object) -> T:
-        return await self._threads.run(functools.partial(function, *args, **kwargs))
+        try:
+            return await self._threads.run(functools.partial(function, *args, **kwargs))
+        except DiskFull:
+            raise
+        except Exception as exc:
+            if is_disk_full(exc):  # SQLite's "database or disk is full", ENOSPC
+                raise DiskFull() from exc
+            raise
 
     # --- producer side ---------------------------------------------------------------------
     async def submit(self, job: Job) -> tuple[JobRecord, int]:
@@ -131,8 +146,8 @@ class AsyncQueue:
 
     async def _store(self, batch: list[tuple[Job, asyncio.Future[tuple[JobRecord, int]]]]) -> None:
         try:
-            stored = await self._call(self.sync.submit_many, [job for job, _ in batch])
-        except Exception as exc:  # every caller of this batch gets the error (a 500)
+            stored = await self._call(self._submit_many, [job for job, _ in batch])
+        except Exception as exc:  # every caller of this batch gets the error (507, 503, 500)
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -140,6 +155,11 @@ class AsyncQueue:
         for (_, future), result in zip(batch, stored, strict=True):
             if not future.done():
                 future.set_result(result)
+
+    def _submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
+        if self._admit is not None:
+            self._admit()
+        return self.sync.submit_many(jobs)
 
     async def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
         return await self._call(self.sync.get, request_id, with_logs=with_logs)

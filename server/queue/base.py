@@ -215,7 +215,13 @@ class JobQueue(ABC):
 
     @abstractmethod
     def complete(self, request_id: str, worker_id: str, result: JobResult) -> bool:
-        """Complete a job the worker holds; False if it no longer holds it."""
+        """Complete a job the worker holds; False if it no longer holds it.
+
+        Idempotent: if the job is already COMPLETED by this worker with this same result, it
+        returns True again. So a caller that saw an exception (with a database server, a
+        COMMIT whose acknowledgement was lost: the job may be completed or not) retries
+        `complete`, and may delete the result's files only when it returned False: then the
+        stored record surely does not reference them."""
 
     @abstractmethod
     def fail(self, request_id: str, worker_id: str | None, error: JobError) -> bool:
@@ -245,6 +251,12 @@ class JobQueue(ABC):
         with their logs and delivery rows, in one short transaction; return them (without
         logs) so that their files can be deleted too. Each record is returned by exactly one
         call, also when several processes purge at once. Call again while it returns `limit`."""
+
+    @abstractmethod
+    def result_file_names(self, completed_since: float) -> set[str]:
+        """The file names of the images of every result completed at or after
+        `completed_since` (unix time): what the orphan sweep must not delete. One read; its
+        cost grows with the records completed since then, not with all records."""
 
     # --- worker registry (for /health) ---------------------------------------------------
     @abstractmethod

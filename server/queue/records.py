@@ -1,5 +1,5 @@
-"""What every backend shares about rows: priority ranks, log timestamps, and decoding a
-stored job without re-parsing its JSON on every status poll.
+"""What every backend shares about rows: priority ranks, log timestamps, decoding a stored
+job without re-parsing its JSON on every status poll, and the files a stored result names.
 
 A job's input images (`Job.image`, `Job.mask`) are stored apart from its JSON, in an inputs
 table of their own, written in the transaction that stores the job. Only `claim` reads them
@@ -8,7 +8,9 @@ so a queue full of image-to-image jobs polls as fast as one of text-to-image job
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterable
 from datetime import datetime, timezone
 
 from server.jobs import Job
@@ -36,6 +38,18 @@ def with_inputs(job: Job, image: bytes | None, mask: bytes | None) -> Job:
     the inputs table has nothing."""
     update = {name: value for name, value in (("image", image), ("mask", mask)) if value is not None}
     return job.model_copy(update=update) if update else job
+
+
+def file_names_in_results(result_jsons: Iterable[str]) -> set[str]:
+    """The stored files that results (their `result_json` columns) reference: each image's
+    `file_name` (an inline image has none). Plain JSON, not the models: one sweep may read
+    many thousands of results."""
+    names: set[str] = set()
+    for result_json in result_jsons:
+        for image in json.loads(result_json).get("images") or []:
+            if image.get("file_name"):
+                names.add(image["file_name"])
+    return names
 
 
 class JobCache:

@@ -65,7 +65,7 @@ def start_box(data_dir: Path, *, url: str, files: Path, tiny_model_dir: Path, ce
         link.symlink_to(tiny_model_dir, target_is_directory=True)
     port = free_port()
     argv = [
-        sys.executable, "-m", "server.cli", "serve", "--model", "tiny", "--workers", "1",
+        sys.executable, "-m", "server.supervisor.cli", "serve", "--model", "tiny", "--workers", "1",
         "--data-dir", str(data_dir), "--port", str(port), "--queue-url", url, "--files-dir", str(files),
         "--lease-seconds", LEASE_SECONDS, "--webhook-retry-base-seconds", "0.2",
         "--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key),

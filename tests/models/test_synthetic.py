@@ -62,7 +62,7 @@ def test_the_preflight_is_torch_free_and_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_serve_refuses_a_bad_override_before_any_worker_starts(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", "synthetic:depth=3"]
+    command = [sys.executable, "-m", "server.supervisor.cli", "serve", "--model", "synthetic:depth=3"]
     command += ["--data-dir", str(tmp_path / "data"), "--port", "0"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stdout + done.stderr

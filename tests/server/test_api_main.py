@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 
 from server.api_main import default_api_processes
-from server.cli import build_parser, settings_from_args
 from server.jobs import Status
 from server.queue.notify import socket_dir
 from server.queue.sqlite import SQLiteQueue
+from server.supervisor.cli import build_parser, settings_from_args
 from tests.server.queue.conftest import make_result
 from tests.support import free_port, wait_until
 
@@ -57,8 +57,8 @@ def test_several_api_processes_share_the_port_queue_and_wake_ups(tmp_path: Path)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "api", "--data-dir", str(tmp_path), "--port", str(port),
-         "--api-processes", "2"],
+        [sys.executable, "-m", "server.supervisor.cli", "api", "--data-dir", str(tmp_path),
+         "--port", str(port), "--api-processes", "2"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     worker = SQLiteQueue(tmp_path / "queue.sqlite3", tmp_path / "run", role="worker")

@@ -1,4 +1,5 @@
-"""The app as a whole: health, files, error shapes, background maintenance, api_main."""
+"""The app as a whole: files, error shapes, background maintenance, api_main (health:
+tests/server/routes/test_health.py)."""
 
 from __future__ import annotations
 
@@ -17,43 +18,6 @@ from server.errors import register_error_renderer
 from server.maintenance import purge_expired
 from server.storage import LocalStorage
 from tests.server.conftest import api_settings, png_bytes, run_api_server
-
-
-def test_health_is_503_until_every_worker_is_ready(tmp_path):
-    with run_api_server(api_settings(tmp_path, safety_checker=tmp_path / "checker")) as api:
-        response = api.client.get("/health")
-        assert response.status_code == 503
-        body = response.json()
-        assert body["reason"] == "no worker has registered yet"
-        assert body["workers"] == [] and body["queue_depth"] == 0 and body["model"] == "tiny"
-        assert body["safety_checker"] == "configured"
-
-        api.worker.set_worker_state("w1", "loading", device="cpu", model="tiny", detail="reading weights")
-        api.worker.set_worker_state("w2", "ready", device="cpu", model="tiny")
-        api.submit()
-        response = api.client.get("/health")
-        assert response.status_code == 503
-        assert "w1 is loading: reading weights" in response.json()["reason"]
-        assert response.json()["queue_depth"] == 1
-
-        api.worker.set_worker_state("w1", "ready", device="cpu", model="tiny")
-        response = api.client.get("/health")
-        assert response.status_code == 200
-        body = response.json()
-        assert body["status"] == "ok" and "reason" not in body
-        assert {w["id"]: w["state"] for w in body["workers"]} == {"w1": "ready", "w2": "ready"}
-        assert set(body["workers"][0]) == {"id", "state", "device", "model", "detail"}
-
-
-def test_health_waits_for_every_worker_serve_started(tmp_path):
-    # `serve --workers 2` passes FLUX_WORKERS=2: one ready worker is not enough.
-    with run_api_server(api_settings(tmp_path, workers=2)) as api:
-        api.worker.set_worker_state("w0", "ready", device="cpu", model="tiny")
-        response = api.client.get("/health")
-        assert response.status_code == 503
-        assert response.json()["reason"] == "1 of 2 workers ready"
-        api.worker.set_worker_state("w1", "ready", device="cpu", model="tiny")
-        assert api.client.get("/health").status_code == 200
 
 
 def test_files_are_served_with_type_and_caching(api):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser, settings_from_args
 from server.config import Settings
+from server.supervisor.cli import build_parser, settings_from_args
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ import certifi
 import pytest
 from cryptography import x509
 
-from server.cli import main as cli_main
+from server.supervisor.cli import main as cli_main
 from server.tls import CertPaths, make_certificates
 
 

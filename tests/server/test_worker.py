@@ -233,7 +233,7 @@ def _start_worker(data_dir: Path, worker_id: str) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "server.supervisor.cli",
             "worker",
             "--model",
             "tiny",

@@ -17,6 +17,10 @@ itself is the permission (unguessable, valid for an hour, for one file). The tok
 is the caller's own API key: it only ever goes back to this server, whose routes accept it
 like any key. Finished files are served by the files route at the returned URL, for the
 retention time or the lifetime the client's lifecycle header asks for (up to a maximum).
+
+A full disk is 507 on every route here (server/errors.py renders it): below the free-space
+floor (--min-free-disk-bytes) nothing is started or received, and a write that fails for want
+of space (the body, a part, a reservation) keeps nothing of the upload.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,11 +38,14 @@ from typing import Any, BinaryIO
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 from server.auth import presented_key
 from server.config import Settings
-from server.deps import get_settings, get_storage, public_base_url
+from server.deps import get_free_space, get_settings, get_storage, public_base_url
+from server.disk import DiskFull, is_disk_full
 from server.protocols.fal.queue_routes import require_fal_key
 from server.protocols.fal.storage_models import (
     CompleteMultipartInput,
@@ -51,7 +58,34 @@ from server.protocols.fal.storage_models import (
 )
 from server.storage import MAX_PARTS, Reservation, file_url, multipart_url, upload_url
 
-router = APIRouter(tags=["fal storage"])
+
+class StorageRoute(APIRoute):
+    """An upload that fails for want of space (ENOSPC, EDQUOT while writing the body, a part or
+    the reservation) raises DiskFull, answered 507 instead of 500."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def storage_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise DiskFull() from exc
+                raise
+
+        return storage_handler
+
+
+def refuse_when_disk_full(request: Request) -> None:
+    """Below the free-space floor no upload starts or receives bytes (a plain function:
+    FastAPI runs it in a thread, off the loop, when the cached measurement is refreshed)."""
+    get_free_space(request).check()
+
+
+router = APIRouter(
+    tags=["fal storage"], route_class=StorageRoute, dependencies=[Depends(refuse_when_disk_full)]
+)
 authorized = [Depends(require_fal_key)]
 
 TOKEN_SECONDS = 3600

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.auth import KeyProblem, api_key_dependency
 from server.deps import get_queue, get_settings, public_base_url
-from server.errors import register_error_renderer
+from server.errors import INSUFFICIENT_STORAGE, register_error_renderer
 from server.inputs import FitRule, InputImage, InputImageError, decode, target_fit
 from server.jobs import Job, JobRecord
 from server.protocols.openai import adapter
@@ -67,9 +67,18 @@ class OpenAIRoute(APIRoute):
             except RequestValidationError as exc:
                 return error_response(_validation_error(list(exc.errors())))
             except HTTPException as exc:
-                return error_response(OpenAIError(exc.status_code, str(exc.detail)))
+                return error_response(http_error(exc))
 
         return openai_handler
+
+
+def http_error(exc: StarletteHTTPException) -> OpenAIError:
+    """An HTTP error in OpenAI's shape: the server's own trouble (a full disk, the queue
+    unavailable) is a `server_error`, anything else the request's."""
+    if exc.status_code < 500:
+        return OpenAIError(exc.status_code, str(exc.detail))
+    code = "insufficient_storage" if exc.status_code == INSUFFICIENT_STORAGE else None
+    return OpenAIError(exc.status_code, str(exc.detail), error_type="server_error", code=code)
 
 
 async def render_error(request: Request, exc: Exception) -> Response:
@@ -79,7 +88,7 @@ async def render_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, RequestValidationError):
         return error_response(_validation_error(list(exc.errors())))
     if isinstance(exc, StarletteHTTPException):
-        return error_response(OpenAIError(exc.status_code, str(exc.detail)))
+        return error_response(http_error(exc))
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(OpenAIError(500, "Internal server error", error_type="server_error"))
 

@@ -13,6 +13,7 @@ from server.queue.base import MAX_ATTEMPTS, PURGE_BATCH, WorkerInfo
 from server.queue.postgres.schema import PURGE_LOCK
 from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS, REQUEUE, PostgresStore
 from server.queue.postgres.wakeups import SUBMIT_KEY, WORKERS_KEY
+from server.queue.records import file_names_in_results
 
 
 class PostgresMaintenance(PostgresStore):
@@ -83,6 +84,16 @@ class PostgresMaintenance(PostgresStore):
         for record in records:
             self._jobs.forget(record.id)
         return records
+
+    def result_file_names(self, completed_since: float) -> set[str]:
+        rows = self._run(
+            lambda conn: conn.execute(
+                "SELECT result_json FROM flux_jobs WHERE status = 'COMPLETED' AND completed_at >= %s "
+                "AND result_json IS NOT NULL",
+                (completed_since,),
+            ).fetchall()
+        )
+        return file_names_in_results(result_json for (result_json,) in rows)
 
     # --- worker registry -----------------------------------------------------------------
     def set_worker_state(

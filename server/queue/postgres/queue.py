@@ -314,8 +314,8 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
         )
 
     def complete(self, request_id: str, worker_id: str, result: JobResult) -> bool:
-        return self._tx(
-            lambda conn: self._finish(
+        def complete(conn: psycopg.Connection) -> bool:
+            done = self._finish(
                 conn,
                 request_id,
                 time.time(),
@@ -323,7 +323,20 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                 condition="status = 'IN_PROGRESS' AND worker = %s",
                 params=(worker_id,),
             )
-        )
+            # The retry of a completion whose COMMIT was acknowledged to nobody (the connection
+            # broke after the server committed; `_with_connection` or the worker retries): the
+            # same worker's same result is already there, so this completion did happen.
+            return (
+                done
+                or conn.execute(
+                    "SELECT 1 FROM flux_jobs WHERE id = %s AND status = 'COMPLETED' AND worker = %s "
+                    "AND result_json = %s",
+                    (request_id, worker_id, result.model_dump_json()),
+                ).fetchone()
+                is not None
+            )
+
+        return self._tx(complete)
 
     def fail(self, request_id: str, worker_id: str | None, error: JobError) -> bool:
         if worker_id is None:

@@ -9,6 +9,7 @@ webhook deliveries in deliveries.py.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from server.queue.base import (
     QueueCounts,
     WorkerInfo,
 )
-from server.queue.records import PRIORITY_RANK, without_inputs
+from server.queue.records import PRIORITY_RANK, file_names_in_results, without_inputs
 from server.queue.sqlite.deliveries import SQLiteDeliveries
 from server.queue.sqlite.store import RECORD_COLUMNS, WORKERS_KEY
 
@@ -235,9 +236,19 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
                 condition="status = 'IN_PROGRESS' AND worker = ?",
                 params=(worker_id,),
             )
+            # A retry of a completion that was stored (see JobQueue.complete): still a yes.
+            stored_before = not done and self._completed_with(conn, request_id, worker_id, result)
         if done:
             self._notify_api([request_id])
-        return done
+        return done or stored_before
+
+    @staticmethod
+    def _completed_with(conn: sqlite3.Connection, request_id: str, worker_id: str, result: JobResult) -> bool:
+        row = conn.execute(
+            "SELECT 1 FROM jobs WHERE id = ? AND status = 'COMPLETED' AND worker = ? AND result_json = ?",
+            (request_id, worker_id, result.model_dump_json()),
+        ).fetchone()
+        return row is not None
 
     def fail(self, request_id: str, worker_id: str | None, error: JobError) -> bool:
         with self._write() as conn:
@@ -342,6 +353,14 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
         for record in records:
             self._jobs.forget(record.id)
         return records
+
+    def result_file_names(self, completed_since: float) -> set[str]:
+        rows = self._conn().execute(
+            "SELECT result_json FROM jobs WHERE status = 'COMPLETED' AND completed_at >= ? "
+            "AND result_json IS NOT NULL",
+            (completed_since,),
+        )
+        return file_names_in_results(result_json for (result_json,) in rows)
 
     # --- worker registry -----------------------------------------------------------------
     def set_worker_state(

@@ -70,10 +70,14 @@ class SQLiteStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # A COMMIT that fails (SQLITE_FULL: the disk is full) may leave the transaction
+                # open; rolled back here, or the next commit on this connection would store
+                # what the caller was just told had failed.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     def _execute_write(self, sql: str, params: tuple = ()) -> int:
         """One statement in its own (implicit) transaction; returns the changed row count."""

@@ -181,6 +181,52 @@ def test_logs_progress_and_completion(api: JobQueue, worker: JobQueue) -> None:
     assert not worker.fail(rid, None, JobError(message="late", error_type="x"))
 
 
+def test_complete_again_after_a_lost_acknowledgement_is_true_for_the_same_worker_and_result(
+    api: JobQueue, worker: JobQueue
+) -> None:
+    """A worker that saw an exception from `complete` (its COMMIT may have been stored) calls it
+    again: True means its result is the stored one, so it keeps its files; False means they are
+    referenced by nothing and may be deleted."""
+    rid = api.submit(make_job(webhook=HOOK)).id
+    worker.claim("w1", timeout=0)
+    result = make_result(seed=7, file_name="kept.jpg")
+    assert worker.complete(rid, "w1", result)
+    first = api.get(rid)
+    delivery = api.delivery(rid)
+    assert first is not None and delivery is not None
+
+    assert worker.complete(rid, "w1", result)  # the retry: the same worker's same result
+    again = api.get(rid)
+    assert again is not None and again.completed_at == first.completed_at and again.result == result
+    assert api.delivery(rid) == delivery  # nothing written twice
+    assert not worker.complete(rid, "w2", result)  # another worker did not complete it
+    assert not worker.complete(rid, "w1", make_result(seed=8, file_name="other.jpg"))  # not its result
+
+    failed = api.submit(make_job()).id
+    worker.claim("w1", timeout=0)
+    assert worker.fail(failed, "w1", JobError(message="boom", error_type="internal_server_error"))
+    assert not worker.complete(failed, "w1", result)  # failed: the result was never stored
+    assert api.get(failed).result is None
+
+
+def test_result_file_names_are_those_of_results_completed_since(api: JobQueue, worker: JobQueue) -> None:
+    completed_at = []
+    for n in range(3):
+        rid = api.submit(make_job()).id
+        worker.claim("w1", timeout=0)
+        worker.complete(rid, "w1", make_result(file_name=f"f{n}.png"))
+        completed_at.append(api.get(rid).completed_at)
+        time.sleep(0.01)  # distinct completion times
+    failed = api.submit(make_job()).id
+    worker.claim("w1", timeout=0)
+    worker.fail(failed, "w1", JobError(message="boom", error_type="internal_server_error"))
+    api.submit(make_job())  # queued: no result yet
+
+    assert api.result_file_names(0) == {"f0.png", "f1.png", "f2.png"}
+    assert api.result_file_names(completed_at[1]) == {"f1.png", "f2.png"}
+    assert api.result_file_names(completed_at[2] + 1) == set()
+
+
 def test_a_worker_fails_only_what_it_holds_and_the_system_fails_anything(
     api: JobQueue, worker: JobQueue
 ) -> None:

@@ -21,7 +21,7 @@ def migrate(data_dir: Path, url: str) -> subprocess.CompletedProcess[str]:
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "server.supervisor.cli",
             "migrate-queue",
             "--data-dir",
             str(data_dir),

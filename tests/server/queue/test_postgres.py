@@ -215,3 +215,33 @@ def _get_or_none(queue: PostgresQueue, request_id: str):
         return queue.get(request_id)
     except QueueUnavailable:
         return None
+
+
+def test_a_completion_whose_commit_acknowledgement_is_lost_is_retried_and_answers_true(
+    url: str, api: PostgresQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server commits, the connection breaks before the client hears it: the worker's
+    handle retries the transaction, finds its own result stored, and answers True (before,
+    False: the worker then deleted the images of a job it did complete)."""
+    worker = PostgresQueue(url, role="worker")
+    try:
+        rid = api.submit(make_job()).id
+        assert worker.claim("w1", timeout=0) is not None
+        commit = psycopg.Transaction.__exit__
+        lost: list[str] = []
+
+        def commit_then_lose_the_acknowledgement(self: psycopg.Transaction, *exc_info: object) -> bool:
+            answer = commit(self, *exc_info)
+            if not lost and exc_info[0] is None:
+                lost.append(rid)
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+            return answer
+
+        monkeypatch.setattr(psycopg.Transaction, "__exit__", commit_then_lose_the_acknowledgement)
+        result = make_result(seed=3, file_name="mine.png")
+        assert worker.complete(rid, "w1", result)
+        assert lost == [rid]  # the first commit's answer was lost
+        record = api.get(rid)
+        assert record is not None and record.status is Status.COMPLETED and record.result == result
+    finally:
+        worker.close()

@@ -259,3 +259,34 @@ def test_wait_for_change_wakes_on_log_from_a_worker(api: SQLiteQueue, worker: SQ
     thread.join()
     assert 0.15 < waited < 0.45  # woken by the log line, not by the 0.5 s fallback
     assert api.get(rid).progress == 0.5
+
+
+class CommitFailsOnce:
+    """A connection whose next COMMIT fails as on a full disk, leaving its transaction open
+    (SQLite may or may not roll back by itself after SQLITE_FULL)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.failed = False
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT" and not self.failed:
+            self.failed = True
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+
+def test_a_commit_that_fails_for_want_of_space_stores_nothing(api: SQLiteQueue) -> None:
+    """The submit that saw the error is not stored later by the next commit on the connection."""
+    faulty = CommitFailsOnce(api._conn())
+    api._local.conn = faulty
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        api.submit(make_job(prompt="refused"))
+    assert faulty.failed and not faulty.conn.in_transaction
+    accepted = api.submit(make_job(prompt="accepted"))
+    assert api.depth() == 1 and api.get(accepted.id) is not None
+    prompts = [row[0] for row in faulty.conn.execute("SELECT json_extract(job_json, '$.prompt') FROM jobs")]
+    assert prompts == ["accepted"]

@@ -1,5 +1,5 @@
-"""`flux-server serve`'s start-up checks (server/preflight.py): refused configurations, the
-worker plan, the banner; each before any child process starts."""
+"""`flux-server serve`'s start-up checks (server/supervisor/preflight.py): refused
+configurations, the banner; each before any child process starts."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from server.config import Settings
-from server.preflight import ConfigError, banner, check_settings, plan_workers, visible_gpu_count
-from server.supervisor import serve
+from server.supervisor.gpus import plan_workers
+from server.supervisor.preflight import ConfigError, banner, check_settings
+from server.supervisor.serve import serve
 from server.tls import make_certificates
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def settings(**kwargs: object) -> Settings:
@@ -82,7 +83,16 @@ def test_serve_exits_2_with_a_message_before_starting_anything(
 def test_cli_serve_refuses_public_host_in_a_real_process(tmp_path: Path) -> None:
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "server.supervisor.cli",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--data-dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -93,34 +103,13 @@ def test_cli_serve_refuses_public_host_in_a_real_process(tmp_path: Path) -> None
     assert time.monotonic() - started < 30  # no worker was started
 
 
-# --------------------------------------------------------------------------- worker plan
-
-
-def test_worker_plan() -> None:
-    assert plan_workers(settings(device="cpu"), gpu_count=4) == plan_workers(settings(), gpu_count=0)
-    cpu = plan_workers(settings(), gpu_count=0)
-    assert [(s.worker_id, s.gpu, s.device) for s in cpu] == [("w0", None, "cpu")]
-    two = plan_workers(settings(), gpu_count=2)
-    assert [(s.worker_id, s.gpu) for s in two] == [("w0", 0), ("w1", 1)]
-    three_on_two = plan_workers(settings(workers=3), gpu_count=2)
-    assert [s.gpu for s in three_on_two] == [0, 1, 0]
-    assert [s.device for s in plan_workers(settings(workers=2, device="cpu"), gpu_count=2)] == ["cpu", "cpu"]
-    with pytest.raises(ConfigError, match="no GPU"):
-        plan_workers(settings(device="cuda"), gpu_count=0)
-
-
-@pytest.mark.parametrize(("visible", "count"), [("0,1", 2), ("3", 1), ("", 0), ("-1", 0), ("0,-1,1", 1)])
-def test_visible_gpus_follow_cuda_visible_devices(
-    monkeypatch: pytest.MonkeyPatch, visible: str, count: int
-) -> None:
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    assert visible_gpu_count() == count
+# --------------------------------------------------------------------------- banner
 
 
 def test_banner_tells_how_to_point_fal_client(tmp_path: Path) -> None:
     paths = make_certificates(tmp_path, [])
     on = settings(port=8443, ssl_certfile=paths.cert, ssl_keyfile=paths.key, api_key=["k"])
-    slots = plan_workers(on, gpu_count=2)
+    slots = plan_workers(on, gpus=["0", "1"])
     text = banner(on, slots)
     assert "https://127.0.0.1:8443" in text
     assert "FAL_QUEUE_RUN_HOST=127.0.0.1:8443" in text
@@ -128,5 +117,5 @@ def test_banner_tells_how_to_point_fal_client(tmp_path: Path) -> None:
     assert "SSL_CERT_FILE=" in text
     assert "auth     on" in text and "TLS      on" in text
     assert "w0 on cuda:0" in text and "w1 on cuda:1" in text
-    off = banner(settings(), plan_workers(settings(), gpu_count=0))
+    off = banner(settings(), plan_workers(settings(), gpus=[]))
     assert "http://127.0.0.1:8000" in off and "auth     off" in off and "TLS      off" in off

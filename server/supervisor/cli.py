@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from server.config import Settings
+from server.exit_codes import EXIT_USAGE
 
 # Flags shared by serve/api/worker; each maps to a Settings field (env FLUX_<NAME>).
 _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
@@ -55,7 +56,22 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--memory-plan", {"help": "auto, resident, fp8-offload-text, model-offload, sequential-offload"}),
     ("--retention-seconds", {"type": float}),
     ("--max-upload-bytes", {"type": int, "help": "largest file a client may upload (fal storage)"}),
+    (
+        "--min-free-disk-bytes",
+        {"type": int, "help": "refuse submits and uploads below this free space (default 1 GiB; 0: off)"},
+    ),
     ("--lease-seconds", {"type": float}),
+    (
+        "--load-retry-seconds",
+        {
+            "type": float,
+            "help": "wait before starting again a worker whose model failed to load (default 300)",
+        },
+    ),
+    (
+        "--min-ready-workers",
+        {"type": int, "help": "ready workers this box needs to report ready (default 1)"},
+    ),
     ("--fetch-allow", {"action": "append", "help": "only fetch from these hosts/networks (repeatable)"}),
     ("--fetch-deny", {"action": "append", "help": "never fetch from these hosts/networks (repeatable)"}),
     ("--lora-dir", {"help": "folder of LoRA files that requests may name (the studio's library)"}),
@@ -106,12 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_flags(serve)
     api = sub.add_parser("api", help="the API process alone (no torch)")
     _add_server_flags(api)
-    health = sub.add_parser("health", help="exit 0 when the server on this box is ready (HEALTHCHECK)")
+    health = sub.add_parser("health", help="exit 0 when the server on this box answers (HEALTHCHECK)")
     _add_server_flags(health)
+    health.add_argument(
+        "--ready", action="store_true", help="ask /health/ready (enough workers ready), not /health/live"
+    )
     worker = sub.add_parser("worker", help="one worker process alone")
     _add_server_flags(worker)
     worker.add_argument("--worker-id", default=None)
-    worker.add_argument("--gpu", type=int, default=None, help="CUDA device index")
+    worker.add_argument(
+        "--gpu", default=None, help="this worker's GPU: a CUDA_VISIBLE_DEVICES entry (index, UUID or MIG id)"
+    )
 
     gen = sub.add_parser("generate", help="generate images from the command line")
     gen.add_argument("--model", default="tiny")
@@ -142,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def health_command(settings: Settings) -> int:
-    """`flux-server health`: exit 0 when this box's server answers /health with 200 (the
-    container's HEALTHCHECK); 1 otherwise, with the reason on stderr."""
+def health_command(settings: Settings, *, ready: bool = False) -> int:
+    """`flux-server health`: exit 0 when this box's API answers /health/live with 200 (the
+    container's HEALTHCHECK: a box whose workers wait for the database or a retry is alive,
+    and restarting it would not help); with `ready`, /health/ready. 1 otherwise, with the
+    reason on stderr."""
     import httpx
 
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host
@@ -152,7 +175,8 @@ def health_command(settings: Settings) -> int:
     scheme = "https" if settings.ssl_certfile else "http"
     try:
         # Loopback only, often with a self-signed certificate: checking it proves nothing here.
-        response = httpx.get(f"{scheme}://{host}:{settings.port}/health", timeout=5.0, verify=False)
+        path = "/health/ready" if ready else "/health/live"
+        response = httpx.get(f"{scheme}://{host}:{settings.port}{path}", timeout=5.0, verify=False)
     except httpx.HTTPError as exc:
         print(f"flux-server health: {exc!r}", file=sys.stderr)
         return 1
@@ -174,7 +198,7 @@ def use_metrics_directory(settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
-        from server.generate_cli import run_generate
+        from server.supervisor.generate import run_generate
 
         return run_generate(args)
     if args.command == "migrate-queue":
@@ -188,17 +212,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = settings_from_args(args)
     if args.command == "health":
-        return health_command(settings)
+        return health_command(settings, ready=args.ready)
     from server.logs import configure_logging
 
     worker_name = f"worker {args.worker_id}" if getattr(args, "worker_id", None) else "worker"
     configure_logging(settings, {"serve": "supervisor", "api": "api", "worker": worker_name}[args.command])
-    problem = queue_problem(settings)
-    if problem is not None:
-        print(f"flux-server: {problem}", file=sys.stderr)
-        return 2
+    if args.command in ("serve", "api"):
+        # A worker waits for the queue by itself (a database failover outlasts its start).
+        problem = queue_problem(settings)
+        if problem is not None:
+            print(f"flux-server: {problem}", file=sys.stderr)
+            return EXIT_USAGE
     if args.command == "serve":
-        from server.supervisor import serve
+        from server.supervisor.serve import serve
 
         return serve(settings)
     if args.command in ("api", "worker"):

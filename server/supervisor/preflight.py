@@ -8,22 +8,21 @@ configuration never reaches a worker that would spend minutes loading a model fi
 - `check_model`: the weights `--model` names exist and look right (configs and safetensors
   headers only): `ConfigError`;
 - `check_port_free`: the API's address can be bound: `StartupError`, exit 1;
-- `plan_workers`: one worker per visible GPU (counted without torch), or one on the CPU;
 - `banner`: what the operator sees once the checks pass: URLs and how to point clients.
+
+Which GPU each worker gets is decided in server/supervisor/gpus.py.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.config import Settings
 
-EXIT_USAGE = 2  # bad configuration, refused to start
+if TYPE_CHECKING:
+    from server.supervisor.gpus import WorkerSlot
 
 
 class ConfigError(Exception):
@@ -89,52 +88,6 @@ def check_port_free(settings: Settings) -> None:
             raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from exc
 
 
-@dataclass(frozen=True)
-class WorkerSlot:
-    worker_id: str
-    gpu: int | None
-
-    @property
-    def device(self) -> str:
-        return "cpu" if self.gpu is None else f"cuda:{self.gpu}"
-
-
-def visible_gpu_count() -> int:
-    """GPUs this process may use, without importing torch."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        items = [v.strip() for v in visible.split(",") if v.strip()]
-        # CUDA stops at the first invalid entry; "-1" is the usual way to hide every GPU.
-        count = 0
-        for item in items:
-            if item.startswith("-"):
-                break
-            count += 1
-        return count
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    if out.returncode != 0:
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
-
-
-def plan_workers(settings: Settings, gpu_count: int | None = None) -> list[WorkerSlot]:
-    """One worker per visible GPU (or --workers N spread over them), else one CPU worker; none
-    on an API-only box. With a shared queue, ids start with the box name (unique across boxes)."""
-    if settings.role == "api":
-        return []
-    prefix = f"{settings.box}-" if settings.shared_queue else ""
-    gpus = 0 if settings.device == "cpu" else (visible_gpu_count() if gpu_count is None else gpu_count)
-    if settings.device == "cuda" and gpus == 0:
-        raise ConfigError("--device cuda, but no GPU is visible (nvidia-smi -L / CUDA_VISIBLE_DEVICES)")
-    count = settings.workers or (gpus if gpus > 0 else 1)
-    return [WorkerSlot(f"{prefix}w{i}", (i % gpus) if gpus > 0 else None) for i in range(count)]
-
-
 def base_url(settings: Settings) -> str:
     scheme = "https" if settings.ssl_certfile else "http"
     host = settings.host
@@ -184,6 +137,6 @@ def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
         )
     lines += [
         "@fal-ai/client (JS): proxyUrl {url: " + repr(url + "/api/fal/proxy") + ', when: "always"}',
-        f"Health: {url}/health",
+        f"Health: {url}/health/ready (readiness), {url}/health/live (liveness)",
     ]
     return "\n".join(line for line in lines if line is not None) + "\n"

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from server.cli import main
-from server.generate_cli import output_paths, parse_size
+from server.supervisor.cli import main
+from server.supervisor.generate import output_paths, parse_size
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def generate(tiny_model_dir: Path, out: Path, *extra: str) -> int:
@@ -26,7 +26,7 @@ def test_subprocess_writes_the_requested_size_byte_identical_per_seed(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "sub.png"
-    command = [sys.executable, "-m", "server.cli", "generate", "--model", "tiny"]
+    command = [sys.executable, "-m", "server.supervisor.cli", "generate", "--model", "tiny"]
     command += ["--data-dir", str(tiny_model_dir.parent), "--prompt", "a red cat", "--out", str(out)]
     command += ["--size", "100x70", "--steps", "2", "--seed", "11"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -115,7 +115,7 @@ def test_broken_model_folder_fails_fast_naming_the_missing_part(tiny_model_dir: 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
     shutil.rmtree(broken / "vae")
-    command = [sys.executable, "-m", "server.cli", "generate", "--model", str(broken)]
+    command = [sys.executable, "-m", "server.supervisor.cli", "generate", "--model", str(broken)]
     command += ["--prompt", "x", "--out", str(tmp_path / "out.png")]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
