@@ -185,13 +185,18 @@ def measure_status_rps(base: str, queue: JobQueue, waiting: int, seconds: int) -
     with httpx.Client(base_url=base) as client:
         ids = [client.post(SUBMIT_PATH, json=INPUT).json()["request_id"] for _ in range(waiting)]
     target = f"{base}/fal-ai/flux/requests/{ids[len(ids) // 2]}/status?logs=1"
+    return status_rate(target, seconds, queue.depth())
+
+
+def status_rate(target: str, seconds: int, queued: int) -> dict:
+    """Requests per second on one status URL: `wrk -t1 -c32` when installed, else httpx."""
     if shutil.which("wrk"):
         out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", "--latency", target],
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
         rps = float(next(line.split()[1] for line in out.splitlines() if line.startswith("Requests/sec")))
         p99 = next(line.split()[1] for line in out.splitlines() if line.strip().startswith("99%"))
-        return {"tool": "wrk -t1 -c32", "queued": queue.depth(), "rps": rps, "p99": p99}
-    return asyncio.run(_status_loop(target, seconds, queue.depth()))
+        return {"tool": "wrk -t1 -c32", "queued": queued, "rps": rps, "p99": p99}
+    return asyncio.run(_status_loop(target, seconds, queued))
 
 
 async def _status_loop(target: str, seconds: int, queued: int) -> dict:

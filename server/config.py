@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     # base64-encoded, plus 1 MiB for the rest of the request.
     max_request_bytes: int | None = Field(default=None, ge=1024)
     input_fetch_timeout: float = 10.0
+    # Input images decoded at once per API process (the others wait); None: one per core.
+    input_decode_threads: int | None = Field(default=None, ge=1)
     retention_seconds: float = 24 * 3600.0
     # fal storage uploads: the largest file, and the longest lifetime a client's lifecycle
     # header may ask for (without one, an upload lives for retention_seconds).

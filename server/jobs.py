@@ -36,6 +36,11 @@ MAX_SIDE = 2048
 MAX_PIXELS = 2048 * 2048
 SIZE_MULTIPLE = 16
 
+# Redux's input size: FLUX.1 Redux encodes its image with SigLIP so400m at 384x384 px (its
+# feature_extractor resizes to that). Kept here, not read from models/, because the API
+# process, which shrinks Redux images to it at submit (server/inputs.py), never imports models/.
+REDUX_INPUT_SIDE = 384
+
 CONTENT_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
 # fal's `image_size` presets (width, height), from the fal toolkit.
@@ -133,7 +138,9 @@ class Job(BaseModel):
     seed: int = Field(default_factory=draw_seed, ge=0, lt=SEED_LIMIT)
     num_images: int = Field(default=1, ge=1, le=4)
     strength: float = 0.95  # image-to-image and inpainting
-    # Input image for image-to-image, inpainting and redux: downloaded, decoded, re-encoded as PNG.
+    # Input image for image-to-image, inpainting and redux: downloaded, decoded, shrunk to what
+    # the model uses, re-encoded as PNG. Stored apart from the job's JSON; only the Job a
+    # worker claims carries it (server/queue/records.py), never one the API reads back.
     image: bytes | None = None
     mask: bytes | None = None  # inpainting: white = repaint, black = keep (PNG, like `image`)
     loras: tuple[LoraRef, ...] = ()  # applied for this job only

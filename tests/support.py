@@ -1,4 +1,5 @@
-"""Helpers every test module shares: a free loopback port, and waiting for a condition.
+"""Helpers every test module shares: a free loopback port, waiting for a condition, and an
+image whose header lies about its size.
 
 Tests wait on conditions, never on fixed sleeps: `wait_until` polls a condition until it holds
 (returning its value) and fails with `what` after a generous timeout.
@@ -7,7 +8,9 @@ Tests wait on conditions, never on fixed sleeps: `wait_until` polls a condition 
 from __future__ import annotations
 
 import socket
+import struct
 import time
+import zlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -40,3 +43,15 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` and whose pixel data is a few bytes: any
+    attempt to decode it fails (image_load_error), so refusing it as too large shows that
+    the header was checked first."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"x\x9c") + chunk(b"IEND", b"")

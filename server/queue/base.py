@@ -14,6 +14,11 @@ Ordering: normal priority before low, then FIFO; a job put back after a lost wor
 the head. A job whose lease runs out is retried once (`MAX_ATTEMPTS` in all), then completes
 with `runner_disconnected`.
 
+Input images (`Job.image`, `Job.mask`) are stored apart from the job, in the transaction
+that stores it, and read back only by `claim`: every other record (`store`'s, `get`'s,
+`purge`'s) carries the job without them, so status polls cost the same whatever the job
+carries. Completing a job (any path) deletes them.
+
 Webhooks: whenever a job with a webhook completes (any path), the transaction that completes
 it also writes its delivery row. Dispatchers lease due rows (`lease_deliveries`), so each
 attempt is made by one dispatcher at a time, across every process sharing the store.
@@ -149,12 +154,14 @@ class JobQueue(ABC):
 
     @abstractmethod
     def store(self, entries: list[tuple[Job, str]]) -> list[tuple[JobRecord, int]]:
-        """Insert `(job, request id)` pairs in order in one transaction, wake the workers, and
-        return each record with its queue position as stored."""
+        """Insert `(job, request id)` pairs (and their input images) in order in one
+        transaction, wake the workers, and return each record, without its input images, with
+        its queue position as stored."""
 
     @abstractmethod
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
-        """The record; `with_logs=False` leaves `logs` empty (cheaper, for status polls)."""
+        """The record, without its input images; `with_logs=False` leaves `logs` empty
+        (cheaper, for status polls)."""
 
     @abstractmethod
     def position(self, request_id: str) -> int | None:
@@ -185,7 +192,8 @@ class JobQueue(ABC):
     def claim(
         self, worker_id: str, timeout: float, prefer: ClaimPreference | None = None
     ) -> JobRecord | None:
-        """Atomically take the next job and a lease on it, waiting up to `timeout` seconds.
+        """Atomically take the next job and a lease on it, waiting up to `timeout` seconds;
+        the record's job carries its input images (the one read that does).
         `prefer`: see ClaimPreference; without it, strictly the head. Each call (and each
         `renew`) is also the worker's heartbeat: it refreshes the worker's registry row, at
         most every `heartbeat_interval`."""

@@ -3,9 +3,9 @@
 Run it with the server stopped (`serve` gives running jobs back to the queue when it stops),
 then start every box with `--queue-url`. Queued requests keep their order and priority,
 finished ones keep their results, logs and webhook delivery state, so clients can still read
-them until retention deletes them. A job left running by a crash is copied as queued, with
-its attempts. Copying again skips what is already there, so an interrupted run can simply be
-repeated.
+them until retention deletes them. Queued jobs keep their input images. A job left running by
+a crash is copied as queued, with its attempts. Copying again skips what is already there, so
+an interrupted run can simply be repeated.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ def copy_sqlite_to_postgres(db_path: Path, url: str) -> Copied:
             copied = [row for row in jobs if _copy_job(target, row)]
             logs = sum(_copy_logs(source, target, row[0]) for row in copied)
             deliveries = sum(_copy_delivery(source, target, row[0]) for row in copied)
+            if _has_table(source, "job_inputs"):  # a file from before schema v3 has none
+                for row in copied:
+                    _copy_inputs(source, target, row[0])
     finished = sum(row[2] == "COMPLETED" for row in copied)
     return Copied(
         queued=len(copied) - finished,
@@ -89,6 +92,24 @@ def _copy_logs(source: sqlite3.Connection, target: psycopg.Connection, request_i
             rows,
         )
     return len(rows)
+
+
+def _has_table(source: sqlite3.Connection, name: str) -> bool:
+    found = source.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    return found.fetchone() is not None
+
+
+def _copy_inputs(source: sqlite3.Connection, target: psycopg.Connection, request_id: str) -> None:
+    """A job's input images (only jobs not yet completed have them)."""
+    row = source.execute(
+        "SELECT request_id, image, mask FROM job_inputs WHERE request_id = ?", (request_id,)
+    ).fetchone()
+    if row is not None:
+        target.execute(
+            "INSERT INTO flux_job_inputs (request_id, image, mask) VALUES (%s, %s, %s) "
+            "ON CONFLICT DO NOTHING",
+            row,
+        )
 
 
 def _copy_delivery(source: sqlite3.Connection, target: psycopg.Connection, request_id: str) -> int:

@@ -1,5 +1,10 @@
 """What every backend shares about rows: priority ranks, log timestamps, decoding a stored
-job without re-parsing its JSON on every status poll, and the files a stored result names."""
+job without re-parsing its JSON on every status poll, and the files a stored result names.
+
+A job's input images (`Job.image`, `Job.mask`) are stored apart from its JSON, in an inputs
+table of their own, written in the transaction that stores the job. Only `claim` reads them
+back (the worker needs them); status polls, `get` and every cache see the job without them,
+so a queue full of image-to-image jobs polls as fast as one of text-to-image jobs."""
 
 from __future__ import annotations
 
@@ -20,9 +25,19 @@ def utc_timestamp(now: float | None = None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
-def without_image(job: Job) -> Job:
-    """The job as stored in its JSON column: the input image lives in a column of its own."""
-    return job.model_copy(update={"image": None}) if job.image is not None else job
+def without_inputs(job: Job) -> Job:
+    """The job as stored in its JSON column and as the API sees it: no input image bytes."""
+    if job.image is None and job.mask is None:
+        return job
+    return job.model_copy(update={"image": None, "mask": None})
+
+
+def with_inputs(job: Job, image: bytes | None, mask: bytes | None) -> Job:
+    """The claimed job with its inputs from the inputs table. A row stored before that table
+    existed kept its image in the jobs table and its mask in the JSON: those are kept when
+    the inputs table has nothing."""
+    update = {name: value for name, value in (("image", image), ("mask", mask)) if value is not None}
+    return job.model_copy(update=update) if update else job
 
 
 def file_names_in_results(result_jsons: Iterable[str]) -> set[str]:
@@ -38,18 +53,19 @@ def file_names_in_results(result_jsons: Iterable[str]) -> set[str]:
 
 
 class JobCache:
-    """Parsed image-less jobs by request id: a job's JSON never changes after submit."""
+    """Parsed jobs (without their inputs) by request id: a job's JSON never changes after submit."""
 
     def __init__(self, size: int = _JOB_CACHE_SIZE) -> None:
         self.size = size
         self._jobs: dict[str, Job] = {}
 
-    def job(self, request_id: str, job_json: str, image: bytes | None) -> Job:
+    def job(self, request_id: str, job_json: str) -> Job:
         job = self._jobs.get(request_id)
         if job is None:
-            job = Job.model_validate_json(job_json)
+            # A row from before the inputs table may still carry its mask in the JSON.
+            job = without_inputs(Job.model_validate_json(job_json))
             self.put(request_id, job)
-        return job if image is None else job.model_copy(update={"image": image})
+        return job
 
     def put(self, request_id: str, job: Job) -> None:
         if len(self._jobs) >= self.size:

@@ -6,6 +6,7 @@ Configured the way a user does it: FAL_QUEUE_RUN_HOST, FAL_RUN_HOST, SSL_CERT_FI
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import subprocess
@@ -28,6 +29,8 @@ from e2e_support import (
     submit,
     wait_completed,
 )
+
+from tests.support import png_header_only
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -157,6 +160,22 @@ def test_image_to_image_with_a_data_uri_input(flux_server, fal) -> None:
     with flux_server.client() as client:
         check_output(client, output, size=(96, 64))  # the output follows the input's size
     assert any("step 3/3" in m for m in logs), logs
+
+
+def test_image_to_image_inputs_are_bounded_at_submit(flux_server, fal) -> None:
+    """An input larger than the output is shrunk at submit and the job completes on the real
+    worker; one whose header claims too many pixels is refused as fal does, before decoding."""
+    body = {"prompt": "p", "image_url": sample_image_data_uri((100, 70)), "strength": 0.2}
+    output = fal.sync.subscribe("fal-ai/flux/dev/image-to-image", {**body, "num_inference_steps": 10})
+    with flux_server.client() as client:
+        check_output(client, output, size=(96, 64))
+
+    huge = "data:image/png;base64," + base64.b64encode(png_header_only(30000, 30000)).decode()
+    with pytest.raises(fal.module.FalClientHTTPError) as caught:
+        fal.sync.submit("fal-ai/flux/dev/image-to-image", {**body, "image_url": huge})
+    assert caught.value.status_code == 422
+    [error] = caught.value.message
+    assert error["loc"] == ["body", "image_url"] and error["type"] == "image_too_large"
 
 
 @pytest.mark.parametrize("endpoint", ["fal-ai/flux-1/dev/redux", "fal-ai/flux/dev/redux"])

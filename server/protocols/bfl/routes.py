@@ -7,7 +7,6 @@ errors with `{"detail": "..."}`.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
@@ -27,7 +26,7 @@ from server.config import Settings
 from server.deps import get_queue, get_settings, public_base_url
 from server.errors import register_error_renderer
 from server.fetch import FetchPolicy
-from server.inputs import InputImageError, decode_image, fetch_bytes
+from server.inputs import REDUX_FIT, InputImageError, decode, fetch_bytes
 from server.protocols.bfl import adapter
 from server.protocols.bfl.models import AsyncResponse, AsyncWebhookResponse, FluxDevInputs, ResultResponse
 from server.webhooks.policy import validate_webhook_url
@@ -122,7 +121,8 @@ async def _decode_image_prompt(value: str, settings: Settings) -> bytes:
                 raise InputImageError("image_load_error", f"image_prompt is not valid base64: {exc}") from exc
             if len(data) > max_bytes:
                 raise InputImageError("file_too_large", f"image_prompt is larger than {max_bytes} bytes")
-        return (await asyncio.to_thread(decode_image, data)).png
+        # A Redux job: shrunk to the image encoder's input size.
+        return (await decode(data, REDUX_FIT, threads=settings.input_decode_threads)).png
     except InputImageError as exc:
         raise RequestValidationError(
             [_error(["body", "image_prompt"], exc.message, exc.error_type)]

@@ -18,7 +18,15 @@ from pydantic import ValidationError
 
 from server.config import Settings
 from server.fetch import FetchPolicy
-from server.inputs import InputImage, InputImageError, load_image
+from server.inputs import (
+    REDUX_FIT,
+    FitRule,
+    InputImage,
+    InputImageError,
+    load_image,
+    mask_fit,
+    target_fit,
+)
 from server.jobs import (
     Acceleration,
     Job,
@@ -209,19 +217,24 @@ async def build_job(
     loras = lora_refs(data, settings) if isinstance(data, LoraFields) else ()
     if isinstance(data, SizedInput):
         width, height = resolve_image_size(data.image_size)
-    if isinstance(data, (FluxImageToImageInput, FluxLoraImageToImageInput, FluxReduxInput)):
-        loaded = await load_input(data.image_url, "image_url", settings, storage, base_url)
+    # Each input is shrunk at submit to the size the model resizes it to (server/inputs.py).
+    if isinstance(data, FluxReduxInput):
+        image = (await load_input(data.image_url, "image_url", REDUX_FIT, settings, storage, base_url)).png
+    elif isinstance(data, (FluxImageToImageInput, FluxLoraImageToImageInput)):
+        # The output has the input's size (rounded to 16 px): known from the image's header.
+        loaded = await load_input(
+            data.image_url,
+            "image_url",
+            lambda w, h: target_fit(*output_size(w, h)),
+            settings,
+            storage,
+            base_url,
+        )
         image = loaded.png
+        width, height = output_size(loaded.source_width, loaded.source_height)
         if isinstance(data, FluxLoraInpaintingInput):
-            mask = (await load_input(data.mask_url, "mask_url", settings, storage, base_url)).png
-        if isinstance(data, (FluxImageToImageInput, FluxLoraImageToImageInput)):
-            try:
-                width, height = round_size(loaded.width, loaded.height)
-            except ValueError as exc:
-                kind = "image_too_small" if min(loaded.width, loaded.height) < 64 else "image_too_large"
-                raise RequestValidationError(
-                    [validation_error(["body", "image_url"], f"Input image: {exc}", kind)]
-                ) from None
+            fit = mask_fit(width, height)
+            mask = (await load_input(data.mask_url, "mask_url", fit, settings, storage, base_url)).png
 
     return Job(
         task=spec.task,
@@ -250,16 +263,28 @@ async def build_job(
     )
 
 
+def output_size(input_width: int, input_height: int) -> tuple[int, int]:
+    """Image-to-image and inpainting: the output size for an input of this size (the input's,
+    rounded to 16 px). Raises InputImageError for one outside the output bounds."""
+    try:
+        return round_size(input_width, input_height)
+    except ValueError as exc:
+        kind = "image_too_small" if min(input_width, input_height) < 64 else "image_too_large"
+        raise InputImageError(kind, f"Input image: {exc}") from None
+
+
 async def load_input(
-    url: str, field: str, settings: Settings, storage: LocalStorage | None, base_url: str
+    url: str, field: str, fit: FitRule, settings: Settings, storage: LocalStorage | None, base_url: str
 ) -> InputImage:
-    """An input image (`image_url`, `mask_url`), or a 422 located at `field`."""
+    """An input image (`image_url`, `mask_url`) shrunk by `fit`, or a 422 located at `field`."""
     try:
         return await load_image(
             url,
             max_bytes=settings.max_input_image_bytes,
             timeout=settings.input_fetch_timeout,
             policy=FetchPolicy.from_settings(settings),
+            fit=fit,
+            threads=settings.input_decode_threads,
             # An upload to this server is read from the disk, not fetched over HTTP.
             local_file=partial(storage.own_file, base_urls=(base_url, settings.public_url))
             if storage is not None

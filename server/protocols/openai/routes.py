@@ -8,7 +8,6 @@ that hangs up cancels its job (server/waiting.py says why). Every error is `{"er
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -25,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.auth import KeyProblem, api_key_dependency
 from server.deps import get_queue, get_settings, public_base_url
 from server.errors import INSUFFICIENT_STORAGE, register_error_renderer
-from server.inputs import InputImageError, decode_image
+from server.inputs import FitRule, InputImage, InputImageError, decode, target_fit
 from server.jobs import Job, JobRecord
 from server.protocols.openai import adapter
 from server.protocols.openai.adapter import OpenAIError
@@ -169,17 +168,24 @@ def check_prompt(request: Request, prompt: str) -> None:
         raise OpenAIError(400, too_long, param="prompt", code="string_above_max_length")
 
 
-async def _read_image(form_value: Any, max_bytes: int) -> tuple[bytes, int, int]:
+async def _read_image(form_value: Any, max_bytes: int, fit: FitRule, threads: int | None) -> InputImage:
     if not isinstance(form_value, UploadFile):
         raise OpenAIError(400, "'image' must be an uploaded file (multipart/form-data)", param="image")
     data = await form_value.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise OpenAIError(400, f"The image is larger than {max_bytes} bytes", param="image")
     try:
-        decoded = await asyncio.to_thread(decode_image, data)
+        return await decode(data, fit, threads=threads)
     except InputImageError as exc:
         raise OpenAIError(400, exc.message, param="image", code=exc.error_type) from None
-    return decoded.png, decoded.width, decoded.height
+
+
+def _edit_fit(size: str | None) -> FitRule:
+    """The input is shrunk at submit to the output size (which "auto" derives from the input's
+    size, as its header gives it). A bad explicit size is refused before the image is read."""
+    if size is not None and size.strip().lower() not in ("", "auto"):
+        return target_fit(*adapter.parse_size(size))
+    return lambda width, height: target_fit(*adapter.edit_size(None, width, height))
 
 
 @router.post(
@@ -199,24 +205,26 @@ async def edits(request: Request) -> JSONResponse:
             raise OpenAIError(
                 400, "Missing required parameter: 'image'", param="image", code="missing_required_parameter"
             )
-        # Several images (the gpt-image-1 form) make sense only for models that combine them;
-        # FLUX image-to-image takes one, so the first is used.
-        png, width, height = await _read_image(images[0], settings.max_input_image_bytes)
         fields_in = {key: value for key, value in form.multi_items() if isinstance(value, str)}
         try:
             fields = ImageEditFields.model_validate(fields_in)
         except ValidationError as exc:
             raise _validation_error(list(exc.errors())) from None
+        check_prompt(request, fields.prompt)
+        # Several images (the gpt-image-1 form) make sense only for models that combine them;
+        # FLUX image-to-image takes one, so the first is used.
+        image = await _read_image(
+            images[0], settings.max_input_image_bytes, _edit_fit(fields.size), settings.input_decode_threads
+        )
     finally:
         await form.close()
-    check_prompt(request, fields.prompt)
-    size = adapter.edit_size(fields.size, width, height)
+    size = adapter.edit_size(fields.size, image.source_width, image.source_height)
     job = adapter.build_job(
         fields,
         size=size,
         base_url=public_base_url(request),
         task="image-to-image",
-        image=png,
+        image=image.png,
         strength=fields.strength,
     )
     return _answer(await run_job(request, job))

@@ -35,7 +35,7 @@ from server.queue.postgres.deliveries import PostgresDeliveries
 from server.queue.postgres.maintenance import PostgresMaintenance
 from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS, REQUEUE
 from server.queue.postgres.wakeups import CHANNEL, SUBMIT_KEY
-from server.queue.records import PRIORITY_RANK, utc_timestamp, without_image
+from server.queue.records import PRIORITY_RANK, utc_timestamp, with_inputs, without_inputs
 
 # A lost notification (a dropped listening connection) costs at most this long.
 FALLBACK_POLL_SECONDS = 2.0
@@ -50,14 +50,20 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
 
     # --- producer side -------------------------------------------------------------------
     def store(self, entries: list[tuple[Job, str]]) -> list[tuple[JobRecord, int]]:
-        """Insert the jobs in order in one transaction; each with its position."""
+        """Insert the jobs (their input images into flux_job_inputs) in order in one
+        transaction; each with its position. The records returned carry no image bytes."""
         now = time.time()
-        bare_jobs = [without_image(job) for job, _ in entries]
+        bare_jobs = [without_inputs(job) for job, _ in entries]
         rows = [
-            (request_id, job.app_id, PRIORITY_RANK[job.priority], bare.model_dump_json(), job.image, now,
+            (request_id, job.app_id, PRIORITY_RANK[job.priority], bare.model_dump_json(), now,
              job.start_deadline, job.webhook is not None)
             for (job, request_id), bare in zip(entries, bare_jobs, strict=True)
         ]  # fmt: skip
+        inputs = [
+            (request_id, job.image, job.mask)
+            for job, request_id in entries
+            if job.image is not None or job.mask is not None
+        ]
 
         def store(conn: psycopg.Connection) -> list[int]:
             # Queued jobs of each class and the ones before it: one count per batch.
@@ -74,10 +80,14 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                     ahead[later] += 1
             with conn.cursor() as cursor:
                 cursor.executemany(
-                    "INSERT INTO flux_jobs (id, app_id, status, priority_rank, job_json, image, created_at, "
-                    "start_deadline, webhook) VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s)",
+                    "INSERT INTO flux_jobs (id, app_id, status, priority_rank, job_json, created_at, "
+                    "start_deadline, webhook) VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s)",
                     rows,
                 )
+                if inputs:
+                    cursor.executemany(
+                        "INSERT INTO flux_job_inputs (request_id, image, mask) VALUES (%s, %s, %s)", inputs
+                    )
             self._notify(conn, [SUBMIT_KEY])
             return positions
 
@@ -85,8 +95,8 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
         for (_, request_id), bare in zip(entries, bare_jobs, strict=True):
             self._jobs.put(request_id, bare)
         return [
-            (JobRecord(id=request_id, job=job, status=Status.IN_QUEUE, created_at=now), position)
-            for (job, request_id), position in zip(entries, positions, strict=True)
+            (JobRecord(id=request_id, job=bare, status=Status.IN_QUEUE, created_at=now), position)
+            for (_, request_id), bare, position in zip(entries, bare_jobs, positions, strict=True)
         ]
 
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
@@ -216,23 +226,35 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                 f"WITH head AS ({head}), "
                 f"claimed AS (UPDATE flux_jobs j SET status = 'IN_PROGRESS', worker = %s, "
                 f"lease_expires = {DB_NOW} + %s, attempts = attempts + 1, started_at = %s FROM head "
-                f"WHERE j.id = head.id RETURNING {', '.join('j.' + c for c in RECORD_COLUMNS.split(', '))}), "
+                f"WHERE j.id = head.id RETURNING {', '.join('j.' + c for c in RECORD_COLUMNS.split(', '))}, "
+                "j.image AS legacy_image), "
                 "line AS (INSERT INTO flux_logs (request_id, ts, level, source, message) "
                 "SELECT id, %s, 'INFO', 'USER', %s FROM claimed), "
                 "woken AS (SELECT pg_notify(%s, id) FROM claimed) "
-                "SELECT claimed.*, (SELECT json_agg(json_build_array(ts, level, source, message) "
+                # The input images, read here and nowhere else; a job queued before the inputs
+                # table kept its image in the jobs row.
+                "SELECT claimed.*, COALESCE(i.image, claimed.legacy_image), i.mask, "
+                "(SELECT json_agg(json_build_array(ts, level, source, message) "
                 "ORDER BY l.id) FROM flux_logs l WHERE l.request_id = claimed.id), "
-                "(SELECT count(*) FROM woken) FROM claimed",
+                "(SELECT count(*) FROM woken) FROM claimed "
+                "LEFT JOIN flux_job_inputs i ON i.request_id = claimed.id",
                 (*head_params, worker_id, self.lease_seconds, now, utc_timestamp(now), started, CHANNEL),
             ).fetchone()
             if row is None:
                 return None
+            *record_row, _legacy, image, mask, logs, _woken = row
             earlier = [
                 LogEntry(timestamp=ts, level=level, source=source, message=message)
-                for ts, level, source, message in row[-2] or []
+                for ts, level, source, message in logs or []
             ]
+            job = with_inputs(
+                Job.model_validate_json(record_row[2]),
+                bytes(image) if image is not None else None,
+                bytes(mask) if mask is not None else None,
+            )
             # The statement's own log line is not visible to it: add it here.
-            return self._record(row[:-2], [*earlier, LogEntry(timestamp=utc_timestamp(now), message=started)])
+            started_line = LogEntry(timestamp=utc_timestamp(now), message=started)
+            return self._record(tuple(record_row), [*earlier, started_line], job)
 
         return self._tx(claim)  # QueueUnavailable: the worker waits the outage out (server/worker)
 

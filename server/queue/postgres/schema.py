@@ -24,8 +24,8 @@ CREATE TABLE IF NOT EXISTS flux_jobs (
     app_id TEXT NOT NULL,
     status TEXT NOT NULL,
     priority_rank SMALLINT NOT NULL,
-    job_json TEXT NOT NULL,  -- the Job without its input image
-    image BYTEA,
+    job_json TEXT NOT NULL,  -- the Job without its input images
+    image BYTEA,  -- legacy: input images live in flux_job_inputs since schema v2
     created_at DOUBLE PRECISION NOT NULL,
     started_at DOUBLE PRECISION,
     completed_at DOUBLE PRECISION,
@@ -76,7 +76,17 @@ CREATE TABLE IF NOT EXISTS flux_workers (
 );
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1,)
+# Input images (image, mask) apart from the jobs table: status polls never read them, only
+# a claim does; completing a job deletes them (no worker needs them again).
+_V2 = """
+CREATE TABLE IF NOT EXISTS flux_job_inputs (
+    request_id TEXT PRIMARY KEY,
+    image BYTEA,
+    mask BYTEA
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

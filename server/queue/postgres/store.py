@@ -13,7 +13,7 @@ from typing import TypeVar
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from server.jobs import JobError, JobRecord, JobResult, LogEntry, Status, start_timeout_error
+from server.jobs import Job, JobError, JobRecord, JobResult, LogEntry, Status, start_timeout_error
 from server.queue.postgres.connection import connect, open_pool, unavailable
 from server.queue.postgres.schema import migrate
 from server.queue.postgres.wakeups import CHANNEL, DELIVERIES_KEY, Wakeups
@@ -23,8 +23,9 @@ T = TypeVar("T")
 
 # The database server's clock, as unix time.
 DB_NOW = "extract(epoch from clock_timestamp())::double precision"
+# What a status poll reads: never the input images (see server/queue/records.py).
 RECORD_COLUMNS = (
-    "id, status, job_json, image, created_at, started_at, completed_at, attempts, worker, "
+    "id, status, job_json, created_at, started_at, completed_at, attempts, worker, "
     "cancel_requested, progress, result_json, error_json"
 )
 # Puts a job back at the head of the queue (its seq from the sequence that counts down).
@@ -91,12 +92,14 @@ class PostgresStore:
                 raise unavailable(self.url, exc) from exc
 
     # --- rows ----------------------------------------------------------------------------
-    def _record(self, row: tuple, logs: list[LogEntry]) -> JobRecord:
-        (rid, status, job_json, image, created, started, completed, attempts, worker, cancel, progress,
+    def _record(self, row: tuple, logs: list[LogEntry], job: Job | None = None) -> JobRecord:
+        """A record from RECORD_COLUMNS; `job` (the claimed job with its inputs) replaces the
+        cached one."""
+        (rid, status, job_json, created, started, completed, attempts, worker, cancel, progress,
          result_json, error_json) = row  # fmt: skip
         return JobRecord(
             id=rid,
-            job=self._jobs.job(rid, job_json, bytes(image) if image is not None else None),
+            job=job if job is not None else self._jobs.job(rid, job_json),
             status=Status(status),
             created_at=created,
             started_at=started,
@@ -136,12 +139,15 @@ class PostgresStore:
         condition: str = "status != 'COMPLETED'",
         params: tuple = (),
     ) -> bool:
-        """Mark a job COMPLETED (if `condition` holds), write its webhook delivery row and
-        notify its waiters: one statement, so atomic also outside a transaction."""
+        """Mark a job COMPLETED (if `condition` holds), delete its input images, write its
+        webhook delivery row and notify its waiters: one statement, so atomic also outside a
+        transaction."""
         row = conn.execute(
             "WITH done AS (UPDATE flux_jobs SET status = 'COMPLETED', completed_at = %s, "
             "lease_expires = NULL, result_json = %s, error_json = %s, progress = %s "
             f"WHERE id = %s AND {condition} RETURNING id, webhook), "
+            # No worker runs a completed job again: its input images go now, not at purge.
+            "inputs AS (DELETE FROM flux_job_inputs WHERE request_id IN (SELECT id FROM done)), "
             "delivery AS (INSERT INTO flux_deliveries (request_id, due_at) SELECT id, %s FROM done "
             "WHERE webhook ON CONFLICT DO NOTHING) "
             "SELECT pg_notify(%s, CASE WHEN webhook THEN id || E'\\n' || %s ELSE id END) FROM done",

@@ -33,7 +33,7 @@ from server.queue.base import (
     QueueCounts,
     WorkerInfo,
 )
-from server.queue.records import PRIORITY_RANK, file_names_in_results, without_image
+from server.queue.records import PRIORITY_RANK, file_names_in_results, without_inputs
 from server.queue.sqlite.deliveries import SQLiteDeliveries
 from server.queue.sqlite.store import RECORD_COLUMNS, WORKERS_KEY
 
@@ -49,14 +49,20 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
 
     # --- producer side -------------------------------------------------------------------
     def store(self, entries: list[tuple[Job, str]]) -> list[tuple[JobRecord, int]]:
-        """Insert the jobs in order in one transaction (one commit); each with its position."""
+        """Insert the jobs (their input images into job_inputs) in order in one transaction
+        (one commit); each with its position. The records returned carry no image bytes."""
         now = time.time()
-        bare_jobs = [without_image(job) for job, _ in entries]
+        bare_jobs = [without_inputs(job) for job, _ in entries]
         rows = [
-            (request_id, job.app_id, PRIORITY_RANK[job.priority], bare.model_dump_json(), job.image, now,
+            (request_id, job.app_id, PRIORITY_RANK[job.priority], bare.model_dump_json(), now,
              job.start_deadline, int(job.webhook is not None))
             for (job, request_id), bare in zip(entries, bare_jobs, strict=True)
         ]  # fmt: skip
+        inputs = [
+            (request_id, job.image, job.mask)
+            for job, request_id in entries
+            if job.image is not None or job.mask is not None
+        ]
         positions = []
         with self._write() as conn:
             for row in rows:
@@ -66,16 +72,17 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
                 ).fetchone()
                 positions.append(int(ahead))
                 conn.execute(
-                    "INSERT INTO jobs (id, app_id, status, priority_rank, job_json, image, created_at, "
-                    "start_deadline, webhook) VALUES (?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO jobs (id, app_id, status, priority_rank, job_json, created_at, "
+                    "start_deadline, webhook) VALUES (?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?)",
                     row,
                 )
+            conn.executemany("INSERT INTO job_inputs (request_id, image, mask) VALUES (?, ?, ?)", inputs)
         for (_, request_id), bare in zip(entries, bare_jobs, strict=True):
             self._jobs.put(request_id, bare)
         self.notifier.notify("worker")
         return [
-            (JobRecord(id=request_id, job=job, status=Status.IN_QUEUE, created_at=now), position)
-            for (job, request_id), position in zip(entries, positions, strict=True)
+            (JobRecord(id=request_id, job=bare, status=Status.IN_QUEUE, created_at=now), position)
+            for (_, request_id), bare, position in zip(entries, bare_jobs, positions, strict=True)
         ]
 
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
@@ -186,11 +193,12 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
                 record_row = conn.execute(
                     f"SELECT {RECORD_COLUMNS} FROM jobs WHERE id = ?", (request_id,)
                 ).fetchone()
+                job = self._claimed_job(conn, request_id, record_row[2])
         self._notify_api(expired)
         if request_id is None:
             return None
         self.notifier.notify("api", request_id.encode())
-        return self._record(record_row, self._logs(self._conn(), request_id))
+        return self._record(record_row, self._logs(self._conn(), request_id), job)
 
     def _heartbeat(self, worker_id: str) -> None:
         if self._heartbeats.due(worker_id):

@@ -19,8 +19,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     app_id TEXT NOT NULL,
     status TEXT NOT NULL,
     priority_rank INTEGER NOT NULL,
-    job_json TEXT NOT NULL,  -- the Job without its input image
-    image BLOB,  -- the input image, kept out of the JSON (no base64, no parse on every read)
+    job_json TEXT NOT NULL,  -- the Job without its input images
+    image BLOB,  -- legacy: input images live in job_inputs since schema v3 (read only by claims)
     created_at REAL NOT NULL,
     started_at REAL,
     completed_at REAL,
@@ -100,8 +100,19 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (due_at)
     WHERE delivered_at IS NULL AND gave_up = 0;
 """
 
+# Input images (image, mask) apart from the jobs table: a status poll reads a jobs row, and
+# a row must not drag megabytes of PNG through the page cache on every poll. Only a claim
+# reads them; completing a job deletes them (no worker needs them again).
+_V3 = """
+CREATE TABLE IF NOT EXISTS job_inputs (
+    request_id TEXT PRIMARY KEY,
+    image BLOB,
+    mask BLOB
+);
+"""
+
 # Every statement is idempotent, so a step that two processes both saw as missing is harmless.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -131,7 +142,8 @@ def migrate(conn: sqlite3.Connection) -> None:
 
 
 def _add_image_column(conn: sqlite3.Connection) -> None:
-    """A database made before input images had their own column gets it."""
+    """A database made before input images had their own column gets it (claims read it for
+    jobs queued before schema v3)."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
     if "image" in columns:
         return

@@ -16,17 +16,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.jobs import JobError, JobRecord, JobResult, LogEntry, Status, start_timeout_error
+from server.jobs import Job, JobError, JobRecord, JobResult, LogEntry, Status, start_timeout_error
 from server.queue.notify import Notifier
-from server.queue.records import JobCache, utc_timestamp
+from server.queue.records import JobCache, utc_timestamp, with_inputs
 from server.queue.sqlite.schema import migrate, open_connection
 
 # Notifier key the API is woken with whenever a webhook delivery becomes due.
 DELIVERIES_KEY = "deliveries"
 WORKERS_KEY = "workers"
 
+# What a status poll reads: never the input images (see server/queue/records.py).
 RECORD_COLUMNS = (
-    "id, status, job_json, image, created_at, started_at, completed_at, attempts, worker, "
+    "id, status, job_json, created_at, started_at, completed_at, attempts, worker, "
     "cancel_requested, progress, result_json, error_json"
 )
 
@@ -94,12 +95,14 @@ class SQLiteStore:
         self._local = threading.local()
 
     # --- rows ----------------------------------------------------------------------------
-    def _record(self, row: tuple, logs: list[LogEntry]) -> JobRecord:
-        (rid, status, job_json, image, created, started, completed, attempts, worker, cancel, progress,
+    def _record(self, row: tuple, logs: list[LogEntry], job: Job | None = None) -> JobRecord:
+        """A record from RECORD_COLUMNS; `job` (the claimed job with its inputs) replaces the
+        cached one."""
+        (rid, status, job_json, created, started, completed, attempts, worker, cancel, progress,
          result_json, error_json) = row  # fmt: skip
         return JobRecord(
             id=rid,
-            job=self._jobs.job(rid, job_json, image),
+            job=job if job is not None else self._jobs.job(rid, job_json),
             status=Status(status),
             created_at=created,
             started_at=started,
@@ -112,6 +115,17 @@ class SQLiteStore:
             result=JobResult.model_validate_json(result_json) if result_json else None,
             error=JobError.model_validate_json(error_json) if error_json else None,
         )
+
+    @staticmethod
+    def _claimed_job(conn: sqlite3.Connection, request_id: str, job_json: str) -> Job:
+        """The job with its input images, for the worker that claimed it. A job queued before
+        the inputs table existed has its image in the jobs row (its mask in the JSON)."""
+        image, mask = conn.execute(
+            "SELECT COALESCE(i.image, j.image), i.mask FROM jobs j "
+            "LEFT JOIN job_inputs i ON i.request_id = j.id WHERE j.id = ?",
+            (request_id,),
+        ).fetchone()
+        return with_inputs(Job.model_validate_json(job_json), image, mask)
 
     @staticmethod
     def _logs(conn: sqlite3.Connection, request_id: str) -> list[LogEntry]:
@@ -157,6 +171,8 @@ class SQLiteStore:
         )
         if cursor.rowcount != 1:
             return False
+        # No worker runs a completed job again: its input images go now, not at purge.
+        conn.execute("DELETE FROM job_inputs WHERE request_id = ?", (request_id,))
         conn.execute(
             "INSERT OR IGNORE INTO deliveries (request_id, due_at) SELECT id, ? FROM jobs "
             "WHERE id = ? AND webhook = 1",

@@ -7,11 +7,14 @@ separate process would have; the fixture closes every handle it opened.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import psycopg
 import pytest
 
 from server.config import Settings
@@ -64,6 +67,16 @@ class QueueBackend:
         queue = open_queue(settings, role=role)
         self._opened.append(queue)
         return queue
+
+    def input_rows(self) -> dict[str, tuple[bytes | None, bytes | None]]:
+        """The inputs table as stored: request id -> (image, mask)."""
+        if self.settings.queue_url is None:
+            with contextlib.closing(sqlite3.connect(self.settings.db_path)) as conn:
+                rows = conn.execute("SELECT request_id, image, mask FROM job_inputs").fetchall()
+        else:
+            with psycopg.connect(self.settings.queue_url) as conn:
+                rows = conn.execute("SELECT request_id, image, mask FROM flux_job_inputs").fetchall()
+        return {rid: (image, mask) for rid, image, mask in rows}
 
     def close(self) -> None:
         for queue in reversed(self._opened):

@@ -65,9 +65,44 @@ def test_submit_with_a_given_id_and_an_input_image(api: JobQueue, worker: JobQue
     image = bytes(range(256)) * 64
     api.submit(make_job(task="image-to-image", image=image), request_id="fixed-id")
     record = api.get("fixed-id")
-    assert record is not None and record.job.image == image and record.job.task == "image-to-image"
+    assert record is not None and record.job.task == "image-to-image"
     claimed = worker.claim("w1", timeout=0)
     assert claimed is not None and claimed.id == "fixed-id" and claimed.job.image == image
+
+
+def test_input_images_are_read_only_by_the_worker_that_claims_the_job(
+    backend: QueueBackend, api: JobQueue, worker: JobQueue
+) -> None:
+    image, mask = b"\x89PNG image" * 1000, b"\x89PNG mask" * 500
+    submitted = api.submit(make_job(task="inpainting", image=image, mask=mask))
+    plain = api.submit(make_job()).id
+    # Neither the submit's record, nor a status poll, nor another process's read carries them.
+    assert (submitted.job.image, submitted.job.mask) == (None, None)
+    for queue in (api, worker, backend.open("api")):
+        for with_logs in (True, False):
+            record = queue.get(submitted.id, with_logs=with_logs)
+            assert record is not None and record.job.task == "inpainting"
+            assert (record.job.image, record.job.mask) == (None, None)
+    assert backend.input_rows() == {submitted.id: (image, mask)}
+
+    claimed = worker.claim("w1", timeout=0)
+    assert claimed is not None and claimed.id == submitted.id
+    assert (claimed.job.image, claimed.job.mask) == (image, mask)
+    assert api.get(submitted.id).job.image is None  # the claim did not fill the API's cache
+    # A job given back keeps its inputs for the next claim, on any handle.
+    assert worker.requeue(submitted.id, "w1")
+    again = backend.open("worker").claim("w2", timeout=0)
+    assert again is not None and again.id == submitted.id and again.job.mask == mask
+    assert worker.claim("w1", timeout=0).job.image is None  # a text-to-image job: none
+    assert api.get(plain).status is Status.IN_PROGRESS
+    # Completing the job deletes them (no worker runs it again); so does any other way to
+    # complete, e.g. cancelling a queued job.
+    assert worker.complete(submitted.id, "w2", make_result())
+    assert backend.input_rows() == {}
+    cancelled = api.submit(make_job(task="image-to-image", image=image)).id
+    assert set(backend.input_rows()) == {cancelled}
+    assert api.cancel(cancelled) is CancelOutcome.CANCELLED
+    assert backend.input_rows() == {}
 
 
 def test_claim_takes_a_lease_and_renewal_needs_it(api: JobQueue, worker: JobQueue) -> None:
@@ -437,17 +472,19 @@ def test_wait_for_deliveries_wakes_on_a_completion_with_a_webhook(api: JobQueue,
     assert api.delivery(rid) is not None
 
 
-def test_purge_deletes_old_completed_records_in_batches(api: JobQueue, worker: JobQueue) -> None:
+def test_purge_deletes_old_completed_records_in_batches(
+    backend: QueueBackend, api: JobQueue, worker: JobQueue
+) -> None:
     done = []
     for n in range(5):
-        rid = api.submit(make_job(webhook=HOOK)).id
+        rid = api.submit(make_job(webhook=HOOK, task="image-to-image", image=b"in")).id
         worker.claim("w1", timeout=0)
         worker.log(rid, "step")
         worker.complete(rid, "w1", make_result(file_name=f"f{n}.jpg"))
         done.append(rid)
-    running = api.submit(make_job()).id
+    running = api.submit(make_job(task="image-to-image", image=b"running")).id
     worker.claim("w1", timeout=0)
-    waiting = api.submit(make_job()).id
+    waiting = api.submit(make_job(task="image-to-image", image=b"waiting")).id
 
     assert api.purge(older_than=time.time() - 60) == []
     batches = [api.purge(older_than=time.time() + 1, limit=2) for _ in range(4)]
@@ -456,6 +493,8 @@ def test_purge_deletes_old_completed_records_in_batches(api: JobQueue, worker: J
     assert sorted(r.id for r in purged) == sorted(done)
     assert sorted(r.result.images[0].file_name for r in purged) == [f"f{n}.jpg" for n in range(5)]
     assert all(api.get(rid) is None and api.delivery(rid) is None for rid in done)
+    # The inputs of what is purged are gone; those of jobs still to run are kept.
+    assert backend.input_rows() == {running: (b"running", None), waiting: (b"waiting", None)}
     assert api.get(waiting).status is Status.IN_QUEUE and api.get(running).status is Status.IN_PROGRESS
     # A request id used again starts with no logs left over.
     api.submit(make_job(), request_id=done[0])

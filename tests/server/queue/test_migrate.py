@@ -46,7 +46,9 @@ def test_queued_and_finished_requests_move_across_once(
     sqlite.log(done, "step 1/2", progress=0.5)
     sqlite.complete(done, "w0", make_result(seed=42))
     low = sqlite.submit(make_job(priority="low", prompt="low")).id
-    normal = sqlite.submit(make_job(prompt="normal", image=b"\x89PNG-bytes", task="image-to-image")).id
+    normal = sqlite.submit(
+        make_job(prompt="normal", image=b"\x89PNG-bytes", mask=b"mask-bytes", task="inpainting")
+    ).id
     crashed = sqlite.submit(make_job(prompt="was running")).id
     later = sqlite.submit(make_job(prompt="later")).id
     assert sqlite.claim("w0", timeout=0).id == normal
@@ -73,13 +75,16 @@ def test_queued_and_finished_requests_move_across_once(
         assert finished.status is Status.COMPLETED and finished.result.seed == 42
         assert [e.message for e in finished.logs] == ["Started on w0", "step 1/2"]
         assert queue.delivery(done) is not None and queue.delivery(done).delivered_at is None
-        assert queue.get(normal).job.image == b"\x89PNG-bytes"
+        assert queue.get(normal).job.image is None  # inputs are read by a claim only
         # The same claim order (normal ones first, FIFO, then low); the job left running goes
         # to the head, as a lost worker's job does.
         assert [queue.position(i) for i in (crashed, normal, later, low)] == [0, 1, 2, 3]
         assert queue.get(crashed).status is Status.IN_QUEUE and queue.get(crashed).worker is None
         assert queue.depth() == 4
         assert queue.claim("box-w0", timeout=0).id == crashed
+        claimed = queue.claim("box-w0", timeout=0)
+        assert claimed.id == normal
+        assert (claimed.job.image, claimed.job.mask) == (b"\x89PNG-bytes", b"mask-bytes")
     finally:
         queue.close()
 

@@ -96,6 +96,29 @@ def test_boxes_starting_at_once_migrate_the_schema_once(url: str) -> None:
             queue.close()
 
 
+def test_a_job_queued_by_the_release_before_the_inputs_table_keeps_its_images(url: str) -> None:
+    """Schema v1 kept the image in the jobs row and the mask in the JSON: after the upgrade
+    (a box still on that release may keep submitting so), a claim hands both to the worker."""
+    from server.queue.postgres import schema
+
+    with psycopg.connect(url) as conn:  # the database as the earlier release left it
+        conn.execute("CREATE TABLE flux_schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ)")
+        conn.execute(schema.MIGRATIONS[0])
+        conn.execute("INSERT INTO flux_schema_version (version) VALUES (1)")
+        conn.execute(
+            "INSERT INTO flux_jobs (id, app_id, status, priority_rank, job_json, image, created_at) "
+            "VALUES ('old', 'fal-ai/flux', 'IN_QUEUE', 0, %s, %s, 1.0)",
+            (make_job(task="inpainting", mask=b"old mask").model_dump_json(), b"old image"),
+        )
+    queue = PostgresQueue(url, role="worker")
+    try:
+        assert (queue.get("old").job.image, queue.get("old").job.mask) == (None, None)
+        claimed = queue.claim("w1", timeout=0)
+        assert claimed.id == "old" and (claimed.job.image, claimed.job.mask) == (b"old image", b"old mask")
+    finally:
+        queue.close()
+
+
 @pytest.mark.parametrize(
     ("mangle", "cause"),
     [

@@ -121,8 +121,32 @@ def test_a_database_of_an_earlier_version_is_migrated_in_place(paths: tuple[Path
         assert {"jobs_lease", "deliveries_due"} <= indexes
         assert queue.get("old").job.prompt == "from before" and queue.depth() == 1
         image = bytes(range(256))
-        rid = queue.submit(make_job(task="image-to-image", image=image)).id
-        assert queue.get(rid).job.image == image
+        queue.submit(make_job(task="image-to-image", image=image))
+        assert queue.claim("w1", timeout=0).id == "old"
+        assert queue.claim("w1", timeout=0).job.image == image
+    finally:
+        queue.close()
+
+
+def test_jobs_queued_before_the_inputs_table_keep_their_images(paths: tuple[Path, Path]) -> None:
+    """Schema v2 kept the image in the jobs row and the mask in the JSON: a claim after the
+    upgrade still hands both to the worker, and a status poll shows neither."""
+    db_path, run_dir = paths
+    SQLiteQueue(db_path, run_dir, role="api").close()
+    old_job = make_job(task="inpainting", mask=b"old mask")
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.execute(
+            "INSERT INTO jobs (id, app_id, status, priority_rank, job_json, image, created_at) "
+            "VALUES ('old', 'fal-ai/flux', 'IN_QUEUE', 0, ?, ?, 1.0)",
+            (old_job.model_dump_json(), b"old image"),
+        )
+        conn.execute("UPDATE queue_counts SET queued = queued + 1 WHERE priority_rank = 0")
+        conn.commit()
+    queue = SQLiteQueue(db_path, run_dir, role="worker")
+    try:
+        assert (queue.get("old").job.image, queue.get("old").job.mask) == (None, None)
+        claimed = queue.claim("w1", timeout=0)
+        assert claimed.id == "old" and (claimed.job.image, claimed.job.mask) == (b"old image", b"old mask")
     finally:
         queue.close()
 
@@ -133,10 +157,10 @@ def test_records_survive_a_new_handle_and_images_stay_out_of_the_json(paths: tup
     first.close()
     again = SQLiteQueue(*paths, role="api")
     try:
-        assert again.get(rid).job.image == bytes(range(256)) * 64
+        assert again.claim("w1", timeout=0).job.image == bytes(range(256)) * 64
         with contextlib.closing(again.connect()) as conn:
-            (job_json,) = conn.execute("SELECT job_json FROM jobs WHERE id = ?", (rid,)).fetchone()
-        assert len(job_json) < 2000
+            job_json, image = conn.execute("SELECT job_json, image FROM jobs WHERE id = ?", (rid,)).fetchone()
+        assert len(job_json) < 2000 and image is None
     finally:
         again.close()
 

@@ -15,8 +15,9 @@ from PIL import Image
 
 from server.app import create_app
 from server.config import Settings
-from server.jobs import Job, JobError, JobRecord, JobResult, OutputImage, Status
+from server.jobs import REDUX_INPUT_SIDE, Job, JobError, JobRecord, JobResult, OutputImage, Status
 from server.protocols.bfl.adapter import record_to_result
+from tests.support import png_header_only
 
 KEY = {"x-key": "bfl-key"}
 
@@ -92,9 +93,12 @@ def test_image_prompt_makes_a_redux_job_and_webhook_shape(client: TestClient) ->
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["status"] == "Pending" and answer["webhook_url"] == "https://hooks.example.com/bfl"
-    job = client.app.state.queue.get(answer["id"]).job
+    queue = client.app.state.queue
+    assert queue.get(answer["id"]).job.image is None  # only the worker that claims it reads it
+    job = queue.claim("w1", timeout=0).job
     assert job.task == "redux" and job.image is not None
     assert Image.open(io.BytesIO(job.image)).format == "PNG"
+    assert Image.open(io.BytesIO(job.image)).size == (40, 30)  # smaller than SigLIP's: as sent
     assert job.webhook.kind == "bfl" and job.webhook.secret == "sh"
 
 
@@ -135,3 +139,21 @@ def test_status_mapping() -> None:
 
     refused = JobError(message="prompt refused", error_type="content_policy_violation", status_code=422)
     assert record_to_result(finished(error=refused), "r").status == "Request Moderated"
+
+
+def test_an_image_prompt_is_stored_at_the_redux_encoder_size(client: TestClient) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (600, 500), (20, 200, 10)).save(buffer, format="PNG")
+    body = {"prompt": "p", "image_prompt": base64.b64encode(buffer.getvalue()).decode()}
+    response = client.post("/v1/flux-dev", json=body, headers=KEY)
+    assert response.status_code == 200, response.text
+    job = client.app.state.queue.claim("w1", timeout=0).job
+    assert Image.open(io.BytesIO(job.image)).size == (REDUX_INPUT_SIDE, REDUX_INPUT_SIDE)
+
+
+def test_an_image_prompt_too_large_by_its_header_is_a_422(client: TestClient) -> None:
+    body = {"image_prompt": base64.b64encode(png_header_only(20000, 20000)).decode()}
+    response = client.post("/v1/flux-dev", json=body, headers=KEY)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "image_prompt"] and error["type"] == "image_too_large"

@@ -4,9 +4,11 @@ and the 422s for what the server refuses (the worker side is tested end to end).
 from __future__ import annotations
 
 import base64
+import io
 from collections.abc import Iterator
 
 import pytest
+from PIL import Image
 
 from server.jobs import Job, LoraRef
 from tests.server.conftest import ApiServer, api_settings, png_bytes, run_api_server
@@ -24,10 +26,11 @@ def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
 
 
 def submitted(api: ApiServer, path: str, body: dict) -> Job:
+    """The job as the worker that claims it gets it (input images included)."""
     response = api.client.post(path, json=body)
     assert response.status_code == 200, response.text
     assert response.json()["status_url"].endswith("/status")
-    return api.worker.get(response.json()["request_id"]).job
+    return api.claim(response.json()["request_id"]).job
 
 
 def test_text_to_image_with_loras(api: ApiServer) -> None:
@@ -51,6 +54,12 @@ def test_inpainting_takes_image_and_mask(api: ApiServer) -> None:
     job = submitted(api, LORA + "/inpainting", body)
     assert job.task == "inpainting" and job.strength == 0.6
     assert job.image is not None and job.mask is not None
+    # A mask larger than the image is stored at the image's size, as the model resizes it.
+    big_mask = "data:image/png;base64," + base64.b64encode(png_bytes(300, 210, (255, 255, 255))).decode()
+    job = submitted(api, LORA + "/inpainting", {**body, "mask_url": big_mask})
+    mask = Image.open(io.BytesIO(job.mask))
+    assert (job.width, job.height) == (96, 64) and mask.size == (96, 64) and mask.mode == "L"
+    assert Image.open(io.BytesIO(job.image)).size == (96, 64)
 
 
 def test_bounds_and_values_are_422(api: ApiServer) -> None:

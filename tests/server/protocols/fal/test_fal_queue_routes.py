@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import itertools
 import json
 import threading
@@ -10,10 +11,11 @@ import time
 
 import httpx
 import pytest
+from PIL import Image
 
-from server.jobs import JobError, Status
+from server.jobs import REDUX_INPUT_SIDE, JobError, Status
 from tests.server.conftest import png_bytes
-from tests.support import wait_until
+from tests.support import png_header_only, wait_until
 
 PNG_URI = "data:image/png;base64," + base64.b64encode(png_bytes(100, 70)).decode()
 
@@ -64,11 +66,12 @@ def test_submit_maps_inputs_to_the_job(api):
     )
     job = api.worker.get(preset["request_id"]).job
     assert (job.width, job.height, job.inline_images, job.num_images) == (576, 1024, True, 2)
+    api.drain()  # the next job is the queue's head: the test claims it to see its input image
 
     i2i = api.submit(
         "/fal-ai/flux/dev/image-to-image", {"prompt": "p", "image_url": PNG_URI, "strength": 0.5}
     )
-    job = api.worker.get(i2i["request_id"]).job
+    job = api.claim(i2i["request_id"]).job
     # The output follows the input image (100x70), rounded to multiples of 16.
     assert (job.task, job.width, job.height, job.strength, job.num_inference_steps) == (
         "image-to-image",
@@ -82,6 +85,35 @@ def test_submit_maps_inputs_to_the_job(api):
     redux = api.submit("/fal-ai/flux/dev/redux", {"prompt": "ignored", "image_url": PNG_URI})
     job = api.worker.get(redux["request_id"]).job
     assert (job.task, job.prompt, job.width, job.height) == ("redux", "", 1024, 768)
+
+
+def data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def test_input_images_are_shrunk_at_submit_to_what_the_model_uses(api):
+    """The worker gets each input at the size the model resizes it to."""
+    i2i = api.submit("/fal-ai/flux/dev/image-to-image", {"prompt": "p", "image_url": PNG_URI})["request_id"]
+    job = api.claim(i2i).job
+    # 100x70 in, 96x64 out (rounded to 16 px): stored at the output size, as the model uses it.
+    assert (job.width, job.height) == (96, 64) and Image.open(io.BytesIO(job.image)).size == (96, 64)
+
+    big = data_uri(png_bytes(500, 400))
+    redux = api.submit("/fal-ai/flux/dev/redux", {"image_url": big})["request_id"]
+    job = api.claim(redux).job
+    assert (job.width, job.height) == (1024, 768)  # the output size is the request's own
+    assert Image.open(io.BytesIO(job.image)).size == (REDUX_INPUT_SIDE, REDUX_INPUT_SIDE)
+
+
+@pytest.mark.parametrize("path", ["/fal-ai/flux/dev/image-to-image", "/fal-ai/flux/dev/redux"])
+def test_an_image_too_large_by_its_header_is_a_422(api, path):
+    response = api.client.post(
+        path, json={"prompt": "p", "image_url": data_uri(png_header_only(20000, 20000))}
+    )
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "image_url"] and error["type"] == "image_too_large"
+    assert api.worker.depth() == 0
 
 
 def test_status_codes_positions_and_logs(api):

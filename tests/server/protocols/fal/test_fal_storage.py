@@ -14,6 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from server.jobs import cancelled_error
 from server.storage import LocalStorage
 from tests.server.conftest import ApiServer, api_settings, png_bytes, run_api_server
 
@@ -264,9 +265,10 @@ def test_an_upload_is_an_input_image_read_from_the_disk(secured):
         "/fal-ai/flux/dev/image-to-image", json={"prompt": "p", "image_url": url}, headers=auth()
     )
     assert submit.status_code == 200, submit.text
-    job = secured.worker.get(submit.json()["request_id"]).job
+    record = secured.claim(submit.json()["request_id"])
+    job = record.job
     assert (job.width, job.height) == (96, 64) and job.image is not None and job.image.startswith(b"\x89PNG")
-    secured.drain()
+    secured.fail(record, cancelled_error())
     # Gone (expired or deleted): a clear 422 naming the cause, no HTTP round trip to ourselves.
     LocalStorage(secured.settings.files_dir).delete(url.rsplit("/", 1)[1])
     gone = secured.client.post("/fal-ai/flux/dev/redux", json={"image_url": url}, headers=auth())

@@ -3,18 +3,23 @@ shape, size parsing, models list, and the mapping of job errors."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from server.app import create_app
 from server.config import Settings
 from server.jobs import JobError
 from server.protocols.openai import adapter
 from server.protocols.openai.adapter import OpenAIError
+from tests.server.conftest import ApiServer, png_bytes
+from tests.support import png_header_only
 
 AUTH = {"Authorization": "Bearer oa-key"}
 
@@ -68,6 +73,13 @@ def test_edit_errors_are_400(client: TestClient) -> None:
     assert_openai_error(not_an_image, 400, "image")
     json_body = client.post("/v1/images/edits", json={"prompt": "a"}, headers=AUTH)
     assert_openai_error(json_body, 400)
+    huge = ("a.png", png_header_only(20000, 20000), "image/png")
+    too_large = client.post("/v1/images/edits", data={"prompt": "a"}, files={"image": huge}, headers=AUTH)
+    assert assert_openai_error(too_large, 400, "image")["code"] == "image_too_large"
+    bad_size = client.post(
+        "/v1/images/edits", data={"prompt": "a", "size": "huge"}, files={"image": huge}, headers=AUTH
+    )
+    assert_openai_error(bad_size, 400, "size")  # refused before the image is read
 
 
 def test_models_list_and_retrieve(client: TestClient) -> None:
@@ -99,3 +111,18 @@ def test_job_errors_map_to_openai_statuses() -> None:
     assert (crash.status_code, crash.error_type) == (500, "server_error")
     lost = adapter.job_error(JobError(message="gone", error_type="runner_disconnected", status_code=503))
     assert (lost.status_code, lost.error_type) == (503, "server_error")
+
+
+def test_an_edit_input_is_stored_at_the_output_size(api: ApiServer) -> None:
+    """The worker gets the image at the size the edit makes ("auto": the input's, its longest
+    side scaled to 1024), as the model would resize it."""
+    picture = ("in.png", png_bytes(1500, 1000), "image/png")
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            api.client.post, "/v1/images/edits", data={"prompt": "winter"}, files={"image": picture}
+        )
+        record = api.claim()
+        assert (record.job.width, record.job.height) == (1024, 688)
+        assert Image.open(io.BytesIO(record.job.image)).size == (1024, 688)
+        api.complete(record)
+        assert answer.result(timeout=20).status_code == 200
