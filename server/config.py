@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     insecure_no_auth: bool = False
     metrics_key: str | None = None  # accepted on /metrics instead of the API keys
     # API processes sharing the port (uvicorn workers); each is a full API on the same queue.
-    api_processes: int | None = Field(default=None, ge=1)  # None: server.api_main decides
+    api_processes: int | None = Field(default=None, ge=1)  # None: server.api.main decides
 
     # Logs: one line per request lifecycle event; json for log shippers (server/logs.py).
     log_format: Literal["text", "json"] = "text"

@@ -6,7 +6,7 @@ SQLite's "database or disk is full", PostgreSQL's disk_full), so that the API an
 instead of 500 and the worker fails a job with a message that says why.
 
 `FreeSpace` is the floor: below `min_free_bytes` on any watched filesystem the API refuses
-submits and uploads (`DiskFull`, answered 507 by server/errors.py) while reads keep working,
+submits and uploads (`DiskFull`, answered 507 by server/api/errors.py) while reads keep working,
 and accepts them again by itself once space returns. It measures with `statvfs`, at most once
 a `cache_seconds` per filesystem, so a flood of submits costs no system call per request.
 

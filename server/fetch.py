@@ -1,5 +1,5 @@
 """The one policy for every URL the server fetches or posts to on a client's behalf: input
-images and masks, webhooks, and LoRA weights (server/lora/cache.py streams those to disk,
+images and masks, webhooks, and LoRA weights (server/worker/lora/cache.py streams those to disk,
 checking every hop with `FetchPolicy.check`).
 
 - http and https only;

@@ -38,7 +38,7 @@ SIZE_MULTIPLE = 16
 
 # Redux's input size: FLUX.1 Redux encodes its image with SigLIP so400m at 384x384 px (its
 # feature_extractor resizes to that). Kept here, not read from models/, because the API
-# process, which shrinks Redux images to it at submit (server/inputs.py), never imports models/.
+# process, which shrinks Redux images to it at submit (server/api/inputs.py), never imports models/.
 REDUX_INPUT_SIDE = 384
 
 CONTENT_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}

@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("api", "worker"):
         use_metrics_directory(settings)
     if args.command == "api":
-        from server.api_main import run_api
+        from server.api.main import run_api
 
         return run_api(settings)
     if args.command == "worker":

@@ -3,7 +3,7 @@
 The heartbeat renews the lease of every held job every lease/3 seconds. A renewal that is
 refused means the job belongs to someone else now: it is marked `lease_lost` and abandoned at
 its next step. A queue outage is retried with backoff (at most every lease/3): the API does
-not expire leases until one lease after the queue is back (server/maintenance.py), so the
+not expire leases until one lease after the queue is back (server/api/maintenance.py), so the
 first renewal after an outage keeps every job of a live worker.
 
 The watchdog ends a worker whose held job made no progress (no step, no stage change) for

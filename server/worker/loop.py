@@ -30,7 +30,6 @@ from server import lifecycle, metrics
 from server.config import Settings
 from server.exit_codes import EXIT_DEVICE_LOST, EXIT_FAILING, EXIT_HUNG, EXIT_LOAD_FAILED, EXIT_OK, EXIT_USAGE
 from server.jobs import JobRecord, cancelled_error
-from server.lora.jobs import JobLoras
 from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.factory import open_queue
 from server.storage import LocalStorage
@@ -47,6 +46,7 @@ from server.worker.finisher import Finished, Finisher
 from server.worker.generation import generate
 from server.worker.heartbeat import Heartbeat, Watchdog
 from server.worker.held import HeldJob, HeldJobs, Stage
+from server.worker.lora.jobs import JobLoras
 from server.worker.outcomes import Outcomes
 from server.worker.request import generation_request, input_error, internal_error, parse_sizes
 from server.worker.retry import Backoff, QueueOutage, best_effort, until_back

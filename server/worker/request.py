@@ -10,7 +10,7 @@ from server.jobs import Job, JobError, parse_wxh
 def generation_request(job: Job, loras: tuple[LoraSpec, ...] = ()) -> GenerationRequest:
     """The runtime's request for `job`: what to generate, none of the routing metadata.
     `Job.seed` is always concrete (server.jobs draws one when a client sent none). `loras`:
-    the job's LoRAs, already resolved to local files (server.lora)."""
+    the job's LoRAs, already resolved to local files (server.worker.lora)."""
     return GenerationRequest(
         prompt=job.prompt,
         width=job.width,

@@ -14,10 +14,10 @@ from urllib.parse import quote
 
 from e2e_support import small_input, status
 
+from server.api.webhooks.keys import public_keys_from_jwks
+from server.api.webhooks.signing import verify_bfl_signature, verify_fal_signature
 from server.config import Settings
-from server.keys import public_keys_from_jwks
 from server.queue.factory import open_queue
-from server.webhooks.signing import verify_bfl_signature, verify_fal_signature
 from tests.support import free_port, wait_until
 
 FAST_RETRIES = ["--webhook-retry-base-seconds", "0.2"]

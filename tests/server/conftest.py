@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
-from server.app import create_app
+from server.api.app import create_app
 from server.config import Settings
 from server.jobs import JobError, JobRecord, JobResult, OutputImage, cancelled_error
 from server.queue.base import JobQueue

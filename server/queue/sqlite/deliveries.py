@@ -1,6 +1,6 @@
 """The `deliveries` table: one row per completed job with a webhook, written by the
 transaction that completed it (see `SQLiteStore._finish`), leased and updated by the
-webhook dispatcher (server/webhooks/dispatch.py)."""
+webhook dispatcher (server/api/webhooks/dispatch.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The orphan sweep (server/maintenance.py) on every backend: generated images that no record
+"""The orphan sweep (server/api/maintenance.py) on every backend: generated images that no record
 references and that are older than the safety age are deleted; referenced images, young
 orphans and uploads are kept, and each file is checked once."""
 
@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from server.maintenance import CLOCK_SKEW_MARGIN, ORPHAN_MIN_AGE, OrphanSweep
+from server.api.maintenance import CLOCK_SKEW_MARGIN, ORPHAN_MIN_AGE, OrphanSweep
 from server.storage import LocalStorage
 from tests.server.conftest import api_settings, run_api_server
 from tests.server.queue.conftest import QueueBackend, make_job, make_result

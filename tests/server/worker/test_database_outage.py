@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from server.api.maintenance import maintain_queue
 from server.config import Settings
 from server.jobs import Status
-from server.maintenance import maintain_queue
 from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.factory import open_queue
 from server.storage import LocalStorage

@@ -1,0 +1,1 @@
+"""The HTTP process: protocols, routes, auth, webhooks dispatch; never imports torch."""

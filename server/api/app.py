@@ -1,0 +1,191 @@
+"""App factory: one FastAPI app carrying every protocol, on one queue.
+
+Router order matters: fal's submit routes are path patterns (`/{owner}/{app}/...`) that would
+also match `/v1/...`, so the fixed-path routers (health, files, the other protocol packages)
+come before them, then fal's `/run/...` routes, then fal's submit routes last. Only a
+request's own routes (`.../requests/{id}/status` and the like) come first of all: their
+fixed `requests` segment matches nothing else, and status polls are the most frequent call.
+
+A protocol package's `routes` module exposes `router: APIRouter` and may expose `setup(app:
+FastAPI) -> None` (called once, e.g. to register its error renderer with server/api/errors.py);
+adding a protocol is one entry in `PROTOCOL_ROUTES`. Shared objects live on `app.state` (see
+server/api/deps.py): `settings`, `queue` (the `JobQueue`, for background tasks), `async_queue`
+(the same queue for route code: every call off the event loop, submits group-committed; see
+server/queue/aio.py), `storage`, `free_space` (the disk's free-space floor, server/disk.py;
+the async queue checks it before storing submits), plus:
+
+- `app.state.background`: zero-argument coroutine functions started with the app and
+  cancelled at shutdown (the webhook dispatcher is one).
+- `app.state.error_renderers`: (path prefix, renderer) pairs; see server/api/errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.body_limit import BodyLimitMiddleware
+from server.api.errors import install_error_handlers
+from server.api.maintenance import maintain_queue
+from server.api.openapi import install_docs
+from server.api.protocols.bfl import routes as bfl_routes
+from server.api.protocols.bfl import webhook as bfl_webhook
+from server.api.protocols.fal import queue_routes, run_routes
+from server.api.protocols.fal import storage as fal_storage
+from server.api.protocols.fal import webhook as fal_webhook
+from server.api.protocols.fal.proxy import FalProxyMiddleware
+from server.api.protocols.openai import routes as openai_routes
+from server.api.routes import files, health, jwks, metrics, playground
+from server.api.webhooks.dispatch import start_dispatcher
+from server.config import Settings
+from server.disk import FreeSpace
+from server.queue.aio import AsyncQueue
+from server.queue.base import JobQueue, QueueUnavailable
+from server.queue.factory import open_queue
+
+log = logging.getLogger("flux_server.api")
+
+# Fixed-path routers, included before fal's pattern routes (see the module docstring).
+PROTOCOL_ROUTES = (jwks, bfl_routes, openai_routes)
+
+
+def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
+    owns_queue = queue is None
+    if queue is None:
+        queue = open_queue(settings, role="api")
+    from server.storage import LocalStorage
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(maintain_queue(queue, app.state.storage, settings))]
+        tasks += [asyncio.create_task(run_forever(factory)) for factory in app.state.background]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            async_queue.close()
+            if owns_queue:
+                queue.close()
+
+    # Trailing slashes are stripped by middleware instead of answered with redirects.
+    app = FastAPI(
+        title="flux-server",
+        version="0.1.0",
+        lifespan=lifespan,
+        redirect_slashes=False,
+        docs_url=None,  # served from the package's own assets: server/api/openapi.py
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.api_keys = settings.all_api_keys()  # read once: not a file read per request
+    app.state.queue = queue
+    app.state.storage = LocalStorage(settings.files_dir)
+    free_space = app.state.free_space = FreeSpace(settings.watched_disks, settings.min_free_disk_bytes)
+    async_queue = app.state.async_queue = AsyncQueue(queue, admit=free_space.check)
+    app.state.background = []
+    install_error_handlers(app, unavailable=(QueueUnavailable,))
+
+    app.include_router(queue_routes.request_router)  # first: see queue_routes.request_router
+    install_docs(app)
+    app.include_router(playground.router)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(files.router)
+    app.include_router(fal_storage.router)  # fixed paths under /files and /storage
+    for module in PROTOCOL_ROUTES:
+        app.include_router(module.router)
+        if hasattr(module, "setup"):
+            module.setup(app)
+    renderers = {"fal": fal_webhook.webhook_renderer(settings), "bfl": bfl_webhook.render_webhook}
+    app.state.background.append(start_dispatcher(settings, queue, renderers))
+    app.include_router(run_routes.router)
+    app.include_router(queue_routes.router)  # last: its patterns match almost any path
+
+    # Added innermost first: the proxy rewrites the path, then the body limit applies to that
+    # path, then slashes are stripped, then the request-id header is added on the way out.
+    app.add_middleware(RequestIdHeaderMiddleware)
+    app.add_middleware(StripTrailingSlashMiddleware)
+    # fal storage uploads (under /files/) have their own, larger limit (--max-upload-bytes).
+    app.add_middleware(BodyLimitMiddleware, limit=settings.request_body_limit, exempt_prefix="/files/")
+    app.add_middleware(FalProxyMiddleware)
+    if settings.cors_origin:
+        # Outermost, so that preflights are answered before the proxy route sees them and
+        # every answer (413s included) carries the headers a browser needs.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin,
+            allow_methods=["GET", "HEAD", "POST", "PUT"],
+            allow_headers=["*"],
+            expose_headers=["x-fal-request-id"],
+            max_age=600,
+        )
+    return app
+
+
+# --- background ---------------------------------------------------------------------------
+
+
+async def run_forever(factory: Callable[[], Awaitable[None]]) -> None:
+    """Run a background coroutine; restart it after a crash instead of losing it silently."""
+    while True:
+        try:
+            await factory()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "background task %s crashed; restarting in 1 s", getattr(factory, "__name__", factory)
+            )
+            await asyncio.sleep(1.0)
+
+
+# --- middleware ---------------------------------------------------------------------------
+
+
+class StripTrailingSlashMiddleware:
+    """`/status/` is `/status`: fal's SDK requests paths with a trailing slash."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            stripped = path.rstrip("/") or "/"
+            scope = dict(scope, path=stripped)
+            if scope.get("raw_path"):
+                scope["raw_path"] = scope["raw_path"].rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
+
+
+class RequestIdHeaderMiddleware:
+    """Adds `x-fal-request-id` to responses of routes that set `request.state.fal_request_id`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                request_id = state.get("fal_request_id")
+                if request_id:
+                    headers = list(message.get("headers", []))
+                    headers.append((b"x-fal-request-id", str(request_id).encode("latin-1", "replace")))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -1,0 +1,404 @@
+"""fal wire format <-> the protocol-free Job / JobRecord.
+
+Inbound: `build_job` validates a request body for one endpoint and maps it to a `Job`.
+Outbound: `submit_body`, `status_body`, `output_body` and `error_parts` render a `JobRecord`
+in fal's shapes (docs/api/fal.md). Webhook delivery renders with the same
+functions, so a payload and a result route can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from server.api.inputs import (
+    REDUX_FIT,
+    FitRule,
+    InputImage,
+    InputImageError,
+    load_image,
+    mask_fit,
+    target_fit,
+)
+from server.api.protocols.fal.models import (
+    AggregatorDevInput,
+    AggregatorImageToImageInput,
+    AggregatorReduxInput,
+    FalImage,
+    FalInput,
+    FalOutput,
+    FluxDevInput,
+    FluxImageToImageInput,
+    FluxLoraImageToImageInput,
+    FluxLoraInpaintingInput,
+    FluxLoraInput,
+    FluxReduxInput,
+    LoraFields,
+    SizedInput,
+    resolve_image_size,
+)
+from server.api.webhooks.policy import validate_webhook_url
+from server.config import Settings
+from server.fetch import FetchPolicy
+from server.jobs import (
+    Acceleration,
+    Job,
+    JobError,
+    JobRecord,
+    JobResult,
+    LoraRef,
+    Priority,
+    Status,
+    Task,
+    Webhook,
+    round_size,
+)
+from server.storage import LocalStorage, image_url
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    input_model: type[FalInput]
+    task: Task
+    # What `acceleration` means when the request leaves it out (or, on the aggregator path,
+    # says "default"): the path's own document's default, unless the operator set one.
+    default_acceleration: Acceleration = "none"
+
+
+# The fal app table: app id -> endpoint (the path after the app id) -> its wire model and task.
+# fal's own app documents "none" as flux/dev's default acceleration; the aggregator page for
+# fal-ai/flux-1/dev documents "regular" (its sub-paths are documented only by fal: "none").
+APPS: dict[str, dict[str, Endpoint]] = {
+    "fal-ai/flux": {
+        "dev": Endpoint(FluxDevInput, "text-to-image"),
+        "dev/image-to-image": Endpoint(FluxImageToImageInput, "image-to-image"),
+        "dev/redux": Endpoint(FluxReduxInput, "redux"),
+    },
+    # The LoRA family; "" is the app itself (`POST /fal-ai/flux-lora`).
+    "fal-ai/flux-lora": {
+        "": Endpoint(FluxLoraInput, "text-to-image"),
+        "image-to-image": Endpoint(FluxLoraImageToImageInput, "image-to-image"),
+        "inpainting": Endpoint(FluxLoraInpaintingInput, "inpainting"),
+    },
+    "fal-ai/flux-1": {
+        "dev": Endpoint(AggregatorDevInput, "text-to-image", default_acceleration="regular"),
+        "dev/image-to-image": Endpoint(AggregatorImageToImageInput, "image-to-image"),
+        "dev/redux": Endpoint(AggregatorReduxInput, "redux"),
+    },
+}
+
+
+def find_endpoint(app_id: str, endpoint: str) -> Endpoint | None:
+    return APPS.get(app_id, {}).get(endpoint)
+
+
+def bare_apps() -> list[str]:
+    """Apps served at their own id, with no endpoint after it (`fal-ai/flux-lora`)."""
+    return [app_id for app_id, endpoints in APPS.items() if "" in endpoints]
+
+
+ERRORS_URL = "https://docs.fal.ai/errors/#"
+
+
+def validation_error(loc: list[str | int], message: str, error_type: str, **extra: Any) -> dict[str, Any]:
+    """One entry of fal's 422 `detail` list."""
+    return {"loc": loc, "msg": message, "type": error_type, "url": ERRORS_URL + error_type, **extra}
+
+
+def pydantic_errors(exc: ValidationError, prefix: str = "body") -> list[dict[str, Any]]:
+    """pydantic's errors, located under `prefix` and safe to serialise as JSON."""
+    errors = []
+    for error in exc.errors(include_url=False):
+        entry: dict[str, Any] = {
+            "loc": [prefix, *error["loc"]],
+            "msg": error["msg"],
+            "type": error["type"],
+        }
+        value = error.get("input")
+        # Echo small scalar inputs only: a body-level error would otherwise echo the whole
+        # request, data-URI images included.
+        if isinstance(value, (int, float, bool)) or (isinstance(value, str) and len(value) <= 200):
+            entry["input"] = value
+        if "ctx" in error:
+            entry["ctx"] = {
+                key: v if isinstance(v, (int, float, bool, str)) or v is None else str(v)
+                for key, v in error["ctx"].items()
+            }
+        errors.append(entry)
+    return errors
+
+
+def parse_body(raw: bytes) -> Any:
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestValidationError(
+            [validation_error(["body"], f"Invalid JSON body: {exc}", "json_invalid")]
+        ) from None
+
+
+def parse_priority(value: str | None) -> Priority:
+    if value is None or not value.strip():
+        return "normal"
+    lowered = value.strip().lower()
+    if lowered not in ("normal", "low"):
+        raise RequestValidationError(
+            [validation_error(["header", "x-fal-queue-priority"], "must be 'normal' or 'low'", "enum")]
+        )
+    return lowered  # type: ignore[return-value]
+
+
+def parse_start_deadline(value: str | None, now: float) -> float | None:
+    """X-Fal-Request-Timeout: seconds (a float string) the request may wait to be started."""
+    if value is None or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise RequestValidationError(
+            [
+                validation_error(
+                    ["header", "x-fal-request-timeout"],
+                    "must be a positive number of seconds",
+                    "float_parsing",
+                )
+            ]
+        )
+    return now + seconds
+
+
+def parse_webhook(url: str | None, settings: Settings) -> Webhook | None:
+    """`?fal_webhook=`: an http(s) URL, on the allow-list when one is configured."""
+    if url is None:
+        return None
+    try:
+        checked = validate_webhook_url(url, settings)
+    except ValueError as exc:
+        raise RequestValidationError(
+            [validation_error(["query", "fal_webhook"], str(exc), "url_parsing")]
+        ) from None
+    return Webhook(url=checked, kind="fal")
+
+
+async def build_job(
+    *,
+    app_id: str,
+    endpoint: str,
+    body: Any,
+    settings: Settings,
+    base_url: str,
+    priority: Priority = "normal",
+    start_deadline: float | None = None,
+    webhook: Webhook | None = None,
+    storage: LocalStorage | None = None,
+) -> Job:
+    """Validate `body` for `endpoint` of `app_id` and map it to a Job. Raises
+    RequestValidationError (and KeyError for an endpoint not in `APPS`)."""
+    spec = APPS[app_id][endpoint]
+    try:
+        data = spec.input_model.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(pydantic_errors(exc)) from None
+    too_long = settings.prompt_too_long(getattr(data, "prompt", None))
+    if too_long:
+        raise RequestValidationError([validation_error(["body", "prompt"], too_long, "string_too_long")])
+
+    image: bytes | None = None
+    mask: bytes | None = None
+    loras = lora_refs(data, settings) if isinstance(data, LoraFields) else ()
+    if isinstance(data, SizedInput):
+        width, height = resolve_image_size(data.image_size)
+    # Each input is shrunk at submit to the size the model resizes it to (server/api/inputs.py).
+    if isinstance(data, FluxReduxInput):
+        image = (await load_input(data.image_url, "image_url", REDUX_FIT, settings, storage, base_url)).png
+    elif isinstance(data, (FluxImageToImageInput, FluxLoraImageToImageInput)):
+        # The output has the input's size (rounded to 16 px): known from the image's header.
+        loaded = await load_input(
+            data.image_url,
+            "image_url",
+            lambda w, h: target_fit(*output_size(w, h)),
+            settings,
+            storage,
+            base_url,
+        )
+        image = loaded.png
+        width, height = output_size(loaded.source_width, loaded.source_height)
+        if isinstance(data, FluxLoraInpaintingInput):
+            fit = mask_fit(width, height)
+            mask = (await load_input(data.mask_url, "mask_url", fit, settings, storage, base_url)).png
+
+    return Job(
+        task=spec.task,
+        prompt=getattr(data, "prompt", "") if spec.task != "redux" else "",
+        width=width,
+        height=height,
+        num_inference_steps=data.num_inference_steps,
+        guidance_scale=data.guidance_scale,
+        seed=data.seed,
+        num_images=data.num_images,
+        strength=getattr(data, "strength", 0.95),
+        image=image,
+        mask=mask,
+        loras=loras,
+        output_format=data.output_format,
+        acceleration=data.acceleration or settings.default_acceleration or spec.default_acceleration,
+        enable_safety_checker=data.enable_safety_checker,
+        inline_images=data.sync_mode,
+        protocol="fal",
+        app_id=app_id,
+        endpoint=endpoint,
+        priority=priority,
+        start_deadline=start_deadline,
+        webhook=webhook,
+        base_url=base_url,
+    )
+
+
+def output_size(input_width: int, input_height: int) -> tuple[int, int]:
+    """Image-to-image and inpainting: the output size for an input of this size (the input's,
+    rounded to 16 px). Raises InputImageError for one outside the output bounds."""
+    try:
+        return round_size(input_width, input_height)
+    except ValueError as exc:
+        kind = "image_too_small" if min(input_width, input_height) < 64 else "image_too_large"
+        raise InputImageError(kind, f"Input image: {exc}") from None
+
+
+async def load_input(
+    url: str, field: str, fit: FitRule, settings: Settings, storage: LocalStorage | None, base_url: str
+) -> InputImage:
+    """An input image (`image_url`, `mask_url`) shrunk by `fit`, or a 422 located at `field`."""
+    try:
+        return await load_image(
+            url,
+            max_bytes=settings.max_input_image_bytes,
+            timeout=settings.input_fetch_timeout,
+            policy=FetchPolicy.from_settings(settings),
+            fit=fit,
+            threads=settings.input_decode_threads,
+            # An upload to this server is read from the disk, not fetched over HTTP.
+            local_file=partial(storage.own_file, base_urls=(base_url, settings.public_url))
+            if storage is not None
+            else None,
+        )
+    except InputImageError as exc:
+        raise RequestValidationError(
+            [validation_error(["body", field], exc.message, exc.error_type)]
+        ) from None
+
+
+def lora_refs(data: LoraFields, settings: Settings) -> tuple[LoraRef, ...]:
+    """The request's LoRAs, at most `lora_max_per_request` of them (more: a 422)."""
+    limit = settings.lora_max_per_request
+    if len(data.loras) > limit:
+        raise RequestValidationError(
+            [
+                validation_error(
+                    ["body", "loras"],
+                    f"At most {limit} LoRAs per request on this server, got {len(data.loras)}",
+                    "too_long",
+                    ctx={"max_length": limit},
+                )
+            ]
+        )
+    return tuple(LoraRef(path=lora.path, scale=lora.scale) for lora in data.loras)
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def request_urls(base_url: str, app_id: str, request_id: str) -> dict[str, str]:
+    response_url = f"{base_url}/{app_id}/requests/{request_id}"
+    return {
+        "response_url": response_url,
+        "status_url": response_url + "/status",
+        "cancel_url": response_url + "/cancel",
+    }
+
+
+def submit_body(record: JobRecord, base_url: str, position: int | None) -> dict[str, Any]:
+    return {
+        "status": record.status.value,
+        "request_id": record.id,
+        "gateway_request_id": record.id,
+        **request_urls(base_url, record.job.app_id, record.id),
+        "queue_position": position or 0,
+        "logs": None,
+        "metrics": {},
+    }
+
+
+def status_body(record: JobRecord, base_url: str, *, with_logs: bool, position: int | None) -> dict[str, Any]:
+    """The status route's body; also each event of the status stream."""
+    body: dict[str, Any] = {
+        "status": record.status.value,
+        "request_id": record.id,
+        **request_urls(base_url, record.job.app_id, record.id),
+    }
+    if record.status is Status.IN_QUEUE:
+        body["queue_position"] = position or 0
+    # fal_client reads data["logs"] in every state but IN_QUEUE; JS sample code maps over it.
+    body["logs"] = [entry.model_dump() for entry in record.logs] if with_logs else []
+    body["metrics"] = {}
+    if record.status is Status.COMPLETED:
+        inference = inference_seconds(record)
+        if inference is not None:
+            body["metrics"] = {"inference_time": inference}
+        if record.error is not None:
+            body["error"] = record.error.message
+            body["error_type"] = record.error.error_type
+    return body
+
+
+def inference_seconds(record: JobRecord) -> float | None:
+    if record.result is not None and "inference" in record.result.timings:
+        return record.result.timings["inference"]
+    if record.started_at is not None and record.completed_at is not None:
+        return max(0.0, record.completed_at - record.started_at)
+    return None
+
+
+def output_body(result: JobResult, base_url: str) -> dict[str, Any]:
+    """The raw model output (docs/api/fal.md): what the result route and sync run return."""
+    images = [
+        FalImage(
+            url=image_url(base_url, image),
+            width=image.width,
+            height=image.height,
+            content_type=image.content_type,
+            file_name=image.file_name,
+            file_size=image.file_size,
+        )
+        for image in result.images
+    ]
+    output = FalOutput(
+        images=images,
+        timings=result.timings,
+        seed=result.seed,
+        has_nsfw_concepts=result.has_nsfw_concepts,
+        prompt=result.prompt,
+        acceleration=result.preset,
+        acceleration_note=result.preset_note,
+    )
+    return output.model_dump(exclude_none=True)
+
+
+def error_parts(error: JobError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status code, body and headers for a failed job (result route, sync run)."""
+    body = error.body if error.body is not None else {"detail": error.message, "error_type": error.error_type}
+    headers = {"x-fal-error-type": error.error_type}
+    status_code = error.status_code
+    if error.error_type == "request_timeout":
+        # fal's start-timeout answer: both clients stop retrying on this header.
+        status_code = 504
+        headers["x-fal-request-timeout-type"] = "user"
+    return status_code, body, headers

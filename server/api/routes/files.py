@@ -1,0 +1,56 @@
+"""`GET /files/{name}`: generated images and uploads, at stable unguessable URLs, cacheable
+for as long as they live.
+
+Names are random tokens chosen by the storage; anything that is not a plain file name of that
+shape is a 404 before the file system is touched, so no path can escape the files directory.
+An upload is served with the content type its client declared, under a sandboxing policy so
+that an uploaded page cannot run scripts on this server's origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.responses import FileResponse
+
+from server.api.deps import get_settings, get_storage
+
+router = APIRouter(tags=["files"])
+
+SAFETY_HEADERS = {"x-content-type-options": "nosniff", "content-security-policy": "sandbox"}
+
+
+@router.head("/files/{name}", include_in_schema=False)
+@router.get("/files/{name}", operation_id="get_file", summary="A generated image")
+async def get_file(name: str, request: Request) -> Response:
+    try:
+        info = await asyncio.to_thread(get_storage(request).file_info, name)
+    except (ValueError, OSError):
+        info = None
+    if info is None:
+        raise HTTPException(status_code=404, detail="File not found")
+    path = info.path
+    max_age = int(get_settings(request).retention_seconds)
+    if info.expires_at is not None:
+        max_age = max(0, int(info.expires_at - time.time()))
+    response = FileResponse(
+        path,
+        stat_result=path.stat(),  # sets the ETag now, so that If-None-Match can be answered
+        media_type=info.content_type,
+        headers={"cache-control": f"public, max-age={max_age}, immutable", **SAFETY_HEADERS},
+    )
+    etag = response.headers["etag"]
+    if etag in (tag.strip() for tag in request.headers.get("if-none-match", "").split(",")):
+        return Response(
+            status_code=304, headers={"etag": etag, "cache-control": response.headers["cache-control"]}
+        )
+    return response
+
+
+@router.api_route("/files/{rest:path}", methods=["GET", "HEAD"], include_in_schema=False)
+async def not_a_file(rest: str) -> Response:
+    # Nested or encoded paths (`/files/..%2Fx`) would otherwise fall through to fal's
+    # `/{owner}/{app}/...` patterns; under /files nothing but a stored name exists.
+    raise HTTPException(status_code=404, detail="File not found")
