@@ -235,8 +235,10 @@ class Supervisor:
                 if code is not None:
                     self._on_exit(child, code)
             due = child.restart_at is not None and time.monotonic() >= child.restart_at
-            # A worker's successor has its id: its predecessor's jobs must be released first.
-            if child.process is None and due and not self.queue_writes.releasing(child.name):
+            if child.process is None and due:
+                # The successor releases what its predecessor held (a queue outage may have
+                # kept the supervisor from it) before its first claim.
+                self.queue_writes.hand_over_release(child.name)
                 self._start(child)
 
     def _stop_all(self) -> None:

@@ -4,8 +4,9 @@ The supervisor must outlive the outside world: a PostgreSQL failover, a locked o
 file. So it never calls the queue where a failure would propagate; it records what it must
 write (the jobs of an exited worker to release, a worker's row to update), and `flush` writes
 it, then again on every turn of its loop (at most every RETRY_SECONDS while the queue fails)
-until it works. Meanwhile an exited worker is not started again before its jobs were released: its
-successor has the same worker id, and a late release would take the successor's job away.
+until it works. A worker started again meanwhile releases its predecessor's jobs itself, and the
+pending release is dropped: its successor has the same worker id, and a late release would take
+the successor's job away.
 """
 
 from __future__ import annotations
@@ -67,9 +68,16 @@ class QueueWrites:
         overwrite it."""
         self._rows.pop(worker_id, None)
 
-    def releasing(self, worker_id: str) -> bool:
-        """Whether the jobs of this worker's last process are still to be released."""
+    def pending_release(self, worker_id: str) -> bool:
+        """Whether the jobs of this worker's last process are still to be released here."""
         return worker_id in self._releases
+
+    def hand_over_release(self, worker_id: str) -> None:
+        """A new process of this worker starts: it releases its predecessor's jobs itself
+        before its first claim (server/worker/loop.py), so a release still pending here must
+        not run later, when it would take the successor's own job away."""
+        if worker_id in self._releases:
+            self._releases.remove(worker_id)
 
     @property
     def pending(self) -> bool:

@@ -109,6 +109,10 @@ class Worker:
         if queue is None:
             return EXIT_OK  # stopped while waiting for the queue
         self.queue = queue
+        try:
+            self._release_predecessor(queue)
+        except QueueUnavailable:
+            return EXIT_OK  # stopped while waiting for the queue
         self.state = StateRecorder(queue, self.worker_id, self.settings.model, self.outage)
         start_helper("state", self.state.run, self.exit_process)
         try:
@@ -144,6 +148,23 @@ class Worker:
             self.outage.succeeded()
             return queue
         return None
+
+    def _release_predecessor(self, queue: JobQueue) -> None:
+        """Jobs still leased to this worker id belong to a process of it that is gone (the
+        supervisor runs one process per id): they go back to the queue now, before this one
+        claims anything. The supervisor releases them too when it can; during a queue outage
+        it leaves that to the successor, which could otherwise lose a job it claimed to that
+        late release."""
+        released = until_back(
+            lambda: queue.release_worker(self.worker_id),
+            doing="releasing the jobs of this worker's last process",
+            outage=self.outage,
+            stopping=self._stop,
+        )
+        if released:
+            logger.warning(
+                "jobs %s of this worker's last process went back to the queue", ", ".join(released)
+            )
 
     def _end(self, state: str, detail: str = "") -> None:
         assert self.state is not None and self.queue is not None
