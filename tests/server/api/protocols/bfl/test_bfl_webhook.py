@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.server.webhooks.webhook_records import make_record
+from tests.server.api.webhooks.webhook_records import make_record
 
 from server.api.protocols.bfl.webhook import render_webhook
 from server.api.webhooks.signing import bfl_signature

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.server.webhooks.webhook_records import make_record
+from tests.server.api.webhooks.webhook_records import make_record
 
 from server.api.protocols.fal.webhook import webhook_payload, webhook_renderer
 from server.api.webhooks import keys
