@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-from tests.server.api.webhooks.webhook_records import make_record
-
 from server.api.protocols.bfl.webhook import render_webhook
 from server.api.webhooks.signing import bfl_signature
 from server.jobs import JobError
+from tests.server.api.webhooks.webhook_records import make_record
 
 
 def test_bfl_payloads_and_signed_delivery() -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.server.api.webhooks.webhook_records import make_record
-
 from server.api.protocols.fal.webhook import webhook_payload, webhook_renderer
 from server.api.webhooks import keys
 from server.api.webhooks.signing import verify_fal_signature
 from server.config import Settings
 from server.jobs import JobError
+from tests.server.api.webhooks.webhook_records import make_record
 
 
 def test_fal_payload_ok_and_error() -> None:
