@@ -12,6 +12,11 @@ never runs (the pipelines always return latents; this module decodes them).
 Errors: `models.request.InputError` when the request cannot run as given (the client's
 fault); anything else raised here is the server's.
 
+Timings (`encode`, `denoise`, `decode`, `safety`, in seconds): on a CUDA device each stage's
+clock is read after `torch.cuda.synchronize()`, so a stage is charged the device work it
+queued, not only the time it took to queue it (unsynchronised, `denoise` looks short and
+`decode` long, since the decode's first copy to the host waits for every queued step).
+
 Safety: with no checker configured, or a request that disables it, `has_nsfw_concepts` is all
 False and `nsfw_checked` is False, meaning "not checked", never "checked and clean".
 
@@ -160,7 +165,7 @@ class FluxRuntime:
             return cancelled()
 
         input_image = _open_image(request.image) if request.image else None
-        with _timed(timings, "encode"), torch.no_grad():
+        with _timed(timings, "encode", self.device), torch.no_grad():
             prompt_embeds, pooled_prompt_embeds = self._encode(request, input_image)
 
         pipe: Any = {"image-to-image": self.img2img, "inpainting": self.inpaint}.get(request.task, self.pipe)
@@ -192,7 +197,7 @@ class FluxRuntime:
             base_weights="LoRAs apply to the weights as loaded" if request.loras else None,
             eager=lora_eager,
         )
-        with use as active, _timed(timings, "denoise"):
+        with use as active, _timed(timings, "denoise", self.device):
             latents = pipe(
                 prompt_embeds=prompt_embeds,
                 pooled_prompt_embeds=pooled_prompt_embeds,
@@ -209,15 +214,18 @@ class FluxRuntime:
         if pipe.interrupt:
             return cancelled(active.name, active.note)
 
-        with _timed(timings, "decode"), torch.no_grad():
+        with _timed(timings, "decode", self.device), torch.no_grad():
             images = self._decode(latents, request.height, request.width)
 
         flags = [False] * len(images)
         checked = request.enable_safety_checker and self.safety is not None
+        # The checker's preprocessing (PIL resize and normalisation) is CPU work, but it feeds
+        # the checker's own device pass and its verdict decides which images are stored, so it
+        # stays here, between the decode and the return; it runs only with a checker configured.
         if checked:
             from models.safety import black_like, threshold_for_tolerance
 
-            with _timed(timings, "safety"):
+            with _timed(timings, "safety", self.device):
                 flags = self.safety.check(images, threshold=threshold_for_tolerance(request.safety_tolerance))
                 images = [
                     black_like(im) if flagged else im for im, flagged in zip(images, flags, strict=True)
@@ -269,7 +277,7 @@ class FluxRuntime:
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
         latents = latents.to(get_module_execution_device(vae), vae.dtype)
         decoded = vae.decode(latents, return_dict=False)[0]
-        return pipe.image_processor.postprocess(decoded, output_type="pil")
+        return to_pil(decoded)
 
     def warmup(self, sizes: Sequence[tuple[int, int]]) -> float:
         """One short text-to-image run per size (compiles/caches what the sizes need); seconds."""
@@ -303,10 +311,36 @@ def _open_image(data: bytes) -> Image.Image:
         raise InputError(f"the input image cannot be decoded: {exc}") from exc
 
 
+def to_pil(decoded: torch.Tensor) -> list[Image.Image]:
+    """The VAE's output (N, 3, H, W in [-1, 1]) as PIL images, the same bytes as diffusers'
+    `image_processor.postprocess(..., output_type="pil")`, with the arithmetic on the tensor's
+    device: one uint8 copy to the host (a quarter of the float copy) and no float work on the
+    CPU, which would otherwise keep the device idle before the next job."""
+    import torch
+    from PIL import Image
+
+    # As diffusers: denormalise in the tensor's dtype, then float32 * 255, rounded half to even.
+    pixels = (decoded * 0.5 + 0.5).clamp(0, 1).float().mul(255).round().to(torch.uint8)
+    array = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # N, H, W, 3 on the host
+    return [Image.fromarray(image) for image in array]
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA only; a CPU runs synchronously)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
 @contextmanager
-def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+def _timed(timings: dict[str, float], key: str, device: str) -> Iterator[None]:
+    """The stage's seconds, its device work included: the clock is read after synchronising
+    at both ends (the work queued before it is not its own). A stage that raises records
+    nothing, and no synchronisation runs after a failure (a lost device would raise again,
+    hiding the first error)."""
+    synchronize(device)
     started = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[key] = time.perf_counter() - started
+    yield
+    synchronize(device)
+    timings[key] = time.perf_counter() - started

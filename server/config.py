@@ -75,8 +75,9 @@ class Settings(BaseSettings):
     max_consecutive_failures: int = Field(default=3, ge=0)
 
     # Acceleration (see models/presets/policy.py)
-    # For fal requests that name no preset. None: each path's documented default (fal-ai/flux/dev
-    # "none", the aggregator path fal-ai/flux-1/dev "regular").
+    # The preset of every request that names none: fal (a path's "default" too), BFL and OpenAI
+    # (whose APIs have no preset field). None: each path's documented default (fal-ai/flux/dev
+    # "none", the aggregator path fal-ai/flux-1/dev "regular", BFL and OpenAI "none").
     default_acceleration: Literal["none", "regular", "high"] | None = None
     # Empty means the device's defaults (models/presets/policy.py: default_presets, default_warmup_sizes).
     presets: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -73,6 +73,14 @@ denoising_step_seconds = Histogram(
     ["endpoint"],
     buckets=STEP_BUCKETS,
 )
+# The device's idle gap between two queued jobs: milliseconds at best (the target is 20 ms).
+IDLE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+device_idle_seconds = Histogram(
+    PREFIX + "device_idle_seconds",
+    "Seconds a worker's device sat idle between a job and the next one, when that one was "
+    "already waiting (the loop's own cost: claiming, mapping, LoRAs)",
+    buckets=IDLE_BUCKETS,
+)
 requests_total = Counter(
     PREFIX + "requests",
     "Finished requests by endpoint and outcome (success, or the error type)",

@@ -5,6 +5,8 @@ configuration never reaches a worker that would spend minutes loading a model fi
 
 - `check_settings`: unsafe or impossible combinations (a non-loopback address without an API
   key, half a TLS pair, missing files, a worker count below one): `ConfigError`, exit 2;
+- `check_not_serving_noise`: the tiny test model, chosen by default (no `--model`), on a
+  non-loopback address: `ConfigError`, exit 2;
 - `check_model`: the weights `--model` names exist and look right (configs and safetensors
   headers only): `ConfigError`;
 - `check_port_free`: the API's address can be bound: `StartupError`, exit 1;
@@ -58,6 +60,19 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError(f"--api-keys-file {settings.api_keys_file}: no such file")
     if settings.workers is not None and settings.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {settings.workers}")
+
+
+def check_not_serving_noise(settings: Settings) -> None:
+    """A studio must never serve the tiny model's noise by mistake: on an address other
+    machines can reach, the tiny model must be asked for (`--model tiny`, `FLUX_MODEL=tiny`),
+    never be the default that a forgotten `--model` falls back to. Raises ConfigError."""
+    model_given = "model" in settings.model_fields_set  # a flag, FLUX_MODEL or a keyword
+    if settings.model == "tiny" and not model_given and not settings.host_is_loopback():
+        raise ConfigError(
+            f"refusing to serve the tiny test model (its images are noise) on {settings.host} "
+            "(not a loopback address): no --model was given. Give --model /path/to/FLUX.1-dev "
+            "(or FLUX_MODEL), or --model tiny to serve the test model on purpose"
+        )
 
 
 def check_model(settings: Settings) -> None:

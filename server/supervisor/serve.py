@@ -16,6 +16,7 @@ from server.supervisor.preflight import (
     StartupError,
     banner,
     check_model,
+    check_not_serving_noise,
     check_port_free,
     check_settings,
 )
@@ -28,6 +29,8 @@ def serve(settings: Settings) -> int:
     try:
         if settings.role != "workers":  # a workers-only box listens on no port
             check_settings(settings)
+        if settings.role == "all":  # its own workers' images, on its own address
+            check_not_serving_noise(settings)
         settings = settings.model_copy(update={"data_dir": Path(settings.data_dir).resolve()})
         if settings.role != "api":  # an API-only box loads no model
             check_model(settings)

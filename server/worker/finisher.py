@@ -1,7 +1,8 @@
 """The finisher thread: encode and store a job's images, then complete the job.
 
 It runs beside the main loop so the device never waits on encoding, files or the database
-between two jobs. Completion and files:
+between two jobs: the job's last log lines (the steps not yet written, the runtime's own
+lines such as LoRA loads, "Generated ...") are written here too. Completion and files:
 - `complete` returned True: done.
 - `complete` returned False: the job surely is not ours any more (its lease was lost and it
   was retried or failed elsewhere): the files just written are deleted.
@@ -60,10 +61,14 @@ class Finisher:
         outage: QueueOutage,
         after_job: Callable[[], None],
         stopping: threading.Event,
+        *,
+        flush_progress: Callable[[HeldJob], None] = lambda job: None,
     ) -> None:
         self.queue, self.storage, self.worker_id = queue, storage, worker_id
         self.outcomes, self.outage, self.after_job = outcomes, outage, after_job
         self.stopping = stopping
+        # The progress relay's step lines not written yet: written before the job's last lines.
+        self.flush_progress = flush_progress
         self._items: queue_module.Queue[Finished | None] = queue_module.Queue()
 
     def put(self, item: Finished) -> None:
@@ -95,14 +100,16 @@ class Finisher:
         result = self._result(item, images, time.perf_counter() - started)
         generation = item.generation
         preset = generation.preset + (f": {generation.preset_note}" if generation.preset_note else "")
-        line = f"Generated {len(images)} image(s) in {item.seconds:.2f} s (preset {preset})"
-        best_effort(
-            lambda: self.queue.log(job.id, line),
-            None,
-            doing="logging",
-            outage=self.outage,
-            try_when_down=True,
-        )
+        generated = f"Generated {len(images)} image(s) in {item.seconds:.2f} s (preset {preset})"
+        self.flush_progress(job)  # the step lines first, and none after these
+        for line in [*generation.log, generated]:
+            best_effort(
+                lambda line=line: self.queue.log(job.id, line),
+                None,
+                doing="logging",
+                outage=self.outage,
+                try_when_down=True,
+            )
         job.enter(Stage.COMPLETING)
         try:
             done = self._complete(job, result)

@@ -6,11 +6,15 @@ or abandoned (its lease was lost, or the watchdog gave up on it). While held:
 - its `stage` and the time of its last progress (a denoising step or a stage change) tell the
   watchdog whether the device is still working on it;
 - `lease_lost` (set by the heartbeat when a renewal is refused: the job belongs to someone
-  else now) makes the generation stop at its next step.
+  else now) makes the generation stop at its next step;
+- `progress` (the last denoising step, set by the denoising thread) is what the progress
+  relay (server/worker/progress.py) writes to the queue, and `cancel_requested` is what it
+  read there: the denoising thread itself never waits on the queue.
 
 Fields are written by one thread at a time (the main loop while generating, the finisher
-while storing) and read by the heartbeat and the watchdog; single attribute writes need no
-lock under the GIL, the registry itself has one.
+while storing, the relay for `cancel_requested` and what it wrote) and read by the others;
+single attribute writes need no lock under the GIL (`progress` is one tuple, so that its
+step and total are always read together), the registry itself has one.
 """
 
 from __future__ import annotations
@@ -36,17 +40,21 @@ class Stage(str, Enum):
 # Stages in which the worker itself must make progress; a job waiting behind another (handed
 # over) or waiting for the queue to come back (completing) is not hung.
 WATCHED = frozenset({Stage.FETCHING_LORAS, Stage.ENCODING, Stage.DENOISING, Stage.DECODING, Stage.STORING})
+# Stages before the hand-over to the finisher: the job is the main loop's, on the device.
+GENERATING = frozenset({Stage.FETCHING_LORAS, Stage.ENCODING, Stage.DENOISING, Stage.DECODING})
 
 
 @dataclass(eq=False)
 class HeldJob:
     record: JobRecord
     stage: Stage = Stage.FETCHING_LORAS
-    step: int = 0
-    total_steps: int = 0
+    progress: tuple[int, int] = (0, 0)  # (step, total steps) of the last denoising step
     progressed_at: float = field(default_factory=time.monotonic)
     lease_lost: bool = False
     hung: bool = False  # the watchdog gave up on it: its lease is no longer renewed
+    cancel_requested: bool = False  # a client asked to cancel it (read from the queue by the relay)
+    written: tuple[int, int] = (0, 0)  # the last step line the relay wrote to the queue
+    released: bool = False  # it ended (any way): nothing more is written for it
 
     @property
     def id(self) -> str:
@@ -56,9 +64,15 @@ class HeldJob:
         self.stage = stage
         self.progressed_at = time.monotonic()
 
+    @property
+    def generating(self) -> bool:
+        """Still on the device (not yet handed to the finisher): a cancel can stop it."""
+        return self.stage in GENERATING
+
     def stepped(self, step: int, total: int) -> None:
-        """A denoising step ended; after the last one the images are decoded."""
-        self.step, self.total_steps = step, total
+        """A denoising step ended; after the last one the images are decoded. Memory only:
+        this runs on the denoising thread."""
+        self.progress = (step, total)
         self.stage = Stage.DENOISING if step < total else Stage.DECODING
         self.progressed_at = time.monotonic()
 
@@ -67,7 +81,8 @@ class HeldJob:
         return now - self.progressed_at if self.stage in WATCHED else None
 
     def describe(self) -> str:
-        steps = f" (step {self.step}/{self.total_steps})" if self.total_steps else ""
+        step, total = self.progress
+        steps = f" (step {step}/{total})" if total else ""
         return f"job {self.id} {self.stage.value}{steps}"
 
 
@@ -84,6 +99,7 @@ class HeldJobs:
 
     def release(self, job: HeldJob) -> None:
         """The job ended (any way): its lease is no longer this worker's business."""
+        job.released = True
         with self._lock:
             self._jobs.pop(job.id, None)
 

@@ -3,7 +3,11 @@ over to the finisher, until asked to stop or until a fault says a fresh process 
 
 The hand-over comes after the next claim: the finisher's encoding and database writes would
 otherwise compete with that claim (for the GIL and SQLite's write lock) and leave the device
-idle for milliseconds. Nothing else (no queue round trip, no sleep) runs between two jobs.
+idle for milliseconds. Nothing else (no queue round trip, no sleep) runs between two jobs, and
+nothing touches the queue while a job generates: its steps and the cancel flag go through
+memory, the progress relay (server/worker/progress.py) carries them to and from the queue.
+How long the device sat idle between two queued jobs is measured here and reported
+(`device_idle_before` in a result's timings, the `fluxserver_device_idle_seconds` histogram).
 
 How it ends (server/exit_codes.py): SIGTERM/SIGINT -> EXIT_OK (the running job stops at its
 next step and goes back to the head of the queue without counting as an attempt; images
@@ -48,8 +52,9 @@ from server.worker.heartbeat import Heartbeat, Watchdog
 from server.worker.held import HeldJob, HeldJobs, Stage
 from server.worker.lora.jobs import JobLoras
 from server.worker.outcomes import Outcomes
+from server.worker.progress import ProgressRelay
 from server.worker.request import generation_request, input_error, internal_error, parse_sizes
-from server.worker.retry import Backoff, QueueOutage, best_effort, until_back
+from server.worker.retry import Backoff, QueueOutage, until_back
 from server.worker.state import StateRecorder
 from server.worker.threads import hard_exit, start_helper
 
@@ -84,9 +89,12 @@ class Worker:
         self.queue: JobQueue | None = None  # opened by `run`, waiting out an outage
         self.state: StateRecorder | None = None
         self.runtime: FluxRuntime | None = None  # set once loaded
+        self.relay: ProgressRelay | None = None  # started with the main loop
         self._stop = threading.Event()
         self._ending: tuple[int, str] | None = None  # (exit status, reason) once a fault ends the loop
-        self._device_free_since: float | None = None  # perf_counter when the last job's generate ended
+        # When the last job's generate ended: perf_counter (for the gap) and wall time (to tell
+        # whether the next job was already waiting then).
+        self._device_free_since: tuple[float, float] | None = None
 
     # --- control -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -208,6 +216,7 @@ class Worker:
     def _serve(self, runtime: FluxRuntime, queue: JobQueue) -> None:
         assert self.state is not None
         self.outcomes = Outcomes(queue, self.worker_id, self.held, self.outage, self.streak, self._stop)
+        relay = self.relay = ProgressRelay(queue, self.held, self.outage)
         finisher = Finisher(
             queue,
             self.storage,
@@ -216,10 +225,12 @@ class Worker:
             self.outage,
             self._report_gpu_memory,
             self._stop,
+            flush_progress=lambda job: relay.flush(job, final=True),
         )
         heartbeat = Heartbeat(queue, self.worker_id, self.held, self.outage, self.settings.lease_seconds)
         finisher_thread = start_helper("finisher", finisher.run, self.exit_process)
         start_helper("heartbeat", heartbeat.run, self.exit_process)
+        start_helper("progress", relay.run, self.exit_process)
         watchdog = None
         if self.settings.watchdog_seconds > 0:
             watchdog = Watchdog(self.held, self.settings.watchdog_seconds, self._hung)
@@ -266,6 +277,8 @@ class Worker:
             finisher.close()
             finisher_thread.join()
             heartbeat.stop.set()  # only now: the finisher's jobs needed their leases
+            relay.stop.set()
+            relay.wake()
             if watchdog is not None:
                 watchdog.stop.set()
 
@@ -274,23 +287,22 @@ class Worker:
         job = self.held.hold(record)
         lifecycle.started(record, self.worker_id)
         started = time.perf_counter()
-        # How long the device sat idle since the previous job: between two queued jobs, only
-        # what the loop itself costs (claiming, mapping); docs/benchmarks.md reports it.
-        idle_before = None if self._device_free_since is None else started - self._device_free_since
+        idle_before: float | None = None
         try:
             loras = tuple(self.loras.specs(record.job))  # downloads run here, inside the lease
             job.enter(Stage.ENCODING)
             request = generation_request(record.job, loras)
+            idle_before = self._device_idle(record)
             try:
                 generation = generate(
                     runtime,
                     request,
-                    on_step=self._on_step(queue, job),
-                    should_cancel=self._should_cancel(queue, job),
+                    on_step=self._on_step(job),
+                    should_cancel=self._should_cancel(job),
                     device=self.device,
                 )
             finally:
-                self._device_free_since = time.perf_counter()
+                self._device_free_since = (time.perf_counter(), time.time())
         except LoraError as exc:  # names the LoRA; fal's 422 shape, located at its path
             logger.info("job %s refused: %s", job.id, exc)
             self.outcomes.fail(job, self.loras.error(record.job, exc), internal=False)
@@ -316,43 +328,52 @@ class Worker:
         if generation.cancelled or job.lease_lost:
             if job.lease_lost:
                 self.outcomes.abandon(job, "lease lost")
-            elif until_back(
+            elif job.cancel_requested or until_back(
                 lambda: queue.is_cancel_requested(job.id), doing="reading a cancel flag", outage=self.outage
             ):
                 self.outcomes.fail(job, cancelled_error(), internal=False)
             else:  # stopping
                 self.outcomes.requeue(job, "Worker stopping; requeued")
             return None
-        for line in generation.log:
-            best_effort(lambda line=line: queue.log(job.id, line), None, doing="logging", outage=self.outage)
         if record.job.loras:
             metrics.lora_cache_lookups_total.labels("hit").inc(generation.lora_hits)
             metrics.lora_cache_lookups_total.labels("miss").inc(generation.lora_misses)
         # Still held: the heartbeat keeps renewing the lease until the finisher completes it.
         return Finished(job, generation, time.perf_counter() - started, idle_before)
 
-    def _on_step(self, queue: JobQueue, job: HeldJob) -> Callable[[int, int], None]:
+    def _device_idle(self, record: JobRecord) -> float | None:
+        """Seconds since the previous job left the device, up to this job's generate call.
+        Between two queued jobs this is only what the loop itself costs (claiming, mapping,
+        resolving LoRAs); docs/benchmarks.md reports it. Recorded in the histogram only for
+        a job that was already waiting when the device became free: a gap spent waiting for
+        requests says nothing about the worker."""
+        if self._device_free_since is None:
+            return None
+        free_since, free_at = self._device_free_since
+        idle = time.perf_counter() - free_since
+        if record.created_at <= free_at:
+            metrics.device_idle_seconds.observe(idle)
+        return idle
+
+    def _on_step(self, job: HeldJob) -> Callable[[int, int], None]:
+        """Runs on the denoising thread after every step: memory only, never the queue."""
+
+        relay = self.relay
+
         def on_step(step: int, total: int) -> None:
-            job.stepped(step, total)  # progress for the watchdog, also while the queue is down
-            best_effort(
-                lambda: queue.log(job.id, f"step {step}/{total}", progress=step / total),
-                None,
-                doing="logging progress",
-                outage=self.outage,
-            )
+            job.stepped(step, total)  # for the watchdog and the progress relay
+            if relay is not None and step in (1, total):
+                # Progress shows at once, and "step N/N" while the images are decoded.
+                relay.wake()
 
         return on_step
 
-    def _should_cancel(self, queue: JobQueue, job: HeldJob) -> Callable[[], bool]:
+    def _should_cancel(self, job: HeldJob) -> Callable[[], bool]:
+        """Runs on the denoising thread at every step: flags in memory only (the progress
+        relay refreshes `cancel_requested` from the queue)."""
+
         def should_cancel() -> bool:
-            if self._stop.is_set() or job.lease_lost or job.hung:
-                return True
-            return best_effort(
-                lambda: queue.is_cancel_requested(job.id),
-                False,
-                doing="reading a cancel flag",
-                outage=self.outage,
-            )
+            return self._stop.is_set() or job.lease_lost or job.hung or job.cancel_requested
 
         return should_cancel
 

@@ -18,7 +18,7 @@ from models.loading import load_runtime
 from models.presets.apply import PresetManager
 from models.presets.policy import PRESETS, CacheSetting, Preset
 from models.request import GenerationRequest, InputError, TaskUnavailable, img2img_steps
-from models.runtime import FluxRuntime, Generation
+from models.runtime import FluxRuntime, Generation, to_pil
 
 # fal's image_size presets: every one must run (the protocol adapters map names onto these).
 FAL_SIZES = {
@@ -96,6 +96,70 @@ def test_text_to_image_reports_everything(runtime: FluxRuntime) -> None:
     assert {"encode", "denoise", "decode", "inference"} <= out.timings.keys()
     assert out.timings["inference"] >= out.timings["denoise"] > 0
     assert out.preset == "none"
+
+
+class ClockAndSync:
+    """Stands in for the CUDA calls on a CPU: records `torch.cuda.synchronize()` calls and the
+    runtime's clock reads, in order ("sync", "clock")."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import time
+
+        import torch
+
+        import models.runtime as runtime_module
+
+        self.events: list[str] = []
+        real_clock = time.perf_counter
+
+        class Clock:  # what models.runtime reads as `time`
+            @staticmethod
+            def perf_counter() -> float:
+                self.events.append("clock")
+                return real_clock()
+
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: self.events.append("sync"))
+        monkeypatch.setattr(runtime_module, "time", Clock)
+
+
+def test_stage_timings_synchronise_a_cuda_device_before_every_clock_read(
+    runtime: FluxRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unsynchronised, a stage's clock stops when its work is queued, not done: `denoise`
+    would look short and `decode` long. Each stage boundary waits for the device first."""
+    recorded = ClockAndSync(monkeypatch)
+    monkeypatch.setattr(runtime, "device", "cuda")  # the tiny runtime stays on the CPU
+    out = runtime.generate(job(seed=5))
+    events = recorded.events
+    # encode, denoise, decode: synchronised at both ends, each synchronisation right before
+    # the clock is read; the total (`inference`) needs none of its own.
+    assert events.count("sync") == 6
+    assert all(events[i + 1] == "clock" for i, event in enumerate(events) if event == "sync"), events
+    assert {"encode", "denoise", "decode", "inference"} <= out.timings.keys()
+
+
+def test_a_cpu_is_never_synchronised(runtime: FluxRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    recorded = ClockAndSync(monkeypatch)
+    out = runtime.generate(job(seed=5))
+    assert "sync" not in recorded.events and "clock" in recorded.events
+    assert out.timings["denoise"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_images_leave_the_device_as_uint8_with_the_bytes_diffusers_gives(
+    runtime: FluxRuntime, dtype: str
+) -> None:
+    """`to_pil` does the float work on the device and copies uint8 to the host; the images are
+    those of diffusers' own post-processing, byte for byte (clamping and rounding included)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    decoded = (torch.randn(2, 3, 48, 32, generator=generator) * 0.8).to(getattr(torch, dtype))
+    ours = to_pil(decoded)
+    theirs = runtime.pipe.image_processor.postprocess(decoded, output_type="pil")
+    assert [(im.mode, im.size, im.tobytes()) for im in ours] == [
+        (im.mode, im.size, im.tobytes()) for im in theirs
+    ]
 
 
 def test_the_runtime_takes_a_concrete_seed_and_draws_none() -> None:

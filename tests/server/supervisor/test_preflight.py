@@ -13,7 +13,7 @@ import pytest
 
 from server.config import Settings
 from server.supervisor.gpus import plan_workers
-from server.supervisor.preflight import ConfigError, banner, check_settings
+from server.supervisor.preflight import ConfigError, banner, check_not_serving_noise, check_settings
 from server.supervisor.serve import serve
 from server.tls import make_certificates
 
@@ -78,6 +78,41 @@ def test_serve_exits_2_with_a_message_before_starting_anything(
     empty.mkdir()
     assert serve(settings(model=str(empty), data_dir=data)) == 2
     assert "model_index.json" in capsys.readouterr().err
+
+
+def test_the_tiny_model_by_default_on_a_public_address_is_refused() -> None:
+    """A forgotten --model must never put the tiny model's noise in front of a studio."""
+    with pytest.raises(ConfigError, match="tiny test model") as refused:
+        check_not_serving_noise(settings(host="0.0.0.0", api_key=["k"]))
+    assert "--model" in str(refused.value) and "0.0.0.0" in str(refused.value)
+    # Named on purpose (a flag or FLUX_MODEL), real weights, or a loopback address: allowed.
+    check_not_serving_noise(settings(host="0.0.0.0", api_key=["k"], model="tiny"))
+    check_not_serving_noise(settings(host="0.0.0.0", api_key=["k"], model="/srv/weights/FLUX.1-dev"))
+    check_not_serving_noise(settings(host="127.0.0.1"))
+    check_not_serving_noise(settings(host="localhost"))
+
+
+def test_flux_model_tiny_in_the_environment_counts_as_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLUX_MODEL", "tiny")
+    check_not_serving_noise(settings(host="0.0.0.0", api_key=["k"]))
+
+
+def test_serve_refuses_the_default_tiny_model_on_a_public_address_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    assert serve(settings(host="0.0.0.0", api_key=["k"], data_dir=data)) == 2
+    assert "refusing to serve the tiny test model" in capsys.readouterr().err
+    assert not data.exists()  # nothing was started or created
+
+
+def test_cli_serve_refuses_the_default_tiny_model_in_a_real_process(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "server.supervisor.cli", "serve", "--host", "0.0.0.0"]
+    argv += ["--api-key", "k", "--data-dir", str(tmp_path / "data")]
+    env = {name: value for name, value in os.environ.items() if not name.startswith("FLUX_")}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "refusing to serve the tiny test model" in proc.stderr and "--model tiny" in proc.stderr
 
 
 def test_cli_serve_refuses_public_host_in_a_real_process(tmp_path: Path) -> None:

@@ -125,3 +125,39 @@ class InjectedOutage:
             return real(*args, **kwargs)
 
         return call
+
+
+class CallsWhileGenerating:
+    """Records the worker's queue calls made on the thread that runs `runtime.generate`, while
+    it runs (`calls`, method names): the device's thread must make none, its steps and cancel
+    flag go through memory (server/worker/progress.py). Also every queue call with the name of
+    the thread that made it (`by_thread`: (thread name, method, args))."""
+
+    def __init__(self, runtime: FluxRuntime, queue: JobQueue, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+        self.calls: list[str] = []
+        self.by_thread: list[tuple[str, str, tuple, dict]] = []
+        self.generations = 0
+        self._inside: set[int] = set()  # threads inside runtime.generate
+        original = runtime.generate
+
+        def generate(*args, **kwargs):  # type: ignore[no-untyped-def]
+            me = threading.get_ident()
+            self._inside.add(me)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._inside.discard(me)
+                self.generations += 1
+
+        monkeypatch.setattr(runtime, "generate", generate)
+        for name in WORKER_QUEUE_METHODS:
+            monkeypatch.setattr(queue, name, self._wrap(name, getattr(queue, name)))
+
+    def _wrap(self, name: str, real: Callable) -> Callable:
+        def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if threading.get_ident() in self._inside:
+                self.calls.append(name)
+            self.by_thread.append((threading.current_thread().name, name, args, kwargs))
+            return real(*args, **kwargs)
+
+        return call

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from server.api.protocols.bfl.models import BflStatus, FluxDevInputs, ResultResponse
-from server.jobs import Job, JobRecord, Status, Webhook
+from server.jobs import Acceleration, Job, JobRecord, Status, Webhook
 from server.storage import image_url
 
 APP_ID = "bfl/flux-dev"
@@ -14,7 +14,14 @@ APP_ID = "bfl/flux-dev"
 REQUEST_MODERATED_ERROR_TYPES = frozenset({"content_policy_violation"})
 
 
-def inputs_to_job(inputs: FluxDevInputs, *, base_url: str, image_png: bytes | None) -> Job:
+def inputs_to_job(
+    inputs: FluxDevInputs,
+    *,
+    base_url: str,
+    image_png: bytes | None,
+    default_acceleration: Acceleration | None = None,
+) -> Job:
+    """BFL's API has no preset field: the operator's `--default-acceleration`, else "none"."""
     webhook = None
     if inputs.webhook_url:
         webhook = Webhook(url=inputs.webhook_url, kind="bfl", secret=inputs.webhook_secret or None)
@@ -31,6 +38,7 @@ def inputs_to_job(inputs: FluxDevInputs, *, base_url: str, image_png: bytes | No
         output_format=inputs.output_format or "jpeg",
         enable_safety_checker=True,
         safety_tolerance=inputs.safety_tolerance,
+        acceleration=default_acceleration or "none",
         protocol="bfl",
         app_id=APP_ID,
         endpoint="flux-dev",

@@ -149,7 +149,9 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
     if inputs.image_prompt:
         image_png = await _decode_image_prompt(inputs.image_prompt, settings)
     base_url = public_base_url(request)
-    job = adapter.inputs_to_job(inputs, base_url=base_url, image_png=image_png)
+    job = adapter.inputs_to_job(
+        inputs, base_url=base_url, image_png=image_png, default_acceleration=settings.default_acceleration
+    )
     record, position = await get_queue(request).submit(job)
     lifecycle.submitted(record, position)
     polling_url = adapter.polling_url(base_url, record.id)

@@ -16,7 +16,7 @@ from server.api.protocols.openai.models import (
     Model,
     ModelList,
 )
-from server.jobs import Job, JobError, JobRecord, Task, parse_wxh, round_size
+from server.jobs import Acceleration, Job, JobError, JobRecord, Task, parse_wxh, round_size
 from server.storage import image_url
 
 APP_ID = "openai/images"
@@ -83,7 +83,9 @@ def build_job(
     task: Task = "text-to-image",
     image: bytes | None = None,
     strength: float = 0.95,
+    default_acceleration: Acceleration | None = None,
 ) -> Job:
+    """OpenAI's API has no preset field: the operator's `--default-acceleration`, else "none"."""
     return Job(
         task=task,
         prompt=fields.prompt,
@@ -96,6 +98,7 @@ def build_job(
         strength=strength,
         image=image,
         output_format=fields.output_format or "png",
+        acceleration=default_acceleration or "none",
         # b64_json needs the bytes, not a file: nothing is stored.
         inline_images=fields.response_format == "b64_json",
         protocol="openai",

@@ -162,7 +162,12 @@ def _answer(record: JobRecord) -> JSONResponse:
 async def generations(body: ImageGenerationRequest, request: Request) -> JSONResponse:
     check_prompt(request, body.prompt)
     size = adapter.parse_size(body.size)
-    job = adapter.build_job(body, size=size, base_url=public_base_url(request))
+    job = adapter.build_job(
+        body,
+        size=size,
+        base_url=public_base_url(request),
+        default_acceleration=get_settings(request).default_acceleration,
+    )
     return _answer(await run_job(request, job))
 
 
@@ -231,6 +236,7 @@ async def edits(request: Request) -> JSONResponse:
         task="image-to-image",
         image=image.png,
         strength=fields.strength,
+        default_acceleration=settings.default_acceleration,
     )
     return _answer(await run_job(request, job))
 
