@@ -212,7 +212,7 @@ def test_the_queue_database_full_is_507_on_every_protocol_and_stores_nothing(
     def database_full(jobs: object) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(server.api.app.state.async_queue.sync, "submit_many", database_full)
+    monkeypatch.setattr(server.app.state.async_queue.sync, "submit_many", database_full)
     assert_all_refused(server)
     monkeypatch.undo()
     assert server.worker.depth() == 0

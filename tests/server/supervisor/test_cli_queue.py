@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.pg_server import PostgresServer
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -66,7 +67,7 @@ def test_a_queue_url_of_another_kind_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2 and "postgresql://" in done.stderr
 
 
-def test_the_worker_command_does_not_give_up_on_an_unreachable_queue(
+def test_the_worker_command_waits_for_an_unreachable_queue_and_refuses_a_wrong_password(
     postgres_server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import server.worker
@@ -80,7 +81,12 @@ def test_the_worker_command_does_not_give_up_on_an_unreachable_queue(
 
     monkeypatch.setattr(server.worker, "run_worker", run_worker)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
-    url = postgres_server.url(password="not-the-password")
+    # A database that does not answer (a failover) is waited for by the worker itself.
+    url = f"postgresql://flux:secret@127.0.0.1:{free_port()}/flux"
     argv = ["worker", "--data-dir", str(tmp_path), "--queue-url", url, "--worker-id", "w3", "--gpu", "GPU-a"]
     assert main(argv) == 0
     assert started == [("w3", "GPU-a")]  # handed to the worker, which waits for the queue
+    # A wrong password is a configuration error: refused at once, with one line.
+    wrong = postgres_server.url(password="not-the-password")
+    assert main([*argv[:3], "--queue-url", wrong, *argv[5:]]) == 2
+    assert started == [("w3", "GPU-a")]
