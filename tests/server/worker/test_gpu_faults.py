@@ -8,14 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from models.loading import load_runtime
 from models.runtime import FluxRuntime
 from server.config import Settings
 from server.exit_codes import (
@@ -27,7 +26,6 @@ from server.exit_codes import (
 )
 from server.jobs import JobRecord, Status
 from server.queue.base import JobQueue
-from server.queue.factory import open_queue
 from server.storage import LocalStorage
 from server.worker import run_worker
 from server.worker.faults import DEVICE_LOST_REQUEUED, GpuFault, gpu_fault
@@ -37,23 +35,10 @@ from tests.support import wait_until
 ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
 
 
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> FluxRuntime:
-    data_dir = make_data_dir(tmp_path_factory.mktemp("gpu-runtime"), tiny_model_dir)
-    return load_runtime("tiny", data_dir=data_dir, device="cpu", memory_plan="resident")
-
-
 @pytest.fixture
 def settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
     data_dir = make_data_dir(tmp_path / "data", tiny_model_dir)
     return Settings(model="tiny", data_dir=data_dir, device="cpu", lease_seconds=1.5)
-
-
-@pytest.fixture
-def api(settings: Settings) -> Iterator[JobQueue]:
-    queue = open_queue(settings, role="api")
-    yield queue
-    queue.close()
 
 
 def start(

@@ -5,7 +5,6 @@ longer existed and crashed every GPU worker right after it reported ready."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,35 +12,20 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from models.loading import load_runtime
 from models.runtime import FluxRuntime
 from server.config import Settings
 from server.jobs import Status
 from server.queue.base import JobQueue
-from server.queue.factory import open_queue
 from tests.server.worker.support import ThreadWorker, completed, job, make_data_dir
 from tests.support import wait_until
 
 GIB = 1024**3
 
 
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> FluxRuntime:
-    data_dir = make_data_dir(tmp_path_factory.mktemp("gpu-memory-runtime"), tiny_model_dir)
-    return load_runtime("tiny", data_dir=data_dir, device="cpu", memory_plan="resident")
-
-
 @pytest.fixture
 def settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
     data_dir = make_data_dir(tmp_path / "data", tiny_model_dir)
     return Settings(model="tiny", data_dir=data_dir, device="cuda", lease_seconds=1.5)
-
-
-@pytest.fixture
-def api(settings: Settings) -> Iterator[JobQueue]:
-    queue = open_queue(settings, role="api")
-    yield queue
-    queue.close()
 
 
 def gauge(name: str, worker: str) -> float | None:
