@@ -202,6 +202,7 @@ class Worker:
             self.state.set("warming", ", ".join(f"{w}x{h}" for w, h in sizes))
             seconds = runtime.warmup(sizes)
             logger.info("warmed up %d size(s) in %.1f s", len(sizes), seconds)
+            metrics.record_compiles("warmup", runtime.warmup_compiled.graphs, runtime.warmup_compiled.seconds)
         return runtime
 
     # --- main loop -----------------------------------------------------------------------
@@ -325,6 +326,7 @@ class Worker:
             return None
         for line in generation.log:
             best_effort(lambda line=line: queue.log(job.id, line), None, doing="logging", outage=self.outage)
+        metrics.record_compiles("request", generation.compiled.graphs, generation.compiled.seconds)
         if record.job.loras:
             metrics.lora_cache_lookups_total.labels("hit").inc(generation.lora_hits)
             metrics.lora_cache_lookups_total.labels("miss").inc(generation.lora_misses)

@@ -1,0 +1,137 @@
+"""Compile you can count: what each preset compiles, under each memory plan a CPU can apply.
+
+A tiny-width FLUX transformer of 3 double and 3 single blocks (the tiny model's widths, real
+block structure) is compiled through `torch._dynamo.testing.CompileCounter` (counts every
+graph dynamo hands to a backend, runs it eagerly: seconds, not minutes). Graph breaks come
+from dynamo's own counters.
+
+What regional compile must give: one graph per block class (the 3 double blocks share one,
+the 3 single blocks another) for batch 1, and one more per class for any larger batch (dynamo
+specialises size 1; the first larger batch gets a symbolic batch size that 2, 3 and 4 all
+reuse); nothing inside a block breaks the graph; sizes never recompile (dynamic shapes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+from models.memory import PLANS, apply_plan
+from models.presets.apply import PresetManager
+from models.presets.compiling import CompileStats
+from models.presets.policy import PRESETS, Hardware, Preset
+from models.request import MAX_IMAGES
+
+CPU = Hardware("cpu", None, torchao=True, compiler=True)
+BLOCK_CLASSES = 2  # FluxTransformerBlock (double), FluxSingleTransformerBlock
+BATCH_SHAPES = 2  # batch 1, and every batch from 2 to MAX_IMAGES
+GRAPHS_PER_COMPILED_WEIGHT_SET = BLOCK_CLASSES * BATCH_SHAPES
+# On a CPU the five plans place the transformer in one of two forms: as loaded, or fp8
+# storage (fp8-offload-text's fp8 GEMMs need capability 8.9+ and fall back to storage here).
+CPU_FORMS = {
+    "resident": "as-loaded",
+    "fp8-offload-text": "fp8-storage",
+    "fp8-storage-offload-text": "fp8-storage",
+    "model-offload": "fp8-storage",
+    "sequential-offload": "as-loaded",
+}
+
+
+def three_and_three(tiny_dir: Path):
+    """The tiny pipeline with a fresh transformer of 3 double and 3 single blocks."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    config = FluxTransformer2DModel.load_config(tiny_dir / "transformer")
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel.from_config(config, num_layers=3, num_single_layers=3)
+    pipe = FluxPipeline.from_pretrained(tiny_dir, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, manager: PresetManager, preset: str, *, size: tuple[int, int] = (64, 64), images: int = 1):
+    with manager.use(pipe, preset, steps=1) as active:
+        pipe(
+            prompt="a red chair",
+            width=size[0],
+            height=size[1],
+            num_inference_steps=1,
+            num_images_per_prompt=images,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="latent",
+        )
+    return active
+
+
+@pytest.mark.parametrize("plan_name", list(CPU_FORMS))
+def test_each_preset_compiles_the_expected_graphs_and_no_request_recompiles(
+    tiny_model_dir: Path, plan_name: str
+) -> None:
+    pipe = three_and_three(tiny_model_dir)
+    plan = apply_plan(pipe, PLANS[plan_name], "cpu")
+    assert plan.transformer == CPU_FORMS[plan_name]
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    manager = PresetManager(
+        pipe.transformer,
+        device="cpu",
+        enabled=["none", "regular", "high"],
+        data_dir=tiny_model_dir.parent,
+        compile_backend=counter,
+        hardware=CPU,
+        memory_plan=plan,
+    )
+    compiled = {name: preset.compile for name, (preset, _) in manager.runnable.items()}
+    assert compiled == {"none": "none", "regular": "regional", "high": "regional"}
+    weight_sets = {preset.weight_set for preset, _ in manager.runnable.values()}
+    # resident: `none` on the loaded weights, `regular` and `high` share the int8 copy
+    assert len(weight_sets) == (1 if plan.single_weight_set else 2)
+
+    per_preset = {}
+    for name in ("none", "regular", "high"):
+        before = (counter.frame_count, CompileStats.now())
+        manager.warmup(pipe, [(64, 64)], steps=1, max_images=MAX_IMAGES, names=[name])
+        per_preset[name] = counter.frame_count - before[0]
+        assert (CompileStats.now() - before[1]).graph_breaks == 0, f"{name}: a graph break"
+    # `high` is `regular` plus a step cache around the very same compiled blocks.
+    assert per_preset == {"none": 0, "regular": GRAPHS_PER_COMPILED_WEIGHT_SET, "high": 0}
+
+    warmed = counter.frame_count
+    for name in ("regular", "high", "none"):
+        for images in range(1, MAX_IMAGES + 1):
+            assert run(pipe, manager, name, images=images).name == name
+        assert run(pipe, manager, name, size=(96, 64)).name == name  # another size: dynamic
+    assert counter.frame_count == warmed, "a request of a warmed size compiled"
+
+
+def test_runtime_warmup_covers_the_largest_batch_and_requests_report_what_compiled(
+    tiny_model_dir: Path,
+) -> None:
+    from models.loading import load_runtime
+    from models.request import GenerationRequest
+
+    runtime = load_runtime("tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",))
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    runtime.presets = PresetManager(
+        runtime.pipe.transformer,
+        device="cpu",
+        enabled=["none", "regular"],
+        data_dir=tiny_model_dir.parent,
+        presets={"none": PRESETS["none"], "regular": Preset("regular", compile="regional")},
+        compile_backend=counter,
+        hardware=CPU,
+    )
+    runtime.warmup([(64, 64)])
+    assert runtime.warmup_compiled.graphs == counter.frame_count == GRAPHS_PER_COMPILED_WEIGHT_SET
+    assert runtime.warmup_compiled.seconds > 0
+
+    for images in (MAX_IMAGES, 1, 2):
+        fields = {"prompt": "a red cat", "width": 64, "height": 64, "steps": 2, "seed": 7}
+        out = runtime.generate(GenerationRequest(**fields, num_images=images, acceleration="regular"))
+        assert (out.preset, len(out.images)) == ("regular", images)
+        assert out.compiled.graphs == 0 and out.compiled.seconds == 0
+    assert counter.frame_count == GRAPHS_PER_COMPILED_WEIGHT_SET
