@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.presets.compiling import compile_forward
+from models.presets.compiling import compile_forward, is_compile_failure
 from models.presets.policy import (
     PRESET_ORDER,
     PRESETS,
@@ -165,14 +165,15 @@ class PresetManager:
                 self._compile(preset.weight_set, variant, preset.compile)
 
     def demote(self, name: str, exc: BaseException) -> bool:
-        """`name` failed to run (its compile, or the preset itself): from now on it runs the next
-        simpler form (compiled -> eager -> `none`), with a note saying why in every response
-        that asks for it. False when it already runs the plain base weights eagerly (nothing
-        simpler is left: the failure is the model's, not the preset's)."""
+        """`name` failed to run: from now on it runs a simpler form, with a note saying why in
+        every response that asks for it. A compile failure turns compile off (the preset keeps
+        its weights and step cache); any other failure, or one of the eager form, falls back
+        to `none`. False when it already runs the plain base weights eagerly (nothing simpler
+        is left: the failure is the model's, not the preset's)."""
         preset, note = self.runnable[name]
         why = f"{type(exc).__name__}: {_first_line(exc)}"
         plain = Preset("none", precision=self.base_precision)
-        if preset.compile != "none":
+        if preset.compile != "none" and is_compile_failure(exc):
             simpler = replace(preset, compile="none")
             what = f"{preset.compile} compile failed ({why}); ran eager"
         elif preset != plain:

@@ -92,9 +92,10 @@ def test_expected_peaks_are_computed_and_fit_the_cards_each_plan_is_chosen_for()
     for name, plan in PLANS.items():
         if plan.min_vram_gib:
             assert plan.expected_peak_gib + 0.5 <= plan.min_vram_gib, name
-    # 24 GB cards: the text encoders must leave before denoising (T5 alone is ~8.9 GiB).
+    # On 24 GB cards T5's visit (~8.9 GiB) is the peak at one image of any size up to 1024x1024;
+    # four images' activations go beyond it.
     fp8 = PLANS["fp8-offload-text"]
-    assert expected_peak_bytes(fp8) > expected_peak_bytes(fp8, width=512, height=512)
+    assert expected_peak_bytes(fp8) == expected_peak_bytes(fp8, width=512, height=512)
     assert expected_peak_bytes(fp8, images=4) > expected_peak_bytes(fp8)
 
 

@@ -119,20 +119,46 @@ def test_a_compile_failing_inside_a_request_runs_that_request_eagerly(
 def test_a_preset_failing_eagerly_too_runs_none_and_says_why(
     runtime: FluxRuntime, reference: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from models.presets import apply
+
+    high = Preset("high", compile="regional", cache=CacheSetting("first_block", 0.5))
+    manager = use_presets(runtime, {"none": PRESETS["none"], "high": high}, failing_backend)
+    working = apply.cache_config
+
+    def cache_failing_when_eager(setting: CacheSetting, steps: int) -> Any:
+        if manager.runnable["high"][0].compile == "none":  # the eager form fails too
+            raise RuntimeError("injected cache failure")
+        return working(setting, steps)
+
+    monkeypatch.setattr(apply, "cache_config", cache_failing_when_eager)
+    runtime.warmup([(64, 64)], max_images=1)
+    assert manager.runnable["high"][0] == Preset("none")
+    out = generate(runtime, "high")
+    assert out.preset == "none"
+    note = out.preset_note or ""
+    assert note.startswith("regional compile failed (BackendCompilerFailed")
+    assert note.endswith(
+        "; ran eager; preset 'high' failed (RuntimeError: injected cache failure); ran 'none'"
+    )  # noqa: E501
+    assert png(out) == reference
+
+
+def test_a_preset_failing_otherwise_runs_none_at_once(
+    runtime: FluxRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a compile failure (here the step cache): eager would fail the same way."""
+
     def broken_cache(*_args: Any) -> None:
         raise RuntimeError("injected cache failure")
 
     monkeypatch.setattr("models.presets.apply.cache_config", broken_cache)
     high = Preset("high", compile="regional", cache=CacheSetting("first_block", 0.5))
     manager = use_presets(runtime, {"none": PRESETS["none"], "high": high}, failing_backend)
-    runtime.warmup([(64, 64)], max_images=1)
-    assert manager.runnable["high"][0] == Preset("none")
-    out = generate(runtime, "high")
-    assert out.preset == "none"
-    note = out.preset_note or ""
-    assert "regional compile failed (BackendCompilerFailed" in note
-    assert note.endswith("preset 'high' failed (RuntimeError: injected cache failure); ran 'none'")
-    assert png(out) == reference
+    manager.warmup(runtime.pipe, [(64, 64)], steps=1)
+    assert manager.runnable["high"] == (
+        Preset("none"),
+        "preset 'high' failed (RuntimeError: injected cache failure); ran 'none'",
+    )
 
 
 def test_nothing_is_simpler_than_the_plain_weights(runtime: FluxRuntime) -> None:

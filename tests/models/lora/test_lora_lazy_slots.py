@@ -140,3 +140,22 @@ def test_the_setting_reaches_the_runtime(tiny_model_dir: Path, mode: str) -> Non
     runtime, _ = compiled_runtime(tiny_model_dir, LoraLimits(hotswap=mode, hotswap_rank=4))  # type: ignore[arg-type]
     assert runtime.loras.slots_ready == (mode == "eager")
     assert bool(slotted_layers(runtime)) == (mode == "eager")
+
+
+def test_loras_hot_swap_on_a_torchao_quantized_transformer(
+    tiny_model_dir: Path, lora_file: Callable[..., Path]
+) -> None:
+    """The fp8-offload-text plan quantizes the transformer's blocks with torchao (fp8 on a GPU of
+    capability 8.9+); on a CPU int8 stands in: LoRA slots wrap torchao layers the same way."""
+    from models.presets.weights import quantize
+
+    runtime, _ = compiled_runtime(tiny_model_dir, LoraLimits(max_rank=8, hotswap_rank=8))
+    transformer = runtime.pipe.transformer
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        quantize(block, "int8")
+    assert "Int8" in type(transformer.single_transformer_blocks[0].proj_mlp.weight).__name__
+    plain = pixels(generate(runtime))
+    styled = generate(runtime, loras=[LoraSpec("a", lora_file("a", seed=1))])
+    assert any("hot-swapped into slot" in line for line in styled.log)
+    assert np.abs(pixels(styled) - plain).max() > 2
+    assert np.array_equal(pixels(generate(runtime)), plain)
