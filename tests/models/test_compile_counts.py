@@ -1,4 +1,5 @@
 """Compile you can count: what each preset compiles, under each memory plan a CPU can apply.
+(The runtime's own warm-up, with LoRA slots or without: tests/models/lora/test_lora_lazy_slots.py.)
 
 A tiny-width FLUX transformer of 3 double and 3 single blocks (the tiny model's widths, real
 block structure) is compiled through `torch._dynamo.testing.CompileCounter` (counts every
@@ -27,7 +28,7 @@ from torch._dynamo.testing import CompileCounter
 from models.memory import PLANS, apply_plan
 from models.presets.apply import PresetManager
 from models.presets.compiling import CompileStats
-from models.presets.policy import PRESETS, Hardware, Preset
+from models.presets.policy import Hardware
 from models.request import MAX_IMAGES
 
 CPU = Hardware("cpu", None, torchao=True, compiler=True)
@@ -128,34 +129,3 @@ def test_each_preset_compiles_the_expected_graphs_and_no_request_recompiles(
             assert run(pipe, manager, name, images=images).name == name
         assert run(pipe, manager, name, size=(96, 64)).name == name  # another size: dynamic
     assert counter.frame_count == warmed, "a request of a warmed size compiled"
-
-
-def test_runtime_warmup_covers_the_largest_batch_and_requests_report_what_compiled(
-    tiny_model_dir: Path,
-) -> None:
-    from models.loading import load_runtime
-    from models.request import GenerationRequest
-
-    runtime = load_runtime("tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",))
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    runtime.presets = PresetManager(
-        runtime.pipe.transformer,
-        device="cpu",
-        enabled=["none", "regular"],
-        data_dir=tiny_model_dir.parent,
-        presets={"none": PRESETS["none"], "regular": Preset("regular", compile="regional")},
-        compile_backend=counter,
-        hardware=CPU,
-    )
-    runtime.warmup([(64, 64)])
-    graphs = expected_graphs(runtime.pipe.transformer)  # 6: the tiny model has 1 double block
-    assert runtime.warmup_compiled.graphs == counter.frame_count == graphs
-    assert runtime.warmup_compiled.seconds > 0
-
-    for images in (MAX_IMAGES, 1, 2):
-        fields = {"prompt": "a red cat", "width": 64, "height": 64, "steps": 2, "seed": 7}
-        out = runtime.generate(GenerationRequest(**fields, num_images=images, acceleration="regular"))
-        assert (out.preset, len(out.images)) == ("regular", images)
-        assert out.compiled.graphs == 0 and out.compiled.seconds == 0
-    assert counter.frame_count == graphs

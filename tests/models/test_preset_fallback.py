@@ -139,7 +139,7 @@ def test_a_preset_failing_eagerly_too_runs_none_and_says_why(
     assert note.startswith("regional compile failed (BackendCompilerFailed")
     assert note.endswith(
         "; ran eager; preset 'high' failed (RuntimeError: injected cache failure); ran 'none'"
-    )  # noqa: E501
+    )
     assert png(out) == reference
 
 

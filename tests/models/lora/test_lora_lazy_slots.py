@@ -1,7 +1,9 @@
-"""LoRA slots only when LoRAs are used (`lora_hotswap=lazy`, the default) on a compiled preset.
+"""LoRA slots only when LoRAs are used (`lora_hotswap=lazy`, the default) on a compiled preset,
+and the runtime's warm-up: one compile, covering every `num_images`.
 
 A private tiny runtime whose `regular` is a regional compile on the loaded weights, compiled
-through `torch._dynamo.testing.CompileCounter` (counts graphs, runs them eagerly).
+through `torch._dynamo.testing.CompileCounter` (counts graphs, runs them eagerly). Dynamo
+traces each graph for several seconds on 2 cores: the tests that compile are marked slow.
 """
 
 from __future__ import annotations
@@ -21,13 +23,12 @@ from models.lora import LoraLimits, LoraSpec
 from models.lora.manager import LoraManager
 from models.presets.apply import PresetManager
 from models.presets.policy import Hardware, Preset
+from models.request import MAX_IMAGES
 from models.runtime import FluxRuntime, Generation
 from tests.models.lora.helpers import generate
+from tests.models.test_compile_counts import expected_graphs
 
 CPU = Hardware("cpu", None, torchao=True, compiler=True)
-# What a regional compile makes: one graph per block class (double, single), for batch 1 and
-# for the larger batches (tests/models/test_compile_counts.py).
-ONE_COMPILE = 4
 
 
 def compiled_runtime(tiny_model_dir: Path, limits: LoraLimits) -> tuple[FluxRuntime, CompileCounter]:
@@ -52,6 +53,11 @@ def slotted_layers(runtime: FluxRuntime) -> set[str]:
     return {name for name, m in runtime.pipe.transformer.named_modules() if isinstance(m, LoraLayer)}
 
 
+def adapters_held(runtime: FluxRuntime) -> set[str]:
+    layers = [m for m in runtime.pipe.transformer.modules() if isinstance(m, LoraLayer)]
+    return {name for layer in layers for name in layer.lora_A}
+
+
 def adapted_layers(file: Path) -> set[str]:
     with safe_open(str(file), "pt") as handle:
         return {key.removeprefix("transformer.").split(".lora_")[0] for key in handle.keys()}  # noqa: SIM118
@@ -61,23 +67,29 @@ def pixels(out: Generation) -> np.ndarray:
     return np.asarray(out.images[0], float)
 
 
-def test_without_lora_requests_there_are_no_slots_and_one_compile(tiny_model_dir: Path) -> None:
+@pytest.mark.slow  # ~1 min on 2 shared cores
+def test_cold_start_without_loras_is_one_compile_covering_every_num_images(tiny_model_dir: Path) -> None:
     assert LoraLimits().hotswap == "lazy" and LoraLimits().hotswap_rank == 64  # the defaults
     runtime, counter = compiled_runtime(tiny_model_dir, LoraLimits())
     runtime.warmup([(64, 64)])
     assert slotted_layers(runtime) == set()
-    assert counter.frame_count == ONE_COMPILE  # no second (slotted) compile at start
-    for _ in range(2):
-        assert generate(runtime, acceleration="regular").compiled.graphs == 0
+    graphs = expected_graphs(runtime.pipe.transformer)  # 6: the tiny model has 1 double block
+    assert counter.frame_count == runtime.warmup_compiled.graphs == graphs  # no slotted compile
+    assert runtime.warmup_compiled.seconds > 0
+    for images in (MAX_IMAGES, 1, 2, 3):  # warm-up covered one image and the most a request asks
+        out = generate(runtime, acceleration="regular", num_images=images)
+        assert (out.preset, len(out.images)) == ("regular", images)
+        assert out.compiled.graphs == 0 and out.compiled.seconds == 0
+    assert counter.frame_count == graphs
     assert slotted_layers(runtime) == set()
 
 
+@pytest.mark.slow  # ~1-2 min on 2 shared cores
 def test_the_first_lora_request_makes_slots_on_its_layers_then_loras_hot_swap(
     tiny_model_dir: Path, lora_file: Callable[..., Path], lora_runtime: FluxRuntime
 ) -> None:
     limits = LoraLimits(max_rank=8, max_per_request=2, hotswap_rank=8)
     runtime, counter = compiled_runtime(tiny_model_dir, limits)
-    runtime.warmup([(64, 64)])
     a = LoraSpec("a", lora_file("a", seed=1))
     b = LoraSpec("b", lora_file("b", seed=2))
 
@@ -118,19 +130,18 @@ def test_a_lora_above_the_slots_rank_runs_eager_on_a_temporary_adapter(
     out = generate(runtime, acceleration="regular", loras=[big])
     assert any("has rank 8, above the hot-swap slots' rank 4" in line for line in out.log)
     assert np.abs(pixels(out) - pixels(generate(lora_runtime, loras=[big]))).max() <= 2
-    assert slotted_layers(runtime) == set()  # nothing slotted: the adapter was temporary
+    assert not runtime.loras.slots_ready  # nothing slotted: the adapter was temporary
+    assert adapters_held(runtime) == set()
 
 
 def test_hotswap_off_runs_lora_requests_eagerly_without_slots(
     tiny_model_dir: Path, lora_file: Callable[..., Path]
 ) -> None:
     runtime, counter = compiled_runtime(tiny_model_dir, LoraLimits(max_rank=8, hotswap="off"))
-    runtime.warmup([(64, 64)])
-    graphs = counter.frame_count
+    # Never warmed: a compiled request would compile here; an eager one compiles nothing.
     out = generate(runtime, acceleration="regular", loras=[LoraSpec("a", lora_file("a", seed=1))])
-    assert out.preset == "regular" and out.compiled.graphs == 0
+    assert out.preset == "regular" and out.compiled.graphs == 0 and counter.frame_count == 0
     assert any("LoRA hot-swap is off" in line for line in out.log)
-    assert counter.frame_count == graphs
     assert runtime.loras.mode == "adapters"
 
 
