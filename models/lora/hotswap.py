@@ -21,8 +21,9 @@ dropped), so a repeated LoRA costs at most one copy into its slot.
 
 What hot-swap cannot take (text-encoder layers: the text encoder is not slotted; a rank above
 the slots') runs on the slower path: loaded as an ordinary adapter for this request only, with
-compile switched off, and unloaded afterwards so that the compiled graphs see the same modules
-again.
+compile switched off, and deleted afterwards. peft leaves its wrapper on each layer the adapter
+touched (holding no adapter): where those layers were not slotted yet, the next compiled
+request compiles once more for the new module structure.
 """
 
 from __future__ import annotations
@@ -74,8 +75,11 @@ class HotswapSlots:
         compiles again; a widening rebuild drops what the slots held."""
         import torch
 
+        wanted = None if targets is None else frozenset(targets) | self.targets
+        if self.prepared and wanted is not None and wanted <= self.targets:
+            return  # every LoRA request with slotted layers only: nothing to do
         every = linear_dims(self.transformer)
-        wanted = frozenset(every) if targets is None else frozenset(targets) | self.targets
+        wanted = frozenset(every) if wanted is None else wanted
         if self.prepared and wanted <= self.targets:
             return
         if self.prepared:
