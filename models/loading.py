@@ -13,6 +13,7 @@ because its variants are copies of the placed transformer.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from collections.abc import Sequence
@@ -65,7 +66,7 @@ def load_runtime(
 
     from models.lora.manager import LoraManager
     from models.lora.spec import LoraLimits
-    from models.memory import choose_plan, vram_bytes
+    from models.memory import choose_plan, cuda_capability, vram_bytes
     from models.presets.apply import PresetManager
     from models.presets.policy import default_presets
     from models.runtime import FluxRuntime
@@ -76,7 +77,12 @@ def load_runtime(
     # fp32 on a CPU (no fast bf16 there, in general); random weights are bf16 everywhere, as the
     # real weights on a GPU, and half the memory of fp32 on a CPU.
     dtype = torch.bfloat16 if device == "cuda" or spec.kind == "synthetic" else torch.float32
-    plan = choose_plan(vram_bytes(device), forced=memory_plan)  # ValueError for an unknown name
+    plan = choose_plan(  # ValueError for an unknown name
+        vram_bytes(device),
+        forced=memory_plan,
+        capability=cuda_capability(device),
+        torchao=importlib.util.find_spec("torchao") is not None,
+    )
     # Weights made at load time (synthetic) are made where the plan keeps them, so a card
     # smaller than the model never holds all of it at once.
     parts = load_components(spec, dtype=dtype, device=device if plan.all_resident else "cpu")
@@ -98,7 +104,7 @@ def load_runtime(
         )
         redux.set_progress_bar_config(disable=True)
 
-    _apply_memory_plan(pipe, redux, plan, device=device)
+    plan = _apply_memory_plan(pipe, redux, plan, device=device)  # the plan it could apply
     # Built after placement so that it shares the very same (already placed) modules.
     img2img = FluxImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
@@ -121,9 +127,10 @@ def load_runtime(
         data_dir=Path(data_dir),
         memory_plan=plan,
     )
-    # Compiled presets switch LoRAs by hot-swap, whose slots must exist before any compile.
+    # Compiled presets switch LoRAs by hot-swap: slots made at the first LoRA request (or now,
+    # with lora_hotswap=eager, so that warm-up compiles the LoRA graphs too).
     compiled = any(p.compile != "none" for p, _ in preset_manager.runnable.values())
-    loras = LoraManager(pipe, limits=lora_limits or LoraLimits(), hotswap=compiled)
+    loras = LoraManager(pipe, limits=lora_limits or LoraLimits(), compiled=compiled)
     loras.prepare()
     logger.info(
         "loaded %s on %s (%s, memory plan %s) in %.1fs; redux %s",
@@ -154,12 +161,13 @@ def load_runtime(
 # other use of the plan is VAE tiling before a large decode (FluxRuntime._decode).
 def _apply_memory_plan(
     pipe: FluxPipeline, redux: FluxPriorReduxPipeline | None, plan: MemoryPlan, *, device: str
-) -> None:
+) -> MemoryPlan:
     from models.memory import apply_plan
 
-    apply_plan(pipe, plan, device)
+    plan = apply_plan(pipe, plan, device)
     if redux is not None:
         # The prior's own parts (SigLIP, embedder: ~1 GB) stay resident; its text encoders
         # are the pipeline's, already placed by the plan.
         redux.image_encoder.to(device)
         redux.image_embedder.to(device)
+    return plan

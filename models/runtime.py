@@ -34,7 +34,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from models.request import GenerationRequest, InputError, TaskUnavailable, img2img_steps, validate
+from models.presets.compiling import CompileStats, is_compile_failure
+from models.request import (
+    MAX_IMAGES,
+    GenerationRequest,
+    InputError,
+    TaskUnavailable,
+    img2img_steps,
+    validate,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +70,8 @@ class Generation:
     log: list[str] = field(default_factory=list)  # lines for the job's log (LoRA loads, paths)
     lora_hits: int = 0  # LoRAs already in memory / read from disk for this call
     lora_misses: int = 0
+    # What torch.compile compiled during this call: after warm-up, every graph is a recompile.
+    compiled: CompileStats = field(default_factory=CompileStats)
 
 
 class FluxRuntime:
@@ -91,6 +101,7 @@ class FluxRuntime:
         self.model_name = model_name
         self.model_kind = model_kind  # "tiny", "synthetic", "diffusers" or "single-file"
         self.loras = loras  # per-request LoRAs on the shared pipeline (models/lora)
+        self.warmup_compiled = CompileStats()  # what `warmup` compiled
         self._lock = threading.Lock()
 
     @property
@@ -127,9 +138,11 @@ class FluxRuntime:
             )
         # The request's LoRAs are on for this call only, also when it fails.
         with self._lock, self.loras.apply(request.loras) as lora_run:
+            before = CompileStats.now()
             generation = self._generate_locked(
                 request, on_step, should_cancel, lora_eager=lora_run.eager_reason is not None
             )
+            generation.compiled = CompileStats.now() - before
             generation.log = lora_run.log
             generation.lora_hits, generation.lora_misses = lora_run.hits, lora_run.misses
             return generation
@@ -184,33 +197,43 @@ class FluxRuntime:
                 pipeline._interrupt = True  # the remaining steps are skipped
             return callback_kwargs
 
-        # Noise drawn on the CPU: the same request and seed give the same bytes on this machine.
-        generator = torch.Generator("cpu").manual_seed(seed)
         steps = request.steps
         if request.task in ("image-to-image", "inpainting"):
             steps = img2img_steps(request.steps, request.strength)
-        use = self.presets.use(
-            pipe,
-            request.acceleration,
-            steps=steps,
-            # LoRAs live on the loaded weights; the hot-swap slots' slower path runs eager.
-            base_weights="LoRAs apply to the weights as loaded" if request.loras else None,
-            eager=lora_eager,
-        )
-        with use as active, _timed(timings, "denoise", self.device):
-            latents = pipe(
-                prompt_embeds=prompt_embeds,
-                pooled_prompt_embeds=pooled_prompt_embeds,
-                height=request.height,
-                width=request.width,
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance,
-                num_images_per_prompt=1,  # the embeddings already hold one row per image
-                generator=generator,
-                output_type="latent",
-                callback_on_step_end=step_end,
-                **extra,
-            ).images
+        # A compile failure is the preset's, not the request's: the preset is demoted for good
+        # (compiled -> eager -> none, with a note in every response asking for it) and this
+        # request runs again in the simpler form. Any other error is raised as it is.
+        while True:
+            # Noise drawn on the CPU: the same request and seed give the same bytes on this machine.
+            generator = torch.Generator("cpu").manual_seed(seed)
+            use = self.presets.use(
+                pipe,
+                request.acceleration,
+                steps=steps,
+                # LoRAs live on the loaded weights; the hot-swap slots' slower path runs eager.
+                base_weights="LoRAs apply to the weights as loaded" if request.loras else None,
+                eager=lora_eager,
+            )
+            try:
+                with use as active, _timed(timings, "denoise", self.device):
+                    latents = pipe(
+                        prompt_embeds=prompt_embeds,
+                        pooled_prompt_embeds=pooled_prompt_embeds,
+                        height=request.height,
+                        width=request.width,
+                        num_inference_steps=request.steps,
+                        guidance_scale=request.guidance,
+                        num_images_per_prompt=1,  # the embeddings already hold one row per image
+                        generator=generator,
+                        output_type="latent",
+                        callback_on_step_end=step_end,
+                        **extra,
+                    ).images
+                break
+            except Exception as exc:
+                preset = self.presets.enabled_name(request.acceleration)
+                if not is_compile_failure(exc) or not self.presets.demote(preset, exc):
+                    raise
         if pipe.interrupt:
             return cancelled(active.name, active.note)
 
@@ -279,17 +302,21 @@ class FluxRuntime:
         decoded = vae.decode(latents, return_dict=False)[0]
         return to_pil(decoded)
 
-    def warmup(self, sizes: Sequence[tuple[int, int]]) -> float:
-        """One short text-to-image run per size (compiles/caches what the sizes need); seconds."""
+    def warmup(self, sizes: Sequence[tuple[int, int]], *, max_images: int = MAX_IMAGES) -> float:
+        """Compile and warm what requests of these sizes run, for one image and for
+        `max_images` (the most a request may ask for), so that no request compiles; seconds.
+        `warmup_compiled` then says what was compiled."""
         started = time.perf_counter()
-        # Compiles every enabled preset for every size (dynamic shapes: no later recompiles).
-        per_preset = self.presets.warmup(self.pipe, sizes)
+        before = CompileStats.now()
+        # Every enabled preset at every size (dynamic shapes: no later recompiles); a preset
+        # that fails here is demoted and warmed in its simpler form (PresetManager.warmup).
+        per_preset = self.presets.warmup(self.pipe, sizes, max_images=max_images)
         logger.info("preset warm-up: %s", ", ".join(f"{n} {s:.1f}s" for n, s in per_preset.items()))
-        if self.loras.hotswap:  # the graphs with the LoRA slots on, so no LoRA request compiles
-            compiled = [n for n, (p, _) in self.presets.runnable.items() if p.compile != "none"]
+        if self.loras.slots_ready:  # the graphs with the LoRA slots on, so no LoRA request compiles
+            names = [n for n, (p, _) in self.presets.runnable.items() if p.compile != "none"]
             with self.loras.warm():
                 per_preset = self.presets.warmup(
-                    self.pipe, sizes, names=compiled, base_weights="LoRA warm-up"
+                    self.pipe, sizes, max_images=max_images, names=names, base_weights="LoRA warm-up"
                 )
             logger.info("LoRA warm-up: %s", ", ".join(f"{n} {s:.1f}s" for n, s in per_preset.items()))
         for width, height in sizes:
@@ -298,6 +325,8 @@ class FluxRuntime:
                     prompt="warmup", width=width, height=height, seed=0, steps=2, enable_safety_checker=False
                 )
             )
+        compiled = self.warmup_compiled = CompileStats.now() - before
+        logger.info("warm-up compiled %d graph(s) in %.1f s", compiled.graphs, compiled.seconds)
         return time.perf_counter() - started
 
 

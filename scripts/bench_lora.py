@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,9 @@ def main() -> int:
                     compile_backend="eager",
                     hardware=Hardware("cpu", None, torchao=False, compiler=True),
                 )
-            runtime.loras = LoraManager(runtime.pipe, limits=limits, hotswap=mode == "hotswap")
+            runtime.loras = LoraManager(
+                runtime.pipe, limits=replace(limits, hotswap="eager"), compiled=mode == "hotswap"
+            )
             runtime.loras.prepare()
             files = [
                 write_lora(

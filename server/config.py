@@ -115,7 +115,11 @@ class Settings(BaseSettings):
     lora_max_bytes: int = Field(default=2 * 1024**3, ge=1)  # one LoRA file
     lora_max_total_bytes: int = Field(default=4 * 1024**3, ge=1)  # all LoRAs of one request
     lora_max_per_request: int = Field(default=3, ge=1)
-    lora_max_rank: int = Field(default=128, ge=1)  # also the hot-swap slot rank (compiled presets)
+    lora_max_rank: int = Field(default=128, ge=1)  # highest rank accepted
+    # Hot-swap slots on compiled presets (models/lora/hotswap.py): made at the first LoRA
+    # request (lazy), at load (eager), or never (off: LoRA requests run eager); their rank.
+    lora_hotswap: Literal["off", "lazy", "eager"] = "lazy"
+    lora_hotswap_rank: int = Field(default=64, ge=1)
     lora_max_loaded: int = Field(default=8, ge=1)  # LoRAs kept in memory per worker
     lora_download_timeout: float = Field(default=120.0, gt=0)
 

@@ -100,6 +100,25 @@ lora_cache_lookups_total = Counter(
 lora_downloads_total = Counter(
     PREFIX + "lora_downloads", "LoRA URLs requests used, by whether the download cache had them", ["result"]
 )
+# torch.compile in a worker: `phase` "warmup" (before the worker is ready) or "request" (a
+# graph compiled inside a request: a recompile the warm-up did not cover, or the first LoRA
+# request making hot-swap slots).
+compiled_graphs_total = Counter(
+    PREFIX + "compiled_graphs", "Graphs torch.compile compiled in a worker, by phase", ["phase"]
+)
+compile_seconds_total = Counter(
+    PREFIX + "compile_seconds", "Seconds torch.compile spent compiling in a worker, by phase", ["phase"]
+)
+
+
+def record_compiles(phase: str, graphs: int, seconds: float) -> None:
+    """What a warm-up (`phase` "warmup") or one request ("request") compiled."""
+    if graphs > 0:
+        compiled_graphs_total.labels(phase).inc(graphs)
+    if seconds > 0:
+        compile_seconds_total.labels(phase).inc(seconds)
+
+
 gpu_memory_used_bytes = Gauge(
     PREFIX + "gpu_memory_used_bytes",
     "GPU memory allocated by a worker's model and buffers",

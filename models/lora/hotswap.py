@@ -1,21 +1,29 @@
 """LoRA slots for compiled presets: switching LoRAs copies weights, never recompiles.
 
-`prepare()` runs once, before anything is compiled: it calls diffusers'
-`enable_lora_hotswap(target_rank=max_rank)` and loads `slots` zero LoRAs of that rank on every
-linear layer of the transformer ("hotswap_0", ...). The compiled graphs therefore already
-contain every LoRA layer any later LoRA can use. A request's LoRAs are then copied into the
-slots with `hotswap=True` (smaller ranks are zero-padded, layers a LoRA does not adapt are
-zeroed) and each slot's scale is written into its scaling tensor; unused slots get scale 0.
-All slots stay active on every LoRA request, so any mix of LoRAs runs the same graph.
+Slots exist only once LoRAs are used: `prepare(targets)` runs at the first LoRA request (the
+`lazy` setting, the default) or at load for every linear layer (`eager`). It calls diffusers'
+`enable_lora_hotswap(target_rank=rank)` and loads `slots` zero LoRAs of that rank
+("hotswap_0", ...) on exactly the `targets` layers: peft wraps only those, so a server that
+never sees a LoRA computes (and compiles) the plain model, and one whose LoRAs adapt only the
+attention projections pays for slots there only. A request's LoRAs are then copied into the
+slots with `hotswap=True` (smaller ranks are zero-padded, slotted layers a LoRA does not adapt
+are zeroed) and each slot's scale is written into its scaling tensor; unused slots get scale
+0. All slots stay active on every LoRA request, so any mix of LoRAs runs the same graph.
+
+A LoRA that adapts layers outside the slots widens them: the slots are rebuilt on the union of
+the layers (once per new set of layers; compiled presets recompile once, which the compile
+metrics count). The rank is fixed (`LoraLimits.hotswap_rank`, 64 by default: most published
+FLUX LoRAs are rank 4-64); a LoRA of a higher rank runs on the slower path below.
 
 A LoRA in a slot stays there until the slot is needed for another one (the least recently
-used slot goes first), and up to
-`max_loaded` LoRAs stay read in memory (least recently used dropped), so a repeated LoRA costs
-at most one copy into its slot.
+used slot goes first), and up to `max_loaded` LoRAs stay read in memory (least recently used
+dropped), so a repeated LoRA costs at most one copy into its slot.
 
-What hot-swap cannot take (text-encoder layers: the text encoder is not slotted) runs on the
-slower path: loaded as an ordinary adapter for this request only, with compile switched off,
-and unloaded afterwards so that the compiled graphs see the same modules again.
+What hot-swap cannot take (text-encoder layers: the text encoder is not slotted; a rank above
+the slots') runs on the slower path: loaded as an ordinary adapter for this request only, with
+compile switched off, and deleted afterwards. peft leaves its wrapper on each layer the adapter
+touched (holding no adapter): where those layers were not slotted yet, the next compiled
+request compiles once more for the new module structure.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from models.lora.layers import activate, deactivate
@@ -51,6 +59,7 @@ class HotswapSlots:
         self._in_memory: OrderedDict[FileKey, LoadedLora] = OrderedDict()
         self._temporary: list[str] = []
         self._temporary_names = itertools.count()
+        self.targets: frozenset[str] = frozenset()  # the slotted transformer layers
         self.prepared = False
 
     @property
@@ -60,15 +69,31 @@ class HotswapSlots:
     def loaded_keys(self) -> list[FileKey]:
         return list(self._in_memory)
 
-    def prepare(self) -> None:
-        """Create the slots; before the first compiled call (else that graph recompiles once)."""
+    def prepare(self, targets: Iterable[str] | None = None) -> None:
+        """Slots on `targets` (transformer layer names; None: every linear layer), or on the
+        union with the layers slotted already. Before a compiled call, else that graph
+        compiles again; a widening rebuild drops what the slots held."""
         import torch
 
-        if self.prepared:
+        wanted = None if targets is None else frozenset(targets) | self.targets
+        if self.prepared and wanted is not None and wanted <= self.targets:
+            return  # every LoRA request with slotted layers only: nothing to do
+        every = linear_dims(self.transformer)
+        wanted = frozenset(every) if wanted is None else wanted
+        if self.prepared and wanted <= self.targets:
             return
+        if self.prepared:
+            logger.info(
+                "LoRA hot-swap: widening the slots from %d to %d layers (compiled presets compile once more)",
+                len(self.targets),
+                len(wanted),
+            )
+            self.transformer.delete_adapters(self.names)
+            self._slot_holds = [None] * len(self.names)
         dtype = self.transformer.dtype  # the compute dtype, also under fp8 storage
         zeros: dict[str, torch.Tensor] = {}
-        for module, (fan_in, fan_out) in linear_dims(self.transformer).items():
+        for module in sorted(wanted):
+            fan_in, fan_out = every[module]
             zeros[f"{module}.lora_A.weight"] = torch.zeros(self.rank, fan_in, dtype=dtype)
             zeros[f"{module}.lora_B.weight"] = torch.zeros(fan_out, self.rank, dtype=dtype)
         for name in self.names:
@@ -76,16 +101,20 @@ class HotswapSlots:
             self.transformer.enable_lora_hotswap(target_rank=self.rank, check_compiled="ignore")
             self.transformer.load_lora_adapter(dict(zeros), adapter_name=name, prefix=None)
         deactivate(self.modules)
+        self.targets = wanted
         self.prepared = True
         logger.info(
-            "LoRA hot-swap: %d slot(s) of rank %d on every transformer linear", len(self.names), self.rank
+            "LoRA hot-swap: %d slot(s) of rank %d on %d of the transformer's %d linear layers",
+            len(self.names),
+            self.rank,
+            len(wanted),
+            len(every),
         )
 
     def activate(
         self, specs: Sequence[tuple[LoraSpec, float]], log: list[str]
     ) -> tuple[int, int, str | None]:
         """Returns (hits, misses, why this request must run eager or None)."""
-        self.prepare()
         hits = misses = 0
         loras: list[tuple[LoadedLora, float, bool]] = []
         for spec, scale in specs:
@@ -104,6 +133,15 @@ class HotswapSlots:
                     f"in {time.perf_counter() - started:.2f} s"
                 )
             loras.append((lora, scale, key in self._slot_holds))
+        # Slots on the layers these LoRAs adapt (at the first LoRA request, or wider now).
+        slotted = [lora for lora, _, _ in loras if self._slower_path_reason(lora) is None]
+        if slotted:
+            self.prepare(
+                module.removeprefix("transformer.")
+                for lora in slotted
+                for module in lora.targets
+                if module.startswith("transformer.")
+            )
 
         eager_reasons: list[str] = []
         scales: dict[str, float] = dict.fromkeys(self.names, 0.0)
@@ -114,12 +152,12 @@ class HotswapSlots:
             key=lambda i: (self._slot_holds[i] is not None, self._slot_used[i]),
         )
         for lora, scale, _ in loras:
-            if lora.has_text_encoder:
+            reason = self._slower_path_reason(lora)
+            if reason is not None:
                 name = f"eager_{next(self._temporary_names)}"
                 self.pipe.load_lora_weights(dict(lora.state_dict), adapter_name=name)
                 self._temporary.append(name)
                 scales[name] = scale
-                reason = f"LoRA {lora.name} adapts the text encoder, which hot-swap cannot take"
                 eager_reasons.append(reason)
                 log.append(f"{reason}: this request runs eager (the slower path)")
                 continue
@@ -141,9 +179,15 @@ class HotswapSlots:
         activate(self.modules, scales)
         return hits, misses, "; ".join(eager_reasons) or None
 
+    def _slower_path_reason(self, lora: LoadedLora) -> str | None:
+        if lora.has_text_encoder:
+            return f"LoRA {lora.name} adapts the text encoder, which hot-swap cannot take"
+        if lora.rank > self.rank:
+            return f"LoRA {lora.name} has rank {lora.rank}, above the hot-swap slots' rank {self.rank}"
+        return None
+
     def activate_empty(self) -> None:
         """All slots on, at scale 0: the graph every LoRA request runs, without any LoRA."""
-        self.prepare()
         activate(self.modules, dict.fromkeys(self.names, 0.0))
 
     def deactivate(self) -> None:

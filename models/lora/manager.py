@@ -1,14 +1,19 @@
 """LoraManager: a request's LoRAs on the shared pipeline, for that request only.
 
-    manager = LoraManager(pipe, limits=LoraLimits(...), hotswap=<a compiled preset is enabled>)
-    manager.prepare()                          # before warm-up/compile (hot-swap slots)
+    manager = LoraManager(pipe, limits=LoraLimits(..., hotswap="lazy"),  # "off" | "lazy" | "eager"
+                          compiled=<a compiled preset is enabled>)
+    manager.prepare()                          # before warm-up/compile: slots now if "eager"
     with manager.apply([LoraSpec(name, file, scale), ...]) as run:
         ...                                    # run.eager_reason: compile must be off
     run.log                                    # lines for the job's log (loads, hits, the path)
 
-Eager servers use plain named adapters (named.py), servers with a compiled preset use hot-swap
-slots (hotswap.py). Either way the LoRAs are switched off when the block ends, also on an
-error, so the next request without LoRAs computes exactly what it did before any LoRA.
+Eager servers use plain named adapters (named.py). Servers with a compiled preset use hot-swap
+slots (hotswap.py): made at the first LoRA request (`lazy`, the default: a server that never
+sees a LoRA has no slot and compiles once), or at load on every linear layer (`eager`: LoRA
+requests never compile, the cold start compiles the slotted graphs too). With `off`, a compiled
+server runs LoRA requests eagerly on plain adapters. Either way the LoRAs are switched off
+when the block ends, also on an error, so the next request without LoRAs computes exactly
+what it did before any LoRA.
 The same LoRA named twice in one request counts once, with the scales added.
 """
 
@@ -45,20 +50,22 @@ class LoraStats:
 
 
 class LoraManager:
-    def __init__(self, pipe: Any, *, limits: LoraLimits, hotswap: bool) -> None:
+    def __init__(self, pipe: Any, *, limits: LoraLimits, compiled: bool) -> None:
         self.pipe = pipe
         self.limits = limits
-        self.hotswap = hotswap
+        self.compiled = compiled
+        self.hotswap = compiled and limits.hotswap != "off"
+        self.slots_at_load = self.hotswap and limits.hotswap == "eager"
         self.stats = LoraStats()
         self._lock = threading.Lock()
         # The compute dtype (diffusers reports it also when the weights are stored in fp8).
         self._dtype = pipe.transformer.dtype
         self.strategy: NamedAdapters | HotswapSlots
-        if hotswap:
+        if self.hotswap:
             self.strategy = HotswapSlots(
                 pipe,
                 read=self.read,
-                rank=limits.max_rank,
+                rank=limits.hotswap_rank,
                 slots=limits.max_per_request,
                 max_loaded=limits.max_loaded,
             )
@@ -69,8 +76,14 @@ class LoraManager:
     def mode(self) -> str:
         return "hotswap" if self.hotswap else "adapters"
 
+    @property
+    def slots_ready(self) -> bool:
+        """Hot-swap slots exist (so warm-up compiles the graphs LoRA requests run)."""
+        return isinstance(self.strategy, HotswapSlots) and self.strategy.prepared
+
     def prepare(self) -> None:
-        if isinstance(self.strategy, HotswapSlots):
+        """At load: the slots on every linear layer when they are made at load (`eager`)."""
+        if self.slots_at_load and isinstance(self.strategy, HotswapSlots):
             self.strategy.prepare()
             compute_in(self.strategy.modules, self._dtype)
 
@@ -90,7 +103,7 @@ class LoraManager:
     @contextmanager
     def warm(self) -> Iterator[None]:
         """Every hot-swap slot on at scale 0 (the graph LoRA requests run), for warm-up."""
-        if not isinstance(self.strategy, HotswapSlots):
+        if not isinstance(self.strategy, HotswapSlots) or not self.strategy.prepared:
             yield
             return
         with self._lock:
@@ -119,6 +132,9 @@ class LoraManager:
                     run.hits, run.misses, run.eager_reason = self.strategy.activate(merged, run.log)
                 else:
                     run.hits, run.misses = self.strategy.activate(merged, run.log)
+                    if self.compiled:  # hot-swap off: adapters change the modules compile traced
+                        run.eager_reason = "LoRA hot-swap is off (lora_hotswap=off)"
+                        run.log.append(f"{run.eager_reason}: this request runs eager")
                 compute_in(self.strategy.modules, self._dtype)
                 self.stats.hits += run.hits
                 self.stats.misses += run.misses

@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from models.lora.errors import LoraError
 
 DEFAULT_MAX_RANK = 128
+# Hot-swap slots' rank: published FLUX LoRAs are mostly rank 4-64 (ai-toolkit and kohya
+# defaults 16-32); a higher-rank LoRA still runs, on the slower eager path.
+DEFAULT_HOTSWAP_RANK = 64
 DEFAULT_MAX_FILE_BYTES = 2 * 1024**3
 DEFAULT_MAX_LOADED = 8
 DEFAULT_MAX_PER_REQUEST = 3
@@ -31,9 +35,17 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class LoraLimits:
-    """`max_rank` is also the rank hot-swap slots are padded to on compiled presets."""
+    """What LoRAs a runtime takes, and how it holds them on compiled presets.
+
+    `max_rank`: the highest rank accepted. `hotswap`: when hot-swap slots are made on a server
+    with a compiled preset: "lazy" (at the first LoRA request, on the layers LoRAs adapt),
+    "eager" (at load, on every linear layer) or "off" (no slots: LoRA requests run eager).
+    `hotswap_rank`: the slots' rank (every slotted LoRA is zero-padded to it; a LoRA of a
+    higher rank runs eager)."""
 
     max_rank: int = DEFAULT_MAX_RANK
+    hotswap: Literal["off", "lazy", "eager"] = "lazy"
+    hotswap_rank: int = DEFAULT_HOTSWAP_RANK
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     max_loaded: int = DEFAULT_MAX_LOADED  # adapters kept in memory (least recently used goes first)
     max_per_request: int = DEFAULT_MAX_PER_REQUEST

@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from models.presets.compiling import compile_forward, is_compile_failure
 from models.presets.policy import (
     PRESET_ORDER,
     PRESETS,
@@ -43,6 +44,7 @@ from models.presets.policy import (
     adapt_to_hardware,
     nearest_enabled,
 )
+from models.presets.weights import fuse_qkv_dropping_originals, quantize, set_vae_channels_last
 
 if TYPE_CHECKING:
     from models.memory import MemoryPlan
@@ -129,6 +131,9 @@ class PresetManager:
         self.hardware = hardware or detect_hardware(device)
         self.compile_cache_dir = set_compile_cache_dirs(Path(data_dir))
         self.single_weight_set = bool(memory_plan and memory_plan.single_weight_set)
+        # The transformer's own weights: fp8 where the memory plan quantized them (torchao).
+        self.base_precision = memory_plan.base_precision if memory_plan else "bf16"
+        self.base_key = (self.base_precision, False)
         plan_name = memory_plan.name if memory_plan else ""
 
         # name -> (the runnable preset, why it differs from the definition)
@@ -137,27 +142,51 @@ class PresetManager:
             adapted, note = adapt_to_hardware(
                 self.presets[name], self.hardware, compile_backend=str(compile_backend)
             )
-            if self.single_weight_set and adapted.weight_set != ("bf16", False):
-                extra = (
-                    f"memory plan {plan_name!r} keeps one transformer weight set, "
-                    f"so {adapted.precision} weights and fused QKV were not loaded"
-                )
-                note = f"{note}; {extra}" if note else extra
-                adapted = replace(adapted, precision="bf16", fuse_qkv=False)
+            if self.single_weight_set and adapted.weight_set != self.base_key:
+                ran_on = "fp8" if self.base_precision == "fp8" else "the loaded"
+                extra = f"memory plan {plan_name!r} keeps one transformer weight set: ran on {ran_on} weights"
+                if adapted.fuse_qkv:
+                    extra += ", without fused QKV"
+                note = _join(note, extra)
+                adapted = replace(adapted, precision=self.base_precision, fuse_qkv=False)
             self.runnable[name] = (adapted, note)
 
         self._variants: dict[tuple[str, bool], Any] = {}
         # weight set -> compile mode -> {module: its compiled call}; switched on per call
         self._compiled: dict[tuple[str, bool], dict[str, dict[Any, Any]]] = {}
-        for preset, note in list(self.runnable.values()):
+        for name, (preset, note) in list(self.runnable.items()):
             variant, failure = self._variant_for(preset)
             if failure:  # quantization failed at run time: fall back to the base weights
-                fallback = replace(preset, precision="bf16", fuse_qkv=False)
-                self.runnable[preset.name] = (fallback, f"{note}; {failure}" if note else failure)
-                variant, _ = self._variant_for(fallback)
-                preset = fallback
+                log.warning("preset %s: %s", name, failure)
+                preset = replace(preset, precision=self.base_precision, fuse_qkv=False)
+                self.runnable[name] = (preset, _join(note, failure))
+                variant, _ = self._variant_for(preset)
             if preset.compile != "none":
                 self._compile(preset.weight_set, variant, preset.compile)
+
+    def demote(self, name: str, exc: BaseException) -> bool:
+        """`name` failed to run: from now on it runs a simpler form, with a note saying why in
+        every response that asks for it. A compile failure turns compile off (the preset keeps
+        its weights and step cache); any other failure, or one of the eager form, falls back
+        to `none`. False when it already runs the plain base weights eagerly (nothing simpler
+        is left: the failure is the model's, not the preset's)."""
+        preset, note = self.runnable[name]
+        why = f"{type(exc).__name__}: {_first_line(exc)}"
+        plain = Preset("none", precision=self.base_precision)
+        if preset.compile != "none" and is_compile_failure(exc):
+            simpler = replace(preset, compile="none")
+            what = f"{preset.compile} compile failed ({why}); ran eager"
+        elif preset != plain:
+            simpler, what = plain, f"preset {name!r} failed ({why}); ran 'none'"
+        else:
+            return False
+        log.warning("preset %s: %s", name, what, exc_info=exc)
+        self.runnable[name] = (simpler, _join(note, what))
+        return True
+
+    def enabled_name(self, requested: str) -> str:
+        """The enabled preset a request for `requested` runs (see `resolve`)."""
+        return nearest_enabled(requested, self.enabled)
 
     # ------------------------------------------------------------------ building variants
 
@@ -165,7 +194,7 @@ class PresetManager:
         key = preset.weight_set
         if key in self._variants:
             return self._variants[key], None
-        if key == ("bf16", False):
+        if key == self.base_key:
             self._variants[key] = self.base
             return self.base, None
         variant = copy.deepcopy(self.base)
@@ -176,7 +205,8 @@ class PresetManager:
                 quantize(variant, preset.precision)
             except Exception as exc:  # e.g. torchao's assertion about the CUDA capability
                 del variant
-                return self.base, f"{preset.precision} quantization failed ({exc}); ran the loaded precision"
+                why = f"{type(exc).__name__}: {_first_line(exc)}"
+                return self.base, f"{preset.precision} quantization failed ({why}); ran the loaded precision"
         self._variants[key] = variant
         return variant, None
 
@@ -195,7 +225,7 @@ class PresetManager:
             modules = [m for m in variant.modules() if m.__class__.__name__ in variant._repeated_blocks]
         else:  # whole model; recompiles when the first size was square (see cpu-code-paths.md)
             modules = [variant]
-        modes[mode] = {m: _compile_forward(m.forward, self.compile_backend) for m in modules}
+        modes[mode] = {m: compile_forward(m.forward, self.compile_backend) for m in modules}
 
     def _set_compiled(self, key: tuple[str, bool], mode: str | None) -> None:
         for each_mode, forwards in self._compiled.get(key, {}).items():
@@ -212,7 +242,7 @@ class PresetManager:
         notes: list[str] = []
         if requested not in self.presets:
             notes.append(f"unknown preset {requested!r}")
-        name = nearest_enabled(requested, self.enabled)
+        name = self.enabled_name(requested)
         if name != requested and requested in self.presets:
             notes.append(
                 f"preset {requested!r} is not enabled on this server (enabled: {', '.join(self.enabled)})"
@@ -246,16 +276,16 @@ class PresetManager:
         a preset with other weights keeps its compile and cache and says so in its note.
         `eager`: compile off for this call (the caller logs why)."""
         preset, note = self.resolve(requested)
-        if base_weights is not None and preset.weight_set != ("bf16", False):
+        if base_weights is not None and preset.weight_set != self.base_key:
             dropped = ", ".join(
                 part
                 for part, on in (
-                    (f"{preset.precision} weights", preset.precision != "bf16"),
+                    (f"{preset.precision} weights", preset.precision != self.base_precision),
                     ("fused QKV", preset.fuse_qkv),
                 )
                 if on
             )
-            preset = replace(preset, precision="bf16", fuse_qkv=False)
+            preset = replace(preset, precision=self.base_precision, fuse_qkv=False)
             extra = f"{base_weights}: ran without {dropped}"
             note = f"{note}; {extra}" if note else extra
         if eager and preset.compile != "none":
@@ -295,92 +325,61 @@ class PresetManager:
         per preset. `base_weights`: warm them on the loaded weights, as `use` runs them then.
 
         Call before the worker reports ready. Compiles with dynamic shapes, so after this no
-        configured size recompiles; `max_images > 1` also warms a batch of 2 (batch 1 -> 2
-        recompiles once; larger batches reuse that graph)."""
-        import torch
+        configured size recompiles. `max_images > 1` also warms a batch of `max_images` at the
+        smallest size: batch 1 is specialised (dynamo's 0/1 rule), the first larger batch
+        compiles a graph with a symbolic batch that every batch from 2 up reuses.
 
+        A preset whose warm-up fails is demoted (compiled -> eager -> `none`, see `demote`)
+        and warmed again in its simpler form: a preset never keeps a worker from serving.
+        Only a failure of the plain base weights themselves propagates."""
         sizes = list(sizes) or [(1024, 1024)]
+        runs = [(w, h, 1) for w, h in sizes]
+        if max_images > 1:
+            runs.append((*min(sizes, key=lambda s: s[0] * s[1]), max_images))
         seconds: dict[str, float] = {}
         for name in self.enabled if names is None else list(names):
-            runs = [(w, h, 1) for w, h in sizes]
-            if max_images > 1:
-                runs.append((*min(sizes, key=lambda s: s[0] * s[1]), 2))
             start = time.perf_counter()
-            for width, height, count in runs:
-                with self.use(pipe, name, steps=steps, base_weights=base_weights):
-                    pipe(
-                        prompt="warm-up",
-                        width=width,
-                        height=height,
-                        num_inference_steps=steps,
-                        num_images_per_prompt=count,
-                        generator=torch.Generator("cpu").manual_seed(0),
-                        output_type="latent",
-                    )
+            while True:
+                try:
+                    self._warm(pipe, name, runs, steps=steps, base_weights=base_weights)
+                    break
+                except Exception as exc:
+                    if not self.demote(name, exc):
+                        raise
             seconds[name] = time.perf_counter() - start
             log.info(
                 "warmed preset %s in %.1f s (%s)", name, seconds[name], self.runnable[name][0].describe()
             )
         return seconds
 
+    def _warm(
+        self, pipe: Any, name: str, runs: list[tuple[int, int, int]], *, steps: int, base_weights: str | None
+    ) -> None:
+        import torch
+
+        for width, height, count in runs:
+            with self.use(pipe, name, steps=steps, base_weights=base_weights):
+                pipe(
+                    prompt="warm-up",
+                    width=width,
+                    height=height,
+                    num_inference_steps=steps,
+                    num_images_per_prompt=count,
+                    generator=torch.Generator("cpu").manual_seed(0),
+                    output_type="latent",
+                )
+
 
 # ---------------------------------------------------------------------- helpers
 
 
-def _compile_forward(forward: Any, backend: Any) -> Any:
-    """torch.compile with dynamic shapes and without duck sizing.
-
-    Duck sizing gives equal sizes one symbol: at 1024x768 FLUX has 3072 image tokens, the same
-    as its hidden size, so a warm-up there would specialise and 1024x1024 would recompile.
-    (The tiny model: 16 image tokens at 64x64 = its head dim.)"""
-    import functools
-
-    import torch
-    import torch.fx.experimental._config as fx_config
-
-    compiled = torch.compile(forward, dynamic=True, backend=backend)
-
-    @functools.wraps(forward)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        with fx_config.patch(use_duck_shape=False):
-            return compiled(*args, **kwargs)
-
-    return call
+def _join(note: str | None, extra: str) -> str:
+    return f"{note}; {extra}" if note else extra
 
 
-def quantize(transformer: Any, precision: str) -> None:
-    """torchao dynamic-activation quantization of every linear layer, in place."""
-    from torchao.quantization import (
-        Float8DynamicActivationFloat8WeightConfig,
-        Int8DynamicActivationInt8WeightConfig,
-        PerRow,
-        quantize_,
-    )
-
-    if precision == "fp8":
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    elif precision == "int8":
-        config = Int8DynamicActivationInt8WeightConfig()
-    else:
-        raise ValueError(f"unknown precision {precision!r}")
-    quantize_(transformer, config)
-
-
-def fuse_qkv_dropping_originals(transformer: Any) -> None:
-    """Fuse Q/K/V (one wider GEMM) and drop the unfused copies, so each weight is held once."""
-    transformer.fuse_qkv_projections()
-    for module in transformer.modules():
-        if getattr(module, "fused_projections", False):
-            for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-                if name in module._modules:
-                    del module._modules[name]
-
-
-def set_vae_channels_last(vae: Any, channels_last: bool) -> None:
-    """NHWC convolutions in the VAE (a small, lossless gain); converts only when it changes."""
-    import torch
-
-    wanted = torch.channels_last if channels_last else torch.contiguous_format
-    if getattr(vae, "_flux_memory_format", torch.contiguous_format) != wanted:
-        vae.to(memory_format=wanted)
-        vae._flux_memory_format = wanted
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error's message, shortened for a response note (torch's compile
+    errors run to pages; the log has them whole)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else "no message"
+    return line if len(line) <= 200 else line[:197] + "..."

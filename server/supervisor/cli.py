@@ -53,7 +53,13 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--default-acceleration", {"choices": ["none", "regular", "high"]}),
     ("--presets", {"help": "comma-separated presets to load and warm (none,regular,high)"}),
     ("--warmup-sizes", {"help": "comma-separated WxH sizes to compile for before ready"}),
-    ("--memory-plan", {"help": "auto, resident, fp8-offload-text, model-offload, sequential-offload"}),
+    (
+        "--memory-plan",
+        {
+            "help": "auto, resident, fp8-offload-text, fp8-storage-offload-text, model-offload, "
+            "sequential-offload"
+        },
+    ),
     ("--retention-seconds", {"type": float}),
     ("--max-upload-bytes", {"type": int, "help": "largest file a client may upload (fal storage)"}),
     (
@@ -82,7 +88,9 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--lora-max-bytes", {"type": int, "help": "largest single LoRA file"}),
     ("--lora-max-per-request", {"type": int}),
     ("--lora-download-timeout", {"type": float, "help": "seconds allowed to download one LoRA URL"}),
-    ("--lora-max-rank", {"type": int, "help": "highest LoRA rank accepted (hot-swap slot rank)"}),
+    ("--lora-max-rank", {"type": int, "help": "highest LoRA rank accepted"}),
+    ("--lora-hotswap", {"choices": ["off", "lazy", "eager"], "help": "when compiled presets get LoRA slots"}),
+    ("--lora-hotswap-rank", {"type": int, "help": "rank of the hot-swap slots (default 64)"}),
     ("--webhook-allowlist", {"help": "comma-separated host names webhooks may be sent to"}),
     ("--webhook-retry-base-seconds", {"type": float, "help": "first webhook retry delay (doubles)"}),
 ]

@@ -210,6 +210,7 @@ class Worker:
             self.state.set("warming", ", ".join(f"{w}x{h}" for w, h in sizes))
             seconds = runtime.warmup(sizes)
             logger.info("warmed up %d size(s) in %.1f s", len(sizes), seconds)
+            metrics.record_compiles("warmup", runtime.warmup_compiled.graphs, runtime.warmup_compiled.seconds)
         return runtime
 
     # --- main loop -----------------------------------------------------------------------
@@ -335,6 +336,7 @@ class Worker:
             else:  # stopping
                 self.outcomes.requeue(job, "Worker stopping; requeued")
             return None
+        metrics.record_compiles("request", generation.compiled.graphs, generation.compiled.seconds)
         if record.job.loras:
             metrics.lora_cache_lookups_total.labels("hit").inc(generation.lora_hits)
             metrics.lora_cache_lookups_total.labels("miss").inc(generation.lora_misses)

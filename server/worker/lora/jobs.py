@@ -46,6 +46,8 @@ class JobLoras:
             max_file_bytes=s.lora_max_bytes,
             max_loaded=s.lora_max_loaded,
             max_per_request=s.lora_max_per_request,
+            hotswap=s.lora_hotswap,
+            hotswap_rank=s.lora_hotswap_rank,
         )
 
     def own_base_urls(self, job: Job) -> list[str]:

@@ -111,7 +111,7 @@ def test_a_bad_lora_fails_its_request_and_the_next_one_is_clean(
 def test_least_recently_used_adapters_are_unloaded(
     lora_runtime: FluxRuntime, lora_file: Callable[..., Path]
 ) -> None:
-    manager = LoraManager(lora_runtime.pipe, limits=LoraLimits(max_loaded=2), hotswap=False)
+    manager = LoraManager(lora_runtime.pipe, limits=LoraLimits(max_loaded=2), compiled=False)
     saved = lora_runtime.loras
     lora_runtime.loras = manager
     try:
@@ -212,15 +212,14 @@ def test_inpainting_with_a_lora(lora_runtime: FluxRuntime, lora_file: Callable[.
 def test_loras_on_fp8_stored_weights(
     tiny_model_dir: Path, lora_file: Callable[..., Path], hotswap: bool
 ) -> None:
-    """The fp8 memory plan stores the transformer in float8 (layerwise casting): adapters
-    must still compute in the model's dtype."""
-    import torch
+    """The fp8-storage memory plans keep the blocks' linear weights in float8, cast a block at
+    a time: adapters must still compute in the model's dtype."""
+    from models.memory import store_blocks_in_fp8
 
     runtime = load_runtime("tiny", data_dir=tiny_model_dir.parent, device="cpu", presets=("none",))
-    runtime.pipe.transformer.enable_layerwise_casting(
-        storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32
-    )
-    runtime.loras = LoraManager(runtime.pipe, limits=LoraLimits(max_rank=8), hotswap=hotswap)
+    assert store_blocks_in_fp8(runtime.pipe.transformer) > 0
+    limits = LoraLimits(max_rank=8, hotswap="eager", hotswap_rank=8)
+    runtime.loras = LoraManager(runtime.pipe, limits=limits, compiled=hotswap)
     runtime.loras.prepare()
     plain = png(generate(runtime).images[0])
     styled = png(generate(runtime, loras=[LoraSpec("a", lora_file("a", seed=1))]).images[0])

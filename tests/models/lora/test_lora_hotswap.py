@@ -23,6 +23,8 @@ from models.runtime import FluxRuntime
 from tests.models.lora.helpers import generate, png
 
 CPU = Hardware("cpu", None, torchao=True, compiler=True)
+# Slots made at load on every linear layer (lora_hotswap=eager), rank 8 (the test LoRAs' most).
+SLOTS_AT_LOAD = LoraLimits(max_rank=8, max_per_request=2, hotswap="eager", hotswap_rank=8)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def compiled(tiny_model_dir: Path) -> Iterator[tuple[FluxRuntime, torch._dynamo.
         compile_backend=counter,
         hardware=CPU,
     )
-    runtime.loras = LoraManager(runtime.pipe, limits=LoraLimits(max_rank=8, max_per_request=2), hotswap=True)
+    runtime.loras = LoraManager(runtime.pipe, limits=SLOTS_AT_LOAD, compiled=True)
     runtime.loras.prepare()
     yield runtime, counter
     torch._dynamo.reset()
@@ -135,10 +137,10 @@ def test_warm_up_compiles_the_lora_graph_too(tiny_model_dir: Path, lora_file: Ca
         compile_backend=counter,
         hardware=CPU,
     )
-    runtime.loras = LoraManager(runtime.pipe, limits=LoraLimits(max_rank=8, max_per_request=2), hotswap=True)
+    runtime.loras = LoraManager(runtime.pipe, limits=SLOTS_AT_LOAD, compiled=True)
     runtime.loras.prepare()
     try:
-        runtime.warmup([(64, 64)])
+        runtime.warmup([(64, 64)], max_images=1)  # one image: larger batches are the cold start test's
         graphs = counter.frame_count
         assert graphs > 0
         run(runtime, LoraSpec("a", lora_file("a", seed=1)))
