@@ -100,7 +100,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if died_in := report.pop("running", None):
         section, name = died_in
         key = "mode" if section == "rows" else "plan"
-        report.setdefault(section, []).append({key: name, "error": "stopped inside this row: " + (errors or ["?"])[-1]})
+        why = errors[-1] if errors else "the process ended"
+        report.setdefault(section, []).append({key: name, "error": f"stopped inside this row: {why}"})
     report["wall_s"] = time.perf_counter() - started
     if errors:
         report["error"] = "; ".join(errors)
