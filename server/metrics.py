@@ -106,6 +106,13 @@ gpu_memory_total_bytes = Gauge(
 )
 
 
+def record_gpu_memory(worker: str, used_bytes: int, total_bytes: int) -> None:
+    """A worker's GPU memory: set when it reports ready, after each job and after a failure
+    (server/worker/loop.py). Only a worker on a CUDA device records it."""
+    gpu_memory_used_bytes.labels(worker).set(used_bytes)
+    gpu_memory_total_bytes.labels(worker).set(total_bytes)
+
+
 class QueueCollector(Collector):
     """Figures read from the queue at scrape time."""
 

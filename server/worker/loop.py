@@ -382,11 +382,19 @@ class Worker:
         self.exit_process(EXIT_HUNG)
 
     def _report_gpu_memory(self) -> None:
-        """Memory of this worker's GPU, for /metrics (nothing to report on a CPU)."""
+        """Memory of this worker's GPU, for /metrics (nothing to report on a CPU). Called from
+        the main loop and the finisher thread, so the device is named, never "current"; a
+        figure that cannot be read is logged and skipped: a metric never ends a worker."""
         if not str(self.device).startswith("cuda"):
             return
-        import torch
+        try:
+            import torch
 
-        used = torch.cuda.memory_allocated()
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        metrics.record_gpu_memory(self.worker_id, used, total)
+            index = torch.device(self.device).index
+            if index is None:
+                index = torch.cuda.current_device()
+            used = torch.cuda.memory_allocated(index)
+            total = torch.cuda.get_device_properties(index).total_memory
+            metrics.record_gpu_memory(self.worker_id, used, total)
+        except Exception as exc:
+            logger.warning("could not read the GPU's memory for /metrics: %s: %s", type(exc).__name__, exc)
