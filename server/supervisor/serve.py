@@ -18,7 +18,10 @@ from server.supervisor.preflight import (
     check_model,
     check_port_free,
     check_settings,
+    check_toolchain,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def serve(settings: Settings) -> int:
@@ -45,4 +48,6 @@ def serve(settings: Settings) -> int:
         print(f"flux-server: {exc}", file=sys.stderr)
         return 1
     print(banner(settings, slots), flush=True)
+    if settings.role != "api" and (toolchain := check_toolchain(settings, slots)):
+        logger.warning("%s", toolchain)
     return Supervisor(settings, slots).run()
