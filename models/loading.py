@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from models import versions
+
 if TYPE_CHECKING:
     from diffusers import FluxPipeline, FluxPriorReduxPipeline
 
@@ -123,7 +125,14 @@ def load_runtime(
     )
     # Compiled presets switch LoRAs by hot-swap, whose slots must exist before any compile.
     compiled = any(p.compile != "none" for p, _ in preset_manager.runnable.values())
-    loras = LoraManager(pipe, limits=lora_limits or LoraLimits(), hotswap=compiled)
+    problem = versions.hotswap_problem() if compiled else None
+    if problem:
+        logger.warning(
+            "%s: LoRAs use plain adapters instead, and each new LoRA recompiles the compiled "
+            "presets (pip install 'peft>=0.17'; constraints/gpu.txt pins the tested one)",
+            problem,
+        )
+    loras = LoraManager(pipe, limits=lora_limits or LoraLimits(), hotswap=compiled and problem is None)
     loras.prepare()
     logger.info(
         "loaded %s on %s (%s, memory plan %s) in %.1fs; redux %s",

@@ -11,7 +11,8 @@ environment against it.
 version (a stale .whl/), a missing package or a peft too old for LoRA hot-swap stop the proof
 with a message that says what to do (exit 2); a device package at another version than the
 lock is only reported (the figures name the versions they ran on). Imports nothing but the
-standard library, so it runs before anything is installed.
+standard library (and models/versions.py, which imports nothing more), so it runs before
+anything is installed.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 LOCK = REPO / "constraints" / "gpu.txt"
-PEFT_HOTSWAP_MIN = (0, 17)  # diffusers' LoRA hot-swap (enable_lora_hotswap) needs peft >= 0.17
+
+from models.versions import hotswap_problem, installed_version, release  # noqa: E402
 
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)\s*#\s*(device|carried)\b")
 _HEADER = re.compile(r"^#\s*(python|cuda)\s+(\d+\.\d+)\s*$")
@@ -82,17 +84,6 @@ def read_lock(path: Path = LOCK) -> Lock:
     return Lock(pins, headers["python"], headers["cuda"])
 
 
-def release(version: str) -> tuple[int, ...]:
-    """The numeric release of a version string: '2.11.0+cu130' -> (2, 11, 0), '0.17.0rc1' -> (0, 17, 0)."""
-    numbers = []
-    for part in version.split("+", 1)[0].split("."):
-        digits = re.match(r"\d+", part)
-        if digits is None:
-            break
-        numbers.append(int(digits[0]))
-    return tuple(numbers)
-
-
 @dataclass
 class Verdict:
     errors: list[str]  # the proof must not run on this environment
@@ -120,20 +111,9 @@ def check(lock: Lock, installed_version: Callable[[str], str | None]) -> Verdict
             else:
                 notes.append(f"{pin.name} {found} on this machine, the lock says {pin.version}")
     peft = installed.get("peft")
-    if peft is not None and release(peft) < PEFT_HOTSWAP_MIN:
-        errors.append(
-            f"peft {peft} is too old for LoRA hot-swap under compiled presets (needs >= "
-            f"{'.'.join(map(str, PEFT_HOTSWAP_MIN))}): carry peft=={lock.version('peft')} "
-            "(scripts/make_device_wheels.sh)"
-        )
+    if peft is not None and (problem := hotswap_problem(peft)):
+        errors.append(f"{problem}: carry peft=={lock.version('peft')} (scripts/make_device_wheels.sh)")
     return Verdict(errors, notes, installed)
-
-
-def installed_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def main(argv: list[str] | None = None, lock_path: Path = LOCK) -> int:
