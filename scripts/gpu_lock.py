@@ -7,10 +7,11 @@ environment against it.
     python3 scripts/gpu_lock.py get NAME              # one pinned version (e.g. torch)
     python3 scripts/gpu_lock.py python                # the Python version it is for (3.12)
 
-`check` is what scripts/gpu_proof.sh runs before measuring: a carried package at another
-version (a stale .whl/), a missing package or a peft too old for LoRA hot-swap stop the proof
-with a message that says what to do (exit 2); a device package at another version than the
-lock is only reported (the figures name the versions they ran on). Imports nothing but the
+`check` is what scripts/gpu_proof.sh runs before measuring: a carried package missing or at
+another version (a stale .whl/), or a peft too old for LoRA hot-swap, stops the proof with a
+message that says what to do (exit 2); a device package at another version than the lock
+(or absent, as triton on a CPU box) is only reported: the figures name the versions they
+ran on. Imports nothing but the
 standard library (and models/versions.py, which imports nothing more), so it runs before
 anything is installed.
 """
@@ -99,9 +100,13 @@ def check(lock: Lock, installed_version: Callable[[str], str | None]) -> Verdict
     for pin in lock.pins.values():
         found = installed_version(pin.name)
         installed[pin.name] = found
-        if found is None:
-            fix = "; run scripts/make_device_wheels.sh and carry .whl/" if pin.where == "carried" else ""
-            errors.append(f"{pin.name} is not installed (the lock pins {pin.version}){fix}")
+        if found is None and pin.where == "carried":
+            errors.append(
+                f"{pin.name} is not installed (the lock carries {pin.version}); "
+                "run scripts/make_device_wheels.sh and carry .whl/"
+            )
+        elif found is None:  # the device image has it; a CPU box may not need it (triton)
+            notes.append(f"{pin.name} is not installed here (the device has {pin.version})")
         elif release(found) != release(pin.version) or (pin.where == "carried" and found != pin.version):
             if pin.where == "carried":
                 errors.append(
