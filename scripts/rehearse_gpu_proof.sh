@@ -22,6 +22,8 @@
 #           the CUDA build with its CUDA wheels, gigabytes); a CPU wheel of another version,
 #           e.g. TORCH=/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl,
 #           rehearses everything but torch's own version (say so with the result).
+#   OVERRIDES  device pins to replace, "name==version ...", where the lock's version has no
+#           wheel for PYTHON (numpy 2.5 needs Python 3.12: OVERRIDES="numpy==2.4.6" on 3.11)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,7 +49,16 @@ PYTHON_VERSION=$("$VPY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 [ "$PYTHON_VERSION" = "$LOCK_PYTHON" ] || log "Python $PYTHON_VERSION here; the device has $LOCK_PYTHON"
 
 log "1/3 the device's packages (--no-deps): $TORCH, the lock's device pins, ${#DEVICE_ALSO[@]} more"
-mapfile -t DEVICE_PINS < <("$VPY" scripts/gpu_lock.py device | grep -v '^torch==')
+read -r -a REPLACED <<<"${OVERRIDES:-}"
+DEVICE_PINS=()
+while read -r pin; do
+  name=${pin%%==*}
+  [ "$name" = torch ] && continue
+  for override in "${REPLACED[@]}"; do
+    [ "${override%%==*}" = "$name" ] && pin=$override && log "instead of the device's $name: $override"
+  done
+  DEVICE_PINS+=("$pin")
+done < <("$VPY" scripts/gpu_lock.py device)
 "$VPY" -m pip install -q --no-deps "$TORCH" "${DEVICE_PINS[@]}" "${DEVICE_ALSO[@]}"
 "$VPY" -m pip check >"$WORK/pip-check-device.txt" 2>&1 || log "the base lacks (not a device fault):
 $(cat "$WORK/pip-check-device.txt")"
