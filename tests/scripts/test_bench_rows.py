@@ -34,17 +34,21 @@ FAKE_BENCH = textwrap.dedent(
     die_in = out.parent / "die-in"
     report = BenchReport(out, {{"device": "fake"}}, resume="--resume" in sys.argv)
 
-    def row(name, seconds):
+    MODE = {{"ran": "fake", "warmup_s": 0.0, "peak_gib": None, "vs_baseline": None, "vs_floor": None,
+            "block_work": None, "rel_error": None}}
+    PLAN = {{"steps": 2, "resident_gib": None, "peak_gib": None, "expected_peak_gib": 34.0}}
+
+    def row(name, figures):
         def measure():
             if die_in.exists() and die_in.read_text() == name:
                 die_in.unlink()
                 os._exit(139)
-            return {{"seconds": seconds}}
+            return figures
         return measure
 
     for name, seconds in (("diffusers eager (baseline)", 6.0), ("preset regular", 2.0), ("preset high", 1.5)):
-        report.measure("rows", name, row(name, seconds))
-    report.measure("memory_plans", "resident", row("resident", 7.0))
+        report.measure("rows", name, row(name, {{**MODE, "seconds": seconds}}))
+    report.measure("memory_plans", "resident", row("resident", {{**PLAN, "seconds": 7.0}}))
     """
 ).format(scripts=str(REPO / "scripts"))
 
@@ -88,7 +92,7 @@ def test_a_death_inside_a_row_keeps_what_was_measured_and_a_resume_measures_the_
         ("preset high", 1.5, False),
     ]
     assert "the process ended while measuring this row" in done["rows"][1]["error"]
-    assert done["memory_plans"] == [{"plan": "resident", "seconds": 7.0}]
+    assert [(plan["plan"], plan["seconds"]) for plan in done["memory_plans"]] == [("resident", 7.0)]
     assert done["runs_of_the_script"] == 2 and "running" not in done
 
 
