@@ -40,8 +40,11 @@ fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 
+# Models and compile caches: $FLUX_PROOF_DATA, else gpu_proof.py's default under /tmp.
+DATA_ARGS=()
+[ -z "${FLUX_PROOF_DATA:-}" ] || DATA_ARGS=(--data-dir "$FLUX_PROOF_DATA")
 case "$PART" in
-  smoke) exec "$PY" scripts/gpu_proof.py --cpu-smoke --part all --out "$OUT_DIR" ;;
-  bench | serve | all) exec "$PY" scripts/gpu_proof.py --part "$PART" --out "$OUT_DIR" ;;
+  smoke) exec "$PY" scripts/gpu_proof.py --cpu-smoke --part all --out "$OUT_DIR" "${DATA_ARGS[@]}" ;;
+  bench | serve | all) exec "$PY" scripts/gpu_proof.py --part "$PART" --out "$OUT_DIR" "${DATA_ARGS[@]}" ;;
   *) echo "usage: scripts/gpu_proof.sh bench|serve|all|smoke" >&2; exit 2 ;;
 esac

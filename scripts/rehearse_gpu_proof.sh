@@ -68,7 +68,7 @@ PYTHON=$VPY PYTHON_VERSION=$PYTHON_VERSION scripts/make_device_wheels.sh "$WORK/
 
 log "3/3 scripts/gpu_proof.sh smoke, as on the device"
 status=0
-PYTHON=$VPY FLUX_PROOF_SITE=$WORK/site FLUX_PROOF_WHEELS=$WORK/wheels OUT=$WORK/out \
+PYTHON=$VPY FLUX_PROOF_SITE=$WORK/site FLUX_PROOF_WHEELS=$WORK/wheels FLUX_PROOF_DATA=$WORK/data OUT=$WORK/out \
   scripts/gpu_proof.sh smoke >"$WORK/proof.log" 2>&1 || status=$?
 log "gpu_proof.sh smoke exited $status; log: $WORK/proof.log, results: $WORK/out"
 
