@@ -8,8 +8,8 @@
 # Results go to $OUT as they are measured (bench.json after every row, serve.json after every
 # step, bench.log / serve.log with torch.compile's graph breaks and recompiles, versions.json,
 # proof.md), so a command cut at its limit still returns what it measured.
-# `scripts/gpu_proof.sh smoke` runs both parts on the CPU with a small synthetic model (what
-# tests/scripts/test_gpu_proof.py and scripts/rehearse_gpu_proof.sh do).
+# `scripts/gpu_proof.sh smoke [bench|serve|all]` runs the parts on the CPU with a small
+# synthetic model (what tests/scripts/test_gpu_proof.py and scripts/rehearse_gpu_proof.sh do).
 #
 # Before measuring, the environment is checked against constraints/gpu.txt (the one set of
 # versions): a missing or stale carried wheel, or a peft too old for LoRA hot-swap, stops here
@@ -44,7 +44,7 @@ fi
 DATA_ARGS=()
 [ -z "${FLUX_PROOF_DATA:-}" ] || DATA_ARGS=(--data-dir "$FLUX_PROOF_DATA")
 case "$PART" in
-  smoke) exec "$PY" scripts/gpu_proof.py --cpu-smoke --part all --out "$OUT_DIR" "${DATA_ARGS[@]}" ;;
+  smoke) exec "$PY" scripts/gpu_proof.py --cpu-smoke --part "${2:-all}" --out "$OUT_DIR" "${DATA_ARGS[@]}" ;;
   bench | serve | all) exec "$PY" scripts/gpu_proof.py --part "$PART" --out "$OUT_DIR" "${DATA_ARGS[@]}" ;;
-  *) echo "usage: scripts/gpu_proof.sh bench|serve|all|smoke" >&2; exit 2 ;;
+  *) echo "usage: scripts/gpu_proof.sh bench|serve|all|smoke [bench|serve|all]" >&2; exit 2 ;;
 esac
