@@ -11,9 +11,8 @@ environment against it.
 another version (a stale .whl/), or a peft too old for LoRA hot-swap, stops the proof with a
 message that says what to do (exit 2); a device package at another version than the lock
 (or absent, as triton on a CPU box) is only reported: the figures name the versions they
-ran on. Imports nothing but the
-standard library (and models/versions.py, which imports nothing more), so it runs before
-anything is installed.
+ran on. Imports nothing but the standard library (and models/versions.py, which imports
+nothing more), so it runs before anything is installed.
 """
 
 from __future__ import annotations
