@@ -13,12 +13,15 @@ because its variants are copies of the placed transformer.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from models import versions
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline, FluxPriorReduxPipeline
@@ -130,7 +133,16 @@ def load_runtime(
     # Compiled presets switch LoRAs by hot-swap: slots made at the first LoRA request (or now,
     # with lora_hotswap=eager, so that warm-up compiles the LoRA graphs too).
     compiled = any(p.compile != "none" for p, _ in preset_manager.runnable.values())
-    loras = LoraManager(pipe, limits=lora_limits or LoraLimits(), compiled=compiled)
+    limits = lora_limits or LoraLimits()
+    problem = versions.hotswap_problem() if compiled and limits.hotswap != "off" else None
+    if problem:
+        logger.warning(
+            "%s: LoRA hot-swap is off, so LoRA requests run the compiled presets eager "
+            "(pip install 'peft>=0.17'; constraints/gpu.txt pins the tested one)",
+            problem,
+        )
+        limits = dataclasses.replace(limits, hotswap="off")
+    loras = LoraManager(pipe, limits=limits, compiled=compiled)
     loras.prepare()
     logger.info(
         "loaded %s on %s (%s, memory plan %s) in %.1fs; redux %s",

@@ -9,8 +9,13 @@ made directly on the GPU, by the server's own models/weights/synthetic.py), then
 plain diffusers FluxPipeline (bf16 eager: the baseline) and each preset at 1024x1024, 28
 steps: median seconds per image after warm-up, warm-up (compile) time, peak memory, ratio to
 the baseline, ratio to the compute floor (FLOPs / measured bf16 matmul rate) and the relative
-error of the final latents against the baseline. `--memory-plans` then measures each memory
-plan's peak on a fresh pipeline (`--plan-steps` steps each).
+error of the final latents against the baseline, and what torch.compile did (graphs, graph
+breaks). `--memory-plans` then measures each memory plan's peak on a fresh pipeline
+(`--plan-steps` steps each).
+
+The report (`--out`) is written after every row, most important first (the baseline,
+`regular`, `high`, `none`, then the plans); a row that fails is recorded with its error and
+the next one runs; after a crash, `--resume` keeps what was measured (scripts/bench_rows.py).
 
 CPU (tests the script itself): `--tiny` uses the tiny model at 64x64, 4 steps;
 `--device cpu --model synthetic:layers=1,...` runs the synthetic path at full width.
@@ -26,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import platform
 import statistics
 import sys
@@ -38,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from bench_rows import BenchReport  # noqa: E402
 from gpu_report import bench_table  # noqa: E402
 
 TEXT_TOKENS = 512  # FLUX pads T5 prompts to max_sequence_length
@@ -191,118 +196,180 @@ def release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_plans(
-    args: argparse.Namespace, device: str, started: float, rows: list[dict[str, Any]], save: Any
-) -> None:
+def dynamo_counts() -> dict[str, Any]:
+    """What torch.compile did since the counters were last cleared: graphs compiled, frames
+    compiled (first compiles and recompiles), graph breaks and their most common reasons.
+    The proof also logs each graph break and recompile with its reason (TORCH_LOGS)."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "frames_compiled": counters["frames"]["ok"],
+        "graph_breaks": sum(breaks.values()),
+        "graph_break_reasons": dict(breaks.most_common(3)),
+    }
+
+
+def clear_dynamo_counts() -> None:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+
+
+BASELINE = "diffusers eager (baseline)"
+
+
+class PresetBench:
+    """The baseline and each preset on one pipeline, one row each, most important first; each
+    preset gets a PresetManager of its own, so that one preset's failure (fp8, compile, out of
+    memory) costs only its row, and its memory is given back before the next one."""
+
+    def __init__(self, args: argparse.Namespace, device: str, report: BenchReport) -> None:
+        from models.memory import apply_plan, choose_plan, vram_bytes
+
+        self.args, self.device, self.report = args, device, report
+        started = time.perf_counter()
+        self.pipe = build_pipeline(args, device)
+        build_s = time.perf_counter() - started
+        self.plan = choose_plan(vram_bytes(device), forced=args.memory_plan)
+        apply_plan(self.pipe, self.plan, device)
+        rate = matmul_rate(device, self.pipe.transformer.dtype)
+        flops = flops_per_image(self.pipe.transformer.config, args.width, args.height, args.steps)
+        self.floor = flops / rate
+        config = self.pipe.transformer.config
+        report.data.update(
+            transformer_blocks=[config.num_layers, config.num_single_layers],
+            memory_plan=self.plan.name,
+            build_s=build_s,
+            matmul_tflops=rate / 1e12,
+            floor_s=self.floor,
+            flops_per_image=flops,
+        )
+        report.save()
+        self.calls = count_block_work(self.pipe.transformer) if args.count_blocks else None
+        # The baseline's final latents, for every later row's error (kept across --resume).
+        self.baseline_file = Path(args.data_dir) / "bench-baseline-latents.pt"
+        if not report.done("rows", BASELINE):
+            self.baseline_file.unlink(missing_ok=True)  # another run's: never compared against
+
+    def run(self) -> None:
+        self.report.measure("rows", BASELINE, self.baseline)
+        for name in self.args.presets:
+            mode = f"preset {name}"
+            if time.time() > self.args.deadline:
+                self.report.skip("rows", mode, "the bench's time budget was spent")
+                continue
+            self.report.measure("rows", mode, lambda name=name: self.preset(name))
+            release(self.device)
+
+    def baseline(self) -> dict[str, Any]:
+        """The plain pipeline, nothing of ours involved."""
+        import torch
+
+        clear_dynamo_counts()
+        start = time.perf_counter()
+        one = argparse.Namespace(**{**vars(self.args), "runs": 1})
+        time_mode(self.pipe, one, self.device, contextlib.nullcontext, self.calls)
+        warm = time.perf_counter() - start
+        result = time_mode(self.pipe, self.args, self.device, contextlib.nullcontext, self.calls)
+        torch.save(result["latents"], self.baseline_file)
+        return {"warmup_s": warm, **self.finish(result), **dynamo_counts()}
+
+    def preset(self, name: str) -> dict[str, Any]:
+        from models.presets.apply import PresetManager
+
+        clear_dynamo_counts()
+        manager = PresetManager(
+            self.pipe.transformer,
+            device=self.device,
+            enabled=[name],
+            data_dir=Path(self.args.data_dir),
+            presets=fixed_schedule_presets(),
+            memory_plan=self.plan,
+            compile_backend=self.args.compile_backend,
+        )
+        # The manager (its weight sets, its compiled graphs) is dropped with this frame.
+        size = [(self.args.width, self.args.height)]
+        warm = manager.warmup(self.pipe, size, steps=2, names=[name])[name]
+        result = time_mode(
+            self.pipe,
+            self.args,
+            self.device,
+            lambda: manager.use(self.pipe, name, steps=self.args.steps),
+            self.calls,
+        )
+        return {"warmup_s": warm, **self.finish(result), **dynamo_counts()}
+
+    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        """A timed mode's row: what ran, and how it compares with the baseline and the floor."""
+        import torch
+
+        latents = result.pop("latents")
+        active = result.pop("active")
+        preset = active.preset if active is not None else None
+        plain = f"plain FluxPipeline, {str(self.pipe.transformer.dtype).removeprefix('torch.')}"
+        row = {**result, "ran": preset.describe() if preset is not None else plain}
+        row["note"] = active.note if active is not None else None
+        if preset is not None and preset.cache is not None:
+            row["note"] = (row["note"] + "; " if row["note"] else "") + (
+                "fixed skip schedule (MagCache, FLUX.1 [dev] ratios); vs floor counts every step"
+            )
+        base = self.report.find("rows", BASELINE) or {}
+        base_latents = torch.load(self.baseline_file) if self.baseline_file.exists() else None
+        row["rel_error"] = (
+            float((latents - base_latents).norm() / base_latents.norm()) if base_latents is not None else None
+        )
+        base_seconds = base.get("seconds", row["seconds"] if active is None else None)
+        row["vs_baseline"] = row["seconds"] / base_seconds if base_seconds else None
+        row["vs_floor"] = row["seconds"] / self.floor
+        return row
+
+
+def measure_plans(args: argparse.Namespace, device: str, report: BenchReport) -> None:
     """Each memory plan's peak: a fresh pipeline made on the device, placed by the plan, one
-    plain (preset `none`) generation of `--plan-steps` steps at the benchmark's size."""
+    plain (preset `none`) generation of `--plan-steps` steps at the benchmark's size; one row
+    each, so that a plan that fails (or has never run anywhere) costs only its row."""
     import torch
 
     from models.memory import PLANS, apply_plan
 
     plan_args = argparse.Namespace(**{**vars(args), "runs": 1, "steps": args.plan_steps})
-    for name in args.memory_plans:
-        if time.perf_counter() - started > args.budget_s:
-            rows.append({"plan": name, "skipped": f"time budget of {args.budget_s:.0f} s spent"})
-            continue
+
+    def measure(name: str) -> dict[str, Any]:
         pipe = build_pipeline(args, device)
-        apply_plan(pipe, PLANS[name], device)
-        release(device)
-        resident = torch.cuda.memory_allocated() / 1024**3 if device == "cuda" else None
-        result = time_mode(pipe, plan_args, device, contextlib.nullcontext, None)
-        rows.append(
-            {
-                "plan": name,
+        try:
+            apply_plan(pipe, PLANS[name], device)
+            release(device)
+            resident = torch.cuda.memory_allocated() / 1024**3 if device == "cuda" else None
+            result = time_mode(pipe, plan_args, device, contextlib.nullcontext, None)
+            return {
                 "steps": args.plan_steps,
                 "seconds": result["seconds"],
                 "resident_gib": resident,
                 "peak_gib": result["peak_gib"],
                 "expected_peak_gib": PLANS[name].expected_peak_gib,
             }
-        )
-        del pipe, result
+        finally:
+            del pipe
+
+    for name in args.memory_plans:
+        if time.time() > args.deadline:
+            report.skip("memory_plans", name, f"time budget of {args.budget_s:.0f} s spent")
+            continue
+        report.measure("memory_plans", name, lambda name=name: measure(name))
         release(device)
-        save()  # a run cut short still leaves every plan measured so far
-
-
-def measure_presets(args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """The baseline and every preset on one pipeline; what the report needs of it."""
-    from models.memory import apply_plan, choose_plan, vram_bytes
-    from models.presets.apply import PresetManager
-
-    started = time.perf_counter()
-    pipe = build_pipeline(args, device)
-    build_s = time.perf_counter() - started
-    plan = choose_plan(vram_bytes(device), forced=args.memory_plan)
-    apply_plan(pipe, plan, device)
-    rate = matmul_rate(device, pipe.transformer.dtype)
-    flops = flops_per_image(pipe.transformer.config, args.width, args.height, args.steps)
-    floor = flops / rate
-
-    calls = count_block_work(pipe.transformer) if args.count_blocks else None
-    rows: list[dict[str, Any]] = []
-    # Baseline: the plain pipeline, nothing of ours involved.
-    start = time.perf_counter()
-    time_mode(pipe, argparse.Namespace(**{**vars(args), "runs": 1}), device, contextlib.nullcontext, calls)
-    warm = time.perf_counter() - start
-    base = time_mode(pipe, args, device, contextlib.nullcontext, calls)
-    rows.append({"mode": "diffusers eager (baseline)", "warmup_s": warm, **base})
-
-    manager = PresetManager(
-        pipe.transformer,
-        device=device,
-        enabled=args.presets,
-        data_dir=Path(args.data_dir),
-        presets=fixed_schedule_presets(),
-        memory_plan=plan,
-        compile_backend=args.compile_backend,
-    )
-    warmups = manager.warmup(pipe, [(args.width, args.height)], steps=2)
-    for name in args.presets:
-        result = time_mode(
-            pipe, args, device, lambda name=name: manager.use(pipe, name, steps=args.steps), calls
-        )
-        rows.append({"mode": f"preset {name}", "warmup_s": warmups[name], **result})
-
-    base_latents = rows[0]["latents"]
-    plain = f"plain FluxPipeline, {str(pipe.transformer.dtype).removeprefix('torch.')}"
-    for row in rows:
-        latents = row.pop("latents")
-        active = row.pop("active")
-        row["ran"] = active.preset.describe() if active is not None and active.preset else plain
-        row["note"] = active.note if active is not None else None
-        cache = active.preset.cache if active is not None and active.preset is not None else None
-        row["rel_error"] = float((latents - base_latents).norm() / base_latents.norm())
-        row["vs_baseline"] = row["seconds"] / rows[0]["seconds"]
-        row["vs_floor"] = row["seconds"] / floor
-        if cache is not None:
-            row["note"] = (row["note"] + "; " if row["note"] else "") + (
-                "fixed skip schedule (MagCache, FLUX.1 [dev] ratios); vs floor counts every step"
-            )
-    config = pipe.transformer.config
-    return {
-        "transformer_blocks": [config.num_layers, config.num_single_layers],
-        "memory_plan": plan.name,
-        "build_s": build_s,
-        "matmul_tflops": rate / 1e12,
-        "floor_s": floor,
-        "flops_per_image": flops,
-        "rows": rows,
-    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every row in order of importance, the report written after each (bench_rows.py)."""
     import diffusers
     import torch
 
-    started = time.perf_counter()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --tiny or --device cpu on a CPU")
-    measured = measure_presets(args, device)
-    release(device)  # the presets' pipeline is gone: each memory plan builds its own
-    plans: list[dict[str, Any]] = []
-    report = {
+    header = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": torch.cuda.get_device_name()
@@ -314,27 +381,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "diffusers": diffusers.__version__,
             "python": platform.python_version(),
             "cuda": torch.version.cuda,
+            **{name: installed_version(name) for name in ("transformers", "torchao", "peft", "triton")},
         },
         "model": args.model,
         "size": f"{args.width}x{args.height}",
         "steps": args.steps,
         "runs": args.runs,
         "compile_backend": args.compile_backend,
-        **measured,
-        "memory_plans": plans,
     }
+    report = BenchReport(args.out, header, resume=args.resume)
+    modes = [BASELINE, *(f"preset {name}" for name in args.presets)]
+    if not all(report.done("rows", mode) for mode in modes):  # a resumed run may have them all
+        PresetBench(args, device, report).run()
+    release(device)  # the presets' pipeline is gone: each memory plan builds its own
+    measure_plans(args, device, report)
+    report.save()
+    return report.data
 
-    def save() -> None:
-        report["total_s"] = time.perf_counter() - started
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
-    save()  # the presets' figures are kept even if the memory plans are cut short
-    if args.memory_plans:
-        measure_plans(args, device, started, plans, save)
-    save()
-    return report
+def installed_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -351,10 +422,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--plan-steps", type=int, default=2, help="steps per memory-plan run")
     parser.add_argument(
-        "--budget-s", type=float, default=float("inf"), help="skip the memory plans left after this long"
+        "--budget-s", type=float, default=float("inf"), help="skip the rows left after this long"
+    )
+    parser.add_argument(
+        "--deadline", type=float, default=None, help="skip the rows left after this time.time() (wins)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows --out already holds and measure the rest (after a crash; see bench_rows.py)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
-    parser.add_argument("--presets", default="none,regular,high")
+    parser.add_argument("--presets", default="regular,high,none", help="in this order (most important first)")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -386,6 +465,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.memory_plans = plans
     if args.count_blocks is None:
         args.count_blocks = args.tiny
+    if args.deadline is None:
+        args.deadline = time.time() + args.budget_s
     return args
 
 

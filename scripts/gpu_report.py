@@ -10,36 +10,47 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 def bench_table(report: dict[str, Any]) -> str:
-    """scripts/bench_gpu.py's report as markdown: the presets, then the memory plans."""
-    versions = report["versions"]
+    """scripts/bench_gpu.py's report as markdown: the presets, then the memory plans. A row
+    that failed or was skipped says so in its place (its reason is in the report)."""
+    versions = report.get("versions", {})
     lines = [
-        f"{report['device']}, torch {versions['torch']}, diffusers {versions['diffusers']}, "
-        f"{report['size']}, "
-        f"{report['steps']} steps, median of {report['runs']}, memory plan {report['memory_plan']}; "
-        f"matmul {report['matmul_tflops']:.3g} TFLOP/s, floor {report['floor_s']:.3g} s",
+        f"{report.get('device', '?')}, torch {versions.get('torch')}, diffusers {versions.get('diffusers')}, "
+        f"{report.get('size')}, {report.get('steps')} steps, median of {report.get('runs')}, "
+        f"memory plan {report.get('memory_plan', 'n/a')}; "
+        f"matmul {fmt(report.get('matmul_tflops'), '.3g')} TFLOP/s, "
+        f"floor {fmt(report.get('floor_s'), '.3g')} s",
         "",
         "| mode | ran | s/image | warm-up s | peak GiB | vs baseline | vs floor | block work "
-        "| latent rel. error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| latent rel. error | graphs / breaks |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in report["rows"]:
+    for row in report.get("rows", []):
+        if "seconds" not in row:
+            lines.append(f"| {row['mode']} | {_not_measured(row)} | | | | | | | | |")
+            continue
         lines.append(
             f"| {row['mode']} | {row['ran']} | {row['seconds']:.3f} | {row['warmup_s']:.1f} "
             f"| {fmt(row['peak_gib'], '.1f')} | {fmt(row['vs_baseline'], '.2f', 'x')} "
             f"| {fmt(row['vs_floor'], '.2f', 'x')} | {fmt(row['block_work'], '.0%')} "
-            f"| {row['rel_error']:.2e} |"
+            f"| {fmt(row['rel_error'], '.2e')} "
+            f"| {row.get('graphs', 'n/a')} / {row.get('graph_breaks', 'n/a')} |"
         )
-    notes = [f"- {row['mode']}: {row['note']}" for row in report["rows"] if row["note"]]
+    notes = [f"- {row['mode']}: {row['note']}" for row in report.get("rows", []) if row.get("note")]
+    notes += [
+        f"- {row['mode']}: graph breaks {row['graph_break_reasons']}"
+        for row in report.get("rows", [])
+        if row.get("graph_break_reasons")
+    ]
     lines += ["", *notes] if notes else []
-    if report["memory_plans"]:
+    if report.get("memory_plans"):
         lines += [
             "",
             "| memory plan | steps | s/image | resident GiB | peak GiB | expected peak GiB |",
             "|---|---|---|---|---|---|",
         ]
         for plan in report["memory_plans"]:
-            if "skipped" in plan:
-                lines.append(f"| {plan['plan']} | skipped: {plan['skipped']} | | | | |")
+            if "seconds" not in plan:
+                lines.append(f"| {plan['plan']} | {_not_measured(plan)} | | | | |")
                 continue
             lines.append(
                 f"| {plan['plan']} | {plan['steps']} | {plan['seconds']:.2f} "
@@ -47,6 +58,12 @@ def bench_table(report: dict[str, Any]) -> str:
                 f"| {fmt(plan['expected_peak_gib'], '.0f')} |"
             )
     return "\n".join(lines)
+
+
+def _not_measured(row: dict[str, Any]) -> str:
+    if "skipped" in row:
+        return f"skipped: {row['skipped']}"
+    return f"FAILED: {str(row.get('error', 'no figures')).splitlines()[0][:200]}"
 
 
 def _target(what: str, value: float | None, limit: float, unit: str, spec: str = ".2f") -> str:
@@ -60,7 +77,8 @@ def targets_table(reports: dict[str, Any]) -> list[str]:
     rows = {row["mode"]: row for row in (bench or {}).get("rows", [])}
     regular = rows.get("preset regular", {}).get("vs_baseline")
     high = rows.get("preset high", {}).get("vs_baseline")
-    floors = [row["vs_floor"] for name, row in rows.items() if name.startswith("preset") and row["vs_floor"]]
+    presets = [row for mode, row in rows.items() if mode.startswith("preset")]
+    floors = [row["vs_floor"] for row in presets if row.get("vs_floor")]
     single = (serve or {}).get("single", {})
     burst = (serve or {}).get("burst", {})
     return [
@@ -115,11 +133,12 @@ def problems(reports: dict[str, Any]) -> list[str]:
             lines.append(f"- {part}: {report['error']}")
         lines += [f"- {part} {name}: {why}" for name, why in report.get("errors", {}).items()]
         lines += [f"- {part} skipped {why}" for why in report.get("skipped", [])]
-        lines += [
-            f"- {part} memory plan {plan['plan']} skipped: {plan['skipped']}"
-            for plan in report.get("memory_plans", [])
-            if "skipped" in plan
-        ]
+        for section, key in (("rows", "mode"), ("memory_plans", "plan")):
+            lines += [
+                f"- {part} {row[key]}: {_not_measured(row)}"
+                for row in report.get(section, [])
+                if "seconds" not in row
+            ]
     return lines
 
 

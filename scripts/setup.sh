@@ -10,19 +10,24 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 
-# A machine with an NVIDIA GPU gets the default (CUDA) torch; without one, the CPU build,
+# A machine with an NVIDIA GPU gets the versions of constraints/gpu.txt (the one set of GPU
+# versions: torch for CUDA 13.0 and the libraries tested with it); without one, the CPU build,
 # pinned so that pip takes the local file instead of downloading a multi-GB CUDA build.
+CONSTRAINTS=()
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  CONSTRAINTS=(-c constraints/gpu.txt)
+fi
 if ! "$VPY" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "$VPY" -m pip install -q torch
+  if [ ${#CONSTRAINTS[@]} -gt 0 ]; then
+    "$VPY" -m pip install -q "${CONSTRAINTS[@]}" torch
   else
     "$VPY" -m pip install -q torch==2.13.0
   fi
 fi
 
 stamp=.venv/.flux-setup-stamp
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  "$VPY" -m pip install -q -e ".[test]"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints/gpu.txt -nt "$stamp" ]; then
+  "$VPY" -m pip install -q "${CONSTRAINTS[@]}" -e ".[test]"
   touch "$stamp"
 fi
 

@@ -64,7 +64,12 @@ def detect_hardware(device: str) -> Hardware:
     if device_type == "cuda":
         from torch.utils._triton import has_triton
 
-        compiler = has_triton()
+        from models.toolchain import triton_build_missing
+
+        missing = triton_build_missing()  # Triton's C launcher needs a compiler and Python.h
+        if missing:
+            log.warning("compiled presets run eager: Triton cannot build kernels: %s", "; ".join(missing))
+        compiler = has_triton() and not missing
     else:
         compiler = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++"))
     return Hardware(device_type, capability, torchao, compiler)

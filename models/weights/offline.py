@@ -23,7 +23,10 @@ def enforce_offline() -> None:
     """Switch every Hugging Face library to offline mode, whatever the environment says.
 
     Sets the environment variables (read by libraries imported later) and the module-level
-    copies that libraries already imported made of them at import time.
+    copies that libraries already imported made of them at import time. Looks only at what
+    each module already holds (its `__dict__`): transformers' lazy modules import their
+    submodules on a `getattr` of a name they do not have, and under transformers 5.17 asking
+    each of them for `HF_HUB_OFFLINE` imported some 420 image-processing modules.
     """
     os.environ.update(OFFLINE_ENV)
     constants = sys.modules.get("huggingface_hub.constants")
@@ -33,6 +36,7 @@ def enforce_offline() -> None:
     for name, module in list(sys.modules.items()):
         if module is None or not name.startswith(("huggingface_hub", "diffusers", "transformers")):
             continue
+        held = getattr(module, "__dict__", {})
         for flag in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
-            if isinstance(getattr(module, flag, None), bool):
+            if isinstance(held.get(flag), bool):
                 setattr(module, flag, True)

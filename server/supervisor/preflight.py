@@ -10,6 +10,8 @@ configuration never reaches a worker that would spend minutes loading a model fi
 - `check_model`: the weights `--model` names exist and look right (configs and safetensors
   headers only): `ConfigError`;
 - `check_port_free`: the API's address can be bound: `StartupError`, exit 1;
+- `check_toolchain`: what Triton lacks to compile presets on the GPU workers (a warning: the
+  workers then run those presets eager);
 - `banner`: what the operator sees once the checks pass: URLs and how to point clients.
 
 Which GPU each worker gets is decided in server/supervisor/gpus.py.
@@ -89,6 +91,27 @@ def check_model(settings: Settings) -> None:
         resolve_model(settings.model, data_dir=settings.data_dir, components_dir=settings.components_dir)
     except (WeightsError, OSError, ValueError) as exc:
         raise ConfigError(f"--model {settings.model}: {exc}") from exc
+
+
+def check_toolchain(settings: Settings, slots: list[WorkerSlot]) -> str | None:
+    """What the GPU workers' compiled presets lack to build Triton kernels (a C compiler,
+    Python's headers), as a warning; None when nothing is missing or nothing is compiled.
+    Not an error: each worker finds the same and runs those presets eager, with a note in
+    every response that asks for one (models/presets/apply.py)."""
+    if not any(slot.gpu is not None for slot in slots):
+        return None  # a CPU worker's inductor builds C++, not Triton kernels
+    from models.presets.policy import PRESETS, default_presets
+    from models.toolchain import triton_build_missing
+
+    enabled = settings.presets or default_presets("cuda")
+    compiled = [name for name in enabled if name in PRESETS and PRESETS[name].compile != "none"]
+    missing = triton_build_missing() if compiled else []
+    if not missing:
+        return None
+    return (
+        f"the compiled presets ({', '.join(compiled)}) will run eager on the GPU workers: Triton "
+        f"builds its kernels at run time and this machine lacks {' and '.join(missing)}"
+    )
 
 
 def check_port_free(settings: Settings) -> None:

@@ -19,7 +19,10 @@ from server.supervisor.preflight import (
     check_not_serving_noise,
     check_port_free,
     check_settings,
+    check_toolchain,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def serve(settings: Settings) -> int:
@@ -48,4 +51,6 @@ def serve(settings: Settings) -> int:
         print(f"flux-server: {exc}", file=sys.stderr)
         return 1
     print(banner(settings, slots), flush=True)
+    if settings.role != "api" and (toolchain := check_toolchain(settings, slots)):
+        logger.warning("%s", toolchain)
     return Supervisor(settings, slots).run()

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -226,6 +227,31 @@ def test_enforce_offline_overrides_the_environment(monkeypatch: pytest.MonkeyPat
     assert huggingface_hub.constants.HF_HUB_OFFLINE is True
     assert huggingface_hub.constants.is_offline_mode()
     assert diffusers.utils.hub_utils.HF_HUB_OFFLINE is True
+
+
+class LazyModule(types.ModuleType):
+    """Like transformers' `_LazyModule`: a name it lacks imports a submodule (here: records it)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.asked: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        self.asked.append(name)
+        raise AttributeError(name)
+
+
+def test_enforce_offline_imports_nothing_through_lazy_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    lazy = LazyModule("transformers.models.fake_image_processing")
+    holding = LazyModule("transformers.fake_hub_copy")
+    holding.HF_HUB_OFFLINE = False  # a copy made at import time: switched, without a lookup
+    monkeypatch.setitem(sys.modules, lazy.__name__, lazy)
+    monkeypatch.setitem(sys.modules, holding.__name__, holding)
+    before = set(sys.modules)
+    enforce_offline()
+    assert lazy.asked == [] and holding.asked == []  # __getattr__ never ran: nothing imported
+    assert holding.HF_HUB_OFFLINE is True
+    assert set(sys.modules) == before
 
 
 def test_load_and_generate_without_network(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,8 +37,8 @@ def test_cpu_smoke_runs_both_parts_and_reports_every_figure(tmp_path: Path, tiny
     assert bench["model"] == gpu_proof.SMOKE_MODEL and bench["transformer_blocks"] == [1, 1]
     assert bench["size"] == "64x64" and bench["device"].startswith("CPU")
     modes = [row["mode"] for row in bench["rows"]]
-    assert modes == ["diffusers eager (baseline)", "preset none", "preset regular", "preset high"]
-    baseline, none, regular, high = bench["rows"]
+    assert modes == ["diffusers eager (baseline)", "preset regular", "preset high", "preset none"]
+    baseline, regular, high, none = bench["rows"]
     assert baseline["ran"] == "plain FluxPipeline, bfloat16" and none["rel_error"] == 0.0
     assert "ran int8 dynamic instead" in regular["note"]  # the fp8 fallback, reported
     assert "MagCache" in high["ran"] and "fixed skip schedule" in high["note"]
@@ -72,6 +72,8 @@ def test_cpu_smoke_runs_both_parts_and_reports_every_figure(tmp_path: Path, tiny
     assert table.startswith("**CPU smoke run**") and "## Targets" in table
     assert "what the server adds" in table and "fp8-offload-text" in table
     assert "## Failed or skipped" not in table
+    assert "graph_breaks" not in table and "graphs / breaks" in table
+    assert (out / "bench.log").exists()
 
 
 def test_missing_parts_are_reported_as_not_measured() -> None:

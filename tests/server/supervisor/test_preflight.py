@@ -154,3 +154,34 @@ def test_banner_tells_how_to_point_fal_client(tmp_path: Path) -> None:
     assert "w0 on cuda:0" in text and "w1 on cuda:1" in text
     off = banner(settings(), plan_workers(settings(), gpus=[]))
     assert "http://127.0.0.1:8000" in off and "auth     off" in off and "TLS      off" in off
+
+
+# --------------------------------------------------------------------------- Triton's toolchain
+
+
+def test_gpu_workers_with_compiled_presets_are_told_what_triton_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sysconfig
+
+    from server.supervisor.preflight import check_toolchain
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no gcc, no clang
+    monkeypatch.delenv("CC", raising=False)
+    paths = sysconfig.get_paths()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {**paths, "include": str(tmp_path)})
+    gpus = plan_workers(settings(device="cuda"), gpus=["0", "1"])
+    warning = check_toolchain(settings(device="cuda"), gpus)
+    assert warning is not None
+    assert warning.startswith("the compiled presets (regular, high) will run eager on the GPU workers")
+    assert "a C compiler" in warning and "apt-get install gcc" in warning and "python3-dev" in warning
+    # Nothing compiled, or no GPU: nothing to say.
+    assert check_toolchain(settings(device="cuda", presets=["none"]), gpus) is None
+    assert check_toolchain(settings(device="cpu"), plan_workers(settings(device="cpu"))) is None
+    # Everything there: nothing to say either.
+    (tmp_path / "Python.h").write_text("")
+    compiler = tmp_path / "empty" / "gcc"
+    compiler.parent.mkdir()
+    compiler.write_text("#!/bin/sh\n")
+    compiler.chmod(0o755)
+    assert check_toolchain(settings(device="cuda"), gpus) is None
