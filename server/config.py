@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     # Weights: a diffusers folder, a single-file transformer (+ components_dir), or "tiny".
     model: str = "tiny"
     components_dir: Path | None = None
+    # Further checkpoints of the FLUX.1 [dev] family, by name: "fill", "kontext", "krea" (fixed
+    # names) and fine-tunes under names of their own; each a diffusers folder or a single-file
+    # transformer sharing the base's text encoders and VAE. FLUX_VARIANTS='{"krea": "/w/krea"}'
+    # or `--variant krea=/w/krea` (repeatable). With --model tiny/synthetic, the value "tiny"/
+    # "synthetic" builds that variant the same way.
+    variants: dict[str, str] = Field(default_factory=dict)
     safety_checker: Path | None = None
 
     # Where the queue database, generated files, the tiny model and compile caches live.

@@ -17,7 +17,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Task = Literal["text-to-image", "image-to-image", "inpainting", "redux"]
+# "fill": FLUX.1 Fill [dev] repaints the mask's white area (image + mask); "edit": FLUX.1
+# Kontext [dev] edits `image` by the prompt; "edit-inpainting": Kontext repaints the mask's area
+# of `image`, guided by `reference_image`. Every other task runs on any text-to-image variant.
+Task = Literal["text-to-image", "image-to-image", "inpainting", "redux", "fill", "edit", "edit-inpainting"]
+# The checkpoint a job runs on: the base `--model` ("dev"), the fixed family members, or an
+# operator's fine-tune under a name of its own (server/config.py `variants`).
+BASE_VARIANT = "dev"
+FAMILY_VARIANTS = ("fill", "kontext", "krea")
+# Kontext's output size: "match_input" keeps the input's size (rounded to 16), "auto" picks the
+# nearest of diffusers' preferred Kontext resolutions, a ratio picks that ratio at about 1 MP.
+ResolutionMode = Literal[
+    "auto", "match_input", "1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"
+]
 # The one output-format type: every protocol's format names map onto these three.
 OutputFormat = Literal["jpeg", "png", "webp"]
 Acceleration = Literal["none", "regular", "high"]
@@ -142,8 +154,13 @@ class Job(BaseModel):
     # the model uses, re-encoded as PNG. Stored apart from the job's JSON; only the Job a
     # worker claims carries it (server/queue/records.py), never one the API reads back.
     image: bytes | None = None
-    mask: bytes | None = None  # inpainting: white = repaint, black = keep (PNG, like `image`)
+    mask: bytes | None = None  # inpainting and fill: white = repaint, black = keep (PNG, like `image`)
+    reference_image: bytes | None = None  # edit-inpainting: Kontext's reference (PNG, like `image`)
     loras: tuple[LoraRef, ...] = ()  # applied for this job only
+    variant: str = BASE_VARIANT  # the checkpoint: "dev", "fill", "kontext", "krea" or a fine-tune
+    resolution_mode: ResolutionMode = "match_input"  # edit only
+    paste_back: bool = True  # fill: the unmasked pixels of the input are pasted over the output
+    resize_to_original: bool = False  # fill: the output is resized to the input's size
     output_format: OutputFormat = "jpeg"
     acceleration: Acceleration = "none"
     enable_safety_checker: bool = True
