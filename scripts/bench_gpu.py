@@ -91,10 +91,11 @@ def sync(device: str) -> None:
 
 def build_pipeline(args: argparse.Namespace, device: str) -> Any:
     """The pipeline under test: the tiny model, or a synthetic FLUX.1 [dev] made directly on
-    `device` in bf16 by the server's own code (models/weights/synthetic.py)."""
-    import torch
+    `device` in bf16 (fp32 on a CPU without bf16 matmuls) by the server's own code
+    (models/weights/synthetic.py)."""
     from diffusers import FluxPipeline
 
+    from models.loading import compute_dtype
     from models.tiny import ensure_tiny
     from models.weights.synthetic import build_components, parse_synthetic
 
@@ -102,9 +103,9 @@ def build_pipeline(args: argparse.Namespace, device: str) -> Any:
     if args.model == "tiny":
         pipe = FluxPipeline.from_pretrained(tiny_dir)
     else:
-        parts = build_components(
-            parse_synthetic(args.model), tiny_dir, device=device, dtype=torch.bfloat16, redux=False
-        )
+        dtype = compute_dtype(device, synthetic=True)  # bf16, or fp32 on a CPU without bf16 matmuls
+        spec = parse_synthetic(args.model)
+        parts = build_components(spec, tiny_dir, device=device, dtype=dtype, redux=False)
         pipe = FluxPipeline(**parts.pipeline_kwargs())
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.loading import load_runtime
+from models.loading import compute_dtype, load_runtime
 from models.request import GenerationRequest
 from models.runtime import FluxRuntime
 from models.weights import WeightsError, resolve_model
@@ -107,7 +107,7 @@ def test_full_widths_random_bf16_weights_no_file_and_no_safety_checker(
         pipe.vae,
         runtime.redux.image_encoder,
     ):
-        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in module.parameters()} == {compute_dtype("cpu", synthetic=True)}
     assert runtime.model_name == SMALL and runtime.model_kind == "synthetic"
     assert runtime.tasks == ("text-to-image", "image-to-image", "inpainting", "redux")
     assert not runtime.safety_checker_configured
