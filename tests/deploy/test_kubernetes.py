@@ -7,7 +7,6 @@ the grace period, budgets, metrics scraping and KEDA's query from server/queue/a
 from __future__ import annotations
 
 import copy
-import math
 import re
 
 import jsonschema
@@ -30,7 +29,8 @@ GPU = "nvidia.com/gpu"
 # (10-70 s), against the project's target of ready within 180 s on a cold compile cache; the
 # startup probe allows several times that (weights over a network volume, a slow node).
 COLD_START_TARGET_SECONDS = 180
-# Settings that the object storage work (issue 19) adds; not yet in server/config.py here.
+# Settings that the object storage work (issue 19, another branch) adds; not yet in
+# server/config.py on this branch: drop it from here once that is merged.
 PENDING_SETTINGS = {"FLUX_STORAGE_URL"}
 STORAGE_ENV = (
     "FLUX_STORAGE_URL",
@@ -298,5 +298,5 @@ def test_keda_scales_each_gpu_pool_with_the_projects_query() -> None:
     for scaled in scaled_objects:
         if scaled["spec"]["minReplicaCount"] == 0:
             activation = float(scaled["spec"]["triggers"][0]["metadata"]["activationTargetQueryValue"])
-            assert activation >= 1 and math.isfinite(activation)
+            assert activation >= 1
     assert any(s["spec"]["minReplicaCount"] >= 1 for s in scaled_objects)  # someone takes stray jobs
