@@ -59,7 +59,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     owns_queue = queue is None
     if queue is None:
         queue = open_queue(settings, role="api")
-    from server.storage import LocalStorage
+    from server.storage import open_storage
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,7 +87,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.api_keys = settings.all_api_keys()  # read once: not a file read per request
     app.state.queue = queue
-    app.state.storage = LocalStorage(settings.files_dir)
+    app.state.storage = open_storage(settings)
     free_space = app.state.free_space = FreeSpace(settings.watched_disks, settings.min_free_disk_bytes)
     async_queue = app.state.async_queue = AsyncQueue(queue, admit=free_space.check)
     app.state.background = []
