@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from server.fetch import FetchFailed, FetchPolicy, FetchRefused, TooLarge, fetch
 from server.jobs import REDUX_INPUT_SIDE
+from server.storage.base import StorageUnavailable
 
 # Checked on the header, before decoding: decoding a huge image costs its memory first.
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
@@ -196,6 +197,8 @@ def read_local(url: str, local_file: LocalFile, max_bytes: int) -> bytes | None:
         data = local_file(url, max_bytes + 1)
         if data is None:
             return None
+    except StorageUnavailable:
+        raise  # the bucket is down for now: a 503, not the client's fault
     except OSError as exc:
         raise InputImageError("file_download_error", str(exc)) from exc
     if len(data) > max_bytes:

@@ -17,6 +17,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 
 from server.api.deps import get_settings, get_storage
+from server.storage import StorageUnavailable
 
 router = APIRouter(tags=["files"])
 
@@ -28,6 +29,8 @@ SAFETY_HEADERS = {"x-content-type-options": "nosniff", "content-security-policy"
 async def get_file(name: str, request: Request) -> Response:
     try:
         info = await asyncio.to_thread(get_storage(request).file_info, name)
+    except StorageUnavailable:
+        raise  # a bucket down for now: 503, not a 404 that says the file is gone
     except (ValueError, OSError):
         info = None
     if info is None:

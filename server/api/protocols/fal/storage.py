@@ -65,7 +65,7 @@ from server.api.protocols.fal.storage_models import (
 )
 from server.config import Settings
 from server.disk import DiskFull, is_disk_full
-from server.storage import MAX_PARTS, Reservation, StorageUnavailable, file_url, multipart_url, upload_url
+from server.storage import MAX_PARTS, Reservation, file_url, multipart_url, upload_url
 
 
 class StorageRoute(APIRoute):
@@ -81,10 +81,6 @@ class StorageRoute(APIRoute):
             except OSError as exc:
                 if is_disk_full(exc):
                     raise DiskFull() from exc
-                if isinstance(exc, StorageUnavailable):
-                    raise HTTPException(
-                        status_code=503, detail="Object storage is unavailable; try the upload again"
-                    ) from exc
                 raise
 
         return storage_handler
