@@ -90,9 +90,12 @@ class Storage(Protocol):
         Raises FileNotFoundError for one of ours that is gone."""
         ...
 
-    def local_copy(self, url: str, base_urls: Iterable[str | None], cache_dir: Path) -> Path | None:
+    def local_copy(
+        self, url: str, base_urls: Iterable[str | None], cache_dir: Path, *, fetch: bool = True
+    ) -> Path | None:
         """A file on this machine with the content behind one of our own URLs (a LoRA),
-        copied into `cache_dir` if it lives elsewhere; None for another URL."""
+        copied into `cache_dir` if it lives elsewhere (`fetch=False`: only a copy made
+        before); None for another URL, or when there is no such copy."""
         ...
 
     # uploads

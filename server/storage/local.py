@@ -119,7 +119,9 @@ class LocalStorage:
         with open(path, "rb") as handle:
             return handle.read(max_bytes)
 
-    def local_copy(self, url: str, base_urls: Iterable[str | None], cache_dir: Path) -> Path | None:
+    def local_copy(
+        self, url: str, base_urls: Iterable[str | None], cache_dir: Path, *, fetch: bool = True
+    ) -> Path | None:
         return self.own_file(url, base_urls)  # already on this machine: no copy
 
     # --- uploads ------------------------------------------------------------------------

@@ -143,7 +143,9 @@ class S3Storage:
         with self._open_live(name, url, f"bytes=0-{max(max_bytes - 1, 0)}") as body:
             return body.read(max_bytes)
 
-    def local_copy(self, url: str, base_urls: Iterable[str | None], cache_dir: Path) -> Path | None:
+    def local_copy(
+        self, url: str, base_urls: Iterable[str | None], cache_dir: Path, *, fetch: bool = True
+    ) -> Path | None:
         """Downloaded once into `cache_dir` under its stored name: a finished upload never
         changes, so the copy stays valid for as long as the upload lives."""
         name = self.own_name(url, base_urls)
@@ -151,9 +153,13 @@ class S3Storage:
             return None
         target = Path(cache_dir) / name
         if target.is_file():
+            # Recency is the access time (the LoRA cache's eviction order); the modification
+            # time stays the copy's, which the runtime's in-memory LoRA cache keys on.
             with contextlib.suppress(OSError):
-                os.utime(target)
+                os.utime(target, ns=(time.time_ns(), target.stat().st_mtime_ns))
             return target
+        if not fetch:
+            return None
         partial = target.with_name(f".{name}.{secrets.token_hex(4)}.partial")
         try:
             with self._open_live(name, url) as body, open(partial, "wb") as out:

@@ -77,7 +77,7 @@ class LoraResolver:
     # --- URLs -------------------------------------------------------------------------------
     def _from_url(self, path: str, url: str, own_base_urls: list[str], download: bool) -> ResolvedLora:
         try:
-            stored = self.storage.local_copy(url, own_base_urls, self.cache.folder)
+            stored = self.storage.local_copy(url, own_base_urls, self.cache.folder, fetch=download)
         except FileNotFoundError:
             raise LoraError(path, "this server has no such file (expired or never uploaded)") from None
         except OSError as exc:
