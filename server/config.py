@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     # public-read bucket): returned URLs are this base + the object's key instead of presigned.
     storage_public_url: str | None = None
     # A worker retries storing a job's images this long while the bucket is unreachable, then
-    # fails the job (it stays below --watchdog-seconds: storing counts as no progress).
+    # fails the job. Keep it below --watchdog-seconds: storing counts as no progress.
     storage_retry_seconds: float = Field(default=120.0, ge=0)
     # What `serve` runs on this box: the API and workers, only the API, or only workers.
     role: Literal["all", "api", "workers"] = "all"
