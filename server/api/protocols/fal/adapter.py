@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +20,7 @@ from server.api.inputs import (
     FitRule,
     InputImage,
     InputImageError,
+    LocalFile,
     load_image,
     mask_fit,
     target_fit,
@@ -58,7 +58,7 @@ from server.jobs import (
     Webhook,
     round_size,
 )
-from server.storage import LocalStorage, image_url
+from server.storage import Storage, image_url
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ async def build_job(
     priority: Priority = "normal",
     start_deadline: float | None = None,
     webhook: Webhook | None = None,
-    storage: LocalStorage | None = None,
+    storage: Storage | None = None,
 ) -> Job:
     """Validate `body` for `endpoint` of `app_id` and map it to a Job. Raises
     RequestValidationError (and KeyError for an endpoint not in `APPS`)."""
@@ -274,7 +274,7 @@ def output_size(input_width: int, input_height: int) -> tuple[int, int]:
 
 
 async def load_input(
-    url: str, field: str, fit: FitRule, settings: Settings, storage: LocalStorage | None, base_url: str
+    url: str, field: str, fit: FitRule, settings: Settings, storage: Storage | None, base_url: str
 ) -> InputImage:
     """An input image (`image_url`, `mask_url`) shrunk by `fit`, or a 422 located at `field`."""
     try:
@@ -285,15 +285,20 @@ async def load_input(
             policy=FetchPolicy.from_settings(settings),
             fit=fit,
             threads=settings.input_decode_threads,
-            # An upload to this server is read from the disk, not fetched over HTTP.
-            local_file=partial(storage.own_file, base_urls=(base_url, settings.public_url))
-            if storage is not None
-            else None,
+            # An upload to this server is read from its store, not fetched over HTTP.
+            local_file=own_file_reader(storage, (base_url, settings.public_url)),
         )
     except InputImageError as exc:
         raise RequestValidationError(
             [validation_error(["body", field], exc.message, exc.error_type)]
         ) from None
+
+
+def own_file_reader(storage: Storage | None, base_urls: tuple[str | None, ...]) -> LocalFile | None:
+    """Reads an input URL of this server's own files from the store (None: not one of ours)."""
+    if storage is None:
+        return None
+    return lambda url, max_bytes: storage.read_own(url, base_urls, max_bytes)
 
 
 def lora_refs(data: LoraFields, settings: Settings) -> tuple[LoraRef, ...]:
