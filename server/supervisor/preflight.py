@@ -115,6 +115,8 @@ def check_toolchain(settings: Settings, slots: list[WorkerSlot]) -> str | None:
         f"the compiled presets ({', '.join(compiled)}) will run eager on the GPU workers: Triton "
         f"builds its kernels at run time and this machine lacks {' and '.join(missing)}"
     )
+
+
 def check_storage(settings: Settings) -> None:
     """With `--storage-url`: one write and delete under the prefix, so that wrong credentials
     or a missing bucket stop start-up in seconds with one line. Raises ConfigError."""

@@ -19,8 +19,8 @@ from server.supervisor.preflight import (
     check_not_serving_noise,
     check_port_free,
     check_settings,
-    check_toolchain,
     check_storage,
+    check_toolchain,
 )
 
 logger = logging.getLogger(__name__)
