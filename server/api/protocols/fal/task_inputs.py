@@ -69,7 +69,12 @@ async def task_inputs(
 ) -> TaskInputs:
     """The output size and input images of a validated request for `task`."""
     load = partial(load_input, settings=settings, storage=storage, base_url=base_url)
-    return await TASKS[task](data, load)
+    try:
+        return await TASKS[task](data, load)
+    except InputImageError as exc:  # an output size the input image's size cannot make
+        raise RequestValidationError(
+            [validation_error(["body", "image_url"], exc.message, exc.error_type)]
+        ) from None
 
 
 async def _text_to_image(data: Any, load: Loader) -> TaskInputs:
