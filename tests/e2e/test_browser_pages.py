@@ -130,3 +130,14 @@ def test_api_docs_render_air_gapped(flux_server, page, path: str, rendered: str)
     page.goto(flux_server.base_url + path)
     page.wait_for_function(rendered)
     assert hosts(requested) == {urlsplit(flux_server.base_url).netloc}
+
+
+def test_playground_lists_only_the_endpoints_whose_checkpoint_is_served(flux_server, page) -> None:
+    """The shared server has no --variant: Kontext, Fill and Krea endpoints would only answer
+    404, so the playground leaves them out (the OpenAPI document still lists them)."""
+    page, _ = page
+    page.goto(flux_server.base_url + "/")
+    page.wait_for_selector(f"#endpoint option[value='{DEV}']", state="attached")
+    options = page.eval_on_selector_all("#endpoint option", "options => options.map(o => o.value)")
+    assert {DEV, "fal-ai/flux-lora", "fal-ai/flux-1/dev/redux"} <= set(options)
+    assert not any("kontext" in o or "krea" in o or "fill" in o for o in options), options

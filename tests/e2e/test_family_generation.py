@@ -273,3 +273,24 @@ def test_fal_js_client_runs_every_family_app(family: Family) -> None:
             check_output(client, result["data"], size=size)
             assert result["data"]["images"][0]["content_type"] == content_type and result["requestId"]
         check_output(client, seen["stream"], size=SUB_PATHS[cases[0]["app"]][1])
+
+
+def test_playground_runs_a_kontext_edit(family: Family, page, tmp_path: Path) -> None:
+    """The playground's form for fal-ai/flux-kontext/dev, built from /openapi.json: its
+    resolution_mode choices, an uploaded input, the edited image shown."""
+    page, _ = page
+    source = tmp_path / "input.png"
+    picture(96, 64).save(source)
+    page.goto(family.server.base_url + "/")  # type: ignore[attr-defined]
+    page.wait_for_selector("#endpoint option[value='fal-ai/flux-kontext/dev']", state="attached")
+    page.select_option("#endpoint", "fal-ai/flux-kontext/dev")
+    modes = page.eval_on_selector_all("select[name=resolution_mode] option", "o => o.map(x => x.value)")
+    assert {"match_input", "auto", "16:9", "9:21"} <= set(modes)
+    page.fill("textarea[name=prompt]", "make it night")
+    page.set_input_files("input[name='image_url.file']", str(source))
+    page.wait_for_function(
+        "document.querySelector('input[name=image_url]').value.startsWith('data:image/png')"
+    )
+    page.fill("input[name=num_inference_steps]", str(KONTEXT_STEPS))
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#images img')?.naturalWidth === 96")
