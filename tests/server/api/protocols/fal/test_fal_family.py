@@ -9,6 +9,7 @@ import base64
 import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -43,8 +44,9 @@ def api(family_server: ApiServer) -> Iterator[ApiServer]:
 
 @pytest.fixture(scope="module")
 def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    """No variant configured: only the base model."""
-    with run_api_server(api_settings(tmp_path_factory.mktemp("bare"))) as server:
+    """Real weights and no variant configured: only the base model (the API loads no weights)."""
+    settings = api_settings(tmp_path_factory.mktemp("bare"), model="/weights/FLUX.1-dev")
+    with run_api_server(settings) as server:
         yield server
 
 
@@ -343,6 +345,20 @@ def test_an_unserved_checkpoint_is_a_404_naming_the_variant_and_the_setting(
         assert f"--variant {variant}=PATH" in body["detail"] and "FLUX_VARIANTS" in body["detail"]
         assert f"'{variant}' checkpoint" in body["detail"]
     assert bare_server.worker.depth() == 0
+
+
+def test_the_tiny_model_alone_serves_every_tiny_variant(tmp_path: Path) -> None:
+    """`--model tiny` with no --variant: the tiny Fill, Kontext, Krea and fine-tune
+    ("tiny-finetune") are served, so that every endpoint works without weights."""
+    with run_api_server(api_settings(tmp_path)) as server:
+        for path, body, variant in (
+            ("/fal-ai/flux-kontext/dev", EDIT, "kontext"),
+            ("/fal-ai/flux-lora-fill", FILL, "fill"),
+            ("/fal-ai/flux/krea", PROMPT, "krea"),
+            ("/tiny-finetune/flux/dev", PROMPT, "tiny-finetune"),
+        ):
+            assert server.claim(server.submit(path, body)["request_id"]).job.variant == variant, path
+        assert server.client.post("/mystyle/flux/dev", json=PROMPT).status_code == 404
 
 
 def test_the_base_endpoints_need_no_variant(bare_server: ApiServer) -> None:

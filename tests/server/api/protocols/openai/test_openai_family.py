@@ -30,7 +30,8 @@ def family_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServe
 
 @pytest.fixture(scope="module")
 def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    with run_api_server(api_settings(tmp_path_factory.mktemp("bare"))) as server:
+    settings = api_settings(tmp_path_factory.mktemp("bare"), model="/weights/FLUX.1-dev")
+    with run_api_server(settings) as server:
         yield server
 
 
@@ -141,5 +142,5 @@ def test_a_family_member_not_served_is_a_404_the_sdk_does_not_retry(bare_server:
             variant = model.split("-")[1]
             assert f"--variant {variant}=PATH" in error["message"] and "FLUX_VARIANTS" in error["message"]
             assert f"The model '{model}'" in error["message"]
-        assert [model.id for model in client.models.list().data] == ["flux.1-dev", "tiny"]
+        assert [model.id for model in client.models.list().data] == ["flux.1-dev", "FLUX.1-dev"]
     assert bare_server.worker.depth() == 0
