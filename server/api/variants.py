@@ -14,7 +14,7 @@ from server.config import Settings
 from server.variant_names import served_variants
 
 NOT_CONFIGURED = "variant_not_configured"
-STATUS_CODE = 404
+NOT_SERVED_STATUS = 404
 
 
 class VariantNotServed(Exception):

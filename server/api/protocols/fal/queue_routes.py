@@ -20,8 +20,7 @@ from server import lifecycle
 from server.api.auth import KeyProblem, api_key_dependency
 from server.api.deps import get_queue, get_settings, get_storage, public_base_url
 from server.api.protocols.fal import adapter, endpoints
-from server.api.variants import NOT_CONFIGURED, VariantNotServed, require_served
-from server.api.variants import STATUS_CODE as VARIANT_STATUS
+from server.api.variants import NOT_CONFIGURED, NOT_SERVED_STATUS, VariantNotServed, require_served
 from server.api.waiting import EVENT_STREAM_HEADERS, StreamEvent, event_stream
 from server.config import Settings
 from server.jobs import Job, JobRecord, Status
@@ -62,7 +61,7 @@ async def variant_not_served(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, VariantNotServed)
     return JSONResponse(
         {"detail": exc.message, "error_type": NOT_CONFIGURED},
-        status_code=VARIANT_STATUS,
+        status_code=NOT_SERVED_STATUS,
         headers={"x-fal-error-type": NOT_CONFIGURED},
     )
 
