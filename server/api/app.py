@@ -42,6 +42,7 @@ from server.api.protocols.fal import webhook as fal_webhook
 from server.api.protocols.fal.proxy import FalProxyMiddleware
 from server.api.protocols.openai import routes as openai_routes
 from server.api.routes import files, health, jwks, metrics, playground
+from server.api.variants import VariantNotServed
 from server.api.webhooks.dispatch import start_dispatcher
 from server.config import Settings
 from server.disk import FreeSpace
@@ -93,6 +94,8 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     async_queue = app.state.async_queue = AsyncQueue(queue, admit=free_space.check)
     app.state.background = []
     install_error_handlers(app, unavailable=(QueueUnavailable, StorageUnavailable))
+    # A fal endpoint whose checkpoint is not configured (OpenAI's routes render their own).
+    app.add_exception_handler(VariantNotServed, queue_routes.variant_not_served)
 
     app.include_router(queue_routes.request_router)  # first: see queue_routes.request_router
     install_docs(app)
