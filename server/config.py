@@ -104,7 +104,9 @@ class Settings(BaseSettings):
     min_free_disk_bytes: int = Field(default=1024**3, ge=0)
 
     # Outbound fetches (input images, webhooks, LoRA URLs): host names, "*.domain" patterns,
-    # addresses or networks; see server/fetch.py. Link-local and metadata are always refused.
+    # addresses or networks; see server/fetch.py. Loopback, link-local, metadata and
+    # unspecified addresses are closed unless `outbound_allow` opens them; private ranges are open.
+    outbound_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
     fetch_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any other
     fetch_deny: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
@@ -134,6 +136,7 @@ class Settings(BaseSettings):
         "cors_origin",
         "fetch_allow",
         "fetch_deny",
+        "outbound_allow",
         mode="before",
     )
     @classmethod

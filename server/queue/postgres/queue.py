@@ -1,7 +1,8 @@
 """The shared queue: one PostgreSQL database used by the API and worker processes of every box.
 
-Ordering: `priority_rank` (0 normal, 1 low) then `seq` from a sequence; a job put back takes
-its `seq` from a second sequence counting down from 0, so it goes to the head. Claims take the
+Ordering: `priority_rank` (0 normal, 1 low), then `fair_tag` (fair share between tenants,
+server/queue/fairshare.py), then `seq` from a sequence; a job put back takes the smallest tag
+and its `seq` from a second sequence counting down from 0, so it goes to the head. Claims take the
 head with `FOR UPDATE SKIP LOCKED` in one short transaction: workers on many boxes never wait
 for each other and never take the same job. Pool, transactions and row steps are in
 store.py, the tables in schema.py, webhook deliveries in deliveries.py, recovery, purge and
@@ -31,6 +32,7 @@ from server.queue.base import (
     JobQueue,
     QueueCounts,
 )
+from server.queue.fairshare import next_tag_params, next_tag_sql, tag_step
 from server.queue.postgres.deliveries import PostgresDeliveries
 from server.queue.postgres.maintenance import PostgresMaintenance
 from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS, REQUEUE
@@ -40,6 +42,19 @@ from server.queue.records import PRIORITY_RANK, utc_timestamp, with_inputs, with
 # A lost notification (a dropped listening connection) costs at most this long.
 FALLBACK_POLL_SECONDS = 2.0
 CHANGE_FALLBACK_SECONDS = 1.0
+
+
+# Insert a job with its fair tag; return how many queued jobs of its class it goes before
+# (those with a larger tag).
+_INSERT = (
+    f"WITH new AS (SELECT {next_tag_sql('flux_jobs', '%s')} AS tag), "
+    "inserted AS (INSERT INTO flux_jobs (id, app_id, status, priority_rank, job_json, created_at, "
+    "start_deadline, webhook, tenant, fair_tag) SELECT %s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s, tag "
+    "FROM new) "
+    # A scalar subquery, not a join: the tag is then an index condition (a range read).
+    "SELECT count(*) FROM flux_jobs WHERE status = 'IN_QUEUE' AND priority_rank = %s "
+    "AND fair_tag > (SELECT tag FROM new)"
+)
 
 
 class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
@@ -53,10 +68,11 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
         """Insert the jobs (their input images into flux_job_inputs) in order in one
         transaction; each with its position. The records returned carry no image bytes."""
         now = time.time()
+        weights = self.tenant_weights
         bare_jobs = [without_inputs(job) for job, _ in entries]
         rows = [
             (request_id, job.app_id, PRIORITY_RANK[job.priority], bare.model_dump_json(), now,
-             job.start_deadline, job.webhook is not None)
+             job.start_deadline, job.webhook is not None, job.tenant)
             for (job, request_id), bare in zip(entries, bare_jobs, strict=True)
         ]  # fmt: skip
         inputs = [
@@ -72,18 +88,21 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                 "WHERE status = 'IN_QUEUE'"
             ).fetchone()
             ahead = [int(normal), int(everything)]
+            params = [
+                (*next_tag_params(row[2], row[7], tag_step(weights, row[7])), *row, row[2]) for row in rows
+            ]
             positions = []
-            for row in rows:
-                rank = row[2]
-                positions.append(ahead[rank])
-                for later in range(rank, len(ahead)):
-                    ahead[later] += 1
             with conn.cursor() as cursor:
-                cursor.executemany(
-                    "INSERT INTO flux_jobs (id, app_id, status, priority_rank, job_json, created_at, "
-                    "start_deadline, webhook) VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s)",
-                    rows,
-                )
+                # One statement per job, pipelined: each sees the jobs inserted before it, so its
+                # tag and the count of the jobs it goes before are exact.
+                cursor.executemany(_INSERT, params, returning=True)
+                for row in rows:
+                    rank = row[2]
+                    (passed,) = cursor.fetchone()
+                    positions.append(ahead[rank] - int(passed))
+                    for later in range(rank, len(ahead)):
+                        ahead[later] += 1
+                    cursor.nextset()
                 if inputs:
                     cursor.executemany(
                         "INSERT INTO flux_job_inputs (request_id, image, mask) VALUES (%s, %s, %s)", inputs
@@ -123,7 +142,8 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
         row = self._run(
             lambda conn: conn.execute(
                 "SELECT j.status, (SELECT count(*) FROM flux_jobs q WHERE q.status = 'IN_QUEUE' "
-                "AND (q.priority_rank, q.seq) < (j.priority_rank, j.seq)) FROM flux_jobs j WHERE j.id = %s",
+                "AND (q.priority_rank, q.fair_tag, q.seq) < (j.priority_rank, j.fair_tag, j.seq)) "
+                "FROM flux_jobs j WHERE j.id = %s",
                 (request_id,),
             ).fetchone()
         )
@@ -209,13 +229,14 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
             # while it looks), then claim it, log who took it and wake its waiters: one statement.
             head = (
                 "SELECT id FROM flux_jobs WHERE status = 'IN_QUEUE' "
-                "ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
+                "ORDER BY priority_rank, fair_tag, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
             )
             head_params: tuple = ()
             if prefer is not None:
                 rows = conn.execute(
                     "SELECT id, priority_rank, created_at, job_json FROM flux_jobs "
-                    "WHERE status = 'IN_QUEUE' ORDER BY priority_rank, seq LIMIT %s FOR UPDATE SKIP LOCKED",
+                    "WHERE status = 'IN_QUEUE' ORDER BY priority_rank, fair_tag, seq LIMIT %s "
+                    "FOR UPDATE SKIP LOCKED",
                     (prefer.window,),
                 ).fetchall()
                 if not rows:

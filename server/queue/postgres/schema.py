@@ -86,7 +86,20 @@ CREATE TABLE IF NOT EXISTS flux_job_inputs (
 );
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+# Fair share between tenants (server/queue/fairshare.py): claims and positions follow
+# (priority_rank, fair_tag, seq) of the queued jobs; a submit finds its tenant's newest queued
+# job with the second index. Jobs queued before keep tag 0: they stay first, in their order.
+_V3 = """
+ALTER TABLE flux_jobs ADD COLUMN IF NOT EXISTS tenant TEXT;
+ALTER TABLE flux_jobs ADD COLUMN IF NOT EXISTS fair_tag DOUBLE PRECISION NOT NULL DEFAULT 0;
+DROP INDEX IF EXISTS flux_jobs_queue;
+CREATE INDEX IF NOT EXISTS flux_jobs_fair ON flux_jobs (priority_rank, fair_tag, seq)
+    WHERE status = 'IN_QUEUE';
+CREATE INDEX IF NOT EXISTS flux_jobs_tenant_queue
+    ON flux_jobs ((COALESCE(tenant, '')), priority_rank, fair_tag) WHERE status = 'IN_QUEUE';
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -111,8 +111,26 @@ CREATE TABLE IF NOT EXISTS job_inputs (
 );
 """
 
+# Fair share between tenants (server/queue/fairshare.py): claims and positions follow
+# (priority_rank, fair_tag, seq) of the queued jobs; a submit finds its tenant's newest queued
+# job with the second index. The columns are added by `_add_missing_columns` first (SQLite has
+# no ADD COLUMN IF NOT EXISTS). Jobs queued before keep tag 0: they stay first, in their order.
+_V4 = """
+DROP INDEX IF EXISTS jobs_queue;
+CREATE INDEX IF NOT EXISTS jobs_fair ON jobs (priority_rank, fair_tag, seq) WHERE status = 'IN_QUEUE';
+CREATE INDEX IF NOT EXISTS jobs_tenant_queue ON jobs ((COALESCE(tenant, '')), priority_rank, fair_tag)
+    WHERE status = 'IN_QUEUE';
+"""
+
 # Every statement is idempotent, so a step that two processes both saw as missing is harmless.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
+
+# Columns the jobs table gained after its first schema, with their definitions.
+_ADDED_COLUMNS: dict[str, str] = {
+    "image": "BLOB",  # claims read it for jobs queued before schema v3
+    "tenant": "TEXT",  # Job.tenant: who submitted it (None: no named key)
+    "fair_tag": "REAL NOT NULL DEFAULT 0",  # the fair-share order within a priority class
+}
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -137,21 +155,26 @@ def migrate(conn: sqlite3.Connection) -> None:
     for version, script in enumerate(MIGRATIONS, start=1):
         if schema_version(conn) >= version:
             continue
+        if version > 1:  # later steps may index columns the first schema did not have
+            _add_missing_columns(conn)
         conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
-    _add_image_column(conn)
+    _add_missing_columns(conn)
 
 
-def _add_image_column(conn: sqlite3.Connection) -> None:
-    """A database made before input images had their own column gets it (claims read it for
-    jobs queued before schema v3)."""
+def _missing_columns(conn: sqlite3.Connection) -> list[str]:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-    if "image" in columns:
+    return [name for name in _ADDED_COLUMNS if name not in columns]
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """A database made before a column of `_ADDED_COLUMNS` existed gets it; checked again under
+    the write lock, so that processes migrating at once add each column once."""
+    if not _missing_columns(conn):
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-        if "image" not in columns:
-            conn.execute("ALTER TABLE jobs ADD COLUMN image BLOB")
+        for name in _missing_columns(conn):
+            conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {_ADDED_COLUMNS[name]}")
     except BaseException:
         conn.execute("ROLLBACK")
         raise

@@ -23,6 +23,7 @@ from server.config import Settings
 from server.jobs import Job, JobResult, OutputImage, Webhook
 from server.queue.base import JobQueue
 from server.queue.factory import open_queue
+from tests.support import LOOPBACK_OUTBOUND
 
 
 def test_backoff_schedule_spans_about_two_hours_over_ten_attempts() -> None:
@@ -115,7 +116,7 @@ async def run_dispatcher_until(
 
 def test_dispatcher_retries_with_backoff_then_delivers(tmp_path: Path, queue: JobQueue) -> None:
     receiver = Receiver([500, 500])
-    settings = Settings(data_dir=tmp_path, webhook_retry_base_seconds=0.2)
+    settings = Settings(data_dir=tmp_path, outbound_allow=LOOPBACK_OUTBOUND, webhook_retry_base_seconds=0.2)
     try:
         request_id = finish(queue, Webhook(url=receiver.url + "/hook", kind="fal"))
 
@@ -151,7 +152,7 @@ def test_gives_up_after_max_attempts(
 ) -> None:
     monkeypatch.setattr(dispatch, "MAX_ATTEMPTS", 3)
     receiver = Receiver([503] * 10)
-    settings = Settings(data_dir=tmp_path, webhook_retry_base_seconds=0.05)
+    settings = Settings(data_dir=tmp_path, outbound_allow=LOOPBACK_OUTBOUND, webhook_retry_base_seconds=0.05)
     try:
         request_id = finish(queue, Webhook(url=receiver.url + "/hook", kind="bfl", secret="k"))
         asyncio.run(
@@ -178,7 +179,7 @@ def test_a_kind_without_a_renderer_fails_the_attempt_instead_of_holding_the_row(
     tmp_path: Path, queue: JobQueue
 ) -> None:
     receiver = Receiver([])
-    settings = Settings(data_dir=tmp_path, webhook_retry_base_seconds=60)
+    settings = Settings(data_dir=tmp_path, outbound_allow=LOOPBACK_OUTBOUND, webhook_retry_base_seconds=60)
     try:
         request_id = finish(queue, Webhook(url=receiver.url + "/hook", kind="bfl"))
         only_fal = dispatch.WebhookDispatcher(
@@ -198,7 +199,7 @@ def test_a_hanging_receiver_does_not_block_other_deliveries(
 ) -> None:
     monkeypatch.setattr(dispatch, "TOTAL_TIMEOUT_SECONDS", 1.0)
     receiver = Receiver([], hang_paths=("/slow",))
-    settings = Settings(data_dir=tmp_path, webhook_retry_base_seconds=60)
+    settings = Settings(data_dir=tmp_path, outbound_allow=LOOPBACK_OUTBOUND, webhook_retry_base_seconds=60)
     try:
         slow_id = finish(queue, Webhook(url=receiver.url + "/slow", kind="fal"))
         fast_id = finish(queue, Webhook(url=receiver.url + "/fast", kind="fal"))

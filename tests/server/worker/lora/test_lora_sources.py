@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from models.lora.errors import LoraError
+from server.config import Settings
 from server.fetch import FetchPolicy, HostRules
 from server.storage import LocalStorage, file_url
 from server.worker.lora.cache import DownloadCache
 from server.worker.lora.sources import LoraResolver, resolve_all
+from tests.support import LOOPBACK_OUTBOUND
 
 SAFETENSORS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + b"\0" * 64  # header only; bytes matter here
 
@@ -80,10 +82,14 @@ def lan() -> Iterator[LanServer]:
     server.close()
 
 
+LOOPBACK_OPEN = FetchPolicy.from_settings(Settings(outbound_allow=LOOPBACK_OUTBOUND))
+
+
 def make_resolver(tmp_path: Path, **cache: float) -> LoraResolver:
     options = {"max_total_bytes": 10_000, "max_file_bytes": 1_000, "timeout": 5.0, **cache}
     return LoraResolver(
-        cache=DownloadCache(tmp_path / "cache", **options),  # type: ignore[arg-type]
+        # The LAN server of these tests is on loopback, closed by default: opened explicitly.
+        cache=DownloadCache(tmp_path / "cache", policy=LOOPBACK_OPEN, **options),  # type: ignore[arg-type]
         storage=LocalStorage(tmp_path / "files"),
         lora_dir=tmp_path / "library",
         hf_cache_dir=tmp_path / "hf",
@@ -157,7 +163,9 @@ def test_download_failures_name_the_lora(tmp_path: Path, lan: LanServer) -> None
 def test_the_fetch_policy_applies_to_every_hop(tmp_path: Path, lan: LanServer) -> None:
     lan.files["a.safetensors"] = SAFETENSORS
     resolver = make_resolver(tmp_path)
-    resolver.cache.policy = FetchPolicy(allow=HostRules.parse([]), deny=HostRules.parse(["127.0.0.0/8"]))
+    resolver.cache.policy = FetchPolicy(
+        allow=HostRules.parse([]), deny=HostRules.parse(["127.0.0.0/8"]), open=HostRules.parse(["127.0.0.1"])
+    )
     with pytest.raises(LoraError) as caught:
         resolver.resolve(f"{lan.url}/a.safetensors")
     assert message(caught) == (
