@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,7 +26,7 @@ SAFETENSORS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + b"\0" * 64  # header
 
 class LanServer:
     """A studio file server on loopback: GET /<name> serves `files[name]`, counts requests;
-    /slow never finishes its body; /missing is a 404."""
+    /slow never finishes its body; /trickle sends a byte every 0.1 s; /missing is a 404."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
@@ -47,6 +48,16 @@ class LanServer:
                     self.wfile.write(b"x" * 10)
                     self.wfile.flush()
                     lan.release.wait(10)
+                    return
+                if name == "trickle":  # every read is quick; the whole download is not
+                    self.send_response(200)
+                    self.send_header("Content-Length", "500")
+                    self.end_headers()
+                    for _ in range(500):
+                        if lan.release.wait(0.1):
+                            return
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
                     return
                 if name == "redirect":
                     self.send_response(302)
@@ -175,6 +186,31 @@ def test_the_fetch_policy_applies_to_every_hop(tmp_path: Path, lan: LanServer) -
     assert lan.requests == []
     with pytest.raises(LoraError, match=r"refused by this server.s fetch policy: .* link-local"):
         resolver.resolve("http://169.254.10.10/a.safetensors")
+
+
+def test_loopback_is_closed_to_lora_urls_by_default(tmp_path: Path, lan: LanServer) -> None:
+    lan.files["a.safetensors"] = SAFETENSORS
+    shipped = DownloadCache(tmp_path / "cache", max_total_bytes=10_000, max_file_bytes=1_000, timeout=5.0)
+    resolver = make_resolver(tmp_path)
+    resolver.cache = shipped
+    with pytest.raises(LoraError, match=r"refused by this server.s fetch policy: 127\.0\.0\.1, a loopback"):
+        resolver.resolve(f"{lan.url}/a.safetensors")
+    # Opening the address 127.0.0.1 does not open the name localhost.
+    resolver.cache.policy = FetchPolicy.from_settings(Settings(outbound_allow=["127.0.0.1"]))
+    port = lan.url.rsplit(":", 1)[1]
+    with pytest.raises(LoraError, match="loopback name"):
+        resolver.resolve(f"http://localhost:{port}/a.safetensors")
+    assert lan.requests == []
+    assert resolver.resolve(f"{lan.url}/a.safetensors").source == "download"
+
+
+def test_a_download_has_one_deadline_for_all_its_reads(tmp_path: Path, lan: LanServer) -> None:
+    resolver = make_resolver(tmp_path, timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(LoraError, match=r"download took longer than 1 s"):
+        resolver.resolve(f"{lan.url}/trickle")
+    assert time.monotonic() - started < 3.0
+    assert not list((tmp_path / "cache").iterdir())
 
 
 # --- the LoRA folder --------------------------------------------------------------------------
