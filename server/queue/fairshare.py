@@ -18,8 +18,11 @@ which no key can be); one tenant alone is plain FIFO.
 Why tags stored at submit, not computed at claim: a claim stays the one short statement it was
 (the head of an index on `(priority_rank, fair_tag, seq)` of queued jobs), however many jobs
 or tenants wait; a submit reads two index entries more (the tenant's newest queued job, the
-class's head). Weights are known where jobs are submitted (the API process, from its keys);
-a worker needs no tenant configuration. A weight change applies to jobs submitted after it.
+class's head), once per batch and tenant (`BatchTags`). SQLite stores a batch under its write
+lock, so tags are exact; with PostgreSQL two API processes storing one tenant's jobs at the
+same instant may give two of them the same tag, which only makes them go in submit order.
+Weights are known where jobs are submitted (the API process, from its keys); a worker needs
+no tenant configuration. A weight change applies to jobs submitted after it.
 
 A job put back to the queue (lost worker, stopping worker) gets the smallest queued tag of its
 class if its own is larger, and the lowest `seq`: the head, as before fair share.
@@ -27,7 +30,8 @@ class if its own is larger, and the lowest `seq`: the head, as before fair share
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 DEFAULT_WEIGHT = 1.0
 
@@ -58,21 +62,59 @@ def tag_step(weights: Mapping[str, float], tenant: str | None) -> float:
 TENANT_KEY = "COALESCE(tenant, '')"
 
 
-def next_tag_sql(table: str, placeholder: str) -> str:
-    """An expression (in parentheses) giving a new job's fair tag; its parameters are
-    `next_tag_params`. Reads two index entries of the queued jobs."""
+class BatchTags:
+    """The rule above for a batch of jobs stored together, from one read of the queue per
+    (priority_rank, tenant) pair of the batch (`Known`), applied in order: a job sees the
+    batch's jobs before it. `next` also tells whether the job lands at the tail of its class
+    (no queued job has a larger tag), where its position needs no count: the common case of
+    one tenant's burst."""
+
+    def __init__(self, known: list[Known]) -> None:
+        self._newest = {(k.priority_rank, k.tenant_key): k.newest for k in known if k.newest is not None}
+        self._heads = {k.priority_rank: k.head for k in known if k.head is not None}
+        self._tails = {k.priority_rank: k.tail for k in known if k.tail is not None}
+
+    def next(self, priority_rank: int, tenant: str | None, step: float) -> tuple[float, bool]:
+        """The job's tag, and whether it goes after every queued job of its class."""
+        key = (priority_rank, tenant or "")
+        newest = self._newest.get(key)
+        tag = newest + step if newest is not None else self._heads.get(priority_rank, 0.0)
+        tail = self._tails.get(priority_rank)
+        at_tail = tail is None or tag >= tail
+        self._newest[key] = tag
+        self._heads.setdefault(priority_rank, tag)
+        self._tails[priority_rank] = tag if tail is None else max(tail, tag)
+        return tag, at_tail
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the queue holds for one (priority_rank, tenant) pair: the tenant's newest queued
+    tag, and the class's smallest (head) and largest (tail) queued tags; None: none queued."""
+
+    priority_rank: int
+    tenant_key: str  # the tenant, "" for none
+    newest: float | None
+    head: float | None
+    tail: float | None
+
+
+def known_sql(table: str, placeholder: str) -> str:
+    """One row for `Known`; parameters: tenant key, priority_rank (three times)."""
+    queued = f"FROM {table} WHERE status = 'IN_QUEUE' AND priority_rank = {placeholder}"
     return (
-        "(COALESCE("
-        f"(SELECT fair_tag FROM {table} WHERE status = 'IN_QUEUE' AND {TENANT_KEY} = {placeholder} "
-        f"AND priority_rank = {placeholder} ORDER BY fair_tag DESC LIMIT 1) + {placeholder}, "
-        f"(SELECT fair_tag FROM {table} WHERE status = 'IN_QUEUE' AND priority_rank = {placeholder} "
-        "ORDER BY fair_tag LIMIT 1), 0))"
+        f"SELECT (SELECT fair_tag FROM {table} WHERE status = 'IN_QUEUE' AND {TENANT_KEY} = {placeholder} "
+        f"AND priority_rank = {placeholder} ORDER BY fair_tag DESC LIMIT 1), "
+        f"(SELECT fair_tag {queued} ORDER BY fair_tag LIMIT 1), "
+        f"(SELECT fair_tag {queued} ORDER BY fair_tag DESC LIMIT 1)"
     )
 
 
-def next_tag_params(priority_rank: int, tenant: str | None, step: float) -> tuple:
-    """The parameters of `next_tag_sql` for one job."""
-    return (tenant or "", priority_rank, step, priority_rank)
+def read_known(rows: list[tuple[int, str | None]], fetch_one: Callable[[tuple], tuple]) -> list[Known]:
+    """`Known` for every (priority_rank, tenant) pair of a batch's rows; `fetch_one(params)`
+    runs `known_sql` with the parameters and returns its row."""
+    pairs = sorted({(rank, tenant or "") for rank, tenant in rows})
+    return [Known(rank, key, *fetch_one((key, rank, rank, rank))) for rank, key in pairs]
 
 
 def requeue_tag_sql(table: str, least: str) -> str:

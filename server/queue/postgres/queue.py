@@ -32,7 +32,7 @@ from server.queue.base import (
     JobQueue,
     QueueCounts,
 )
-from server.queue.fairshare import next_tag_params, next_tag_sql, tag_step
+from server.queue.fairshare import BatchTags, known_sql, read_known, tag_step
 from server.queue.postgres.deliveries import PostgresDeliveries
 from server.queue.postgres.maintenance import PostgresMaintenance
 from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS, REQUEUE
@@ -44,16 +44,13 @@ FALLBACK_POLL_SECONDS = 2.0
 CHANGE_FALLBACK_SECONDS = 1.0
 
 
-# Insert a job with its fair tag; return how many queued jobs of its class it goes before
-# (those with a larger tag).
-_INSERT = (
-    f"WITH new AS (SELECT {next_tag_sql('flux_jobs', '%s')} AS tag), "
-    "inserted AS (INSERT INTO flux_jobs (id, app_id, status, priority_rank, job_json, created_at, "
-    "start_deadline, webhook, tenant, fair_tag) SELECT %s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s, tag "
-    "FROM new) "
-    # A scalar subquery, not a join: the tag is then an index condition (a range read).
-    "SELECT count(*) FROM flux_jobs WHERE status = 'IN_QUEUE' AND priority_rank = %s "
-    "AND fair_tag > (SELECT tag FROM new)"
+_KNOWN = known_sql("flux_jobs", "%s")
+# For each (priority_rank, tag): the queued jobs of the class a new job with that tag goes
+# before (a range read of the index's tail).
+_PASSED = (
+    "SELECT (SELECT count(*) FROM flux_jobs WHERE status = 'IN_QUEUE' AND priority_rank = x.rank "
+    "AND fair_tag > x.tag) FROM unnest(%s::smallint[], %s::float8[]) WITH ORDINALITY AS x(rank, tag, n) "
+    "ORDER BY x.n"
 )
 
 
@@ -88,21 +85,35 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                 "WHERE status = 'IN_QUEUE'"
             ).fetchone()
             ahead = [int(normal), int(everything)]
-            params = [
-                (*next_tag_params(row[2], row[7], tag_step(weights, row[7])), *row, row[2]) for row in rows
-            ]
+            known = read_known(
+                [(row[2], row[7]) for row in rows], lambda p: conn.execute(_KNOWN, p).fetchone()
+            )
+            tags = BatchTags(known)
+            placed = [tags.next(row[2], row[7], tag_step(weights, row[7])) for row in rows]
+            row_tags = [tag for tag, _ in placed]
+            ranks = [row[2] for row in rows]
+            passed = [0] * len(rows)  # queued jobs each goes before: none at the tail of its class
+            inside = [index for index, (_, at_tail) in enumerate(placed) if not at_tail]
+            if inside:
+                counts = conn.execute(_PASSED, ([ranks[i] for i in inside], [row_tags[i] for i in inside]))
+                for index, (count,) in zip(inside, counts.fetchall(), strict=True):
+                    passed[index] = count
             positions = []
+            stored: list[tuple[int, float]] = []  # the batch's jobs before this one
+            for rank, tag, already_queued in zip(ranks, row_tags, passed, strict=True):
+                # The jobs it goes before: those queued already, and the batch's earlier ones.
+                earlier = sum(1 for r, t in stored if r == rank and t > tag)
+                positions.append(ahead[rank] - already_queued - earlier)
+                stored.append((rank, tag))
+                for later in range(rank, len(ahead)):
+                    ahead[later] += 1
             with conn.cursor() as cursor:
-                # One statement per job, pipelined: each sees the jobs inserted before it, so its
-                # tag and the count of the jobs it goes before are exact.
-                cursor.executemany(_INSERT, params, returning=True)
-                for row in rows:
-                    rank = row[2]
-                    (passed,) = cursor.fetchone()
-                    positions.append(ahead[rank] - int(passed))
-                    for later in range(rank, len(ahead)):
-                        ahead[later] += 1
-                    cursor.nextset()
+                cursor.executemany(
+                    "INSERT INTO flux_jobs (id, app_id, status, priority_rank, job_json, created_at, "
+                    "start_deadline, webhook, tenant, fair_tag) "
+                    "VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s, %s)",
+                    [(*row, tag) for row, tag in zip(rows, row_tags, strict=True)],
+                )
                 if inputs:
                     cursor.executemany(
                         "INSERT INTO flux_job_inputs (request_id, image, mask) VALUES (%s, %s, %s)", inputs

@@ -34,7 +34,7 @@ from server.queue.base import (
     QueueCounts,
     WorkerInfo,
 )
-from server.queue.fairshare import next_tag_params, next_tag_sql, requeue_tag_sql, tag_step
+from server.queue.fairshare import BatchTags, known_sql, read_known, requeue_tag_sql, tag_step
 from server.queue.records import PRIORITY_RANK, file_names_in_results, without_inputs
 from server.queue.sqlite.deliveries import SQLiteDeliveries
 from server.queue.sqlite.store import RECORD_COLUMNS, WORKERS_KEY
@@ -45,14 +45,7 @@ FALLBACK_POLL_SECONDS = 0.5
 _REQUEUE = f"{requeue_tag_sql('jobs', 'MIN')}, seq = (SELECT MIN(seq) FROM jobs) - 1"
 
 
-# A new job's fair tag and its position: the queued jobs of its class and the better ones,
-# less those of its class with a larger tag (it goes before them).
-_TAG_AND_POSITION = (
-    f"WITH new AS (SELECT {next_tag_sql('jobs', '?')} AS tag) "
-    "SELECT tag, (SELECT COALESCE(SUM(queued), 0) FROM queue_counts WHERE priority_rank <= ?) - "
-    "(SELECT COUNT(*) FROM jobs WHERE status = 'IN_QUEUE' AND priority_rank = ? AND fair_tag > tag) "
-    "FROM new"
-)
+_KNOWN = known_sql("jobs", "?")
 
 
 class SQLiteQueue(SQLiteDeliveries, JobQueue):
@@ -80,12 +73,25 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
         ]
         positions = []
         with self._write() as conn:
+            known = read_known(
+                [(row[2], row[7]) for row in rows], lambda p: conn.execute(_KNOWN, p).fetchone()
+            )
+            tags = BatchTags(known)
             for row in rows:
                 rank, tenant = row[2], row[7]
-                tag, ahead = conn.execute(
-                    _TAG_AND_POSITION,
-                    (*next_tag_params(rank, tenant, tag_step(weights, tenant)), rank, rank),
+                tag, at_tail = tags.next(rank, tenant, tag_step(weights, tenant))
+                # Queued jobs of this class and the better ones, the new one not yet among them,
+                # less those it goes before (a larger tag); none when it joins the tail.
+                (ahead,) = conn.execute(
+                    "SELECT COALESCE(SUM(queued), 0) FROM queue_counts WHERE priority_rank <= ?", (rank,)
                 ).fetchone()
+                if not at_tail:
+                    (passed,) = conn.execute(
+                        "SELECT COUNT(*) FROM jobs WHERE status = 'IN_QUEUE' AND priority_rank = ? "
+                        "AND fair_tag > ?",
+                        (rank, tag),
+                    ).fetchone()
+                    ahead -= passed
                 positions.append(int(ahead))
                 conn.execute(
                     "INSERT INTO jobs (id, app_id, status, priority_rank, job_json, created_at, "
@@ -118,8 +124,11 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
                 "SELECT j.status, "
                 "(SELECT COALESCE(SUM(queued), 0) FROM queue_counts c "
                 "WHERE c.priority_rank < j.priority_rank) + "
+                # Two plain index ranges: a row-value comparison would filter row by row.
                 "(SELECT COUNT(*) FROM jobs q WHERE q.status = 'IN_QUEUE' "
-                "AND q.priority_rank = j.priority_rank AND (q.fair_tag, q.seq) < (j.fair_tag, j.seq)) "
+                "AND q.priority_rank = j.priority_rank AND q.fair_tag < j.fair_tag) + "
+                "(SELECT COUNT(*) FROM jobs q WHERE q.status = 'IN_QUEUE' "
+                "AND q.priority_rank = j.priority_rank AND q.fair_tag = j.fair_tag AND q.seq < j.seq) "
                 "FROM jobs j WHERE j.id = ?",
                 (request_id,),
             )

@@ -131,3 +131,19 @@ def test_a_lora_preference_never_passes_another_tenants_job(api: JobQueue, worke
     assert [api.position(i) for i in (a_plain, b_plain, a_ink)] == [0, 1, 2]
     taken = [worker.claim("w1", timeout=0, prefer=prefer) for _ in range(3)]
     assert [record.id for record in taken if record] == [a_plain, b_plain, a_ink]
+
+
+def test_a_batch_of_several_tenants_gets_each_jobs_position_as_stored(
+    api: JobQueue, worker: JobQueue
+) -> None:
+    """A group commit of many tenants' submits: each job's position counts the jobs queued
+    before it in claim order, among those stored before it (the batch's earlier ones too)."""
+    old = [record.id for record, _ in api.submit_many([make_job(tenant="a")] * 3)]
+    tenants = ["a", "b", "b", None, "c", "a"]
+    batch = api.submit_many([make_job(tenant=tenant) for tenant in tenants])
+    order = claim_ids(worker, len(old) + len(batch))
+    for index, (record, position) in enumerate(batch):
+        stored_before = set(old) | {earlier.id for earlier, _ in batch[:index]}
+        assert position == sum(
+            1 for request_id in order[: order.index(record.id)] if request_id in stored_before
+        )
