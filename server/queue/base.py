@@ -32,6 +32,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from types import MappingProxyType
 
 from server.jobs import Job, JobError, JobRecord, JobResult, new_request_id
 from server.queue.fairshare import validated_weights
@@ -146,7 +147,7 @@ class QueueCounts:
 
 class JobQueue(ABC):
     # Fair-share weight per tenant (absent: 1), read by `store` (server/queue/fairshare.py).
-    tenant_weights: Mapping[str, float] = {}
+    tenant_weights: Mapping[str, float] = MappingProxyType({})
 
     def set_tenant_weights(self, weights: Mapping[str, float]) -> None:
         """Weigh tenants' turns from now on (e.g. from the keys file, whenever it changes):

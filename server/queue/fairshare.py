@@ -17,10 +17,10 @@ which no key can be); one tenant alone is plain FIFO.
 
 Why tags stored at submit, not computed at claim: a claim stays the one short statement it was
 (the head of an index on `(priority_rank, fair_tag, seq)` of queued jobs), however many jobs
-or tenants wait; a submit reads two index entries more (the tenant's newest queued job, the
-class's head), once per batch and tenant (`BatchTags`). SQLite stores a batch under its write
-lock, so tags are exact; with PostgreSQL two API processes storing one tenant's jobs at the
-same instant may give two of them the same tag, which only makes them go in submit order.
+or tenants wait; a submit makes three index reads more (the tenant's newest queued job, the
+class's head and tail), once per batch and tenant (`BatchTags`). SQLite stores a batch under
+its write lock, so tags are exact; with PostgreSQL two API processes storing one tenant's jobs
+at the same instant may give two of them the same tag: they then go in submit order.
 Weights are known where jobs are submitted (the API process, from its keys); a worker needs
 no tenant configuration. A weight change applies to jobs submitted after it.
 

@@ -43,8 +43,6 @@ from server.queue.sqlite.store import RECORD_COLUMNS, WORKERS_KEY
 FALLBACK_POLL_SECONDS = 0.5
 # Puts a job back at the head of its class (see server/queue/fairshare.py).
 _REQUEUE = f"{requeue_tag_sql('jobs', 'MIN')}, seq = (SELECT MIN(seq) FROM jobs) - 1"
-
-
 _KNOWN = known_sql("jobs", "?")
 
 
