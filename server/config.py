@@ -120,7 +120,9 @@ class Settings(BaseSettings):
     min_free_disk_bytes: int = Field(default=1024**3, ge=0)
 
     # Outbound fetches (input images, webhooks, LoRA URLs): host names, "*.domain" patterns,
-    # addresses or networks; see server/fetch.py. Link-local and metadata are always refused.
+    # addresses or networks; see server/fetch.py. Loopback, link-local, metadata and
+    # unspecified addresses are closed unless `outbound_allow` opens them; private ranges are open.
+    outbound_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
     fetch_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any other
     fetch_deny: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
@@ -154,6 +156,7 @@ class Settings(BaseSettings):
         "cors_origin",
         "fetch_allow",
         "fetch_deny",
+        "outbound_allow",
         mode="before",
     )
     @classmethod

@@ -174,6 +174,9 @@ class Job(BaseModel):
     app_id: str = "fal-ai/flux"  # owner/app: fal's status and result URLs use only this
     endpoint: str = "dev"  # the subpath it was submitted on
     priority: Priority = "normal"
+    # The tenant (API key name) that submitted it; None: no named key (one shared tenant).
+    # Claims share the workers fairly between tenants (server/queue/fairshare.py).
+    tenant: str | None = None
     start_deadline: float | None = None  # unix time; not started by then -> request_timeout
     webhook: Webhook | None = None
     # Scheme://host[:port] the client used (or --public-url): returned URLs and webhook

@@ -36,7 +36,7 @@ import pytest
 from server.tls import CertPaths, make_certificates
 from tests.pg_server import postgres_server  # noqa: F401 - the session's PostgreSQL server
 from tests.s3_server import s3_env, s3_server  # noqa: F401 - the session's S3 server (SeaweedFS)
-from tests.support import free_port
+from tests.support import LOOPBACK_OUTBOUND, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 HEALTH_TIMEOUT = 120.0
@@ -157,8 +157,11 @@ def launch_server(
     wait: bool = True,
     workers: int = 1,
     env: dict[str, str] | None = None,
+    outbound_allow: Sequence[str] = tuple(LOOPBACK_OUTBOUND),
 ) -> FluxServer:
-    """Start `flux-server serve --model tiny` on `data_dir` (reusing a built tiny model)."""
+    """Start `flux-server serve --model tiny` on `data_dir` (reusing a built tiny model).
+    `outbound_allow`: what its fetches may reach that is closed by default (the tests' own
+    loopback servers unless a test says otherwise)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     link = data_dir / tiny_model_dir.name
     if not link.exists():
@@ -170,6 +173,8 @@ def launch_server(
         argv += ["--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key)]
     for key in api_keys:
         argv += ["--api-key", key]
+    for entry in outbound_allow:
+        argv += ["--outbound-allow", entry]
     argv += list(args)
     log_path = data_dir / f"serve-{port}-{int(time.time() * 1000)}.log"
     with open(log_path, "wb") as log:

@@ -18,6 +18,12 @@ T = TypeVar("T")
 
 POLL_INTERVAL = 0.02
 
+# Outbound fetches (input image URLs, webhooks, LoRA URLs) never reach loopback by default
+# (server/fetch.py). The suite's image, webhook and LoRA servers listen on loopback, so every
+# server and policy the tests build opens it explicitly with this; the tests of the closed
+# default build theirs without it.
+LOOPBACK_OUTBOUND = ["127.0.0.0/8", "::1", "localhost"]
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""

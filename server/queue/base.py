@@ -10,9 +10,10 @@ method reads and writes that store; change notifications travel between processe
 waiter never relies on a sleep-polling loop as its main path. Every method may block on I/O:
 async code calls the synchronous ones through `asyncio.to_thread`.
 
-Ordering: normal priority before low, then FIFO; a job put back after a lost worker goes to
-the head. A job whose lease runs out is retried once (`MAX_ATTEMPTS` in all), then completes
-with `runner_disconnected`.
+Ordering: normal priority before low; within a priority, tenants take turns (fair share,
+weighted: server/queue/fairshare.py), and each tenant's jobs are FIFO; a job put back after a
+lost worker goes to the head. A job whose lease runs out is retried once (`MAX_ATTEMPTS` in
+all), then completes with `runner_disconnected`.
 
 Input images (`Job.image`, `Job.mask`) are stored apart from the job, in the transaction
 that stores it, and read back only by `claim`: every other record (`store`'s, `get`'s,
@@ -28,11 +29,13 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from types import MappingProxyType
 
 from server.jobs import Job, JobError, JobRecord, JobResult, new_request_id
+from server.queue.fairshare import validated_weights
 
 # A job whose worker vanished is tried this many times in all before it fails.
 MAX_ATTEMPTS = 2
@@ -94,10 +97,11 @@ class WorkerInfo:
 @dataclass(frozen=True)
 class ClaimPreference:
     """A worker's hint for `claim`: among the first `window` queued jobs of the head's
-    priority, take the first that `wants` (e.g. its LoRAs are already loaded on this worker)
-    instead of the head, unless the head has waited `max_wait` seconds or more. So a preference
-    reorders only nearby jobs and never delays any job by more than `max_wait` (plus the
-    jobs already running)."""
+    priority and tenant, take the first that `wants` (e.g. its LoRAs are already loaded on this
+    worker) instead of the head, unless the head has waited `max_wait` seconds or more. So a
+    preference reorders only nearby jobs of one tenant, never passes another tenant's job (fair
+    share holds), and never delays any job by more than `max_wait` (plus the jobs already
+    running)."""
 
     wants: Callable[[Job], bool]
     window: int = 8
@@ -109,10 +113,14 @@ class ClaimPreference:
         head_id, head_rank, head_created, _ = rows[0]
         if now - head_created >= self.max_wait:
             return head_id
-        for request_id, rank, _created, job_json in rows:
-            if rank != head_rank:
+        head_tenant: str | None = None
+        for index, (request_id, rank, _created, job_json) in enumerate(rows):
+            job = Job.model_validate_json(job_json)
+            if index == 0:
+                head_tenant = job.tenant
+            if rank != head_rank or job.tenant != head_tenant:
                 break
-            if self.wants(Job.model_validate_json(job_json)):
+            if self.wants(job):
                 return request_id
         return head_id
 
@@ -138,6 +146,15 @@ class QueueCounts:
 
 
 class JobQueue(ABC):
+    # Fair-share weight per tenant (absent: 1), read by `store` (server/queue/fairshare.py).
+    tenant_weights: Mapping[str, float] = MappingProxyType({})
+
+    def set_tenant_weights(self, weights: Mapping[str, float]) -> None:
+        """Weigh tenants' turns from now on (e.g. from the keys file, whenever it changes):
+        weight 2 gets twice the jobs of weight 1 while both wait. Applies to jobs stored
+        after the call; raises ValueError for a weight that is not a positive number."""
+        self.tenant_weights = validated_weights(weights)
+
     # --- producer side (API process) -----------------------------------------------------
     def submit(self, job: Job, request_id: str | None = None) -> JobRecord:
         """Store a job durably (committed before this returns) and wake a waiting worker."""
@@ -165,7 +182,8 @@ class JobQueue(ABC):
 
     @abstractmethod
     def position(self, request_id: str) -> int | None:
-        """Jobs ahead of this one (normal priority before low, then FIFO); None if not queued.
+        """Jobs ahead of this one in claim order (normal priority before low, then fair share
+        between tenants, then FIFO); None if not queued.
         Cheap however long the queue is (no scan of every queued row)."""
 
     @abstractmethod

@@ -25,6 +25,8 @@ _JOB_COLUMNS = (
     "id, app_id, status, priority_rank, job_json, image, created_at, started_at, completed_at, attempts, "
     "worker, lease_expires, cancel_requested, progress, result_json, error_json, start_deadline, webhook"
 )
+# Columns a file from an earlier release may lack (the target's defaults stand in for them).
+_LATER_COLUMNS = ("tenant", "fair_tag")
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,14 @@ def copy_sqlite_to_postgres(db_path: Path, url: str) -> Copied:
         with target.transaction():
             # Claim order, so that queued jobs get PostgreSQL sequence numbers in that order; a
             # job left running goes to the head of its class, as a lost worker's job does.
+            present = {row[1] for row in source.execute("PRAGMA table_info(jobs)")}
+            columns = ", ".join([_JOB_COLUMNS, *(c for c in _LATER_COLUMNS if c in present)])
             jobs = source.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs "
+                f"SELECT {columns} FROM jobs "
                 "ORDER BY status = 'COMPLETED', priority_rank, status != 'IN_PROGRESS', seq"
             ).fetchall()
-            copied = [row for row in jobs if _copy_job(target, row)]
+            jobs = _running_ones_to_the_head(jobs, columns)
+            copied = [row for row in jobs if _copy_job(target, columns, row)]
             logs = sum(_copy_logs(source, target, row[0]) for row in copied)
             deliveries = sum(_copy_delivery(source, target, row[0]) for row in copied)
             if _has_table(source, "job_inputs"):  # a file from before schema v3 has none
@@ -67,14 +72,31 @@ def copy_sqlite_to_postgres(db_path: Path, url: str) -> Copied:
     )
 
 
-def _copy_job(target: psycopg.Connection, row: tuple) -> bool:
+def _running_ones_to_the_head(jobs: list[tuple], columns: str) -> list[tuple]:
+    """A job left running goes back to the head of its class, as a lost worker's job does:
+    copied first (the order above) with the class's smallest fair tag."""
+    names = [name.strip() for name in columns.split(",")]
+    if "fair_tag" not in names:
+        return jobs
+    status, rank, tag = names.index("status"), names.index("priority_rank"), names.index("fair_tag")
+    smallest: dict[int, float] = {}
+    for row in jobs:
+        if row[status] != "COMPLETED":
+            smallest[row[rank]] = min(smallest.get(row[rank], row[tag]), row[tag])
+    return [
+        (*row[:tag], smallest[row[rank]], *row[tag + 1 :]) if row[status] == "IN_PROGRESS" else row
+        for row in jobs
+    ]
+
+
+def _copy_job(target: psycopg.Connection, columns: str, row: tuple) -> bool:
     """Insert one job; False if the target has it already."""
     values = list(row)
     if values[2] == "IN_PROGRESS":  # left running by a crash: back to the queue
         values[2], values[10], values[11], values[13] = "IN_QUEUE", None, None, 0.0
     values[12], values[17] = bool(values[12]), bool(values[17])  # SQLite keeps booleans as 0/1
     inserted = target.execute(
-        f"INSERT INTO flux_jobs ({_JOB_COLUMNS}) VALUES ({', '.join(['%s'] * len(values))}) "
+        f"INSERT INTO flux_jobs ({columns}) VALUES ({', '.join(['%s'] * len(values))}) "
         "ON CONFLICT (id) DO NOTHING RETURNING id",
         values,
     ).fetchone()

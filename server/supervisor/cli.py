@@ -85,6 +85,10 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-consecutive-failures", {"type": int, "help": "a worker stops after this many failures in a row"}),
     ("--fetch-allow", {"action": "append", "help": "only fetch from these hosts/networks (repeatable)"}),
     ("--fetch-deny", {"action": "append", "help": "never fetch from these hosts/networks (repeatable)"}),
+    (
+        "--outbound-allow",
+        {"action": "append", "help": "loopback/link-local hosts or networks fetches may reach (repeatable)"},
+    ),
     ("--lora-dir", {"help": "folder of LoRA files that requests may name (the studio's library)"}),
     ("--lora-cache-dir", {"help": "downloaded LoRAs (default <data-dir>/lora-cache)"}),
     ("--lora-cache-bytes", {"type": int, "help": "size bound of the LoRA download cache"}),

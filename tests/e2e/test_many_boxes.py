@@ -33,6 +33,7 @@ from server.queue.factory import open_queue
 from server.tls import CertPaths
 from tests.conftest import REPO, FluxServer, free_port, server_env
 from tests.pg_server import PostgresServer, remove, start_postgres
+from tests.support import LOOPBACK_OUTBOUND
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -82,6 +83,8 @@ def start_box(
     ]  # fmt: skip
     argv += ["--files-dir", str(files)] if files is not None else []
     argv += list(args)
+    for entry in LOOPBACK_OUTBOUND:  # the test's webhook receiver is on loopback, closed by default
+        argv += ["--outbound-allow", entry]
     log_path = data_dir / f"serve-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

@@ -25,6 +25,7 @@ from server.jobs import JobError, JobRecord, JobResult, OutputImage, cancelled_e
 from server.queue.base import JobQueue
 from server.queue.factory import open_queue
 from server.storage import LocalStorage
+from tests.support import LOOPBACK_OUTBOUND
 
 WORKER_ID = "test-worker"
 
@@ -140,7 +141,14 @@ def run_api_server(settings: Settings) -> Iterator[ApiServer]:
 
 
 def api_settings(data_dir: Path, **overrides) -> Settings:
-    values = {"api_key": [], "api_keys_file": None, "public_url": None, **overrides}
+    # The tests' image and webhook servers are on loopback, closed by default: opened here.
+    values = {
+        "api_key": [],
+        "api_keys_file": None,
+        "public_url": None,
+        "outbound_allow": LOOPBACK_OUTBOUND,
+        **overrides,
+    }
     return Settings(data_dir=data_dir, **values)
 
 

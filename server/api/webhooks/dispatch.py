@@ -11,6 +11,11 @@ How a delivery travels:
    the next `due_at` from `retry_delay` until `MAX_ATTEMPTS` have failed (`gave_up`). Each
    attempt adds a line to the request's logs, so clients see it in the status logs.
 
+Each attempt goes through the outbound policy (server/fetch.py): the receiver's name is
+resolved and checked, and the POST goes to that checked address (no DNS rebinding). The whole
+attempt (lookup, connection, upload, the answer's status line) has one deadline, and the
+receiver's response body is never read: only its status counts.
+
 All state lives in the queue: a restart picks up where it stopped. The payloads belong to the
 protocols: the composition root (server/api/app.py) hands in one renderer per webhook kind.
 """
@@ -27,7 +32,7 @@ import httpx
 from server import metrics
 from server.api.webhooks.policy import validate_webhook_url
 from server.config import Settings
-from server.fetch import FetchPolicy
+from server.fetch import FetchPolicy, pinned_client
 from server.jobs import JobRecord
 from server.queue.base import Delivery, JobQueue
 
@@ -42,7 +47,7 @@ MAX_ATTEMPTS = 10
 DEFAULT_RETRY_BASE_SECONDS = 15.0
 MAX_DELAY_FACTOR = 240  # cap = 240 x base (60 min with the default base)
 REQUEST_TIMEOUT_SECONDS = 10.0  # connect, read and write each
-TOTAL_TIMEOUT_SECONDS = 15.0  # a receiver trickling bytes cannot hold a slot longer
+TOTAL_TIMEOUT_SECONDS = 15.0  # the whole attempt: a receiver trickling bytes cannot hold a slot longer
 MAX_CONCURRENT_DELIVERIES = 16
 # A leased row comes due again after this if its dispatcher died mid-send.
 LEASE_SECONDS = TOTAL_TIMEOUT_SECONDS + 30.0
@@ -71,8 +76,7 @@ class WebhookDispatcher:
 
     async def run(self) -> None:
         """Deliver until cancelled (the API's lifespan cancels it at shutdown)."""
-        timeout = httpx.Timeout(REQUEST_TIMEOUT_SECONDS)
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
+        async with pinned_client(REQUEST_TIMEOUT_SECONDS) as client:
             try:
                 while True:
                     try:
@@ -148,9 +152,7 @@ class WebhookDispatcher:
         assert webhook is not None
         try:
             validate_webhook_url(webhook.url, self.settings)  # the allow-list may have changed
-            # The server's outbound policy, with the name resolved now (server/fetch.py).
-            await self.fetch_policy.check(webhook.url)
-        except ValueError as exc:  # FetchRefused included
+        except ValueError as exc:
             return str(exc)
         renderer = self.renderers.get(webhook.kind)
         if renderer is None:
@@ -162,16 +164,27 @@ class WebhookDispatcher:
             return f"could not render the payload: {exc!r}"
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **protocol_headers}
         try:
-            response = await asyncio.wait_for(
-                client.post(webhook.url, content=body, headers=headers), TOTAL_TIMEOUT_SECONDS
+            status = await asyncio.wait_for(
+                self._post(client, webhook.url, body, headers), TOTAL_TIMEOUT_SECONDS
             )
+        except ValueError as exc:  # FetchRefused: the name resolves to a closed address now
+            return str(exc)
         except (asyncio.TimeoutError, httpx.TimeoutException):
             return "timed out"
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if 200 <= response.status_code < 300:
+        if 200 <= status < 300:
             return None
-        return f"HTTP {response.status_code}"
+        return f"HTTP {status}"
+
+    async def _post(self, client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]) -> int:
+        """POST to the checked address of `url`; the status code. The response body is not
+        read (a receiver may send gigabytes): the connection closes with it unread."""
+        target = await self.fetch_policy.target(url)
+        request = target.request(client, "POST", content=body, headers=headers)
+        response = await client.send(request, stream=True)
+        await response.aclose()
+        return response.status_code
 
 
 def start_dispatcher(

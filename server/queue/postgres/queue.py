@@ -1,7 +1,8 @@
 """The shared queue: one PostgreSQL database used by the API and worker processes of every box.
 
-Ordering: `priority_rank` (0 normal, 1 low) then `seq` from a sequence; a job put back takes
-its `seq` from a second sequence counting down from 0, so it goes to the head. Claims take the
+Ordering: `priority_rank` (0 normal, 1 low), then `fair_tag` (fair share between tenants,
+server/queue/fairshare.py), then `seq` from a sequence; a job put back takes the smallest tag
+and its `seq` from a second sequence counting down from 0, so it goes to the head. Claims take the
 head with `FOR UPDATE SKIP LOCKED` in one short transaction: workers on many boxes never wait
 for each other and never take the same job. Pool, transactions and row steps are in
 store.py, the tables in schema.py, webhook deliveries in deliveries.py, recovery, purge and
@@ -31,6 +32,7 @@ from server.queue.base import (
     JobQueue,
     QueueCounts,
 )
+from server.queue.fairshare import BatchTags, known_sql, read_known, tag_step
 from server.queue.postgres.deliveries import PostgresDeliveries
 from server.queue.postgres.maintenance import PostgresMaintenance
 from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS, REQUEUE
@@ -40,6 +42,16 @@ from server.queue.records import PRIORITY_RANK, input_row, utc_timestamp, with_i
 # A lost notification (a dropped listening connection) costs at most this long.
 FALLBACK_POLL_SECONDS = 2.0
 CHANGE_FALLBACK_SECONDS = 1.0
+
+
+_KNOWN = known_sql("flux_jobs", "%s")
+# For each (priority_rank, tag): the queued jobs of the class a new job with that tag goes
+# before (a range read of the index's tail).
+_PASSED = (
+    "SELECT (SELECT count(*) FROM flux_jobs WHERE status = 'IN_QUEUE' AND priority_rank = x.rank "
+    "AND fair_tag > x.tag) FROM unnest(%s::smallint[], %s::float8[]) WITH ORDINALITY AS x(rank, tag, n) "
+    "ORDER BY x.n"
+)
 
 
 class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
@@ -53,10 +65,11 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
         """Insert the jobs (their input images into flux_job_inputs) in order in one
         transaction; each with its position. The records returned carry no image bytes."""
         now = time.time()
+        weights = self.tenant_weights
         bare_jobs = [without_inputs(job) for job, _ in entries]
         rows = [
             (request_id, job.app_id, PRIORITY_RANK[job.priority], bare.model_dump_json(), now,
-             job.start_deadline, job.webhook is not None)
+             job.start_deadline, job.webhook is not None, job.tenant)
             for (job, request_id), bare in zip(entries, bare_jobs, strict=True)
         ]  # fmt: skip
         inputs = [(request_id, *row) for job, request_id in entries if (row := input_row(job)) is not None]
@@ -68,17 +81,34 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                 "WHERE status = 'IN_QUEUE'"
             ).fetchone()
             ahead = [int(normal), int(everything)]
+            known = read_known(
+                [(row[2], row[7]) for row in rows], lambda p: conn.execute(_KNOWN, p).fetchone()
+            )
+            tags = BatchTags(known)
+            placed = [tags.next(row[2], row[7], tag_step(weights, row[7])) for row in rows]
+            row_tags = [tag for tag, _ in placed]
+            ranks = [row[2] for row in rows]
+            passed = [0] * len(rows)  # queued jobs each goes before: none at the tail of its class
+            inside = [index for index, (_, at_tail) in enumerate(placed) if not at_tail]
+            if inside:
+                counts = conn.execute(_PASSED, ([ranks[i] for i in inside], [row_tags[i] for i in inside]))
+                for index, (count,) in zip(inside, counts.fetchall(), strict=True):
+                    passed[index] = count
             positions = []
-            for row in rows:
-                rank = row[2]
-                positions.append(ahead[rank])
+            stored: list[tuple[int, float]] = []  # the batch's jobs before this one
+            for rank, tag, already_queued in zip(ranks, row_tags, passed, strict=True):
+                # The jobs it goes before: those queued already, and the batch's earlier ones.
+                earlier = sum(1 for r, t in stored if r == rank and t > tag)
+                positions.append(ahead[rank] - already_queued - earlier)
+                stored.append((rank, tag))
                 for later in range(rank, len(ahead)):
                     ahead[later] += 1
             with conn.cursor() as cursor:
                 cursor.executemany(
                     "INSERT INTO flux_jobs (id, app_id, status, priority_rank, job_json, created_at, "
-                    "start_deadline, webhook) VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s)",
-                    rows,
+                    "start_deadline, webhook, tenant, fair_tag) "
+                    "VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s, %s)",
+                    [(*row, tag) for row, tag in zip(rows, row_tags, strict=True)],
                 )
                 if inputs:
                     cursor.executemany(
@@ -121,7 +151,8 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
         row = self._run(
             lambda conn: conn.execute(
                 "SELECT j.status, (SELECT count(*) FROM flux_jobs q WHERE q.status = 'IN_QUEUE' "
-                "AND (q.priority_rank, q.seq) < (j.priority_rank, j.seq)) FROM flux_jobs j WHERE j.id = %s",
+                "AND (q.priority_rank, q.fair_tag, q.seq) < (j.priority_rank, j.fair_tag, j.seq)) "
+                "FROM flux_jobs j WHERE j.id = %s",
                 (request_id,),
             ).fetchone()
         )
@@ -207,13 +238,14 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
             # while it looks), then claim it, log who took it and wake its waiters: one statement.
             head = (
                 "SELECT id FROM flux_jobs WHERE status = 'IN_QUEUE' "
-                "ORDER BY priority_rank, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
+                "ORDER BY priority_rank, fair_tag, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
             )
             head_params: tuple = ()
             if prefer is not None:
                 rows = conn.execute(
                     "SELECT id, priority_rank, created_at, job_json FROM flux_jobs "
-                    "WHERE status = 'IN_QUEUE' ORDER BY priority_rank, seq LIMIT %s FOR UPDATE SKIP LOCKED",
+                    "WHERE status = 'IN_QUEUE' ORDER BY priority_rank, fair_tag, seq LIMIT %s "
+                    "FOR UPDATE SKIP LOCKED",
                     (prefer.window,),
                 ).fetchall()
                 if not rows:

@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS flux_workers (
 );
 """
 
-# Input images (image, mask; reference_image since v3) apart from the jobs table: status polls
+# Input images (image, mask; reference_image since v4) apart from the jobs table: status polls
 # never read them, only a claim does; completing a job deletes them (no worker needs them again).
 _V2 = """
 CREATE TABLE IF NOT EXISTS flux_job_inputs (
@@ -86,12 +86,25 @@ CREATE TABLE IF NOT EXISTS flux_job_inputs (
 );
 """
 
-# Kontext inpainting's reference image, stored like the image and the mask.
+# Fair share between tenants (server/queue/fairshare.py): claims and positions follow
+# (priority_rank, fair_tag, seq) of the queued jobs; a submit finds its tenant's newest queued
+# job with the second index. Jobs queued before keep tag 0: they stay first, in their order.
 _V3 = """
+ALTER TABLE flux_jobs ADD COLUMN IF NOT EXISTS tenant TEXT;
+ALTER TABLE flux_jobs ADD COLUMN IF NOT EXISTS fair_tag DOUBLE PRECISION NOT NULL DEFAULT 0;
+DROP INDEX IF EXISTS flux_jobs_queue;
+CREATE INDEX IF NOT EXISTS flux_jobs_fair ON flux_jobs (priority_rank, fair_tag, seq)
+    WHERE status = 'IN_QUEUE';
+CREATE INDEX IF NOT EXISTS flux_jobs_tenant_queue
+    ON flux_jobs ((COALESCE(tenant, '')), priority_rank, fair_tag) WHERE status = 'IN_QUEUE';
+"""
+
+# Kontext inpainting's reference image, stored like the image and the mask.
+_V4 = """
 ALTER TABLE flux_job_inputs ADD COLUMN IF NOT EXISTS reference_image BYTEA;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -14,6 +14,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from server.jobs import Job, JobError, JobRecord, JobResult, LogEntry, Status, start_timeout_error
+from server.queue.fairshare import requeue_tag_sql
 from server.queue.postgres.connection import connect, open_pool, unavailable
 from server.queue.postgres.schema import migrate
 from server.queue.postgres.wakeups import CHANNEL, DELIVERIES_KEY, Wakeups
@@ -28,10 +29,11 @@ RECORD_COLUMNS = (
     "id, status, job_json, created_at, started_at, completed_at, attempts, worker, "
     "cancel_requested, progress, result_json, error_json"
 )
-# Puts a job back at the head of the queue (its seq from the sequence that counts down).
+# Puts a job back at the head of its class: the smallest fair tag (server/queue/fairshare.py)
+# and its seq from the sequence that counts down.
 REQUEUE = (
     "status = 'IN_QUEUE', worker = NULL, lease_expires = NULL, progress = 0, start_deadline = NULL, "
-    "seq = nextval('flux_jobs_head_seq')"
+    f"{requeue_tag_sql('flux_jobs', 'LEAST')}, seq = nextval('flux_jobs_head_seq')"
 )
 # How long an API request waits for a connection before it answers 503.
 CHECKOUT_TIMEOUT_SECONDS = 1.5

@@ -1,7 +1,8 @@
 """The embedded queue: one SQLite file shared by the API process and the worker processes.
 
-Ordering: `priority_rank` (0 normal, 1 low) then `seq`, an INTEGER PRIMARY KEY that grows with
-every submit. A job that goes back to the queue gets a `seq` below every other one: the head.
+Ordering: `priority_rank` (0 normal, 1 low), then `fair_tag` (fair share between tenants,
+server/queue/fairshare.py), then `seq`, an INTEGER PRIMARY KEY that grows with every submit. A
+job that goes back to the queue gets the smallest tag and a `seq` below every other one: the head.
 Connections, transactions and the row helpers are in store.py, the tables in schema.py, the
 webhook deliveries in deliveries.py.
 """
@@ -33,12 +34,16 @@ from server.queue.base import (
     QueueCounts,
     WorkerInfo,
 )
+from server.queue.fairshare import BatchTags, known_sql, read_known, requeue_tag_sql, tag_step
 from server.queue.records import PRIORITY_RANK, file_names_in_results, input_row, without_inputs
 from server.queue.sqlite.deliveries import SQLiteDeliveries
 from server.queue.sqlite.store import RECORD_COLUMNS, WORKERS_KEY
 
 # A lost datagram costs at most this long: every wait re-reads the database after it.
 FALLBACK_POLL_SECONDS = 0.5
+# Puts a job back at the head of its class (see server/queue/fairshare.py).
+_REQUEUE = f"{requeue_tag_sql('jobs', 'MIN')}, seq = (SELECT MIN(seq) FROM jobs) - 1"
+_KNOWN = known_sql("jobs", "?")
 
 
 class SQLiteQueue(SQLiteDeliveries, JobQueue):
@@ -52,25 +57,41 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
         """Insert the jobs (their input images into job_inputs) in order in one transaction
         (one commit); each with its position. The records returned carry no image bytes."""
         now = time.time()
+        weights = self.tenant_weights
         bare_jobs = [without_inputs(job) for job, _ in entries]
         rows = [
             (request_id, job.app_id, PRIORITY_RANK[job.priority], bare.model_dump_json(), now,
-             job.start_deadline, int(job.webhook is not None))
+             job.start_deadline, int(job.webhook is not None), job.tenant)
             for (job, request_id), bare in zip(entries, bare_jobs, strict=True)
         ]  # fmt: skip
         inputs = [(request_id, *row) for job, request_id in entries if (row := input_row(job)) is not None]
         positions = []
         with self._write() as conn:
+            known = read_known(
+                [(row[2], row[7]) for row in rows], lambda p: conn.execute(_KNOWN, p).fetchone()
+            )
+            tags = BatchTags(known)
             for row in rows:
-                # Queued jobs of this class and the ones before it, the new one not yet among them.
+                rank, tenant = row[2], row[7]
+                tag, at_tail = tags.next(rank, tenant, tag_step(weights, tenant))
+                # Queued jobs of this class and the better ones, the new one not yet among them,
+                # less those it goes before (a larger tag); none when it joins the tail.
                 (ahead,) = conn.execute(
-                    "SELECT COALESCE(SUM(queued), 0) FROM queue_counts WHERE priority_rank <= ?", (row[2],)
+                    "SELECT COALESCE(SUM(queued), 0) FROM queue_counts WHERE priority_rank <= ?", (rank,)
                 ).fetchone()
+                if not at_tail:
+                    (passed,) = conn.execute(
+                        "SELECT COUNT(*) FROM jobs WHERE status = 'IN_QUEUE' AND priority_rank = ? "
+                        "AND fair_tag > ?",
+                        (rank, tag),
+                    ).fetchone()
+                    ahead -= passed
                 positions.append(int(ahead))
                 conn.execute(
                     "INSERT INTO jobs (id, app_id, status, priority_rank, job_json, created_at, "
-                    "start_deadline, webhook) VALUES (?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?)",
-                    row,
+                    "start_deadline, webhook, tenant, fair_tag) "
+                    "VALUES (?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?, ?, ?)",
+                    (*row, tag),
                 )
             conn.executemany(
                 "INSERT INTO job_inputs (request_id, image, mask, reference_image) VALUES (?, ?, ?, ?)",
@@ -92,7 +113,7 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
         return self._record(row, self._logs(conn, request_id) if with_logs else [])
 
     def position(self, request_id: str) -> int | None:
-        # The higher classes' counts, then one index range count of the earlier jobs in its
+        # The higher classes' counts, then one index range count of the jobs before it in its
         # own class: the cost grows with the position in the class, not with the queue length.
         row = (
             self._conn()
@@ -100,8 +121,11 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
                 "SELECT j.status, "
                 "(SELECT COALESCE(SUM(queued), 0) FROM queue_counts c "
                 "WHERE c.priority_rank < j.priority_rank) + "
+                # Two plain index ranges: a row-value comparison would filter row by row.
                 "(SELECT COUNT(*) FROM jobs q WHERE q.status = 'IN_QUEUE' "
-                "AND q.priority_rank = j.priority_rank AND q.seq < j.seq) "
+                "AND q.priority_rank = j.priority_rank AND q.fair_tag < j.fair_tag) + "
+                "(SELECT COUNT(*) FROM jobs q WHERE q.status = 'IN_QUEUE' "
+                "AND q.priority_rank = j.priority_rank AND q.fair_tag = j.fair_tag AND q.seq < j.seq) "
                 "FROM jobs j WHERE j.id = ?",
                 (request_id,),
             )
@@ -176,7 +200,7 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
             expired = self._expire_deadlines(conn, now)
             rows = conn.execute(
                 "SELECT id, priority_rank, created_at, job_json FROM jobs WHERE status = 'IN_QUEUE' "
-                "ORDER BY priority_rank, seq LIMIT ?",
+                "ORDER BY priority_rank, fair_tag, seq LIMIT ?",
                 (prefer.window if prefer is not None else 1,),
             ).fetchall()
             request_id = None
@@ -270,8 +294,7 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
         with self._write() as conn:
             cursor = conn.execute(
                 "UPDATE jobs SET status = 'IN_QUEUE', worker = NULL, lease_expires = NULL, progress = 0, "
-                "attempts = MAX(attempts - 1, 0), start_deadline = NULL, "
-                "seq = (SELECT MIN(seq) FROM jobs) - 1 "
+                f"attempts = MAX(attempts - 1, 0), start_deadline = NULL, {_REQUEUE} "
                 "WHERE id = ? AND worker = ? AND status = 'IN_PROGRESS'",
                 (request_id, worker_id),
             )
@@ -320,8 +343,7 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
                 elif attempts < MAX_ATTEMPTS:
                     conn.execute(
                         "UPDATE jobs SET status = 'IN_QUEUE', worker = NULL, lease_expires = NULL, "
-                        "progress = 0, start_deadline = NULL, seq = (SELECT MIN(seq) FROM jobs) - 1 "
-                        "WHERE id = ?",
+                        f"progress = 0, start_deadline = NULL, {_REQUEUE} WHERE id = ?",
                         (request_id,),
                     )
                     self._add_log(conn, request_id, "Worker lost; retrying", now)

@@ -115,11 +115,25 @@ CREATE TABLE IF NOT EXISTS job_inputs (
 # cannot be made idempotent in a script, so each is added when missing, outside the versions.
 _ADDED_COLUMNS = (
     ("jobs", "image", "BLOB"),  # claims read it for jobs queued before schema v3
+    ("jobs", "tenant", "TEXT"),  # Job.tenant: who submitted it (None: no named key)
+    ("jobs", "fair_tag", "REAL NOT NULL DEFAULT 0"),  # the fair-share order within a priority class
     ("job_inputs", "reference_image", "BLOB"),  # Kontext inpainting's reference image
 )
 
+# Fair share between tenants (server/queue/fairshare.py): claims and positions follow
+# (priority_rank, fair_tag, seq) of the queued jobs; a submit finds its tenant's newest queued
+# job with the second index. The columns are added by `_add_missing_columns` first (SQLite has
+# no ADD COLUMN IF NOT EXISTS). Jobs queued before keep tag 0: they stay first, in their order.
+_V4 = """
+DROP INDEX IF EXISTS jobs_queue;
+CREATE INDEX IF NOT EXISTS jobs_fair ON jobs (priority_rank, fair_tag, seq) WHERE status = 'IN_QUEUE';
+CREATE INDEX IF NOT EXISTS jobs_tenant_queue ON jobs ((COALESCE(tenant, '')), priority_rank, fair_tag)
+    WHERE status = 'IN_QUEUE';
+"""
+
 # Every statement is idempotent, so a step that two processes both saw as missing is harmless.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -144,19 +158,30 @@ def migrate(conn: sqlite3.Connection) -> None:
     for version, script in enumerate(MIGRATIONS, start=1):
         if schema_version(conn) >= version:
             continue
+        if version > 1:  # later steps may index columns the first schema did not have
+            _add_missing_columns(conn)
         conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
-    for table, column, kind in _ADDED_COLUMNS:
-        _add_column(conn, table, column, kind)
+    _add_missing_columns(conn)
 
 
-def _add_column(conn: sqlite3.Connection, table: str, column: str, kind: str) -> None:
-    """Add `column` to `table` if a database made before it lacks it; checked again under the
-    write lock, so two processes migrating at once add it once."""
-    if column in _columns(conn, table):
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """A database made before a column of `_ADDED_COLUMNS` existed gets it (a table not made
+    yet is skipped: its version creates it whole); checked again under the write lock, so that
+    processes migrating at once add each column once."""
+
+    def missing() -> list[tuple[str, str, str]]:
+        tables = {table: _columns(conn, table) for table, _, _ in _ADDED_COLUMNS}
+        return [
+            (table, column, kind)
+            for table, column, kind in _ADDED_COLUMNS
+            if tables[table] and column not in tables[table]
+        ]
+
+    if not missing():
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if column not in _columns(conn, table):
+        for table, column, kind in missing():
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -16,12 +16,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin
 
 import httpx
 
 from models.lora.errors import LoraError
-from server.fetch import MAX_REDIRECTS, REDIRECTS, FetchPolicy, FetchRefused, HostRules
+from server.fetch import FetchPolicy, FetchRefused, HostRules, get_following_redirects, pinned_client
 
 _CHUNK = 1024 * 1024
 
@@ -91,51 +90,46 @@ class DownloadCache:
 
 def download(url: str, path: Path, *, policy: FetchPolicy, max_bytes: int, timeout: float) -> None:
     """Stream `url` into `path` (atomically), at most `max_bytes`, within `timeout` seconds in
-    all, under the server's fetch policy (server/fetch.py: every redirect checked again). The
-    body goes to disk, not memory (LoRAs can be gigabytes), so fetch.fetch is not used."""
+    all (lookups, redirects, connections and every read), under the server's fetch policy
+    (server/fetch.py: every redirect checked again, each connection to the checked address).
+    The body goes to disk, not memory (LoRAs can be gigabytes), so fetch.fetch is not used.
+    Called from the worker's threads, which run no event loop. Raises LoraError naming `url`."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    deadline = time.monotonic() + timeout
-    source = url  # errors name the URL as the request gave it, also after redirects
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=False) as client:
-            for _ in range(MAX_REDIRECTS + 1):
-                asyncio.run(policy.check(url))  # the worker's threads run no event loop
-                with client.stream("GET", url) as response:
-                    if response.status_code in REDIRECTS and "location" in response.headers:
-                        url = urljoin(url, response.headers["location"])
-                        continue
-                    _save(response, partial, source, max_bytes=max_bytes, deadline=deadline, timeout=timeout)
-                    os.replace(partial, path)
-                    return
-        raise LoraError(source, f"download failed: more than {MAX_REDIRECTS} redirects")
+        asyncio.run(asyncio.wait_for(_download(url, partial, policy, max_bytes, timeout), timeout))
+        os.replace(partial, path)
     except FetchRefused as exc:
-        raise LoraError(source, f"refused by this server's fetch policy: {exc}") from exc
-    except httpx.TimeoutException as exc:
-        raise LoraError(source, f"download took longer than {timeout:g} s") from exc
+        raise LoraError(url, f"refused by this server's fetch policy: {exc}") from exc
+    except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
+        raise LoraError(url, f"download took longer than {timeout:g} s") from exc
     except httpx.HTTPError as exc:
-        raise LoraError(source, f"download failed: {type(exc).__name__}: {exc}") from exc
+        raise LoraError(url, f"download failed: {type(exc).__name__}: {exc}") from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
 
 
-def _save(
-    response: httpx.Response, partial: Path, url: str, *, max_bytes: int, deadline: float, timeout: float
-) -> None:
-    if response.status_code != 200:
-        raise LoraError(url, f"download failed: HTTP {response.status_code}")
-    declared = response.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise LoraError(url, f"is {_mb(int(declared))}, above this server's limit of {_mb(max_bytes)}")
-    size = 0
-    with open(partial, "wb") as handle:
-        for chunk in response.iter_bytes(_CHUNK):
-            size += len(chunk)
-            if size > max_bytes:
-                raise LoraError(url, f"is larger than this server's limit of {_mb(max_bytes)}")
-            if time.monotonic() > deadline:
-                raise LoraError(url, f"download took longer than {timeout:g} s")
-            handle.write(chunk)
+async def _download(url: str, partial: Path, policy: FetchPolicy, max_bytes: int, timeout: float) -> None:
+    source = url  # errors name the URL as the request gave it, also after redirects
+    async with pinned_client(timeout) as client:
+        response, _final_url = await get_following_redirects(client, url, policy)
+        try:
+            if response.status_code != 200:
+                raise LoraError(source, f"download failed: HTTP {response.status_code}")
+            declared = response.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise LoraError(
+                    source, f"is {_mb(int(declared))}, above this server's limit of {_mb(max_bytes)}"
+                )
+            size = 0
+            with open(partial, "wb") as handle:
+                async for chunk in response.aiter_bytes(_CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise LoraError(source, f"is larger than this server's limit of {_mb(max_bytes)}")
+                    handle.write(chunk)
+        finally:
+            await response.aclose()
 
 
 def _touch(path: Path) -> None:

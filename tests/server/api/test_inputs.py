@@ -32,9 +32,9 @@ from server.fetch import FetchPolicy
 from server.jobs import REDUX_INPUT_SIDE
 from server.storage import LocalStorage
 from tests.server.conftest import png_bytes
-from tests.support import png_header_only, wait_until
+from tests.support import LOOPBACK_OUTBOUND, png_header_only, wait_until
 
-DEFAULT_POLICY = FetchPolicy.from_settings(Settings())
+DEFAULT_POLICY = FetchPolicy.from_settings(Settings(outbound_allow=LOOPBACK_OUTBOUND))
 
 MB = 1024 * 1024
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
+
 from server.jobs import Status, Webhook
 from server.queue.postgres import PostgresQueue
 from server.queue.sqlite import SQLiteQueue
@@ -45,7 +47,7 @@ def test_queued_and_finished_requests_move_across_once(
     sqlite.claim("w0", timeout=0)
     sqlite.log(done, "step 1/2", progress=0.5)
     sqlite.complete(done, "w0", make_result(seed=42))
-    low = sqlite.submit(make_job(priority="low", prompt="low")).id
+    low = sqlite.submit(make_job(priority="low", prompt="low", tenant="team-b")).id
     normal = sqlite.submit(
         make_job(
             prompt="normal",
@@ -88,6 +90,9 @@ def test_queued_and_finished_requests_move_across_once(
         assert [queue.position(i) for i in (crashed, normal, later, low)] == [0, 1, 2, 3]
         assert queue.get(crashed).status is Status.IN_QUEUE and queue.get(crashed).worker is None
         assert queue.depth() == 4
+        with psycopg.connect(url) as conn:  # the tenant column, which fair share reads, came along
+            tenant = conn.execute("SELECT tenant FROM flux_jobs WHERE id = %s", (low,)).fetchone()
+        assert tenant == ("team-b",)
         assert queue.claim("box-w0", timeout=0).id == crashed
         claimed = queue.claim("box-w0", timeout=0)
         assert claimed.id == normal

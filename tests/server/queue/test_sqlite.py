@@ -118,10 +118,12 @@ def test_a_database_of_an_earlier_version_is_migrated_in_place(paths: tuple[Path
         with contextlib.closing(queue.connect()) as conn:
             assert schema_version(conn) == SCHEMA_VERSION
             indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert {"jobs_lease", "deliveries_due"} <= indexes
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        assert {"jobs_lease", "deliveries_due", "jobs_fair", "jobs_tenant_queue"} <= indexes
+        assert {"image", "tenant", "fair_tag"} <= columns and "jobs_queue" not in indexes
         assert queue.get("old").job.prompt == "from before" and queue.depth() == 1
         image = bytes(range(256))
-        queue.submit(make_job(task="image-to-image", image=image))
+        queue.submit(make_job(task="image-to-image", image=image, tenant="b"))
         assert queue.claim("w1", timeout=0).id == "old"
         assert queue.claim("w1", timeout=0).job.image == image
     finally:

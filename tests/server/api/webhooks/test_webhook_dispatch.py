@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import ipaddress
 import itertools
 import json
 import threading
@@ -23,6 +24,7 @@ from server.config import Settings
 from server.jobs import Job, JobResult, OutputImage, Webhook
 from server.queue.base import JobQueue
 from server.queue.factory import open_queue
+from tests.support import LOOPBACK_OUTBOUND
 
 
 def test_backoff_schedule_spans_about_two_hours_over_ten_attempts() -> None:
@@ -34,18 +36,34 @@ def test_backoff_schedule_spans_about_two_hours_over_ten_attempts() -> None:
 
 class Receiver:
     """A loopback HTTP server answering with scripted statuses (then 200), recording calls.
-    Requests to `hang_paths` get no answer until the receiver closes."""
+    Requests to `hang_paths` get no answer until the receiver closes; to `endless_paths`, a
+    200 with a body that never ends (until the client hangs up)."""
 
-    def __init__(self, statuses: list[int], hang_paths: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, statuses: list[int], hang_paths: tuple[str, ...] = (), endless_paths: tuple[str, ...] = ()
+    ) -> None:
         self.statuses = list(statuses)
         self.calls: list[tuple[str, dict[str, str], bytes, float]] = []
         self.closing = threading.Event()
+        self.hung_up = threading.Event()
+        self.sent = 0
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 receiver.calls.append((self.path, dict(self.headers.items()), body, time.monotonic()))
+                if self.path in endless_paths:
+                    self.send_response(200)
+                    self.end_headers()  # no length: the body lasts until the connection closes
+                    chunk = b"x" * 65536
+                    try:
+                        while not receiver.closing.is_set():
+                            self.wfile.write(chunk)
+                            receiver.sent += len(chunk)
+                    except OSError:  # the client hung up: what a dispatcher should do
+                        receiver.hung_up.set()
+                    return
                 if self.path in hang_paths:
                     receiver.closing.wait(30)
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
@@ -115,7 +133,7 @@ async def run_dispatcher_until(
 
 def test_dispatcher_retries_with_backoff_then_delivers(tmp_path: Path, queue: JobQueue) -> None:
     receiver = Receiver([500, 500])
-    settings = Settings(data_dir=tmp_path, webhook_retry_base_seconds=0.2)
+    settings = Settings(data_dir=tmp_path, outbound_allow=LOOPBACK_OUTBOUND, webhook_retry_base_seconds=0.2)
     try:
         request_id = finish(queue, Webhook(url=receiver.url + "/hook", kind="fal"))
 
@@ -151,7 +169,7 @@ def test_gives_up_after_max_attempts(
 ) -> None:
     monkeypatch.setattr(dispatch, "MAX_ATTEMPTS", 3)
     receiver = Receiver([503] * 10)
-    settings = Settings(data_dir=tmp_path, webhook_retry_base_seconds=0.05)
+    settings = Settings(data_dir=tmp_path, outbound_allow=LOOPBACK_OUTBOUND, webhook_retry_base_seconds=0.05)
     try:
         request_id = finish(queue, Webhook(url=receiver.url + "/hook", kind="bfl", secret="k"))
         asyncio.run(
@@ -178,7 +196,7 @@ def test_a_kind_without_a_renderer_fails_the_attempt_instead_of_holding_the_row(
     tmp_path: Path, queue: JobQueue
 ) -> None:
     receiver = Receiver([])
-    settings = Settings(data_dir=tmp_path, webhook_retry_base_seconds=60)
+    settings = Settings(data_dir=tmp_path, outbound_allow=LOOPBACK_OUTBOUND, webhook_retry_base_seconds=60)
     try:
         request_id = finish(queue, Webhook(url=receiver.url + "/hook", kind="bfl"))
         only_fal = dispatch.WebhookDispatcher(
@@ -198,7 +216,7 @@ def test_a_hanging_receiver_does_not_block_other_deliveries(
 ) -> None:
     monkeypatch.setattr(dispatch, "TOTAL_TIMEOUT_SECONDS", 1.0)
     receiver = Receiver([], hang_paths=("/slow",))
-    settings = Settings(data_dir=tmp_path, webhook_retry_base_seconds=60)
+    settings = Settings(data_dir=tmp_path, outbound_allow=LOOPBACK_OUTBOUND, webhook_retry_base_seconds=60)
     try:
         slow_id = finish(queue, Webhook(url=receiver.url + "/slow", kind="fal"))
         fast_id = finish(queue, Webhook(url=receiver.url + "/fast", kind="fal"))
@@ -217,5 +235,81 @@ def test_a_hanging_receiver_does_not_block_other_deliveries(
         assert fast_done and fast_done[0] < 1.0  # not queued behind the hanging one
         assert slow is not None and slow.last_error == "timed out" and slow.delivered_at is None
         assert not slow.gave_up and slow.due_at > time.time() + 30  # retried later, not dropped
+    finally:
+        receiver.close()
+
+
+def test_a_receiver_answering_forever_is_not_read(tmp_path: Path, queue: JobQueue) -> None:
+    """The status line decides; the body is never read, so a receiver streaming gigabytes
+    costs the dispatcher nothing: the attempt ends at once and the connection is dropped."""
+    receiver = Receiver([], endless_paths=("/endless",))
+    settings = Settings(data_dir=tmp_path, outbound_allow=LOOPBACK_OUTBOUND, webhook_retry_base_seconds=60)
+    try:
+        request_id = finish(queue, Webhook(url=receiver.url + "/endless", kind="fal"))
+        started = time.monotonic()
+
+        def delivered() -> bool:
+            delivery = queue.delivery(request_id)
+            return delivery is not None and delivery.delivered_at is not None
+
+        asyncio.run(run_dispatcher_until(make_dispatcher(settings, queue), delivered, timeout=10))
+        assert time.monotonic() - started < dispatch.TOTAL_TIMEOUT_SECONDS
+        assert receiver.hung_up.wait(5) and receiver.sent < 64 * 1024 * 1024
+    finally:
+        receiver.close()
+
+
+def test_a_loopback_receiver_is_refused_by_default(tmp_path: Path, queue: JobQueue) -> None:
+    """A name only DNS can judge passes at submit; each attempt resolves it and refuses a
+    closed address before connecting (here `localhost`, stored as a queue would have it)."""
+    receiver = Receiver([])
+    settings = Settings(data_dir=tmp_path, outbound_allow=[], webhook_retry_base_seconds=60)
+    try:
+        port = receiver.url.rsplit(":", 1)[1]
+        ids = [
+            finish(queue, Webhook(url=f"{receiver.url}/hook", kind="fal")),
+            finish(queue, Webhook(url=f"http://localhost:{port}/hook", kind="bfl")),
+        ]
+
+        def attempted() -> bool:
+            return all((d := queue.delivery(i)) is not None and d.attempts == 1 for i in ids)
+
+        asyncio.run(run_dispatcher_until(make_dispatcher(settings, queue), attempted, timeout=10))
+        errors = [queue.delivery(i).last_error for i in ids]  # type: ignore[union-attr]
+        assert "loopback address" in errors[0] and "loopback name" in errors[1], errors
+        assert receiver.calls == []
+    finally:
+        receiver.close()
+
+
+def test_the_post_goes_to_the_checked_address_with_the_original_host(
+    tmp_path: Path, queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No DNS rebinding: `hooks.test` exists in no DNS; the policy resolves it once (here to
+    the receiver's address, opened), and the POST goes to that address with Host hooks.test."""
+    from server import fetch
+
+    receiver = Receiver([])
+    port = receiver.url.rsplit(":", 1)[1]
+    lookups: list[str] = []
+
+    async def resolve(host: str, _port: int) -> list:
+        lookups.append(host)
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    monkeypatch.setattr(fetch, "resolve", resolve)
+    settings = Settings(data_dir=tmp_path, outbound_allow=["127.0.0.1"], webhook_retry_base_seconds=60)
+    try:
+        request_id = finish(queue, Webhook(url=f"http://hooks.test:{port}/hook", kind="fal"))
+
+        def delivered() -> bool:
+            delivery = queue.delivery(request_id)
+            return delivery is not None and delivery.delivered_at is not None
+
+        asyncio.run(run_dispatcher_until(make_dispatcher(settings, queue), delivered, timeout=10))
+        assert lookups == ["hooks.test"]
+        assert [(path, headers["Host"]) for path, headers, _, _ in receiver.calls] == [
+            ("/hook", f"hooks.test:{port}")
+        ]
     finally:
         receiver.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,17 +14,19 @@ from pathlib import Path
 import pytest
 
 from models.lora.errors import LoraError
+from server.config import Settings
 from server.fetch import FetchPolicy, HostRules
 from server.storage import LocalStorage, file_url
 from server.worker.lora.cache import DownloadCache
 from server.worker.lora.sources import LoraResolver, resolve_all
+from tests.support import LOOPBACK_OUTBOUND
 
 SAFETENSORS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + b"\0" * 64  # header only; bytes matter here
 
 
 class LanServer:
     """A studio file server on loopback: GET /<name> serves `files[name]`, counts requests;
-    /slow never finishes its body; /missing is a 404."""
+    /slow never finishes its body; /trickle sends a byte every 0.1 s; /missing is a 404."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
@@ -45,6 +48,16 @@ class LanServer:
                     self.wfile.write(b"x" * 10)
                     self.wfile.flush()
                     lan.release.wait(10)
+                    return
+                if name == "trickle":  # every read is quick; the whole download is not
+                    self.send_response(200)
+                    self.send_header("Content-Length", "500")
+                    self.end_headers()
+                    for _ in range(500):
+                        if lan.release.wait(0.1):
+                            return
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
                     return
                 if name == "redirect":
                     self.send_response(302)
@@ -80,10 +93,14 @@ def lan() -> Iterator[LanServer]:
     server.close()
 
 
+LOOPBACK_OPEN = FetchPolicy.from_settings(Settings(outbound_allow=LOOPBACK_OUTBOUND))
+
+
 def make_resolver(tmp_path: Path, **cache: float) -> LoraResolver:
     options = {"max_total_bytes": 10_000, "max_file_bytes": 1_000, "timeout": 5.0, **cache}
     return LoraResolver(
-        cache=DownloadCache(tmp_path / "cache", **options),  # type: ignore[arg-type]
+        # The LAN server of these tests is on loopback, closed by default: opened explicitly.
+        cache=DownloadCache(tmp_path / "cache", policy=LOOPBACK_OPEN, **options),  # type: ignore[arg-type]
         storage=LocalStorage(tmp_path / "files"),
         lora_dir=tmp_path / "library",
         hf_cache_dir=tmp_path / "hf",
@@ -157,7 +174,9 @@ def test_download_failures_name_the_lora(tmp_path: Path, lan: LanServer) -> None
 def test_the_fetch_policy_applies_to_every_hop(tmp_path: Path, lan: LanServer) -> None:
     lan.files["a.safetensors"] = SAFETENSORS
     resolver = make_resolver(tmp_path)
-    resolver.cache.policy = FetchPolicy(allow=HostRules.parse([]), deny=HostRules.parse(["127.0.0.0/8"]))
+    resolver.cache.policy = FetchPolicy(
+        allow=HostRules.parse([]), deny=HostRules.parse(["127.0.0.0/8"]), open=HostRules.parse(["127.0.0.1"])
+    )
     with pytest.raises(LoraError) as caught:
         resolver.resolve(f"{lan.url}/a.safetensors")
     assert message(caught) == (
@@ -167,6 +186,31 @@ def test_the_fetch_policy_applies_to_every_hop(tmp_path: Path, lan: LanServer) -
     assert lan.requests == []
     with pytest.raises(LoraError, match=r"refused by this server.s fetch policy: .* link-local"):
         resolver.resolve("http://169.254.10.10/a.safetensors")
+
+
+def test_loopback_is_closed_to_lora_urls_by_default(tmp_path: Path, lan: LanServer) -> None:
+    lan.files["a.safetensors"] = SAFETENSORS
+    shipped = DownloadCache(tmp_path / "cache", max_total_bytes=10_000, max_file_bytes=1_000, timeout=5.0)
+    resolver = make_resolver(tmp_path)
+    resolver.cache = shipped
+    with pytest.raises(LoraError, match=r"refused by this server.s fetch policy: 127\.0\.0\.1, a loopback"):
+        resolver.resolve(f"{lan.url}/a.safetensors")
+    # Opening the address 127.0.0.1 does not open the name localhost.
+    resolver.cache.policy = FetchPolicy.from_settings(Settings(outbound_allow=["127.0.0.1"]))
+    port = lan.url.rsplit(":", 1)[1]
+    with pytest.raises(LoraError, match="loopback name"):
+        resolver.resolve(f"http://localhost:{port}/a.safetensors")
+    assert lan.requests == []
+    assert resolver.resolve(f"{lan.url}/a.safetensors").source == "download"
+
+
+def test_a_download_has_one_deadline_for_all_its_reads(tmp_path: Path, lan: LanServer) -> None:
+    resolver = make_resolver(tmp_path, timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(LoraError, match=r"download took longer than 1 s"):
+        resolver.resolve(f"{lan.url}/trickle")
+    assert time.monotonic() - started < 3.0
+    assert not list((tmp_path / "cache").iterdir())
 
 
 # --- the LoRA folder --------------------------------------------------------------------------
