@@ -151,8 +151,8 @@ class FluxRuntime:
         if self.model_kind == "synthetic":
             parts.append("random weights: outputs are noise, for capacity and load tests only")
         parts.append("safety checker configured" if self.safety is not None else "no safety checker")
-        if len(self.variants) > 1:
-            parts.append(f"variants {self.variant_placement()}")
+        if len(self.variants) > 1:  # server.queue.base.WorkerInfo.held_variants reads this part
+            parts.append(f"variants [{self.variant_placement()}]")
         return "; ".join(parts)
 
     def variant_placement(self) -> str:

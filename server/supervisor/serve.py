@@ -20,6 +20,7 @@ from server.supervisor.preflight import (
     check_port_free,
     check_settings,
     check_toolchain,
+    check_variants,
 )
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ def serve(settings: Settings) -> int:
         if settings.role != "api":  # an API-only box loads no model
             check_model(settings)
         slots = plan_workers(settings)
+        if settings.role != "api":
+            check_variants(settings, slots)
         # The children see the resolved count: the API's readiness counts against it.
         settings = settings.model_copy(update={"workers": len(slots)})
         settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -112,10 +112,13 @@ def test_a_running_variant_is_never_evicted(variants_dir: Path, tmp_path: Path) 
 
 
 def test_a_budget_that_can_never_hold_the_variant_says_so(variants_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ResidencyError, match="the pinned variants .* need .* more than its budget"):
+    with pytest.raises(ResidencyError, match=r"the pinned variants .* need .* more than its budget"):
         manager(variants_dir, tmp_path, holds=1.5, pinned={"krea", "kontext"})
     residency = manager(variants_dir, tmp_path, holds=1.5, pinned={"krea"})
-    with pytest.raises(ResidencyError, match="variant 'kontext' needs .* exceeds the budget"), residency.use("kontext"):
+    with (
+        pytest.raises(ResidencyError, match=r"variant 'kontext' needs .* exceeds the budget"),
+        residency.use("kontext"),
+    ):
         pass
 
 
@@ -134,7 +137,9 @@ def test_without_host_room_a_variant_is_read_back_from_disk(variants_dir: Path, 
     assert residency.stats.by_source == {"disk": 2, "host": 1}
 
 
-def test_compiled_presets_survive_a_variant_leaving(variants_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_compiled_presets_survive_a_variant_leaving(
+    variants_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     """Regional compile of one variant serves the other (same block classes, parameters as
     graph inputs), and neither compiles again after a swap, through the disk home."""
     counter = CompileCounter()
