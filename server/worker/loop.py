@@ -214,7 +214,6 @@ class Worker:
             seconds = runtime.warmup(sizes)
             logger.info("warmed up %d size(s) in %.1f s", len(sizes), seconds)
             metrics.record_compiles("warmup", runtime.warmup_compiled.graphs, runtime.warmup_compiled.seconds)
-        self.variants.record(runtime)
         return runtime
 
     # --- main loop -----------------------------------------------------------------------
@@ -242,6 +241,7 @@ class Worker:
             start_helper("watchdog", watchdog.run, self.exit_process)
         self.state.set("ready", runtime.summary)
         self._report_gpu_memory()
+        self.variants.record(runtime)
         logger.info("worker %s ready on %s", self.worker_id, self.device)
         claim_backoff = Backoff()
         finished: Finished | None = None

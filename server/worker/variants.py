@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 # A worker that serves only some variants looks further down the queue for jobs it can take.
 RESTRICTED_WINDOW = 32
+WINDOW = ClaimPreference.window
+MAX_WAIT = ClaimPreference.max_wait  # the starvation bound: a head this old goes first
 
 
 class WorkerVariants:
@@ -75,7 +77,8 @@ class WorkerVariants:
         return ClaimPreference(
             wants=wants or (lambda _job: False),
             can_take=can_take,
-            window=RESTRICTED_WINDOW if can_take is not None else ClaimPreference.window,
+            window=RESTRICTED_WINDOW if can_take is not None else WINDOW,
+            max_wait=MAX_WAIT,
         )
 
     def record(self, runtime: FluxRuntime, generation: Generation | None = None) -> None:
