@@ -113,12 +113,10 @@ class FluxRuntime:
         self.inpaint = inpaint
         self.redux = redux
         self.safety = safety
-        self.presets = presets
         self.memory_plan = memory_plan
         self.device = device
         self.model_name = model_name
         self.model_kind = model_kind  # "tiny", "synthetic", "diffusers" or "single-file"
-        self.loras = loras  # per-request LoRAs on the shared pipeline (models/lora)
         self.warmup_compiled = CompileStats()  # what `warmup` compiled
         base = Variant(
             BASE_VARIANT,
@@ -134,9 +132,27 @@ class FluxRuntime:
         self.unavailable = dict(unavailable or {})
         self._lock = threading.Lock()
 
+    # The base's presets and per-request LoRAs (models/presets, models/lora); each variant has
+    # its own (`variants[name].presets`, `.loras`).
+    @property
+    def presets(self) -> PresetManager:
+        return self.variants[BASE_VARIANT].presets
+
+    @presets.setter
+    def presets(self, presets: PresetManager) -> None:
+        self.variants[BASE_VARIANT].presets = presets
+
+    @property
+    def loras(self) -> LoraManager:
+        return self.variants[BASE_VARIANT].loras
+
+    @loras.setter
+    def loras(self, loras: LoraManager) -> None:
+        self.variants[BASE_VARIANT].loras = loras
+
     @property
     def tasks(self) -> tuple[str, ...]:
-        """The tasks this runtime can run."""
+        """The tasks the base runs."""
         base = ("text-to-image", "image-to-image", "inpainting")
         return (*base, "redux") if self.redux is not None else base
 
@@ -386,6 +402,20 @@ class FluxRuntime:
         `warmup_compiled` then says what was compiled."""
         started = time.perf_counter()
         before = CompileStats.now()
+        with self._on_device(BASE_VARIANT):  # the base's weights, wherever residency put them
+            self._warm_presets(sizes, max_images)
+        for width, height in sizes:
+            self.generate(
+                GenerationRequest(
+                    prompt="warmup", width=width, height=height, seed=0, steps=2, enable_safety_checker=False
+                )
+            )
+        compiled = self.warmup_compiled = CompileStats.now() - before
+        logger.info("warm-up compiled %d graph(s) in %.1f s", compiled.graphs, compiled.seconds)
+        return time.perf_counter() - started
+
+    def _warm_presets(self, sizes: Sequence[tuple[int, int]], max_images: int) -> None:
+        """The base's presets (variants of its architecture share its compiled blocks)."""
         # Every enabled preset at every size (dynamic shapes: no later recompiles); a preset
         # that fails here is demoted and warmed in its simpler form (PresetManager.warmup).
         per_preset = self.presets.warmup(self.pipe, sizes, max_images=max_images)
@@ -397,15 +427,6 @@ class FluxRuntime:
                     self.pipe, sizes, max_images=max_images, names=names, base_weights="LoRA warm-up"
                 )
             logger.info("LoRA warm-up: %s", ", ".join(f"{n} {s:.1f}s" for n, s in per_preset.items()))
-        for width, height in sizes:
-            self.generate(
-                GenerationRequest(
-                    prompt="warmup", width=width, height=height, seed=0, steps=2, enable_safety_checker=False
-                )
-            )
-        compiled = self.warmup_compiled = CompileStats.now() - before
-        logger.info("warm-up compiled %d graph(s) in %.1f s", compiled.graphs, compiled.seconds)
-        return time.perf_counter() - started
 
 
 def _task_inputs(
