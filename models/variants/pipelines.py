@@ -23,7 +23,6 @@ another variant.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,8 +34,6 @@ if TYPE_CHECKING:
     from models.lora.spec import LoraLimits
     from models.memory import MemoryPlan
     from models.presets.apply import PresetManager
-
-logger = logging.getLogger(__name__)
 
 TASKS: dict[Architecture, tuple[str, ...]] = {
     "dev": ("text-to-image", "image-to-image", "inpainting", "redux"),

@@ -58,9 +58,8 @@ def fitted_size(width: int, height: int) -> tuple[int, int]:
         scale = MAX_SIDE / max(width, height)
     elif min(width, height) < MIN_SIDE:
         scale = MIN_SIDE / min(width, height)
-    w, h = (min(MAX_SIDE, max(MIN_SIDE, _round(side * scale))) for side in (width, height))
-    # Rounding up may cross MAX_SIDE; _round down then.
-    return (min(w, MAX_SIDE), min(h, MAX_SIDE))
+    width, height = (min(MAX_SIDE, max(MIN_SIDE, _round(side * scale))) for side in (width, height))
+    return width, height
 
 
 def nearest_preferred(width: int, height: int) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from models.request import BASE_VARIANT  # the base --model (server.jobs.BASE_VARIANT too)
 from models.weights.check import (
     WeightsError,
     check_single_file,
@@ -33,7 +34,6 @@ from models.weights.check import (
     read_safetensors_header,
 )
 
-BASE_VARIANT = "dev"  # the base --model (the same name as server.jobs.BASE_VARIANT)
 FILL, KONTEXT, KREA = "fill", "kontext", "krea"
 FAMILY = (FILL, KONTEXT, KREA)
 # With --model tiny and no variant configured, every tiny variant is served: every endpoint
