@@ -44,14 +44,27 @@ def transformer_bytes(runtime: Any) -> int:
     return sum(t.numel() * t.element_size() for t in runtime.pipe.transformer.parameters())
 
 
+def model_transformer_bytes(model: str, data_dir: Path) -> int:
+    """One transformer's bytes as loaded (fp32 tiny on a CPU, bf16 synthetic), without loading a runtime."""
+    if model == "tiny":
+        from diffusers import FluxTransformer2DModel
+
+        from models.tiny import ensure_tiny
+
+        transformer = FluxTransformer2DModel.from_pretrained(ensure_tiny(data_dir) / "transformer")
+        return sum(t.numel() * t.element_size() for t in transformer.parameters())
+    from models.weights.synthetic import parameter_count
+    from models.weights.synthetic_spec import parse_synthetic
+
+    return parameter_count(parse_synthetic(model)) * 2
+
+
 def load(args: argparse.Namespace, data_dir: Path, *, home: str) -> Any:
     """A runtime serving the base and Krea, with a GPU budget for one transformer."""
     from models.loading import load_runtime
     from models.variants.serving import VariantOptions
 
-    probe = load_runtime(args.model, data_dir=data_dir, device=args.device, presets=("none",))
-    size = transformer_bytes(probe)
-    del probe
+    size = model_transformer_bytes(args.model, data_dir)
     options = VariantOptions(
         configured={"krea": "tiny" if args.model == "tiny" else "synthetic"},
         gpu_budget_bytes=size + size // 2,

@@ -33,11 +33,9 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from models.variants.spec import resolve_variants
     from models.weights import WeightsError, check_pipeline_folder, check_redux_folder, check_single_file
 except ImportError:  # run as a file from a checkout without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from models.variants.spec import resolve_variants
     from models.weights import WeightsError, check_pipeline_folder, check_redux_folder, check_single_file
 
 DEV_REPO = "black-forest-labs/FLUX.1-dev"
@@ -95,6 +93,8 @@ def variant_patterns(name: str, *, single_file: bool) -> list[str]:
 
 def check_variant(name: str, dest: Path, *, single_file: bool) -> str:
     """The server's start-up check of a variant; returns the --variant argument to use."""
+    from models.variants.spec import resolve_variants
+
     path = dest / VARIANT_REPOS[name][1] if single_file else dest
     resolve_variants({name: str(path)}, model=str(dest))
     return f"--variant {name}={path}"
