@@ -404,6 +404,7 @@ class FluxRuntime:
         before = CompileStats.now()
         with self._on_device(BASE_VARIANT):  # the base's weights, wherever residency put them
             self._warm_presets(sizes, max_images)
+        self._warm_a_variant(sizes, max_images)
         for width, height in sizes:
             self.generate(
                 GenerationRequest(
@@ -413,6 +414,28 @@ class FluxRuntime:
         compiled = self.warmup_compiled = CompileStats.now() - before
         logger.info("warm-up compiled %d graph(s) in %.1f s", compiled.graphs, compiled.seconds)
         return time.perf_counter() - started
+
+    def _warm_a_variant(self, sizes: Sequence[tuple[int, int]], max_images: int) -> None:
+        """One variant's compiled presets: every variant runs its blocks on its weights as
+        loaded, a form the base may not have compiled (its `regular` runs on an fp8, fused
+        copy under the resident plan). The blocks' compiled code is shared by every variant
+        (Fill's blocks are the same), so one text-to-image variant warms them all."""
+        candidates = [
+            v
+            for name, v in self.variants.items()
+            if name != BASE_VARIANT and "text-to-image" in v.pipes
+            if any(p.compile != "none" for p, _ in v.presets.runnable.values())
+        ]
+        if not candidates:
+            return
+        variant = candidates[0]
+        with self._on_device(variant.name):
+            per_preset = variant.presets.warmup(variant.pipes["text-to-image"], sizes, max_images=max_images)
+        logger.info(
+            "variant warm-up (%s): %s",
+            variant.name,
+            ", ".join(f"{n} {s:.1f}s" for n, s in per_preset.items()),
+        )
 
     def _warm_presets(self, sizes: Sequence[tuple[int, int]], max_images: int) -> None:
         """The base's presets (variants of its architecture share its compiled blocks)."""

@@ -54,3 +54,25 @@ def test_a_variant_this_worker_does_not_serve(one_at_a_time: FluxRuntime) -> Non
         one_at_a_time.generate(request("fill"))
     assert caught.value.variant == "fill"
     assert "fill" not in one_at_a_time.variants
+
+
+def test_synthetic_variants_have_the_real_sizes_and_fills_width() -> None:
+    """`--model synthetic` builds full-width random variants (here with one block of each kind)."""
+    import torch
+
+    from models.variants.load import load_variant_transformer
+    from models.variants.spec import resolve_variants
+    from models.weights.synthetic_spec import parse_synthetic
+
+    model = "synthetic:layers=1,single_layers=1"
+    specs = resolve_variants({"fill": "synthetic"}, model=model)
+    fill = load_variant_transformer(
+        specs["fill"],
+        base_transformer=None,
+        data_dir=Path("."),
+        dtype=torch.bfloat16,
+        synthetic=parse_synthetic(model),
+    )
+    assert (fill.config.in_channels, fill.config.out_channels, fill.x_embedder.in_features) == (384, 64, 384)
+    assert fill.config.num_layers == 1 and fill.x_embedder.out_features == 3072
+    assert fill.dtype == torch.bfloat16
