@@ -3,12 +3,14 @@
     runtime = load_runtime("tiny" | folder | file.safetensors, data_dir=Path(...),
                            components_dir=None, safety_checker=Path | None,
                            device="auto" | "cpu" | "cuda",
-                           presets=("none", "regular", "high"), memory_plan="auto")
+                           presets=("none", "regular", "high"), memory_plan="auto",
+                           variants=VariantOptions(configured={"fill": "/w/fill"}, ...))
 
 The order matters: the model is resolved (checked)
 before the slow imports, components are placed by the memory plan before the img2img pipeline
 is built from them (so both share the placed modules), and the preset manager comes last
-because its variants are copies of the placed transformer.
+because its variants are copies of the placed transformer. The family's other checkpoints
+(models/variants/) come last: each takes the base's placed components and its own presets.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from models.lora.spec import LoraLimits
     from models.memory import MemoryPlan
     from models.runtime import FluxRuntime
+    from models.variants.serving import VariantOptions
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +70,12 @@ def load_runtime(
     presets: Sequence[str] | None = None,
     memory_plan: str = "auto",
     lora_limits: LoraLimits | None = None,
+    variants: VariantOptions | None = None,
 ) -> FluxRuntime:
     """`presets`: the acceleration presets to prepare; None or empty: the device's default
-    (models.presets.policy.default_presets). `lora_limits`: per-request LoRA bounds."""
+    (models.presets.policy.default_presets). `lora_limits`: per-request LoRA bounds.
+    `variants`: the family's other checkpoints this worker serves (None: the base alone, or
+    every tiny variant with model "tiny": models/variants/spec.py `configured_variants`)."""
     from models.weights.check import resolve_model
     from models.weights.offline import enforce_offline
 
@@ -154,6 +160,21 @@ def load_runtime(
         limits = dataclasses.replace(limits, hotswap="off")
     loras = LoraManager(pipe, limits=limits, compiled=compiled)
     loras.prepare()
+    from models.variants.serving import VariantOptions, load_variants
+
+    loaded_variants, residency, unavailable = load_variants(
+        variants or VariantOptions(),
+        model=model,
+        spec=spec,
+        base_pipe=pipe,
+        base_presets=preset_manager,
+        plan=plan,
+        device=device,
+        dtype=dtype,
+        presets=list(presets) if presets else default_presets(device),
+        data_dir=Path(data_dir),
+        lora_limits=limits,
+    )
     logger.info(
         "loaded %s on %s (%s, memory plan %s) in %.1fs; redux %s",
         spec.name,
@@ -175,6 +196,9 @@ def load_runtime(
         model_name=spec.name,
         loras=loras,
         model_kind=spec.kind,
+        variants=loaded_variants,
+        residency=residency,
+        unavailable=unavailable,
     )
 
 

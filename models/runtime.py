@@ -3,14 +3,18 @@
     runtime = load_runtime("tiny" | "synthetic" | folder | file.safetensors, data_dir=...)
     out: Generation = runtime.generate(request, on_step=lambda i, n: ..., should_cancel=lambda: False)
 
-`request` is a `models.request.GenerationRequest` with a concrete seed. `load_runtime` and its
-options live in models/loading.py. `on_step(i, n)` is called after every denoising step (i from 1 to n; for
-image-to-image n is the number of steps left after `strength`). `should_cancel()` is checked
-at every step; a cancelled request returns `cancelled=True` and no images, and the VAE decode
-never runs (the pipelines always return latents; this module decodes them).
+`request` is a `models.request.GenerationRequest` with a concrete seed; `request.variant` names
+the checkpoint it runs on ("dev", the base, or a variant: models/variants/), which the
+residency manager (models/residency.py) puts on the device first, when a swap is needed.
+`load_runtime` and its options live in models/loading.py. `on_step(i, n)` is called after
+every denoising step (i from 1 to n; for image-to-image n is the number of steps left after
+`strength`). `should_cancel()` is checked at every step; a cancelled request returns
+`cancelled=True` and no images, and the VAE decode never runs (the pipelines always return
+latents; this module decodes them).
 
 Errors: `models.request.InputError` when the request cannot run as given (the client's
-fault); anything else raised here is the server's.
+fault; `VariantUnavailable` for a variant this worker does not serve, `TaskUnavailable` for a
+task its variant does not run); anything else raised here is the server's.
 
 Timings (`encode`, `denoise`, `decode`, `safety`, in seconds): on a CUDA device each stage's
 clock is read after `torch.cuda.synchronize()`, so a stage is charged the device work it
@@ -36,13 +40,18 @@ from typing import TYPE_CHECKING, Any
 
 from models.presets.compiling import CompileStats, is_compile_failure
 from models.request import (
+    BASE_VARIANT,
     MAX_IMAGES,
     GenerationRequest,
     InputError,
     TaskUnavailable,
+    VariantUnavailable,
     img2img_steps,
+    runs_with_strength,
     validate,
 )
+from models.variants.pipelines import Variant
+from models.variants.sizes import finish_fill, fitted_size, kontext_condition_size, kontext_output_size
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +61,7 @@ if TYPE_CHECKING:
     from models.lora.manager import LoraManager
     from models.memory import MemoryPlan
     from models.presets.apply import PresetManager
+    from models.residency import Residency, Swap
     from models.safety import SafetyChecker
 
 logger = logging.getLogger(__name__)
@@ -72,6 +82,8 @@ class Generation:
     lora_misses: int = 0
     # What torch.compile compiled during this call: after warm-up, every graph is a recompile.
     compiled: CompileStats = field(default_factory=CompileStats)
+    variant: str = BASE_VARIANT
+    swap: Swap | None = None  # the variant's move onto the device this call waited for
 
 
 class FluxRuntime:
@@ -89,24 +101,58 @@ class FluxRuntime:
         model_name: str,
         loras: LoraManager,
         model_kind: str = "diffusers",
+        variants: dict[str, Variant] | None = None,
+        residency: Residency | None = None,
+        unavailable: dict[str, str] | None = None,
     ) -> None:
+        """`variants`: the checkpoints besides the base ("dev" is built from `pipe`, `img2img`,
+        `inpaint`, `presets` and `loras`); `residency`: which of them are on the device (None:
+        all, always); `unavailable`: configured variants this worker does not serve, and why."""
         self.pipe = pipe
         self.img2img = img2img
         self.inpaint = inpaint
         self.redux = redux
         self.safety = safety
-        self.presets = presets
         self.memory_plan = memory_plan
         self.device = device
         self.model_name = model_name
         self.model_kind = model_kind  # "tiny", "synthetic", "diffusers" or "single-file"
-        self.loras = loras  # per-request LoRAs on the shared pipeline (models/lora)
         self.warmup_compiled = CompileStats()  # what `warmup` compiled
+        base = Variant(
+            BASE_VARIANT,
+            "dev",
+            pipe.transformer,
+            {"text-to-image": pipe, "image-to-image": img2img, "inpainting": inpaint},
+            presets,
+            loras,
+            source=model_name,
+        )
+        self.variants: dict[str, Variant] = {BASE_VARIANT: base, **(variants or {})}
+        self.residency = residency
+        self.unavailable = dict(unavailable or {})
         self._lock = threading.Lock()
+
+    # The base's presets and per-request LoRAs (models/presets, models/lora); each variant has
+    # its own (`variants[name].presets`, `.loras`).
+    @property
+    def presets(self) -> PresetManager:
+        return self.variants[BASE_VARIANT].presets
+
+    @presets.setter
+    def presets(self, presets: PresetManager) -> None:
+        self.variants[BASE_VARIANT].presets = presets
+
+    @property
+    def loras(self) -> LoraManager:
+        return self.variants[BASE_VARIANT].loras
+
+    @loras.setter
+    def loras(self, loras: LoraManager) -> None:
+        self.variants[BASE_VARIANT].loras = loras
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        """The tasks this runtime can run."""
+        """The tasks the base runs."""
         base = ("text-to-image", "image-to-image", "inpainting")
         return (*base, "redux") if self.redux is not None else base
 
@@ -121,7 +167,36 @@ class FluxRuntime:
         if self.model_kind == "synthetic":
             parts.append("random weights: outputs are noise, for capacity and load tests only")
         parts.append("safety checker configured" if self.safety is not None else "no safety checker")
+        if len(self.variants) > 1:  # server.queue.base.WorkerInfo.held_variants reads this part
+            parts.append(f"variants [{self.variant_placement()}]")
         return "; ".join(parts)
+
+    def variant_placement(self) -> str:
+        """Where each variant is (device, host, disk), or their names when all stay resident."""
+        if self.residency is not None:
+            return self.residency.describe()
+        return f"device: {', '.join(self.variants)}"
+
+    def variant_for(self, request: GenerationRequest) -> Variant:
+        """The variant that runs `request`, or the InputError saying why none does here."""
+        variant = self.variants.get(request.variant)
+        if variant is None:
+            reason = self.unavailable.get(request.variant) or (
+                f"variant {request.variant!r} is not configured on this server (configured: "
+                f"{', '.join(self.variants)}); add it with --variant {request.variant}=PATH (FLUX_VARIANTS)"
+            )
+            raise VariantUnavailable(request.variant, reason)
+        tasks = self.tasks if variant.name == BASE_VARIANT else variant.tasks
+        if request.task == "redux" and self.redux is None:
+            raise TaskUnavailable(
+                "redux is not available: the loaded model has no redux parts "
+                "(image_encoder, feature_extractor, image_embedder)"
+            )
+        if request.task not in tasks:
+            raise TaskUnavailable(
+                f"variant {variant.name!r} does not run {request.task!r} (it runs: {', '.join(tasks)})"
+            )
+        return variant
 
     # --- generation -----------------------------------------------------------------------
     def generate(
@@ -131,25 +206,40 @@ class FluxRuntime:
         should_cancel: Callable[[], bool] | None = None,
     ) -> Generation:
         validate(request)
-        if request.task == "redux" and self.redux is None:
-            raise TaskUnavailable(
-                "redux is not available: the loaded model has no redux parts "
-                "(image_encoder, feature_extractor, image_embedder)"
-            )
-        # The request's LoRAs are on for this call only, also when it fails.
-        with self._lock, self.loras.apply(request.loras) as lora_run:
+        variant = self.variant_for(request)
+        # The variant stays on the device, and the request's LoRAs on, for this call only
+        # (also when it fails).
+        with (
+            self._lock,
+            self._on_device(variant.name) as swap,
+            variant.loras.apply(request.loras) as lora_run,
+        ):
             before = CompileStats.now()
             generation = self._generate_locked(
-                request, on_step, should_cancel, lora_eager=lora_run.eager_reason is not None
+                request, variant, on_step, should_cancel, lora_eager=lora_run.eager_reason is not None
             )
             generation.compiled = CompileStats.now() - before
             generation.log = lora_run.log
+            if swap is not None:
+                generation.log.append(
+                    f"Variant {swap.variant} moved onto the device from {swap.source} in {swap.seconds:.2f} s"
+                )
             generation.lora_hits, generation.lora_misses = lora_run.hits, lora_run.misses
+            generation.variant, generation.swap = variant.name, swap
             return generation
+
+    @contextmanager
+    def _on_device(self, name: str) -> Iterator[Swap | None]:
+        if self.residency is None:
+            yield None
+            return
+        with self.residency.use(name) as swap:
+            yield swap
 
     def _generate_locked(
         self,
         request: GenerationRequest,
+        variant: Variant,
         on_step: Callable[[int, int], None] | None,
         should_cancel: Callable[[], bool] | None,
         *,
@@ -181,14 +271,9 @@ class FluxRuntime:
         with _timed(timings, "encode", self.device), torch.no_grad():
             prompt_embeds, pooled_prompt_embeds = self._encode(request, input_image)
 
-        pipe: Any = {"image-to-image": self.img2img, "inpainting": self.inpaint}.get(request.task, self.pipe)
-        extra: dict[str, Any] = {}
-        if request.task == "image-to-image":
-            extra = {"image": input_image, "strength": request.strength}
-        elif request.task == "inpainting":
-            assert request.mask is not None
-            mask = _open_image(request.mask)
-            extra = {"image": input_image, "mask_image": mask, "strength": request.strength}
+        pipe: Any = variant.pipeline(request.task)
+        mask = _open_image(request.mask) if request.mask else None
+        width, height, extra = _task_inputs(request, input_image, mask)
 
         def step_end(pipeline: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             if on_step is not None:
@@ -198,7 +283,7 @@ class FluxRuntime:
             return callback_kwargs
 
         steps = request.steps
-        if request.task in ("image-to-image", "inpainting"):
+        if runs_with_strength(request.task):
             steps = img2img_steps(request.steps, request.strength)
         # A compile failure is the preset's, not the request's: the preset is demoted for good
         # (compiled -> eager -> none, with a note in every response asking for it) and this
@@ -206,7 +291,7 @@ class FluxRuntime:
         while True:
             # Noise drawn on the CPU: the same request and seed give the same bytes on this machine.
             generator = torch.Generator("cpu").manual_seed(seed)
-            use = self.presets.use(
+            use = variant.presets.use(
                 pipe,
                 request.acceleration,
                 steps=steps,
@@ -219,8 +304,8 @@ class FluxRuntime:
                     latents = pipe(
                         prompt_embeds=prompt_embeds,
                         pooled_prompt_embeds=pooled_prompt_embeds,
-                        height=request.height,
-                        width=request.width,
+                        height=height,
+                        width=width,
                         num_inference_steps=request.steps,
                         guidance_scale=request.guidance,
                         num_images_per_prompt=1,  # the embeddings already hold one row per image
@@ -231,14 +316,23 @@ class FluxRuntime:
                     ).images
                 break
             except Exception as exc:
-                preset = self.presets.enabled_name(request.acceleration)
-                if not is_compile_failure(exc) or not self.presets.demote(preset, exc):
+                preset = variant.presets.enabled_name(request.acceleration)
+                if not is_compile_failure(exc) or not variant.presets.demote(preset, exc):
                     raise
         if pipe.interrupt:
             return cancelled(active.name, active.note)
 
         with _timed(timings, "decode", self.device), torch.no_grad():
-            images = self._decode(latents, request.height, request.width)
+            images = self._decode(latents, height, width)
+        if request.task == "fill":
+            assert input_image is not None and mask is not None
+            images = finish_fill(
+                images,
+                input_image,
+                mask,
+                paste_back=request.paste_back,
+                resize_to_original=request.resize_to_original,
+            )
 
         flags = [False] * len(images)
         checked = request.enable_safety_checker and self.safety is not None
@@ -308,6 +402,43 @@ class FluxRuntime:
         `warmup_compiled` then says what was compiled."""
         started = time.perf_counter()
         before = CompileStats.now()
+        with self._on_device(BASE_VARIANT):  # the base's weights, wherever residency put them
+            self._warm_presets(sizes, max_images)
+        self._warm_a_variant(sizes, max_images)
+        for width, height in sizes:
+            self.generate(
+                GenerationRequest(
+                    prompt="warmup", width=width, height=height, seed=0, steps=2, enable_safety_checker=False
+                )
+            )
+        compiled = self.warmup_compiled = CompileStats.now() - before
+        logger.info("warm-up compiled %d graph(s) in %.1f s", compiled.graphs, compiled.seconds)
+        return time.perf_counter() - started
+
+    def _warm_a_variant(self, sizes: Sequence[tuple[int, int]], max_images: int) -> None:
+        """One variant's compiled presets: every variant runs its blocks on its weights as
+        loaded, a form the base may not have compiled (its `regular` runs on an fp8, fused
+        copy under the resident plan). The blocks' compiled code is shared by every variant
+        (Fill's blocks are the same), so one text-to-image variant warms them all."""
+        candidates = [
+            v
+            for name, v in self.variants.items()
+            if name != BASE_VARIANT and "text-to-image" in v.pipes
+            if any(p.compile != "none" for p, _ in v.presets.runnable.values())
+        ]
+        if not candidates:
+            return
+        variant = candidates[0]
+        with self._on_device(variant.name):
+            per_preset = variant.presets.warmup(variant.pipes["text-to-image"], sizes, max_images=max_images)
+        logger.info(
+            "variant warm-up (%s): %s",
+            variant.name,
+            ", ".join(f"{n} {s:.1f}s" for n, s in per_preset.items()),
+        )
+
+    def _warm_presets(self, sizes: Sequence[tuple[int, int]], max_images: int) -> None:
+        """The base's presets (variants of its architecture share its compiled blocks)."""
         # Every enabled preset at every size (dynamic shapes: no later recompiles); a preset
         # that fails here is demoted and warmed in its simpler form (PresetManager.warmup).
         per_preset = self.presets.warmup(self.pipe, sizes, max_images=max_images)
@@ -319,15 +450,48 @@ class FluxRuntime:
                     self.pipe, sizes, max_images=max_images, names=names, base_weights="LoRA warm-up"
                 )
             logger.info("LoRA warm-up: %s", ", ".join(f"{n} {s:.1f}s" for n, s in per_preset.items()))
-        for width, height in sizes:
-            self.generate(
-                GenerationRequest(
-                    prompt="warmup", width=width, height=height, seed=0, steps=2, enable_safety_checker=False
-                )
-            )
-        compiled = self.warmup_compiled = CompileStats.now() - before
-        logger.info("warm-up compiled %d graph(s) in %.1f s", compiled.graphs, compiled.seconds)
-        return time.perf_counter() - started
+
+
+def _task_inputs(
+    request: GenerationRequest, image: Image.Image | None, mask: Image.Image | None
+) -> tuple[int, int, dict[str, Any]]:
+    """The output size and the pipeline's task arguments. Fill and Kontext make the size their
+    input gives (models/variants/sizes.py); inputs are resized here, so that no pipeline
+    resizes them on its own (Kontext's `_auto_resize` is always off)."""
+    task, width, height = request.task, request.width, request.height
+    if task == "text-to-image" or task == "redux":
+        return width, height, {}
+    assert image is not None
+    if task == "image-to-image":
+        return width, height, {"image": image, "strength": request.strength}
+    if task == "inpainting":
+        return width, height, {"image": image, "mask_image": mask, "strength": request.strength}
+    if task == "edit":
+        width, height = kontext_output_size(request.resolution_mode, *image.size)
+        condition = _resized(image, kontext_condition_size(request.resolution_mode, *image.size))
+        return width, height, {"image": condition, "max_area": width * height, "_auto_resize": False}
+    assert mask is not None
+    width, height = fitted_size(*image.size)
+    inputs: dict[str, Any] = {
+        "image": _resized(image, (width, height)),
+        "mask_image": _resized(mask, (width, height)),
+    }
+    if task == "edit-inpainting":
+        assert request.reference_image is not None
+        reference = _open_image(request.reference_image)
+        inputs |= {
+            "image_reference": _resized(reference, fitted_size(*reference.size)),
+            "strength": request.strength,
+            "max_area": width * height,
+            "_auto_resize": False,
+        }
+    return width, height, inputs
+
+
+def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    from PIL import Image
+
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 def _open_image(data: bytes) -> Image.Image:

@@ -12,6 +12,13 @@ and `ae.safetensors` duplicates. `--single-file` fetches `flux1-dev.safetensors`
 the diffusers transformer shards (use it as `--model flux1-dev.safetensors` with this folder
 as `--components-dir`). `--redux` adds FLUX.1 Redux [dev] into `<dest>/redux`.
 
+The family's other checkpoints (`--variant fill|kontext|krea`: FLUX.1 Fill [dev], Kontext
+[dev], Krea [dev], each gated like FLUX.1 [dev]) fetch only their transformer (about 24 GB;
+the text encoders and VAE are the base's): the diffusers `transformer/` folder, or with
+`--single-file` the repository's one-file transformer. Serve it with `--variant NAME=DEST`:
+
+    python scripts/fetch_weights.py --variant kontext --dest /models/flux1-kontext-dev
+
 Re-running resumes an interrupted download. Afterwards the folder gets the same check the
 server runs at start-up; `--check-only` runs just that check.
 """
@@ -34,6 +41,12 @@ except ImportError:  # run as a file from a checkout without the project install
 DEV_REPO = "black-forest-labs/FLUX.1-dev"
 REDUX_REPO = "black-forest-labs/FLUX.1-Redux-dev"
 SINGLE_FILE_NAME = "flux1-dev.safetensors"
+# The family's variants: repository and one-file transformer name.
+VARIANT_REPOS = {
+    "fill": ("black-forest-labs/FLUX.1-Fill-dev", "flux1-fill-dev.safetensors"),
+    "kontext": ("black-forest-labs/FLUX.1-Kontext-dev", "flux1-kontext-dev.safetensors"),
+    "krea": ("black-forest-labs/FLUX.1-Krea-dev", "flux1-krea-dev.safetensors"),
+}
 
 _CONFIG_AND_TOKENIZERS = [
     "model_index.json",
@@ -71,6 +84,22 @@ def dev_patterns(*, single_file: bool) -> list[str]:
     return [*_CONFIG_AND_TOKENIZERS, *_COMPONENT_WEIGHTS, *transformer]
 
 
+def variant_patterns(name: str, *, single_file: bool) -> list[str]:
+    """allow_patterns for a variant's repository: its transformer only."""
+    if single_file:
+        return [VARIANT_REPOS[name][1]]
+    return ["model_index.json", "transformer/config.json", *_TRANSFORMER_WEIGHTS]
+
+
+def check_variant(name: str, dest: Path, *, single_file: bool) -> str:
+    """The server's start-up check of a variant; returns the --variant argument to use."""
+    from models.variants.spec import resolve_variants
+
+    path = dest / VARIANT_REPOS[name][1] if single_file else dest
+    resolve_variants({name: str(path)}, model=str(dest))
+    return f"--variant {name}={path}"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="fetch_weights.py",
@@ -80,7 +109,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dest", type=Path, required=True, help="folder to download into (created if missing)"
     )
     parser.add_argument("--token", help="Hugging Face read token (default: $HF_TOKEN)")
-    parser.add_argument("--repo", default=DEV_REPO, help=f"repository to fetch (default: {DEV_REPO})")
+    parser.add_argument(
+        "--repo", default=None, help=f"repository to fetch (default: {DEV_REPO}, or the variant's)"
+    )
+    parser.add_argument(
+        "--variant",
+        choices=sorted(VARIANT_REPOS),
+        help="fetch a variant's transformer (FLUX.1 Fill, Kontext or Krea [dev]) instead of FLUX.1 [dev]",
+    )
     parser.add_argument(
         "--single-file",
         action="store_true",
@@ -125,6 +161,7 @@ def _snapshot_download(**kwargs: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None, *, download: Downloader = _snapshot_download) -> int:
     args = parse_args(argv)
+    args.repo = args.repo or (VARIANT_REPOS[args.variant][0] if args.variant else DEV_REPO)
     dest: Path = args.dest.expanduser().resolve()
     if not args.check_only:
         token = args.token or os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
@@ -139,16 +176,19 @@ def main(argv: Sequence[str] | None = None, *, download: Downloader = _snapshot_
         validate_dest(dest)
         dest.mkdir(exist_ok=True)
         print(f"downloading {args.repo} into {dest} (resumes if interrupted)", file=sys.stderr)
-        download(
-            repo_id=args.repo,
-            local_dir=dest,
-            allow_patterns=dev_patterns(single_file=args.single_file),
-            token=token,
+        patterns = (
+            variant_patterns(args.variant, single_file=args.single_file)
+            if args.variant
+            else dev_patterns(single_file=args.single_file)
         )
-        if args.redux:
+        download(repo_id=args.repo, local_dir=dest, allow_patterns=patterns, token=token)
+        if args.redux and not args.variant:
             download(repo_id=REDUX_REPO, local_dir=dest / "redux", allow_patterns=REDUX_PATTERNS, token=token)
     try:
-        model_args = check_folder(dest, single_file=args.single_file, redux=args.redux)
+        if args.variant:
+            model_args = check_variant(args.variant, dest, single_file=args.single_file)
+        else:
+            model_args = check_folder(dest, single_file=args.single_file, redux=args.redux)
     except WeightsError as exc:
         print(f"error: {dest} is incomplete: {exc}", file=sys.stderr)
         return 1

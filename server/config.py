@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
@@ -30,6 +31,19 @@ class Settings(BaseSettings):
     # or `--variant krea=/w/krea` (repeatable). With --model tiny/synthetic, the value "tiny"/
     # "synthetic" builds that variant the same way.
     variants: dict[str, str] = Field(default_factory=dict)
+    # Which variants each worker serves (docs/variants.md): FLUX_WORKER_VARIANTS="w0=dev,fill;w1=
+    # kontext,krea" (`--worker-variants w0=dev,fill`, repeatable) by worker id, or "dev,fill" for
+    # every worker of the box; a worker not named serves every variant. Empty: all serve all.
+    worker_variants: Annotated[dict[str, list[str]], NoDecode] = Field(default_factory=dict)
+    # Variants never evicted from a worker's GPU (FLUX_PIN_VARIANTS=dev,fill).
+    pin_variants: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Residency (models/residency.py): the GPU memory variants' transformers may take (None: the
+    # device's memory minus the reserve and the shared text encoders and VAE), the reserve kept
+    # for activations, and the pinned host memory their home copies may take per worker (None:
+    # half the machine's memory shared among its workers); beyond it, homes are spill files.
+    variant_gpu_budget_bytes: int | None = Field(default=None, ge=0)
+    variant_gpu_reserve_bytes: int = Field(default=8 * 1024**3, ge=0)
+    variant_host_budget_bytes: int | None = Field(default=None, ge=0)
     safety_checker: Path | None = None
 
     # Where the queue database, generated files, the tiny model and compile caches live.
@@ -147,8 +161,45 @@ class Settings(BaseSettings):
     # First retry delay; doubles per failed attempt (10 attempts over about 2 h with 15 s).
     webhook_retry_base_seconds: float = 15.0
 
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _name_equals_path(cls, value: object) -> object:
+        """`--variant NAME=PATH` (repeatable) arrives as a list of NAME=PATH items."""
+        if isinstance(value, list):
+            pairs = [str(item).partition("=") for item in value]
+            bad = [item for item, (_, sep, path) in zip(value, pairs, strict=True) if not sep or not path]
+            if bad:
+                raise ValueError(f"--variant takes NAME=PATH, got {bad[0]!r}")
+            return {name.strip(): path.strip() for name, _, path in pairs}
+        return value
+
+    @field_validator("worker_variants", mode="before")
+    @classmethod
+    def _worker_variants(cls, value: object) -> object:
+        """ "w0=dev,fill;w1=kontext" or a list of such items; without "=": every worker ("*")."""
+        if isinstance(value, str):
+            if value.strip().startswith("{"):
+                return json.loads(value)
+            value = [item for item in value.split(";") if item.strip()]
+        if isinstance(value, list):
+            parsed: dict[str, list[str]] = {}
+            for item in value:
+                worker, _, names = str(item).rpartition("=") if "=" in str(item) else ("*", "", str(item))
+                parsed[worker.strip() or "*"] = [n.strip() for n in names.split(",") if n.strip()]
+            return parsed
+        return value
+
+    def variants_of_worker(self, worker_id: str) -> list[str] | None:
+        """The variants `worker_id` serves (None: every configured one). A worker is named by
+        its id or by its id's last part ("w0" for "box-a-w0")."""
+        for key in (worker_id, worker_id.rsplit("-", 1)[-1], "*"):
+            if key in self.worker_variants:
+                return self.worker_variants[key]
+        return None
+
     @field_validator(
         "api_key",
+        "pin_variants",
         "presets",
         "warmup_sizes",
         "webhook_allowlist",
@@ -271,7 +322,9 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if value is None:
                 continue
-            if isinstance(value, list):
+            if isinstance(value, dict):
+                value = json.dumps(value)
+            elif isinstance(value, list):
                 value = ",".join(str(v) for v in value)
             elif isinstance(value, bool):
                 value = "true" if value else "false"

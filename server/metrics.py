@@ -140,6 +140,40 @@ def record_gpu_memory(worker: str, used_bytes: int, total_bytes: int) -> None:
     gpu_memory_total_bytes.labels(worker).set(total_bytes)
 
 
+# The FLUX.1 [dev] family (models/residency.py): which variants each worker holds on its GPU
+# (1) or off it (0), and the moves onto the GPU jobs waited for, by variant and source ("host":
+# pinned host memory, "disk": read back from the spill file).
+variant_resident = Gauge(
+    PREFIX + "variant_resident",
+    "Whether a worker holds a variant's transformer on its device (1) or not (0)",
+    ["worker", "variant"],
+    multiprocess_mode="livemostrecent",
+)
+variant_swaps_total = Counter(
+    PREFIX + "variant_swaps",
+    "Variants moved onto a worker's device for a job, by variant and source (host, disk)",
+    ["worker", "variant", "source"],
+)
+SWAP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
+variant_swap_seconds = Histogram(
+    PREFIX + "variant_swap_seconds",
+    "Seconds a job waited for its variant to move onto the device (evictions included)",
+    ["source"],
+    buckets=SWAP_BUCKETS,
+)
+
+
+def record_variants(worker: str, placement: dict[str, bool]) -> None:
+    """Each variant a worker serves: on its device or not (after load and after each swap)."""
+    for variant, on_device in placement.items():
+        variant_resident.labels(worker, variant).set(1 if on_device else 0)
+
+
+def record_swap(worker: str, variant: str, source: str, seconds: float) -> None:
+    variant_swaps_total.labels(worker, variant, source).inc()
+    variant_swap_seconds.labels(source).observe(seconds)
+
+
 class QueueCollector(Collector):
     """Figures read from the queue at scrape time."""
 

@@ -36,7 +36,7 @@ import pytest
 from server.tls import CertPaths, make_certificates
 from tests.pg_server import postgres_server  # noqa: F401 - the session's PostgreSQL server
 from tests.s3_server import s3_env, s3_server  # noqa: F401 - the session's S3 server (SeaweedFS)
-from tests.support import LOOPBACK_OUTBOUND, free_port
+from tests.support import LOOPBACK_OUTBOUND, free_port, link_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 HEALTH_TIMEOUT = 120.0
@@ -51,8 +51,12 @@ def shared_test_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model, with the tiny variants (models/variants/tiny.py) built beside it, so
+    that every data directory linking both builds neither."""
     from models.tiny import ensure_tiny
+    from models.variants.tiny import ensure_tiny_variants
 
+    ensure_tiny_variants(shared_test_data(tmp_path_factory))
     return ensure_tiny(shared_test_data(tmp_path_factory))
 
 
@@ -163,9 +167,7 @@ def launch_server(
     `outbound_allow`: what its fetches may reach that is closed by default (the tests' own
     loopback servers unless a test says otherwise)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    link = data_dir / tiny_model_dir.name
-    if not link.exists():
-        link.symlink_to(tiny_model_dir, target_is_directory=True)
+    link_tiny(data_dir, tiny_model_dir)
     port = port or free_port()
     argv = [sys.executable, "-m", "server.supervisor.cli", "serve", "--model", "tiny"]
     argv += ["--data-dir", str(data_dir), "--host", host, "--port", str(port), "--workers", str(workers)]

@@ -12,6 +12,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -61,3 +62,13 @@ def png_header_only(width: int, height: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"x\x9c") + chunk(b"IEND", b"")
+
+
+def link_tiny(data_dir: Path, tiny_model_dir: Path) -> None:
+    """Link the session's tiny model and tiny variants into `data_dir` (no rebuild there)."""
+    from models.variants.tiny import TINY_VARIANTS_DIRNAME
+
+    for folder in (tiny_model_dir, tiny_model_dir.parent / TINY_VARIANTS_DIRNAME):
+        link = data_dir / folder.name
+        if not link.exists():
+            link.symlink_to(folder, target_is_directory=True)

@@ -191,6 +191,12 @@ class PresetManager:
         self.runnable[name] = (simpler, _join(note, what))
         return True
 
+    def weight_sets(self) -> list[Any]:
+        """Every transformer module the presets run: the loaded one and each copy (the
+        residency manager moves them together, models/residency.py)."""
+        modules = [self.base, *self._variants.values()]
+        return list({id(m): m for m in modules}.values())
+
     def enabled_name(self, requested: str) -> str:
         """The enabled preset a request for `requested` runs (see `resolve`)."""
         return nearest_enabled(requested, self.enabled)

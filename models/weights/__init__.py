@@ -16,6 +16,7 @@ from models.weights.check import (
     check_pipeline_folder,
     check_redux_folder,
     check_single_file,
+    check_transformer_folder,
     read_safetensors_header,
     resolve_model,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "check_pipeline_folder",
     "check_redux_folder",
     "check_single_file",
+    "check_transformer_folder",
     "read_safetensors_header",
     "resolve_model",
 ]

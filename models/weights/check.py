@@ -186,6 +186,17 @@ def check_pipeline_folder(folder: Path, *, need_transformer_weights: bool = True
     _raise_all(problems)
 
 
+def check_transformer_folder(folder: Path) -> dict[str, Any]:
+    """A bare FLUX transformer folder (config.json naming FluxTransformer2DModel, and its
+    weights, whole or sharded); returns the config."""
+    config = _read_json(folder / "config.json", "the transformer config")
+    class_name = config.get("_class_name")
+    if class_name not in (None, "FluxTransformer2DModel"):
+        raise WeightsError(f"{folder} holds a {class_name}, not a FluxTransformer2DModel")
+    _check_weights(folder, "transformer")
+    return config
+
+
 def check_redux_folder(redux_dir: Path) -> None:
     """Check the redux parts (image_encoder/, feature_extractor/, image_embedder/)."""
     _require_dir(redux_dir, "the redux folder")

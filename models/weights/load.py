@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,8 +40,11 @@ class LoadedComponents:
         }
 
 
-def load_single_file_transformer(path: Path, config_dir: Path, *, dtype: torch.dtype) -> Any:
-    """Build FluxTransformer2DModel from `config_dir`'s config and the file's tensors.
+def load_single_file_transformer(
+    path: Path, config_dir: Path | None, *, dtype: torch.dtype, config: Mapping[str, Any] | None = None
+) -> Any:
+    """Build FluxTransformer2DModel from `config_dir`'s config (or `config` itself: a variant
+    takes the loaded base's, with its own input width) and the file's tensors.
 
     Any storage dtype (bf16, fp16, fp32, float8_e4m3fn) is cast to `dtype`.
     """
@@ -61,20 +65,22 @@ def load_single_file_transformer(path: Path, config_dir: Path, *, dtype: torch.d
     del raw
     state = {k: v.to(dtype) for k, v in state.items()}
 
-    config = FluxTransformer2DModel.load_config(str(config_dir), local_files_only=True)
+    if config is None:
+        assert config_dir is not None
+        config = FluxTransformer2DModel.load_config(str(config_dir), local_files_only=True)
+    where = config_dir if config_dir is not None else "the base model's transformer config"
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(config)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise WeightsError(
-            f"{path} does not match the transformer config in {config_dir}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{path} does not match {where}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:  # shape mismatch: a file for another model size
-        raise WeightsError(f"{path} does not match the transformer config in {config_dir}: {exc}") from exc
+        raise WeightsError(f"{path} does not match {where}: {exc}") from exc
     # Every tensor was cast to dtype above and assigned as is: no .to(dtype) pass needed.
     return model.eval()
 

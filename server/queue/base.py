@@ -27,6 +27,7 @@ attempt is made by one dispatcher at a time, across every process sharing the st
 
 from __future__ import annotations
 
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -93,35 +94,60 @@ class WorkerInfo:
     pid: int
     updated_at: float  # unix time of the last state change or heartbeat
 
+    def held_variants(self) -> dict[str, list[str]] | None:
+        """Where this worker's variants are ("device", "host", "disk": names, pinned ones with
+        " (pinned)"), from the `variants [device: a, b; host: c]` part of its detail
+        (models/runtime.py `FluxRuntime.summary`); None when it serves the base alone."""
+        match = re.search(r"variants \[([^\]]*)\]", self.detail)
+        if match is None:
+            return None
+        places: dict[str, list[str]] = {}
+        for part in match.group(1).split("; "):
+            place, _, names = part.partition(": ")
+            places[place.strip()] = [n.strip() for n in names.split(", ") if n.strip()]
+        return places
+
 
 @dataclass(frozen=True)
 class ClaimPreference:
     """A worker's hint for `claim`: among the first `window` queued jobs of the head's
     priority and tenant, take the first that `wants` (e.g. its LoRAs are already loaded on this
-    worker) instead of the head, unless the head has waited `max_wait` seconds or more. So a
-    preference reorders only nearby jobs of one tenant, never passes another tenant's job (fair
-    share holds), and never delays any job by more than `max_wait` (plus the jobs already
-    running)."""
+    worker, its variant is on this worker's GPU) instead of the head, unless the head has waited
+    `max_wait` seconds or more. So a preference reorders only nearby jobs of one tenant, never
+    passes another tenant's job (fair share holds), and never delays any job by more than
+    `max_wait` (plus the jobs already running).
+
+    `can_take`: the jobs this worker can run at all (a worker that serves only some variants);
+    the others are left to other workers, and "the head" is the first job it can take. None
+    of the window takeable: it claims nothing this time."""
 
     wants: Callable[[Job], bool]
     window: int = 8
     max_wait: float = 10.0
+    can_take: Callable[[Job], bool] | None = None
 
-    def choose(self, rows: Sequence[tuple[str, int, float, str]], now: float) -> str:
+    def choose(self, rows: Sequence[tuple[str, int, float, str]], now: float) -> str | None:
         """The id to claim among queued rows `(id, priority_rank, created_at, job_json)` in
-        claim order (the head first, at most `window` of them)."""
-        head_id, head_rank, head_created, _ = rows[0]
+        claim order (the head first, at most `window` of them); None: none it can take."""
+        parsed: dict[str, Job] = {}
+
+        def job(row: tuple[str, int, float, str]) -> Job:  # parsed once, and only when looked at
+            if row[0] not in parsed:
+                parsed[row[0]] = Job.model_validate_json(row[3])
+            return parsed[row[0]]
+
+        takeable = list(rows) if self.can_take is None else [r for r in rows if self.can_take(job(r))]
+        if not takeable:
+            return None
+        head_id, head_rank, head_created, _ = takeable[0]
         if now - head_created >= self.max_wait:
             return head_id
-        head_tenant: str | None = None
-        for index, (request_id, rank, _created, job_json) in enumerate(rows):
-            job = Job.model_validate_json(job_json)
-            if index == 0:
-                head_tenant = job.tenant
-            if rank != head_rank or job.tenant != head_tenant:
+        head_tenant = job(takeable[0]).tenant
+        for row in takeable:
+            if row[1] != head_rank or job(row).tenant != head_tenant:
                 break
-            if self.wants(job):
-                return request_id
+            if self.wants(job(row)):
+                return row[0]
         return head_id
 
 

@@ -20,6 +20,25 @@ from server.exit_codes import EXIT_USAGE
 _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--model", {"help": "diffusers folder, single-file transformer (.safetensors), 'tiny' or 'synthetic'"}),
     ("--components-dir", {"help": "folder with the other components when --model is a single file"}),
+    (
+        "--variant",
+        {
+            "action": "append",
+            "dest": "variants",
+            "help": "NAME=PATH: a further checkpoint (fill, kontext, krea or a fine-tune's name; repeatable)",
+        },
+    ),
+    (
+        "--worker-variants",
+        {
+            "action": "append",
+            "help": "WORKER=NAME,NAME: the variants a worker serves (repeatable; docs/variants.md)",
+        },
+    ),
+    ("--pin-variants", {"help": "comma-separated variants never evicted from a worker's GPU"}),
+    ("--variant-gpu-budget-bytes", {"type": int, "help": "GPU memory the variants' transformers may take"}),
+    ("--variant-gpu-reserve-bytes", {"type": int, "help": "GPU memory kept for activations (default 8 GiB)"}),
+    ("--variant-host-budget-bytes", {"type": int, "help": "pinned host memory for variants, per worker"}),
     ("--safety-checker", {"help": "local image-classification model folder (NSFW checker)"}),
     ("--data-dir", {"help": "queue database, outputs, tiny model and caches"}),
     ("--queue-url", {"help": "postgresql://user:password@host:port/dbname: a queue shared by many boxes"}),
@@ -108,12 +127,16 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **{"default": None, **kwargs})
 
 
+def _field(flag: str, kwargs: dict[str, Any]) -> str:
+    return kwargs.get("dest") or flag[2:].replace("-", "_")
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Environment first, then every flag the user actually gave."""
     overrides = {
-        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-        for flag, _ in _SERVER_FLAGS
-        if getattr(args, flag[2:].replace("-", "_"), None) is not None
+        _field(flag, kwargs): getattr(args, _field(flag, kwargs))
+        for flag, kwargs in _SERVER_FLAGS
+        if getattr(args, _field(flag, kwargs), None) is not None
     }
     return Settings(**overrides)
 

@@ -12,6 +12,8 @@ configuration never reaches a worker that would spend minutes loading a model fi
 - `check_storage`: with `--storage-url`, the bucket exists and the credentials may write and
   delete under its prefix (a wrong secret, a missing bucket, an unreachable endpoint):
   `ConfigError`;
+- `check_variants`: the same for every `--variant`, and that each is served by a worker and
+  every pinned or per-worker name is configured: `ConfigError`;
 - `check_port_free`: the API's address can be bound: `StartupError`, exit 1;
 - `check_toolchain`: what Triton lacks to compile presets on the GPU workers (a warning: the
   workers then run those presets eager);
@@ -94,6 +96,49 @@ def check_model(settings: Settings) -> None:
         resolve_model(settings.model, data_dir=settings.data_dir, components_dir=settings.components_dir)
     except (WeightsError, OSError, ValueError) as exc:
         raise ConfigError(f"--model {settings.model}: {exc}") from exc
+
+
+def check_variants(settings: Settings, slots: list[WorkerSlot]) -> None:
+    """Fail fast on a --variant that cannot be loaded (each variant's files, checked as the
+    base's are, torch-free; tiny and synthetic ones are built by the workers), on names in
+    --pin-variants or --worker-variants that no --variant configures, and on a configured
+    variant that no worker of this box serves. Raises ConfigError."""
+    from models.request import BASE_VARIANT
+    from models.variants.spec import configured_variants, resolve_variants
+    from models.weights.check import WeightsError
+
+    base_config = None
+    if settings.model not in ("tiny",) and not settings.model.startswith("synthetic"):
+        path = Path(settings.model).expanduser()
+        folder = path if path.is_dir() else Path(settings.components_dir or "").expanduser()
+        config_file = folder / "transformer" / "config.json"
+        if config_file.is_file():
+            import json
+
+            base_config = json.loads(config_file.read_text(encoding="utf-8"))
+    try:
+        resolve_variants(settings.variants, model=settings.model, base_transformer_config=base_config)
+    except (WeightsError, OSError, ValueError) as exc:
+        raise ConfigError(f"--variant: {exc}") from exc
+    names = {BASE_VARIANT, *configured_variants(settings.variants, model=settings.model)}
+    unknown = sorted({n for n in settings.pin_variants if n not in names})
+    unknown += sorted({n for served in settings.worker_variants.values() for n in served if n not in names})
+    if unknown:
+        raise ConfigError(
+            f"--pin-variants / --worker-variants name {', '.join(dict.fromkeys(unknown))}, which no "
+            f"--variant configures (configured: {', '.join(sorted(names))})"
+        )
+    if settings.worker_variants and slots:
+        served: set[str] = set()
+        for slot in slots:
+            own = settings.variants_of_worker(slot.worker_id)
+            served |= names if own is None else set(own)
+        orphans = sorted(names - served)
+        if orphans:
+            raise ConfigError(
+                f"no worker of this box serves {', '.join(orphans)} (--worker-variants); its requests "
+                "would wait for another box's workers: add it to a worker's list"
+            )
 
 
 def check_toolchain(settings: Settings, slots: list[WorkerSlot]) -> str | None:

@@ -21,6 +21,7 @@ from server.supervisor.preflight import (
     check_settings,
     check_storage,
     check_toolchain,
+    check_variants,
 )
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ def serve(settings: Settings) -> int:
             check_model(settings)
         check_storage(settings)
         slots = plan_workers(settings)
+        if settings.role != "api":
+            check_variants(settings, slots)
         # The children see the resolved count: the API's readiness counts against it.
         settings = settings.model_copy(update={"workers": len(slots)})
         settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,7 @@ from server.worker.request import generation_request, input_error, internal_erro
 from server.worker.retry import Backoff, QueueOutage, until_back
 from server.worker.state import StateRecorder
 from server.worker.threads import hard_exit, start_helper
+from server.worker.variants import WorkerVariants
 
 if TYPE_CHECKING:
     from models.runtime import FluxRuntime
@@ -82,6 +83,7 @@ class Worker:
         self.exit_process = exit_process
         self.storage = open_storage(settings)
         self.loras = JobLoras(settings, self.storage)
+        self.variants = WorkerVariants(settings, self.worker_id)  # which it serves, prefers, reports
         self.device = settings.device
         self.held = HeldJobs()
         self.streak = FailureStreak(settings.max_consecutive_failures)
@@ -202,6 +204,7 @@ class Worker:
             presets=self.settings.presets,
             memory_plan=self.settings.memory_plan,
             lora_limits=self.loras.limits(),
+            variants=self.variants.options(),
         )
         logger.info("model loaded in %.1f s: %s", time.perf_counter() - started, runtime.summary)
         sizes = parse_sizes(self.settings.warmup_sizes) or default_warmup_sizes(self.device)
@@ -240,6 +243,7 @@ class Worker:
             start_helper("watchdog", watchdog.run, self.exit_process)
         self.state.set("ready", runtime.summary)
         self._report_gpu_memory()
+        self.variants.record(runtime)
         logger.info("worker %s ready on %s", self.worker_id, self.device)
         claim_backoff = Backoff()
         finished: Finished | None = None
@@ -252,7 +256,8 @@ class Worker:
                         f"Last error: {self.streak.last_error}",
                     )
                     break
-                prefer = self.loras.preference(runtime.loras.loaded)  # jobs whose LoRAs it holds
+                # Jobs whose variant is on its GPU, or whose LoRAs it holds; only jobs it serves.
+                prefer = self.variants.preference(runtime, self.loras.preference(runtime.loras.loaded))
                 # With a finished job in hand, only look for the next one (no wait), then hand
                 # the finished one over and start the next at once.
                 timeout = 0.0 if finished is not None else CLAIM_TIMEOUT_SECONDS
@@ -328,6 +333,10 @@ class Worker:
             self._report_gpu_memory()
             return None
 
+        if generation.swap is not None:  # /metrics and /health show what its GPU holds now
+            self.variants.record(runtime, generation)
+            if self.state is not None:
+                self.state.set("ready", runtime.summary)
         if generation.cancelled or job.lease_lost:
             if job.lease_lost:
                 self.outcomes.abandon(job, "lease lost")

@@ -200,3 +200,32 @@ def test_dest_validation(tmp_path: Path, tiny_model_dir: Path, case: str) -> Non
     with pytest.raises(SystemExit, match=expected):
         fetch_weights.main(["--dest", str(dest), "--token", "hf_test"], download=downloader)
     assert downloader.calls == []
+
+
+def test_a_variant_fetches_its_transformer_only(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from models.variants.tiny import ensure_tiny_variants
+
+    repo = tmp_path / "FLUX.1-Fill-dev"  # the repository's layout: transformer/ and a pipeline index
+    shutil.copytree(ensure_tiny_variants(tiny_model_dir.parent) / "fill", repo / "transformer")
+    (repo / "model_index.json").write_text('{"_class_name": "FluxFillPipeline"}')
+    shutil.copytree(tiny_model_dir / "vae", repo / "vae")  # present upstream, never fetched
+    downloader = CopyDownloader(repo)
+    dest = tmp_path / "fill"
+    code = fetch_weights.main(["--variant", "fill", "--dest", str(dest), "--token", "t"], download=downloader)
+    assert code == 0
+    assert downloader.calls[0]["repo_id"] == "black-forest-labs/FLUX.1-Fill-dev"
+    assert (dest / "transformer" / "config.json").is_file() and not (dest / "vae").exists()
+    assert f"--variant fill={dest}" in capsys.readouterr().out
+    assert fetch_weights.variant_patterns("krea", single_file=True) == ["flux1-krea-dev.safetensors"]
+
+
+def test_a_variant_that_is_not_the_one_asked_for_fails_its_check(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from models.variants.tiny import ensure_tiny_variants
+
+    dest = tmp_path / "kontext"
+    shutil.copytree(ensure_tiny_variants(tiny_model_dir.parent) / "fill", dest / "transformer")
+    assert fetch_weights.main(["--variant", "kontext", "--dest", str(dest), "--check-only"]) == 1

@@ -55,3 +55,23 @@ def test_upload_limits_must_be_positive(tmp_path: Path) -> None:
     for bad in ({"max_upload_bytes": 0}, {"max_upload_retention_seconds": 0}):
         with pytest.raises(ValueError):
             Settings(data_dir=tmp_path, **bad)
+
+
+def test_variants_from_flags_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.supervisor.cli import build_parser, settings_from_args
+
+    args = ["serve", "--variant", "fill=/w/fill", "--variant", "my-style=/w/s.safetensors"]
+    args += ["--worker-variants", "w0=dev,fill", "--worker-variants", "w1=my-style", "--pin-variants", "dev"]
+    settings = settings_from_args(build_parser().parse_args(args))
+    assert settings.variants == {"fill": "/w/fill", "my-style": "/w/s.safetensors"}
+    assert settings.worker_variants == {"w0": ["dev", "fill"], "w1": ["my-style"]}
+    assert settings.pin_variants == ["dev"]
+    assert settings.variants_of_worker("box-a-w1") == ["my-style"]  # a shared queue's worker id
+    assert settings.variants_of_worker("w2") is None  # not named: serves every variant
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == settings
+    monkeypatch.setenv("FLUX_WORKER_VARIANTS", "dev,kontext")  # every worker of the box
+    assert Settings().variants_of_worker("w5") == ["dev", "kontext"]
+    with pytest.raises(ValueError, match="--variant takes NAME=PATH"):
+        Settings(variants=["fill"])

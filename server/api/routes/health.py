@@ -134,7 +134,14 @@ async def health(request: Request) -> JSONResponse:
         "role": settings.role,
         "queue": "postgresql" if settings.shared_queue else "sqlite",
         "workers": [
-            {"id": w.worker_id, "state": w.state, "device": w.device, "model": w.model, "detail": w.detail}
+            {
+                "id": w.worker_id,
+                "state": w.state,
+                "device": w.device,
+                "model": w.model,
+                "detail": w.detail,
+                **({"variants": held} if (held := w.held_variants()) is not None else {}),
+            }
             for w in workers
         ],
         "queue_depth": await get_queue(request).depth(),

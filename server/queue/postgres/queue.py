@@ -250,7 +250,10 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                 ).fetchall()
                 if not rows:
                     return None
-                head, head_params = "SELECT %s AS id", (prefer.choose(rows, now),)
+                chosen = prefer.choose(rows, now)
+                if chosen is None:  # none of them is a job this worker can take
+                    return None
+                head, head_params = "SELECT %s AS id", (chosen,)
             started = f"Started on {worker_id}"
             row = conn.execute(
                 f"WITH head AS ({head}), "

@@ -52,3 +52,14 @@ def test_a_head_that_waited_long_enough_is_not_skipped(api: JobQueue, worker: Jo
     # max_wait 0: any head has waited long enough, so it goes first whatever the preference.
     impatient = ClaimPreference(wants=holds("ink").wants, max_wait=0.0)
     assert worker.claim("w", timeout=1, prefer=impatient).id == head  # type: ignore[union-attr]
+
+
+def test_a_worker_takes_only_the_jobs_it_can(api: JobQueue, worker: JobQueue) -> None:
+    """A worker that serves some variants only: other workers' jobs are left in the queue,
+    "the head" is its first takeable job, and with none in the window it claims nothing."""
+    dev = api.submit(make_job()).id
+    fill = api.submit(make_job(variant="fill")).id
+    only_fill = ClaimPreference(wants=lambda job: False, can_take=lambda job: job.variant == "fill")
+    assert worker.claim("w-fill", timeout=1, prefer=only_fill).id == fill  # type: ignore[union-attr]
+    assert worker.claim("w-fill", timeout=0.2, prefer=only_fill) is None  # the dev job stays
+    assert worker.claim("w", timeout=1).id == dev  # type: ignore[union-attr]

@@ -185,3 +185,32 @@ def test_gpu_workers_with_compiled_presets_are_told_what_triton_lacks(
     compiler.write_text("#!/bin/sh\n")
     compiler.chmod(0o755)
     assert check_toolchain(settings(device="cuda"), gpus) is None
+
+
+def test_variants_are_checked_before_any_worker_starts(tmp_path: Path) -> None:
+    from server.supervisor.gpus import WorkerSlot
+    from server.supervisor.preflight import check_variants
+
+    slots = [WorkerSlot("w0", None), WorkerSlot("w1", None)]
+    check_variants(settings(model="tiny"), slots)  # every tiny variant, built by the workers
+    with pytest.raises(ConfigError, match=r"--variant: variant 'fill': the path does not exist"):
+        check_variants(settings(model="tiny", variants={"fill": str(tmp_path / "missing")}), slots)
+    with pytest.raises(ConfigError, match="--pin-variants / --worker-variants name krea2"):
+        check_variants(settings(model="tiny", pin_variants=["krea2"]), slots)
+    with pytest.raises(ConfigError, match="no worker of this box serves kontext, tiny-finetune"):
+        only = {"w0": ["dev", "fill"], "w1": ["krea"]}
+        check_variants(settings(model="tiny", worker_variants=only), slots)
+    check_variants(settings(model="tiny", worker_variants={"w0": ["dev", "fill"]}), slots)  # w1 serves all
+
+
+def test_serve_refuses_a_broken_variant_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = {"kontext": "black-forest-labs/FLUX.1-Kontext-dev"}
+    assert serve(settings(model="tiny", variants=broken, data_dir=tmp_path / "data")) == 2
+    err = capsys.readouterr().err
+    assert (
+        "variant 'kontext'" in err
+        and "never downloads" in err
+        and "fetch_weights.py --variant kontext" in err
+    )

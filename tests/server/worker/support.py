@@ -14,15 +14,15 @@ from server.config import Settings
 from server.jobs import Job, JobRecord, Status
 from server.queue.base import JobQueue, QueueUnavailable
 from server.worker import Worker
-from tests.support import wait_until
+from tests.support import link_tiny, wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 
 
 def make_data_dir(root: Path, tiny_model_dir: Path) -> Path:
-    """A data directory that finds the session's tiny model without rebuilding it."""
+    """A data directory that finds the session's tiny model and variants without rebuilding."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / tiny_model_dir.name).symlink_to(tiny_model_dir, target_is_directory=True)
+    link_tiny(root, tiny_model_dir)
     return root
 
 

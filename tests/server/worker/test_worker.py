@@ -155,7 +155,10 @@ def test_queued_jobs_report_how_long_the_device_sat_idle_before_them(served: Ser
 def test_the_ready_worker_says_what_it_loaded(served: Served) -> None:
     (info,) = served.api.workers()
     assert info.state == "ready"
-    assert info.detail == "tiny; memory plan resident; no safety checker"
+    assert info.detail == (
+        "tiny; memory plan resident; no safety checker; "
+        "variants [device: dev, fill, kontext, krea, tiny-finetune]"  # --model tiny serves every one
+    )
 
 
 def test_a_job_without_a_seed_gets_one_drawn_by_the_server() -> None:
@@ -187,6 +190,27 @@ def test_the_request_carries_every_field_the_runtime_reads() -> None:
     assert (request.steps, request.num_images, request.acceleration) == (3, 2, "regular")
     assert (request.enable_safety_checker, request.safety_tolerance, request.seed) == (False, 4, 9)
     assert (request.width, request.height, request.prompt) == (64, 64, "a red fox")
+
+
+def test_the_request_carries_the_variant_and_its_fields() -> None:
+    source = job(
+        task="edit-inpainting",
+        variant="kontext",
+        image=b"png",
+        mask=b"mask",
+        reference_image=b"ref",
+        resolution_mode="16:9",
+        paste_back=False,
+        resize_to_original=True,
+    )
+    request = generation_request(source)
+    assert (request.task, request.variant, request.reference_image, request.mask) == (
+        "edit-inpainting",
+        "kontext",
+        b"ref",
+        b"mask",
+    )
+    assert (request.resolution_mode, request.paste_back, request.resize_to_original) == ("16:9", False, True)
 
 
 def test_cancel_stops_a_running_job_at_its_next_step(served: Served) -> None:

@@ -164,3 +164,19 @@ def test_liveness_touches_no_database(tmp_path: Path, own_postgres: PostgresServ
         wait_until(
             lambda: api.client.get("/health/ready").status_code == 200, 30, "the queue to answer again"
         )
+
+
+def test_each_worker_shows_the_variants_it_holds(tmp_path: Path) -> None:
+    with run_api_server(api_settings(tmp_path, workers=2)) as api:
+        detail = (
+            "tiny; memory plan resident; variants [device: dev (pinned), fill; host: kontext; disk: krea]"
+        )
+        api.worker.set_worker_state("w0", "ready", device="cuda:0", model="tiny", detail=detail)
+        ready(api, "w1")  # the base alone: no variants entry
+        workers = {w["id"]: w for w in api.client.get("/health").json()["workers"]}
+        assert workers["w0"]["variants"] == {
+            "device": ["dev (pinned)", "fill"],
+            "host": ["kontext"],
+            "disk": ["krea"],
+        }
+        assert "variants" not in workers["w1"]
