@@ -116,6 +116,13 @@ def check_variants(settings: Settings, slots: list[WorkerSlot]) -> None:
             import json
 
             base_config = json.loads(config_file.read_text(encoding="utf-8"))
+    from server.jobs import FAMILY_VARIANTS
+    from server.variant_names import fine_tune_name_problem
+
+    # A reserved name would be unreachable under its own fal app id (docs/configuration.md).
+    for name in settings.variants:
+        if name not in FAMILY_VARIANTS and (problem := fine_tune_name_problem(name)):
+            raise ConfigError(f"--variant {name}: {problem}")
     try:
         resolve_variants(settings.variants, model=settings.model, base_transformer_config=base_config)
     except (WeightsError, OSError, ValueError) as exc:

@@ -201,6 +201,9 @@ def test_variants_are_checked_before_any_worker_starts(tmp_path: Path) -> None:
         only = {"w0": ["dev", "fill"], "w1": ["krea"]}
         check_variants(settings(model="tiny", worker_variants=only), slots)
     check_variants(settings(model="tiny", worker_variants={"w0": ["dev", "fill"]}), slots)  # w1 serves all
+    # A fine-tune named like fal's own namespace or a route of the server is unreachable.
+    with pytest.raises(ConfigError, match=r"--variant fal-ai: 'fal-ai' is reserved"):
+        check_variants(settings(model="tiny", variants={"fal-ai": "tiny"}), slots)
 
 
 def test_serve_refuses_a_broken_variant_with_exit_2(
