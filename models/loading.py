@@ -3,7 +3,8 @@
     runtime = load_runtime("tiny" | folder | file.safetensors, data_dir=Path(...),
                            components_dir=None, safety_checker=Path | None,
                            device="auto" | "cpu" | "cuda",
-                           presets=("none", "regular", "high"), memory_plan="auto")
+                           presets=("none", "regular", "high"), memory_plan="auto",
+                           tuning=())   # tuning pieces on every preset but none
 
 The order matters: the model is resolved (checked)
 before the slow imports, components are placed by the memory plan before the img2img pipeline
@@ -67,9 +68,11 @@ def load_runtime(
     presets: Sequence[str] | None = None,
     memory_plan: str = "auto",
     lora_limits: LoraLimits | None = None,
+    tuning: Sequence[str] = (),
 ) -> FluxRuntime:
     """`presets`: the acceleration presets to prepare; None or empty: the device's default
-    (models.presets.policy.default_presets). `lora_limits`: per-request LoRA bounds."""
+    (models.presets.policy.default_presets). `lora_limits`: per-request LoRA bounds.
+    `tuning`: tuning pieces (models.presets.policy.TUNING) on every preset but `none`."""
     from models.weights.check import resolve_model
     from models.weights.offline import enforce_offline
 
@@ -83,7 +86,7 @@ def load_runtime(
     from models.lora.spec import LoraLimits
     from models.memory import choose_plan, cuda_capability, vram_bytes
     from models.presets.apply import PresetManager
-    from models.presets.policy import default_presets
+    from models.presets.policy import default_presets, tuned_presets
     from models.runtime import FluxRuntime
     from models.safety import SafetyChecker
     from models.weights.load import load_components
@@ -138,6 +141,7 @@ def load_runtime(
         device=device,
         enabled=list(presets) if presets else default_presets(device),
         data_dir=Path(data_dir),
+        presets=tuned_presets(tuning),
         memory_plan=plan,
     )
     # Compiled presets switch LoRAs by hot-swap: slots made at the first LoRA request (or now,
