@@ -43,7 +43,6 @@ from models.presets.compiling import compile_forward, failure_summary, is_compil
 from models.presets.policy import (
     PRESET_ORDER,
     PRESETS,
-    TUNING,
     ActivePreset,
     CacheSetting,
     Hardware,
@@ -211,8 +210,7 @@ class PresetManager:
         plain = Preset("none", precision=self.base_precision)
         if preset.tuning:
             simpler = without_tuning(preset)
-            pieces = ", ".join(TUNING[piece].label for piece in preset.tuning)
-            what = f"tuning ({pieces}) failed ({why}); ran without it"
+            what = f"tuning ({', '.join(preset.tuning)}) failed ({why}); ran without it"
         elif preset.compile != "none" and is_compile_failure(exc):
             simpler = preset.eager()
             what = f"{preset.compile} compile failed ({why}); ran eager"

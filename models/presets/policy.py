@@ -95,17 +95,22 @@ class Preset:
             parts.append("channels-last VAE")
         if self.cache is not None:
             parts.append(self.cache.describe())
-        parts += [TUNING[name].label for name in self.tuning]
+        parts += self.tuning
         return ", ".join(parts)
 
     def eager(self) -> Preset:
-        """This preset without compile, and so without the pieces that live in a compile."""
+        """This preset without its transformer's compile and the pieces that live in it."""
         return replace(self, compile="none", **dict.fromkeys(COMPILED_PIECES, False))  # type: ignore[arg-type]
 
     @property
     def tuning(self) -> list[str]:
-        """The tuning pieces this preset has on (names of TUNING)."""
-        return [name for name, piece in TUNING.items() if piece.is_on(self)]
+        """The tuning pieces this preset has on, as reports name them."""
+        labels = [piece.label for piece in TUNING.values() if piece.is_on(self)]
+        if self.attention is not None and not any(
+            "attention" in p.fields and p.is_on(self) for p in TUNING.values()
+        ):
+            labels.append(f"attention backend {self.attention}")  # one TUNING does not name
+        return labels
 
     def inductor_options(self, *, for_vae: bool = False) -> dict[str, object]:
         """torch.compile's inductor options for this preset (its `options=`): the tuned flags,
@@ -129,8 +134,9 @@ TUNED_INDUCTOR_FLAGS: dict[str, object] = {
     "coordinate_descent_tuning": True,  # tune each Triton kernel's block sizes
     "coordinate_descent_check_all_directions": True,
 }
-# Tuning fields that mean something only inside a compile.
-COMPILED_PIECES = ("inductor_flags", "autotune", "cuda_graphs", "static_shapes", "compile_vae")
+# Tuning fields that mean something only inside the transformer's compile (the VAE's compile,
+# `compile_vae`, is its own: it needs a compiler, not a compiled transformer).
+COMPILED_PIECES = ("inductor_flags", "autotune", "cuda_graphs", "static_shapes")
 FLASH_ATTENTION_3 = ("_flash_3", "_flash_varlen_3")  # diffusers' FA3 backends (Hopper only)
 CPU_ATTENTION = ("native", "_native_math")  # diffusers backends that run on a CPU
 
@@ -276,6 +282,8 @@ def _adapt_tuning(
     if reasons:
         changes["attention"] = None
         reasons[-1] += "; ran the default attention (PyTorch SDPA)"
+    if preset.compile_vae and compile_backend == "inductor" and not hw.compiler:
+        changes["compile_vae"] = False  # with the compile note above: no compiler here
     if preset.compile == "none":
         changes.update(dict.fromkeys(COMPILED_PIECES, False))  # eager: a note says why when it matters
     elif preset.cuda_graphs and hw.device_type != "cuda":

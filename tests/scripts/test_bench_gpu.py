@@ -35,21 +35,28 @@ def test_tiny_mode_runs_and_writes_its_report(tmp_path: Path, tiny_model_dir: Pa
         "--runs=1",
         "--steps=2",
         "--compile-backend=eager",  # the inductor compile is tested in tests/models/test_presets.py
+        "--tuning=cuda-graphs+fa3+compiled-vae",  # one row: two pieces that cannot run here, one that can
         f"--data-dir={data_dir}",
         f"--out={out}",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| mode | ran | s/image")
-    modes = [line.split("|")[1].strip() for line in table[1:]]
-    assert modes == ["diffusers eager (baseline)", "preset regular", "preset high", "preset none"]
+    modes = [line.split("|")[1].strip() for line in table[1:6]]
+    tuned = "regular + CUDA graphs + FlashAttention-3 + compiled VAE decode"
+    assert modes == ["diffusers eager (baseline)", "preset regular", "preset high", "preset none", tuned]
+    tuning_table = table[table.index(next(line for line in table if line.startswith("| on top of"))) :]
+    assert [cell.strip() for cell in tuning_table[1].split("|")[1:3]] == [
+        tuned,
+        "no (CUDA graphs, FlashAttention-3: see its note)",
+    ]
 
     report = json.loads(out.read_text())
     assert report["size"] == "64x64" and report["steps"] == 2 and report["memory_plan"] == "resident"
     assert report["device"].startswith("CPU") and report["floor_s"] > 0
-    baseline, regular, high, none = report["rows"]  # most important first
+    baseline, regular, high, none, tuned_row = report["rows"]  # most important first
     assert baseline["ran"] == "plain FluxPipeline, float32"  # no bf16 on a CPU
     assert baseline["vs_baseline"] == 1.0 and baseline["rel_error"] == 0.0
     assert none["rel_error"] < 1e-6  # the `none` preset is plain diffusers
@@ -65,3 +72,11 @@ def test_tiny_mode_runs_and_writes_its_report(tmp_path: Path, tiny_model_dir: Pa
     assert baseline["graphs"] == 0 and baseline["graph_breaks"] == 0
     assert regular["graphs"] >= 1 and "graph_break_reasons" in regular
     assert report["versions"]["peft"] and report["runs_of_the_script"] == 1
+
+    # The tuning row, after the memory plans: `regular` plus the pieces, beside `regular`.
+    assert tuned_row["tuning_ran"] == ["compiled VAE decode"]  # the one of the three a CPU runs
+    assert tuned_row["graphs"] == regular["graphs"] + 1  # the same blocks, and the VAE decoder
+    assert "CUDA graphs need a CUDA device (this device: CPU)" in tuned_row["note"]
+    assert "FlashAttention-3 needs a Hopper GPU" in tuned_row["note"]
+    assert "int8 dynamic" in tuned_row["ran"] and 0 < tuned_row["rel_error"] < 0.5
+    assert tuned_row["vs_regular"] == tuned_row["seconds"] / regular["seconds"]
