@@ -172,7 +172,7 @@ class PresetManager:
             )
             problem = attention_problem(adapted.attention) if adapted.attention else None
             if problem:
-                note = _join(note, f"{problem}; ran the default attention (PyTorch SDPA)")
+                note = _join(note, f"{problem.rstrip('.')}; ran the default attention (PyTorch SDPA)")
                 adapted = replace(adapted, attention=None)
             if self.single_weight_set and adapted.weight_set != self.base_key:
                 ran_on = "fp8" if self.base_precision == "fp8" else "the loaded"

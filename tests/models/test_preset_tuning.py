@@ -209,7 +209,7 @@ def test_flash_attention_3_falls_back_with_a_note_where_it_cannot_run(
     out = generate(runtime, "regular")
     assert out.preset_note == (
         "Flash Attention 3 backend '_flash_3' is not usable because of missing package or the version "
-        "is too old. Please build FA3 beta release from source.; ran the default attention (PyTorch SDPA)"
+        "is too old. Please build FA3 beta release from source; ran the default attention (PyTorch SDPA)"
     )
     assert png(out) == reference
 
