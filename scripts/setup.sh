@@ -45,6 +45,15 @@ if [ "${FLUX_SKIP_NODE:-0}" != "1" ] && command -v npm >/dev/null 2>&1; then
   fi
 fi
 
+# kubectl for the Kubernetes manifest tests (`kubectl kustomize` renders offline; Debian's
+# package is kubernetes-client).
+if ! command -v kubectl >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq kubernetes-client) >/dev/null 2>&1 \
+      || echo "setup: could not install kubectl; the deploy tests will fail" >&2
+  fi
+fi
+
 # Headless Chromium for the browser tests (Debian's package; Playwright drives it and never
 # downloads a browser of its own).
 if [ "${FLUX_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then

@@ -42,6 +42,16 @@ class Settings(BaseSettings):
     queue_url: str | None = None
     # Generated files, uploads and stored inputs; many boxes point it at one shared mount.
     files_dir: Path = Field(default_factory=lambda values: values["data_dir"] / "files")
+    # Or an S3-compatible bucket instead (s3://bucket/prefix; endpoint, region and credentials
+    # from the AWS_* variables and profiles, as every AWS SDK reads them): boxes then share no
+    # directory. See server/storage/s3.py and docs/deploy.md, "Object storage".
+    storage_url: str | None = None
+    # Base URL under which the bucket's objects are readable without a signature (a CDN, a
+    # public-read bucket): returned URLs are this base + the object's key instead of presigned.
+    storage_public_url: str | None = None
+    # A worker retries storing a job's images this long while the bucket is unreachable, then
+    # fails the job. Keep it below --watchdog-seconds: storing counts as no progress.
+    storage_retry_seconds: float = Field(default=120.0, ge=0)
     # What `serve` runs on this box: the API and workers, only the API, or only workers.
     role: Literal["all", "api", "workers"] = "all"
     # Names this box's workers in a shared queue; default: host name + a hash of the data dir.
@@ -180,9 +190,17 @@ class Settings(BaseSettings):
 
     @property
     def watched_disks(self) -> list[Path]:
-        """Where the API writes what it accepts: the files directory, and the data directory
-        when it holds the queue (SQLite)."""
+        """Where the API writes what it accepts: the files directory (with object storage,
+        the data directory, where upload bodies are spooled), and the data directory when it
+        holds the queue (SQLite)."""
+        if self.storage_url:
+            return [self.data_dir]
         return [self.files_dir] if self.shared_queue else [self.files_dir, self.data_dir]
+
+    @property
+    def upload_spool_dir(self) -> Path:
+        """With object storage: where the API receives an upload's body before sending it."""
+        return self.data_dir / "upload-spool"
 
     @property
     def lora_cache_path(self) -> Path:
@@ -228,6 +246,13 @@ class Settings(BaseSettings):
         except ValueError:
             return False
         return any(ip in ipaddress.ip_network(item, strict=False) for item in self.trusted_proxy)
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith("s3://"):
+            raise ValueError(f"{value!r}: object storage is given as s3://bucket/prefix")
+        return value or None
 
     @field_validator("trusted_proxy")
     @classmethod

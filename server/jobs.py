@@ -195,6 +195,9 @@ class OutputImage(BaseModel):
     file_name: str | None = None
     data_uri: str | None = None
     file_size: int
+    # Where clients read it when not on this server's files route: a presigned or public
+    # object-storage URL (server/storage/s3.py), valid as long as the result is kept.
+    url: str | None = None
 
 
 class JobResult(BaseModel):

@@ -9,6 +9,8 @@
   args=..., api_keys=...)` for other session fixtures (the caller stops the server).
 - `start_flux_server` (function): starts private servers with custom flags (auth on, short
   leases, retention...) and stops them when the test ends.
+- `postgres_server`, `s3_server` (session): a real PostgreSQL (tests/pg_server.py) and a real
+  S3 server, SeaweedFS (tests/s3_server.py), both on loopback with credentials enforced.
 
 A server's data directory links the session's tiny model folder instead of rebuilding it.
 """
@@ -33,6 +35,7 @@ import pytest
 
 from server.tls import CertPaths, make_certificates
 from tests.pg_server import postgres_server  # noqa: F401 - the session's PostgreSQL server
+from tests.s3_server import s3_env, s3_server  # noqa: F401 - the session's S3 server (SeaweedFS)
 from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,8 +137,9 @@ class FluxServer:
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The test process's environment without FLUX_* settings that would leak into a server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_")}
+    """The test process's environment without FLUX_* settings or AWS_* credentials that would
+    leak into a server; `extra` adds a server's own (an S3 server's AWS_* variables)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_", "AWS_"))}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
@@ -152,6 +156,7 @@ def launch_server(
     host: str = "127.0.0.1",
     wait: bool = True,
     workers: int = 1,
+    env: dict[str, str] | None = None,
 ) -> FluxServer:
     """Start `flux-server serve --model tiny` on `data_dir` (reusing a built tiny model)."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +173,7 @@ def launch_server(
     argv += list(args)
     log_path = data_dir / f"serve-{port}-{int(time.time() * 1000)}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=server_env(), cwd=REPO)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=server_env(env), cwd=REPO)
     scheme = "https" if certs is not None else "http"
     server = FluxServer(
         base_url=f"{scheme}://127.0.0.1:{port}",

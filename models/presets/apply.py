@@ -87,7 +87,9 @@ def detect_hardware(device: str) -> Hardware:
         compiler = has_triton() and not missing
     else:
         compiler = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++"))
-    return Hardware(device_type, capability, torchao, compiler)
+    probes = ("_is_vnni_supported", "_is_amx_tile_supported")  # private, so looked up with care
+    int8_matmul = device_type != "cpu" or any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return Hardware(device_type, capability, torchao, compiler, int8_matmul)
 
 
 def cache_config(setting: CacheSetting, steps: int) -> Any:

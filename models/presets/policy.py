@@ -220,6 +220,10 @@ class Hardware:
     cuda_capability: tuple[int, int] | None
     torchao: bool
     compiler: bool  # can torch.compile's inductor backend build kernels here?
+    # int8 matrix units: every CUDA GPU the server runs on; on a CPU, AVX512-VNNI or AMX. Without
+    # them torch's int8 matmul falls back to a scalar loop, many times slower than fp32 (an
+    # AVX2 CPU spent over 10 minutes on one 528x3072x12288 product that fp32 does in 0.8 s).
+    int8_matmul: bool = True
 
     def describe(self) -> str:
         if self.device_type == "cuda" and self.cuda_capability is not None:
@@ -241,6 +245,11 @@ def adapt_to_hardware(
         reasons.append(
             f"fp8 dynamic needs an NVIDIA GPU with compute capability 8.9+ (this device: {hw.describe()})"
         )
+    if precision == "int8" and not hw.int8_matmul:
+        reasons.append(
+            "int8 dynamic needs int8 matrix units (AVX512-VNNI or AMX on a CPU), which this CPU lacks"
+        )
+        precision = "bf16"
     if precision in ("fp8", "int8") and not hw.torchao:
         reasons.append(
             f"{precision} needs torchao, which is not installed (pip install 'flux-server[accel]')"

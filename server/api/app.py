@@ -42,12 +42,14 @@ from server.api.protocols.fal import webhook as fal_webhook
 from server.api.protocols.fal.proxy import FalProxyMiddleware
 from server.api.protocols.openai import routes as openai_routes
 from server.api.routes import files, health, jwks, metrics, playground
+from server.api.variants import VariantNotServed
 from server.api.webhooks.dispatch import start_dispatcher
 from server.config import Settings
 from server.disk import FreeSpace
 from server.queue.aio import AsyncQueue
 from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.factory import open_queue
+from server.storage.base import StorageUnavailable
 
 log = logging.getLogger("flux_server.api")
 
@@ -59,7 +61,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     owns_queue = queue is None
     if queue is None:
         queue = open_queue(settings, role="api")
-    from server.storage import LocalStorage
+    from server.storage import open_storage
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,11 +89,13 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.api_keys = settings.all_api_keys()  # read once: not a file read per request
     app.state.queue = queue
-    app.state.storage = LocalStorage(settings.files_dir)
+    app.state.storage = open_storage(settings)
     free_space = app.state.free_space = FreeSpace(settings.watched_disks, settings.min_free_disk_bytes)
     async_queue = app.state.async_queue = AsyncQueue(queue, admit=free_space.check)
     app.state.background = []
-    install_error_handlers(app, unavailable=(QueueUnavailable,))
+    install_error_handlers(app, unavailable=(QueueUnavailable, StorageUnavailable))
+    # A fal endpoint whose checkpoint is not configured (OpenAI's routes render their own).
+    app.add_exception_handler(VariantNotServed, queue_routes.variant_not_served)
 
     app.include_router(queue_routes.request_router)  # first: see queue_routes.request_router
     install_docs(app)

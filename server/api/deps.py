@@ -17,7 +17,7 @@ from server.disk import FreeSpace
 from server.queue.aio import AsyncQueue
 
 if TYPE_CHECKING:  # the storage module belongs to another part of the tree
-    from server.storage import LocalStorage
+    from server.storage import Storage
 
 
 def get_settings(request: Request) -> Settings:
@@ -28,7 +28,7 @@ def get_queue(request: Request) -> AsyncQueue:
     return request.app.state.async_queue
 
 
-def get_storage(request: Request) -> LocalStorage:
+def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.disk import DISK_FULL_MESSAGE, DiskFull, is_disk_full
+from server.storage.base import StorageUnavailable
 
 log = logging.getLogger("flux_server.api")
 
@@ -47,7 +48,8 @@ def install_error_handlers(app: FastAPI, *, unavailable: tuple[type[Exception], 
     """Route every error the app's handlers see through the registry.
 
     `unavailable`: exceptions that mean a backing service is down for now (the queue's
-    database restarting): answered 503 in the protocol's shape, logged without a traceback.
+    database restarting, a bucket unreachable): answered 503 in the protocol's shape, logged
+    without a traceback.
     `DiskFull` is answered 507 the same way."""
     app.state.error_renderers = []
     app.state.unavailable_errors = unavailable
@@ -62,7 +64,8 @@ def install_error_handlers(app: FastAPI, *, unavailable: tuple[type[Exception], 
 async def handle_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, request.app.state.unavailable_errors):
         log.warning("%s %s: %s", request.method, request.url.path, exc)
-        exc = StarletteHTTPException(503, detail="The queue is unavailable; retry shortly")
+        what = "Object storage" if isinstance(exc, StorageUnavailable) else "The queue"
+        exc = StarletteHTTPException(503, detail=f"{what} is unavailable; retry shortly")
     elif is_disk_full(exc):
         cause = exc.__cause__ if isinstance(exc, DiskFull) and exc.__cause__ else exc
         log.warning("%s %s refused, the disk is full: %s", request.method, request.url.path, cause)

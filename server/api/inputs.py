@@ -1,8 +1,9 @@
 """Input images (`image_url`, `mask_url`, BFL's `image_prompt`): fetch a `data:` URI or an
 http(s) URL, check the header, decode, shrink to what the model uses, re-encode as PNG.
 
-A URL of this server's own files (an upload) is read from the disk when the caller passes a
-`local_file` resolver (see `LocalStorage.own_file`), without an HTTP round trip.
+A URL of this server's own files (an upload) is read from its store (the disk or the bucket)
+when the caller passes a `local_file` reader (see `Storage.read_own`), without an HTTP round
+trip through this server.
 
 Bounded at every step, so that a burst of image submits cannot take the API process's cores
 and memory: the bytes by `max_bytes`; the pixels by the header (format and size are read
@@ -30,7 +31,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 import httpx
@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from server.fetch import FetchFailed, FetchPolicy, FetchRefused, TooLarge, fetch
 from server.jobs import REDUX_INPUT_SIDE
+from server.storage.base import StorageUnavailable
 
 # Checked on the header, before decoding: decoding a huge image costs its memory first.
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
@@ -46,9 +47,9 @@ MAX_INPUT_PIXELS = 64 * 1024 * 1024
 # refused unread.
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
-# An input URL -> this server's file behind it, None for any other URL; FileNotFoundError for
-# one of ours that is gone.
-LocalFile = Callable[[str], Path | None]
+# (An input URL, at most this many bytes) -> the bytes of this server's file behind it, None
+# for any other URL; FileNotFoundError for one of ours that is gone.
+LocalFile = Callable[[str, int], bytes | None]
 
 
 class InputImageError(ValueError):
@@ -193,11 +194,11 @@ async def fetch_bytes(
 def read_local(url: str, local_file: LocalFile, max_bytes: int) -> bytes | None:
     """The bytes of this server's own file behind `url`, or None for any other URL."""
     try:
-        path = local_file(url)
-        if path is None:
+        data = local_file(url, max_bytes + 1)
+        if data is None:
             return None
-        with open(path, "rb") as handle:
-            data = handle.read(max_bytes + 1)
+    except StorageUnavailable:
+        raise  # the bucket is down for now: a 503, not the client's fault
     except OSError as exc:
         raise InputImageError("file_download_error", str(exc)) from exc
     if len(data) > max_bytes:

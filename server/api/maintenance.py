@@ -19,7 +19,7 @@ from server import lifecycle
 from server.config import Settings
 from server.jobs import JobRecord
 from server.queue.base import PURGE_BATCH, JobQueue, QueueUnavailable
-from server.storage import LocalStorage
+from server.storage import Storage
 
 log = logging.getLogger("flux_server.api")
 
@@ -36,7 +36,7 @@ def purge_interval(retention_seconds: float) -> float:
     return min(max(retention_seconds / 4, RECOVER_INTERVAL), 300.0)
 
 
-def delete_files(storage: LocalStorage, records: list[JobRecord]) -> None:
+def delete_files(storage: Storage, records: list[JobRecord]) -> None:
     """Delete the stored images of purged records (inline images have no file)."""
     for record in records:
         for image in record.result.images if record.result else []:
@@ -45,7 +45,7 @@ def delete_files(storage: LocalStorage, records: list[JobRecord]) -> None:
 
 
 async def purge_expired(
-    queue: JobQueue, storage: LocalStorage, older_than: float, batch: int = PURGE_BATCH
+    queue: JobQueue, storage: Storage, older_than: float, batch: int = PURGE_BATCH
 ) -> int:
     """Delete results finished before `older_than` and their files, `batch` at a time;
     returns the count. Between batches the loop is free for requests."""
@@ -70,7 +70,7 @@ class OrphanSweep:
     The first sweep of a process checks every file once (what crashes left before a restart).
     Uploads (with metadata) and files younger than `min_age` are never touched."""
 
-    def __init__(self, queue: JobQueue, storage: LocalStorage, min_age: float = ORPHAN_MIN_AGE) -> None:
+    def __init__(self, queue: JobQueue, storage: Storage, min_age: float = ORPHAN_MIN_AGE) -> None:
         self.queue = queue
         self.storage = storage
         self.min_age = min_age
@@ -126,9 +126,7 @@ class OutageGrace:
             log.warning("the queue is back; expiring leases again in %.0f s", self.lease_seconds)
 
 
-async def recover_and_purge(
-    queue: JobQueue, storage: LocalStorage, settings: Settings, *, purge: bool
-) -> None:
+async def recover_and_purge(queue: JobQueue, storage: Storage, settings: Settings, *, purge: bool) -> None:
     """One upkeep pass: expired leases and start deadlines, then (when `purge`) old results."""
     recovered = await asyncio.to_thread(queue.recover_expired)
     if recovered:
@@ -145,7 +143,7 @@ async def recover_and_purge(
         log.info("deleted %d expired or abandoned upload(s)", uploads)
 
 
-async def maintain_queue(queue: JobQueue, storage: LocalStorage, settings: Settings) -> None:
+async def maintain_queue(queue: JobQueue, storage: Storage, settings: Settings) -> None:
     """Run until cancelled (a background task of the API's lifespan)."""
     next_purge = next_orphan_sweep = time.monotonic()
     orphans = OrphanSweep(queue, storage)

@@ -34,7 +34,7 @@ SECURITY_SCHEMES = {
 def build_openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=DESCRIPTION, routes=app.routes)
-        paths, schemas = fal_openapi()
+        paths, schemas = fal_openapi(app.state.settings)
         schema["paths"] = {**paths, **schema.get("paths", {})}
         components = schema.setdefault("components", {})
         components.setdefault("schemas", {}).update(schemas)

@@ -100,14 +100,17 @@ def _has_table(source: sqlite3.Connection, name: str) -> bool:
 
 
 def _copy_inputs(source: sqlite3.Connection, target: psycopg.Connection, request_id: str) -> None:
-    """A job's input images (only jobs not yet completed have them)."""
+    """A job's input images (only jobs not yet completed have them). The source is opened
+    read-only, so a file from before the reference image's column is read without it."""
+    columns = {row[1] for row in source.execute("PRAGMA table_info(job_inputs)")}
+    reference = "reference_image" if "reference_image" in columns else "NULL"
     row = source.execute(
-        "SELECT request_id, image, mask FROM job_inputs WHERE request_id = ?", (request_id,)
+        f"SELECT request_id, image, mask, {reference} FROM job_inputs WHERE request_id = ?", (request_id,)
     ).fetchone()
     if row is not None:
         target.execute(
-            "INSERT INTO flux_job_inputs (request_id, image, mask) VALUES (%s, %s, %s) "
-            "ON CONFLICT DO NOTHING",
+            "INSERT INTO flux_job_inputs (request_id, image, mask, reference_image) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
             row,
         )
 

@@ -1,10 +1,11 @@
 """What every backend shares about rows: priority ranks, log timestamps, decoding a stored
 job without re-parsing its JSON on every status poll, and the files a stored result names.
 
-A job's input images (`Job.image`, `Job.mask`) are stored apart from its JSON, in an inputs
-table of their own, written in the transaction that stores the job. Only `claim` reads them
-back (the worker needs them); status polls, `get` and every cache see the job without them,
-so a queue full of image-to-image jobs polls as fast as one of text-to-image jobs."""
+A job's input images (`Job.image`, `Job.mask`, `Job.reference_image`) are stored apart from
+its JSON, in an inputs table of their own, written in the transaction that stores the job. Only
+`claim` reads them back (the worker needs them); status polls, `get` and every cache see the
+job without them, so a queue full of image-to-image jobs polls as fast as one of text-to-image
+jobs."""
 
 from __future__ import annotations
 
@@ -25,18 +26,32 @@ def utc_timestamp(now: float | None = None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
+# The Job's input image fields, in the order of the inputs table's columns.
+INPUT_FIELDS = ("image", "mask", "reference_image")
+InputRow = tuple[bytes | None, bytes | None, bytes | None]
+
+
 def without_inputs(job: Job) -> Job:
     """The job as stored in its JSON column and as the API sees it: no input image bytes."""
-    if job.image is None and job.mask is None:
+    if all(getattr(job, name) is None for name in INPUT_FIELDS):
         return job
-    return job.model_copy(update={"image": None, "mask": None})
+    return job.model_copy(update=dict.fromkeys(INPUT_FIELDS))
 
 
-def with_inputs(job: Job, image: bytes | None, mask: bytes | None) -> Job:
+def input_row(job: Job) -> InputRow | None:
+    """The job's input images as an inputs-table row (after the request id), None for none."""
+    row = (job.image, job.mask, job.reference_image)
+    return row if any(value is not None for value in row) else None
+
+
+def with_inputs(
+    job: Job, image: bytes | None, mask: bytes | None, reference_image: bytes | None = None
+) -> Job:
     """The claimed job with its inputs from the inputs table. A row stored before that table
     existed kept its image in the jobs table and its mask in the JSON: those are kept when
     the inputs table has nothing."""
-    update = {name: value for name, value in (("image", image), ("mask", mask)) if value is not None}
+    values = zip(INPUT_FIELDS, (image, mask, reference_image), strict=True)
+    update = {name: value for name, value in values if value is not None}
     return job.model_copy(update=update) if update else job
 
 

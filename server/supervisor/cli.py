@@ -24,6 +24,9 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--data-dir", {"help": "queue database, outputs, tiny model and caches"}),
     ("--queue-url", {"help": "postgresql://user:password@host:port/dbname: a queue shared by many boxes"}),
     ("--files-dir", {"help": "generated files and uploads (default <data-dir>/files; a shared mount)"}),
+    ("--storage-url", {"help": "s3://bucket/prefix: keep files in object storage instead (AWS_* settings)"}),
+    ("--storage-public-url", {"help": "public base URL of the bucket's objects (else presigned URLs)"}),
+    ("--storage-retry-seconds", {"type": float, "help": "retry storing outputs in a bucket outage"}),
     (
         "--role",
         {"choices": ["all", "api", "workers"], "help": "serve: API and workers, API only, or workers only"},

@@ -9,6 +9,9 @@ configuration never reaches a worker that would spend minutes loading a model fi
   non-loopback address: `ConfigError`, exit 2;
 - `check_model`: the weights `--model` names exist and look right (configs and safetensors
   headers only): `ConfigError`;
+- `check_storage`: with `--storage-url`, the bucket exists and the credentials may write and
+  delete under its prefix (a wrong secret, a missing bucket, an unreachable endpoint):
+  `ConfigError`;
 - `check_port_free`: the API's address can be bound: `StartupError`, exit 1;
 - `check_toolchain`: what Triton lacks to compile presets on the GPU workers (a warning: the
   workers then run those presets eager);
@@ -114,6 +117,22 @@ def check_toolchain(settings: Settings, slots: list[WorkerSlot]) -> str | None:
     )
 
 
+def check_storage(settings: Settings) -> None:
+    """With `--storage-url`: one write and delete under the prefix, so that wrong credentials
+    or a missing bucket stop start-up in seconds with one line. Raises ConfigError."""
+    if not settings.storage_url:
+        return
+    from server.storage.s3_client import BucketLocation, bucket_problem, make_client
+
+    try:
+        location = BucketLocation.parse(settings.storage_url)
+        problem = bucket_problem(make_client(max_connections=1), location)
+    except ValueError as exc:
+        raise ConfigError(f"--storage-url {exc}") from exc
+    if problem is not None:
+        raise ConfigError(problem)
+
+
 def check_port_free(settings: Settings) -> None:
     """Bind the API's address once, as uvicorn will, so that a busy port fails before any
     worker loads a model. Raises StartupError."""
@@ -141,7 +160,7 @@ def describe_queue(settings: Settings) -> str:
         return f"SQLite {settings.db_path}"
     from server.queue.postgres.connection import describe
 
-    return f"PostgreSQL {describe(settings.queue_url)}; files {settings.files_dir}"
+    return f"PostgreSQL {describe(settings.queue_url)}; files {settings.storage_url or settings.files_dir}"
 
 
 def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
@@ -160,6 +179,7 @@ def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
         f"  auth     {'on (' + str(len(settings.all_api_keys())) + ' key(s))' if auth else 'off'}",
         f"  TLS      {'on' if tls else 'off'}",
         f"  data     {settings.data_dir}",
+        f"  storage  {settings.storage_url}" if settings.storage_url else None,
         f"  queue    {describe_queue(settings)}; role {settings.role}; box {settings.box}",
         "",
         "Point fal_client (Python) at it:",

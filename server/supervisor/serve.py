@@ -19,6 +19,7 @@ from server.supervisor.preflight import (
     check_not_serving_noise,
     check_port_free,
     check_settings,
+    check_storage,
     check_toolchain,
 )
 
@@ -37,6 +38,7 @@ def serve(settings: Settings) -> int:
         settings = settings.model_copy(update={"data_dir": Path(settings.data_dir).resolve()})
         if settings.role != "api":  # an API-only box loads no model
             check_model(settings)
+        check_storage(settings)
         slots = plan_workers(settings)
         # The children see the resolved count: the API's readiness counts against it.
         settings = settings.model_copy(update={"workers": len(slots)})

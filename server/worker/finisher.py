@@ -10,12 +10,18 @@ lines such as LoRA loads, "Generated ...") are written here too. Completion and 
   have landed while its acknowledgement was lost), so it is retried until the queue answers,
   and a False after such a retry is checked against the record before any file is deleted.
   An unexpected exception keeps the files (a purge or sweep removes what nothing references).
-A storage error (`OSError`: a full disk, a read-only mount) fails the job with a message that
-says why and removes the files it had written; the worker keeps serving.
+A storage error (`OSError`: a full disk, a read-only mount, a bucket refusing the
+credentials) fails the job with a message that says why and removes the files it had written;
+the worker keeps serving. A store that is unavailable for now (`StorageUnavailable`: a bucket's
+endpoint down, timing out or answering 5xx) is retried with backoff, the job held and its
+lease renewed, for up to `--storage-retry-seconds`; then the job fails the same way. A worker
+asked to stop meanwhile leaves the job to its lease: it runs again elsewhere. Either way the
+request is never lost: it ends failed with the reason, or runs again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue as queue_module
 import threading
@@ -28,7 +34,7 @@ from server import lifecycle
 from server.images import content_type, encode_image, to_data_uri
 from server.jobs import JobResult, OutputImage
 from server.queue.base import JobQueue
-from server.storage import LocalStorage
+from server.storage import Storage, StorageUnavailable
 from server.worker.faults import is_queue_outage, storage_error
 from server.worker.held import HeldJob, Stage
 from server.worker.outcomes import Outcomes
@@ -55,7 +61,7 @@ class Finisher:
     def __init__(
         self,
         queue: JobQueue,
-        storage: LocalStorage,
+        storage: Storage,
         worker_id: str,
         outcomes: Outcomes,
         outage: QueueOutage,
@@ -63,12 +69,17 @@ class Finisher:
         stopping: threading.Event,
         *,
         flush_progress: Callable[[HeldJob], None] = lambda job: None,
+        retention_seconds: float = 24 * 3600.0,
+        storage_retry_seconds: float = 0.0,
     ) -> None:
         self.queue, self.storage, self.worker_id = queue, storage, worker_id
         self.outcomes, self.outage, self.after_job = outcomes, outage, after_job
         self.stopping = stopping
         # The progress relay's step lines not written yet: written before the job's last lines.
         self.flush_progress = flush_progress
+        # How long an image URL from the store must stay valid, and a store outage is waited out.
+        self.retention_seconds = retention_seconds
+        self.storage_retry_seconds = storage_retry_seconds
         self._items: queue_module.Queue[Finished | None] = queue_module.Queue()
 
     def put(self, item: Finished) -> None:
@@ -88,7 +99,7 @@ class Finisher:
         job.enter(Stage.STORING)
         started = time.perf_counter()
         try:
-            images = self._store(item)
+            images = self._store_retrying(item)
         except OSError as exc:
             logger.exception("job %s: storing the output failed", job.id)
             self.outcomes.fail(job, storage_error(exc), internal=True)
@@ -96,6 +107,9 @@ class Finisher:
         except Exception as exc:  # encoding failed: ours, not the client's
             logger.exception("job %s: encoding the output failed", job.id)
             self.outcomes.fail(job, internal_error(f"{type(exc).__name__}: {exc}"), internal=True)
+            return
+        if images is None:
+            self.outcomes.abandon(job, "stopping while the store was unavailable; its lease will run out")
             return
         result = self._result(item, images, time.perf_counter() - started)
         generation = item.generation
@@ -125,6 +139,27 @@ class Finisher:
         lifecycle.finished(job.record, None, inference=item.seconds, images=len(images))
         self.after_job()
 
+    def _store_retrying(self, item: Finished) -> list[OutputImage] | None:
+        """`_store`, tried again with backoff while the store is unavailable, for up to
+        `storage_retry_seconds` (then the last error is raised). None: the worker is stopping."""
+        job = item.job
+        give_up_at = time.monotonic() + self.storage_retry_seconds
+        backoff = Backoff()
+        while True:
+            try:
+                return self._store(item)
+            except StorageUnavailable as exc:
+                left = give_up_at - time.monotonic()
+                if left <= 0:
+                    raise
+                logger.warning("job %s: %s; retrying for up to %.0f s", job.id, exc, left)
+                note = f"Storing the output failed ({exc.strerror}); retrying for up to {left:.0f} s"
+                best_effort(
+                    lambda note=note: self.queue.log(job.id, note), None, doing="logging", outage=self.outage
+                )
+                if self.stopping.wait(min(backoff.next_delay(), left)):
+                    return None
+
     def _store(self, item: Finished) -> list[OutputImage]:
         job = item.job.record.job
         kind = content_type(job.output_format)
@@ -143,6 +178,9 @@ class Finisher:
                         file_name=None if inline else self.storage.save(data, job.output_format),
                     )
                 )
+                if images[-1].file_name:  # a bucket's URL for it, valid as long as the result is kept
+                    url = self.storage.read_url(images[-1].file_name, self.retention_seconds)
+                    images[-1] = images[-1].model_copy(update={"url": url})
         except BaseException:
             self._delete(images)  # a job that fails leaves no files behind
             raise
@@ -195,6 +233,8 @@ class Finisher:
             return record is not None and record.result == result and record.worker == self.worker_id
 
     def _delete(self, images: list[OutputImage]) -> None:
+        """Best effort: what cannot be deleted now (a store outage) the orphan sweep deletes."""
         for image in images:
             if image.file_name:
-                self.storage.delete(image.file_name)
+                with contextlib.suppress(OSError):
+                    self.storage.delete(image.file_name)

@@ -36,7 +36,7 @@ from server.exit_codes import EXIT_DEVICE_LOST, EXIT_FAILING, EXIT_HUNG, EXIT_LO
 from server.jobs import JobRecord, cancelled_error
 from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.factory import open_queue
-from server.storage import LocalStorage
+from server.storage import open_storage
 from server.worker.faults import (
     DEVICE_LOST_REQUEUED,
     FailureStreak,
@@ -80,7 +80,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         # Ends the process from a helper thread (tests pass one that records the status).
         self.exit_process = exit_process
-        self.storage = LocalStorage(settings.files_dir)
+        self.storage = open_storage(settings)
         self.loras = JobLoras(settings, self.storage)
         self.device = settings.device
         self.held = HeldJobs()
@@ -228,6 +228,8 @@ class Worker:
             self._report_gpu_memory,
             self._stop,
             flush_progress=lambda job: relay.flush(job, final=True),
+            retention_seconds=self.settings.retention_seconds,
+            storage_retry_seconds=self.settings.storage_retry_seconds,
         )
         heartbeat = Heartbeat(queue, self.worker_id, self.held, self.outage, self.settings.lease_seconds)
         finisher_thread = start_helper("finisher", finisher.run, self.exit_process)

@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Page
 
+from tests.server.conftest import api_settings, run_api_server
+
 DEV = "fal-ai/flux/dev"
 
 
@@ -130,3 +132,18 @@ def test_api_docs_render_air_gapped(flux_server, page, path: str, rendered: str)
     page.goto(flux_server.base_url + path)
     page.wait_for_function(rendered)
     assert hosts(requested) == {urlsplit(flux_server.base_url).netloc}
+
+
+def test_playground_lists_only_the_endpoints_whose_checkpoint_is_served(page, tmp_path: Path) -> None:
+    """An API configured with real weights and Kontext only: the Fill and Krea endpoints would
+    only answer 404, so the playground leaves them out (/openapi.json still lists them)."""
+    page, _ = page
+    settings = api_settings(tmp_path, model="/weights/FLUX.1-dev", variants={"kontext": "/weights/kontext"})
+    with run_api_server(settings) as api:
+        page.goto(api.base_url + "/")
+        page.wait_for_selector(f"#endpoint option[value='{DEV}']", state="attached")
+        options = set(page.eval_on_selector_all("#endpoint option", "options => options.map(o => o.value)"))
+        paths = api.client.get("/openapi.json").json()["paths"]
+    assert {DEV, "fal-ai/flux-lora", "fal-ai/flux-kontext/dev", "fal-ai/flux-kontext-lora/inpaint"} <= options
+    assert not any("krea" in o or "fill" in o for o in options), options
+    assert "/fal-ai/flux-lora-fill" in paths and "/fal-ai/flux/krea" in paths

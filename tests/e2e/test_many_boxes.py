@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,18 @@ class Boxes:
         return started[-1].removeprefix("Started on ")
 
 
-def start_box(data_dir: Path, *, url: str, files: Path, tiny_model_dir: Path, certs: CertPaths) -> FluxServer:
-    """`flux-server serve` in a session of its own, so that a test can kill its process group."""
+def start_box(
+    data_dir: Path,
+    *,
+    url: str,
+    files: Path | None,
+    tiny_model_dir: Path,
+    certs: CertPaths,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> FluxServer:
+    """`flux-server serve` in a session of its own, so that a test can kill its process group.
+    `files`: the shared files folder (None: each box its own, as with object storage)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     link = data_dir / tiny_model_dir.name
     if not link.exists():
@@ -66,14 +76,16 @@ def start_box(data_dir: Path, *, url: str, files: Path, tiny_model_dir: Path, ce
     port = free_port()
     argv = [
         sys.executable, "-m", "server.supervisor.cli", "serve", "--model", "tiny", "--workers", "1",
-        "--data-dir", str(data_dir), "--port", str(port), "--queue-url", url, "--files-dir", str(files),
+        "--data-dir", str(data_dir), "--port", str(port), "--queue-url", url,
         "--lease-seconds", LEASE_SECONDS, "--webhook-retry-base-seconds", "0.2",
         "--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key),
     ]  # fmt: skip
+    argv += ["--files-dir", str(files)] if files is not None else []
+    argv += list(args)
     log_path = data_dir / f"serve-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=server_env(), cwd=REPO, start_new_session=True
+            argv, stdout=log, stderr=subprocess.STDOUT, env=server_env(env), cwd=REPO, start_new_session=True
         )
     box = FluxServer(
         base_url=f"https://127.0.0.1:{port}",

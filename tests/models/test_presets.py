@@ -120,6 +120,13 @@ def test_fp8_falls_back_by_hardware() -> None:
     bare, note = adapt_to_hardware(fp8, Hardware("cpu", None, torchao=False, compiler=False))
     assert (bare.precision, bare.compile) == ("bf16", "none")
     assert "torchao, which is not installed" in note and "needs a C++ compiler" in note
+    # An AVX2 CPU: no int8 matrix units, so int8 would crawl; the loaded precision runs instead.
+    avx2, note = adapt_to_hardware(fp8, Hardware("cpu", None, torchao=True, compiler=True, int8_matmul=False))
+    assert avx2.precision == "bf16" and note == (
+        "fp8 dynamic needs an NVIDIA GPU with compute capability 8.9+ (this device: CPU); "
+        "int8 dynamic needs int8 matrix units (AVX512-VNNI or AMX on a CPU), which this CPU lacks; "
+        "ran the loaded precision instead"
+    )
 
 
 def test_nearest_enabled_preset() -> None:

@@ -1,6 +1,6 @@
 """peft's version for LoRA hot-swap (>= 0.17), read from its metadata, and the worker's load
-path when it is too old: one clear warning and hot-swap off (LoRA requests run eager), instead of a failure inside
-diffusers' enable_lora_hotswap at the first compiled LoRA request."""
+path when it is too old: one clear warning and hot-swap off (LoRA requests run eager),
+instead of a failure inside diffusers' enable_lora_hotswap at the first compiled LoRA request."""
 
 from __future__ import annotations
 
@@ -42,8 +42,7 @@ def test_an_old_peft_turns_hot_swap_off_with_one_clear_line(
     assert runtime.presets.runnable["regular"][0].compile == "regional"  # a compiled preset is on
     assert runtime.loras.hotswap is False and runtime.loras.mode == "adapters"
     assert (
-        "LoRA hot-swap needs peft >= 0.17, and peft 0.15.2 is installed: LoRA hot-swap is off"
-        in caplog.text
+        "LoRA hot-swap needs peft >= 0.17, and peft 0.15.2 is installed: LoRA hot-swap is off" in caplog.text
     )
 
     monkeypatch.setattr(versions, "installed_version", real)  # the installed peft (>= 0.17)

@@ -4,7 +4,8 @@ for as long as they live.
 Names are random tokens chosen by the storage; anything that is not a plain file name of that
 shape is a 404 before the file system is touched, so no path can escape the files directory.
 An upload is served with the content type its client declared, under a sandboxing policy so
-that an uploaded page cannot run scripts on this server's origin.
+that an uploaded page cannot run scripts on this server's origin. With object storage
+(`--storage-url`) the answer is a redirect to the object's presigned (or public) URL.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import asyncio
 import time
 
 from fastapi import APIRouter, HTTPException, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 
 from server.api.deps import get_settings, get_storage
+from server.storage import StorageUnavailable
 
 router = APIRouter(tags=["files"])
 
@@ -27,11 +29,18 @@ SAFETY_HEADERS = {"x-content-type-options": "nosniff", "content-security-policy"
 async def get_file(name: str, request: Request) -> Response:
     try:
         info = await asyncio.to_thread(get_storage(request).file_info, name)
+    except StorageUnavailable:
+        raise  # a bucket down for now: 503, not a 404 that says the file is gone
     except (ValueError, OSError):
         info = None
     if info is None:
         raise HTTPException(status_code=404, detail="File not found")
+    if info.url is not None:  # in object storage: read from the bucket, not through the API
+        # Not cached: the presigned URL it points to expires.
+        return RedirectResponse(info.url, status_code=307, headers={"cache-control": "no-store"})
     path = info.path
+    if path is None:  # a bucket URL that cannot be presigned (see S3Storage.read_url)
+        raise HTTPException(status_code=404, detail="File not found")
     max_age = int(get_settings(request).retention_seconds)
     if info.expires_at is not None:
         max_age = max(0, int(info.expires_at - time.time()))

@@ -35,7 +35,7 @@ from server.queue.postgres.deliveries import PostgresDeliveries
 from server.queue.postgres.maintenance import PostgresMaintenance
 from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS, REQUEUE
 from server.queue.postgres.wakeups import CHANNEL, SUBMIT_KEY
-from server.queue.records import PRIORITY_RANK, utc_timestamp, with_inputs, without_inputs
+from server.queue.records import PRIORITY_RANK, input_row, utc_timestamp, with_inputs, without_inputs
 
 # A lost notification (a dropped listening connection) costs at most this long.
 FALLBACK_POLL_SECONDS = 2.0
@@ -59,11 +59,7 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
              job.start_deadline, job.webhook is not None)
             for (job, request_id), bare in zip(entries, bare_jobs, strict=True)
         ]  # fmt: skip
-        inputs = [
-            (request_id, job.image, job.mask)
-            for job, request_id in entries
-            if job.image is not None or job.mask is not None
-        ]
+        inputs = [(request_id, *row) for job, request_id in entries if (row := input_row(job)) is not None]
 
         def store(conn: psycopg.Connection) -> list[int]:
             # Queued jobs of each class and the ones before it: one count per batch.
@@ -86,7 +82,9 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                 )
                 if inputs:
                     cursor.executemany(
-                        "INSERT INTO flux_job_inputs (request_id, image, mask) VALUES (%s, %s, %s)", inputs
+                        "INSERT INTO flux_job_inputs (request_id, image, mask, reference_image) "
+                        "VALUES (%s, %s, %s, %s)",
+                        inputs,
                     )
             self._notify(conn, [SUBMIT_KEY])
             return positions
@@ -233,7 +231,7 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                 "woken AS (SELECT pg_notify(%s, id) FROM claimed) "
                 # The input images, read here and nowhere else; a job queued before the inputs
                 # table kept its image in the jobs row.
-                "SELECT claimed.*, COALESCE(i.image, claimed.legacy_image), i.mask, "
+                "SELECT claimed.*, COALESCE(i.image, claimed.legacy_image), i.mask, i.reference_image, "
                 "(SELECT json_agg(json_build_array(ts, level, source, message) "
                 "ORDER BY l.id) FROM flux_logs l WHERE l.request_id = claimed.id), "
                 "(SELECT count(*) FROM woken) FROM claimed "
@@ -242,7 +240,7 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
             ).fetchone()
             if row is None:
                 return None
-            *record_row, _legacy, image, mask, logs, _woken = row
+            *record_row, _legacy, image, mask, reference_image, logs, _woken = row
             earlier = [
                 LogEntry(timestamp=ts, level=level, source=source, message=message)
                 for ts, level, source, message in logs or []
@@ -251,6 +249,7 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                 Job.model_validate_json(record_row[2]),
                 bytes(image) if image is not None else None,
                 bytes(mask) if mask is not None else None,
+                bytes(reference_image) if reference_image is not None else None,
             )
             # The statement's own log line is not visible to it: add it here.
             started_line = LogEntry(timestamp=utc_timestamp(now), message=started)

@@ -76,8 +76,8 @@ CREATE TABLE IF NOT EXISTS flux_workers (
 );
 """
 
-# Input images (image, mask) apart from the jobs table: status polls never read them, only
-# a claim does; completing a job deletes them (no worker needs them again).
+# Input images (image, mask; reference_image since v3) apart from the jobs table: status polls
+# never read them, only a claim does; completing a job deletes them (no worker needs them again).
 _V2 = """
 CREATE TABLE IF NOT EXISTS flux_job_inputs (
     request_id TEXT PRIMARY KEY,
@@ -86,7 +86,12 @@ CREATE TABLE IF NOT EXISTS flux_job_inputs (
 );
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+# Kontext inpainting's reference image, stored like the image and the mask.
+_V3 = """
+ALTER TABLE flux_job_inputs ADD COLUMN IF NOT EXISTS reference_image BYTEA;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

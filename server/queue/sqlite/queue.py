@@ -33,7 +33,7 @@ from server.queue.base import (
     QueueCounts,
     WorkerInfo,
 )
-from server.queue.records import PRIORITY_RANK, file_names_in_results, without_inputs
+from server.queue.records import PRIORITY_RANK, file_names_in_results, input_row, without_inputs
 from server.queue.sqlite.deliveries import SQLiteDeliveries
 from server.queue.sqlite.store import RECORD_COLUMNS, WORKERS_KEY
 
@@ -58,11 +58,7 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
              job.start_deadline, int(job.webhook is not None))
             for (job, request_id), bare in zip(entries, bare_jobs, strict=True)
         ]  # fmt: skip
-        inputs = [
-            (request_id, job.image, job.mask)
-            for job, request_id in entries
-            if job.image is not None or job.mask is not None
-        ]
+        inputs = [(request_id, *row) for job, request_id in entries if (row := input_row(job)) is not None]
         positions = []
         with self._write() as conn:
             for row in rows:
@@ -76,7 +72,10 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
                     "start_deadline, webhook) VALUES (?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?)",
                     row,
                 )
-            conn.executemany("INSERT INTO job_inputs (request_id, image, mask) VALUES (?, ?, ?)", inputs)
+            conn.executemany(
+                "INSERT INTO job_inputs (request_id, image, mask, reference_image) VALUES (?, ?, ?, ?)",
+                inputs,
+            )
         for (_, request_id), bare in zip(entries, bare_jobs, strict=True):
             self._jobs.put(request_id, bare)
         self.notifier.notify("worker")

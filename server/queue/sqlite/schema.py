@@ -100,9 +100,10 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (due_at)
     WHERE delivered_at IS NULL AND gave_up = 0;
 """
 
-# Input images (image, mask) apart from the jobs table: a status poll reads a jobs row, and
-# a row must not drag megabytes of PNG through the page cache on every poll. Only a claim
-# reads them; completing a job deletes them (no worker needs them again).
+# Input images (image, mask; reference_image since Kontext inpainting, added by
+# `_add_columns`) apart from the jobs table: a status poll reads a jobs row, and a row must not
+# drag megabytes of PNG through the page cache on every poll. Only a claim reads them;
+# completing a job deletes them (no worker needs them again).
 _V3 = """
 CREATE TABLE IF NOT EXISTS job_inputs (
     request_id TEXT PRIMARY KEY,
@@ -110,6 +111,12 @@ CREATE TABLE IF NOT EXISTS job_inputs (
     mask BLOB
 );
 """
+# Columns added to existing tables after their version: (table, column, type). ALTER TABLE
+# cannot be made idempotent in a script, so each is added when missing, outside the versions.
+_ADDED_COLUMNS = (
+    ("jobs", "image", "BLOB"),  # claims read it for jobs queued before schema v3
+    ("job_inputs", "reference_image", "BLOB"),  # Kontext inpainting's reference image
+)
 
 # Every statement is idempotent, so a step that two processes both saw as missing is harmless.
 MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
@@ -138,21 +145,24 @@ def migrate(conn: sqlite3.Connection) -> None:
         if schema_version(conn) >= version:
             continue
         conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
-    _add_image_column(conn)
+    for table, column, kind in _ADDED_COLUMNS:
+        _add_column(conn, table, column, kind)
 
 
-def _add_image_column(conn: sqlite3.Connection) -> None:
-    """A database made before input images had their own column gets it (claims read it for
-    jobs queued before schema v3)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-    if "image" in columns:
+def _add_column(conn: sqlite3.Connection, table: str, column: str, kind: str) -> None:
+    """Add `column` to `table` if a database made before it lacks it; checked again under the
+    write lock, so two processes migrating at once add it once."""
+    if column in _columns(conn, table):
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-        if "image" not in columns:
-            conn.execute("ALTER TABLE jobs ADD COLUMN image BLOB")
+        if column not in _columns(conn, table):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}

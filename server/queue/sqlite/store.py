@@ -120,12 +120,12 @@ class SQLiteStore:
     def _claimed_job(conn: sqlite3.Connection, request_id: str, job_json: str) -> Job:
         """The job with its input images, for the worker that claimed it. A job queued before
         the inputs table existed has its image in the jobs row (its mask in the JSON)."""
-        image, mask = conn.execute(
-            "SELECT COALESCE(i.image, j.image), i.mask FROM jobs j "
+        image, mask, reference_image = conn.execute(
+            "SELECT COALESCE(i.image, j.image), i.mask, i.reference_image FROM jobs j "
             "LEFT JOIN job_inputs i ON i.request_id = j.id WHERE j.id = ?",
             (request_id,),
         ).fetchone()
-        return with_inputs(Job.model_validate_json(job_json), image, mask)
+        return with_inputs(Job.model_validate_json(job_json), image, mask, reference_image)
 
     @staticmethod
     def _logs(conn: sqlite3.Connection, request_id: str) -> list[LogEntry]:

@@ -19,7 +19,7 @@ from server.config import Settings
 from server.fetch import FetchPolicy
 from server.jobs import Job, JobError
 from server.queue.base import ClaimPreference
-from server.storage import LocalStorage
+from server.storage import Storage
 from server.worker.lora.cache import DownloadCache
 from server.worker.lora.sources import LoraResolver, resolve_all
 
@@ -28,7 +28,7 @@ LORA_ERROR_TYPE = "lora_load_error"
 
 
 class JobLoras:
-    def __init__(self, settings: Settings, storage: LocalStorage) -> None:
+    def __init__(self, settings: Settings, storage: Storage) -> None:
         self.settings = settings
         self.cache = DownloadCache(
             settings.lora_cache_path,

@@ -1,8 +1,9 @@
 """Resolving a request's LoRA `path` to a local safetensors file, with no internet.
 
 In this order:
-1. a URL of this server's own files (`{base}/files/<name>`, e.g. a fal upload): the stored file,
-   read from disk, no HTTP round trip;
+1. a URL of this server's own files (`{base}/files/<name>`, e.g. a fal upload, or its bucket
+   URL with object storage): the stored file, read from the disk or copied once from the
+   bucket into the download cache, no HTTP round trip through this server;
 2. a Hugging Face file URL (`https://huggingface.co/<owner>/<name>/resolve/<rev>/<file>`): the
    local Hugging Face cache, offline;
 3. any other http(s) URL (a server on the studio's network): downloaded once into the cache;
@@ -24,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from models.lora.errors import LoraError
 from models.lora.spec import LoraSpec
-from server.storage import LocalStorage
+from server.storage import Storage
 from server.worker.lora.cache import DownloadCache
 
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w./-]+\.safetensors))?$")
@@ -45,7 +46,7 @@ class LoraResolver:
         self,
         *,
         cache: DownloadCache,
-        storage: LocalStorage,
+        storage: Storage,
         lora_dir: Path | None = None,
         hf_cache_dir: Path | None = None,
     ) -> None:
@@ -76,10 +77,14 @@ class LoraResolver:
     # --- URLs -------------------------------------------------------------------------------
     def _from_url(self, path: str, url: str, own_base_urls: list[str], download: bool) -> ResolvedLora:
         try:
-            stored = self.storage.own_file(url, own_base_urls)
+            stored = self.storage.local_copy(url, own_base_urls, self.cache.folder, fetch=download)
         except FileNotFoundError:
             raise LoraError(path, "this server has no such file (expired or never uploaded)") from None
+        except OSError as exc:
+            raise LoraError(path, f"this server's file could not be read: {exc.strerror or exc}") from exc
         if stored is not None:
+            if stored.parent == self.cache.folder:  # copied from a bucket: bounded like downloads
+                self.cache.evict(keep=frozenset({stored}))
             return ResolvedLora(path, stored, "upload")
         parts = urlsplit(url)
         if (parts.hostname or "").lower() in _HF_HOSTS:

@@ -135,8 +135,8 @@ async def test_our_own_file_urls_are_read_from_the_disk(tmp_path):
     # A base URL nothing listens on: the image can only come from the disk.
     base = "http://127.0.0.1:9"
 
-    def local_file(url: str):
-        return storage.own_file(url, [base])
+    def local_file(url: str, max_bytes: int):
+        return storage.read_own(url, [base], max_bytes)
 
     image = await load_image(
         f"{base}/files/{name}", max_bytes=MB, timeout=1, policy=DEFAULT_POLICY, local_file=local_file

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urljoin, urlsplit
 
-from server.api.protocols.fal import adapter
+from server.api.protocols.fal import endpoints as fal_endpoints
 
 
 def test_fal_dev_schema_lists_image_size_acceleration_and_their_enums(api) -> None:
@@ -26,7 +26,7 @@ def test_fal_dev_schema_lists_image_size_acceleration_and_their_enums(api) -> No
 def test_every_endpoint_of_the_fal_app_table_is_documented_with_stable_ids(api) -> None:
     schema = api.client.get("/openapi.json").json()
     paths = schema["paths"]
-    for app_id, endpoints in adapter.APPS.items():
+    for app_id, endpoints in fal_endpoints.APPS.items():
         for endpoint in endpoints:
             path_id = f"{app_id}/{endpoint}" if endpoint else app_id  # "": fal-ai/flux-lora itself
             for path in (f"/{path_id}", f"/run/{path_id}", f"/run/{path_id}/stream"):

@@ -68,15 +68,16 @@ class QueueBackend:
         self._opened.append(queue)
         return queue
 
-    def input_rows(self) -> dict[str, tuple[bytes | None, bytes | None]]:
-        """The inputs table as stored: request id -> (image, mask)."""
+    def input_rows(self) -> dict[str, tuple[bytes | None, bytes | None, bytes | None]]:
+        """The inputs table as stored: request id -> (image, mask, reference_image)."""
+        columns = "request_id, image, mask, reference_image"
         if self.settings.queue_url is None:
             with contextlib.closing(sqlite3.connect(self.settings.db_path)) as conn:
-                rows = conn.execute("SELECT request_id, image, mask FROM job_inputs").fetchall()
+                rows = conn.execute(f"SELECT {columns} FROM job_inputs").fetchall()
         else:
             with psycopg.connect(self.settings.queue_url) as conn:
-                rows = conn.execute("SELECT request_id, image, mask FROM flux_job_inputs").fetchall()
-        return {rid: (image, mask) for rid, image, mask in rows}
+                rows = conn.execute(f"SELECT {columns} FROM flux_job_inputs").fetchall()
+        return {rid: (image, mask, reference) for rid, image, mask, reference in rows}
 
     def close(self) -> None:
         for queue in reversed(self._opened):

@@ -73,26 +73,31 @@ def test_submit_with_a_given_id_and_an_input_image(api: JobQueue, worker: JobQue
 def test_input_images_are_read_only_by_the_worker_that_claims_the_job(
     backend: QueueBackend, api: JobQueue, worker: JobQueue
 ) -> None:
-    image, mask = b"\x89PNG image" * 1000, b"\x89PNG mask" * 500
-    submitted = api.submit(make_job(task="inpainting", image=image, mask=mask))
+    image, mask, reference = b"\x89PNG image" * 1000, b"\x89PNG mask" * 500, b"\x89PNG reference" * 700
+    job = make_job(
+        task="edit-inpainting", variant="kontext", image=image, mask=mask, reference_image=reference
+    )
+    submitted = api.submit(job)
     plain = api.submit(make_job()).id
     # Neither the submit's record, nor a status poll, nor another process's read carries them.
-    assert (submitted.job.image, submitted.job.mask) == (None, None)
+    assert (submitted.job.image, submitted.job.mask, submitted.job.reference_image) == (None, None, None)
     for queue in (api, worker, backend.open("api")):
         for with_logs in (True, False):
             record = queue.get(submitted.id, with_logs=with_logs)
-            assert record is not None and record.job.task == "inpainting"
-            assert (record.job.image, record.job.mask) == (None, None)
-    assert backend.input_rows() == {submitted.id: (image, mask)}
+            assert record is not None and record.job.task == "edit-inpainting"
+            assert record.job.variant == "kontext"
+            assert (record.job.image, record.job.mask, record.job.reference_image) == (None, None, None)
+    assert backend.input_rows() == {submitted.id: (image, mask, reference)}
 
     claimed = worker.claim("w1", timeout=0)
     assert claimed is not None and claimed.id == submitted.id
-    assert (claimed.job.image, claimed.job.mask) == (image, mask)
+    assert (claimed.job.image, claimed.job.mask, claimed.job.reference_image) == (image, mask, reference)
     assert api.get(submitted.id).job.image is None  # the claim did not fill the API's cache
     # A job given back keeps its inputs for the next claim, on any handle.
     assert worker.requeue(submitted.id, "w1")
     again = backend.open("worker").claim("w2", timeout=0)
     assert again is not None and again.id == submitted.id and again.job.mask == mask
+    assert again.job.reference_image == reference
     assert worker.claim("w1", timeout=0).job.image is None  # a text-to-image job: none
     assert api.get(plain).status is Status.IN_PROGRESS
     # Completing the job deletes them (no worker runs it again); so does any other way to
@@ -494,7 +499,7 @@ def test_purge_deletes_old_completed_records_in_batches(
     assert sorted(r.result.images[0].file_name for r in purged) == [f"f{n}.jpg" for n in range(5)]
     assert all(api.get(rid) is None and api.delivery(rid) is None for rid in done)
     # The inputs of what is purged are gone; those of jobs still to run are kept.
-    assert backend.input_rows() == {running: (b"running", None), waiting: (b"waiting", None)}
+    assert backend.input_rows() == {running: (b"running", None, None), waiting: (b"waiting", None, None)}
     assert api.get(waiting).status is Status.IN_QUEUE and api.get(running).status is Status.IN_PROGRESS
     # A request id used again starts with no logs left over.
     api.submit(make_job(), request_id=done[0])

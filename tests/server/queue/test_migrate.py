@@ -47,7 +47,14 @@ def test_queued_and_finished_requests_move_across_once(
     sqlite.complete(done, "w0", make_result(seed=42))
     low = sqlite.submit(make_job(priority="low", prompt="low")).id
     normal = sqlite.submit(
-        make_job(prompt="normal", image=b"\x89PNG-bytes", mask=b"mask-bytes", task="inpainting")
+        make_job(
+            prompt="normal",
+            image=b"\x89PNG-bytes",
+            mask=b"mask-bytes",
+            reference_image=b"reference-bytes",
+            task="edit-inpainting",
+            variant="kontext",
+        )
     ).id
     crashed = sqlite.submit(make_job(prompt="was running")).id
     later = sqlite.submit(make_job(prompt="later")).id
@@ -85,6 +92,7 @@ def test_queued_and_finished_requests_move_across_once(
         claimed = queue.claim("box-w0", timeout=0)
         assert claimed.id == normal
         assert (claimed.job.image, claimed.job.mask) == (b"\x89PNG-bytes", b"mask-bytes")
+        assert claimed.job.reference_image == b"reference-bytes" and claimed.job.variant == "kontext"
     finally:
         queue.close()
 

@@ -119,6 +119,50 @@ def test_a_job_queued_by_the_release_before_the_inputs_table_keeps_its_images(ur
         queue.close()
 
 
+def test_the_inputs_table_of_schema_v2_gets_the_reference_image_column(url: str) -> None:
+    """A database the previous release left at v2: the upgrade adds the column (idempotent: the
+    statement is safe to run again), and a Kontext inpaint job stores and claims its reference."""
+    from server.queue.postgres import schema
+
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE TABLE flux_schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ)")
+        for version, script in enumerate(schema.MIGRATIONS[:2], start=1):
+            conn.execute(script)
+            conn.execute("INSERT INTO flux_schema_version (version) VALUES (%s)", (version,))
+        conn.execute(
+            "INSERT INTO flux_jobs (id, app_id, status, priority_rank, job_json, created_at) "
+            "VALUES ('old', 'fal-ai/flux-lora', 'IN_QUEUE', 0, %s, 1.0)",
+            (make_job(task="inpainting").model_dump_json(),),
+        )
+        conn.execute("INSERT INTO flux_job_inputs (request_id, image, mask) VALUES ('old', '\\x01', '\\x02')")
+    queue = PostgresQueue(url, role="worker")
+    try:
+        with psycopg.connect(url) as conn:
+            conn.execute(schema.MIGRATIONS[2])  # again: a no-op
+            columns = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_name = 'flux_job_inputs' ORDER BY ordinal_position"
+                )
+            ]
+        assert columns == ["request_id", "image", "mask", "reference_image"]
+        new = queue.submit(
+            make_job(task="edit-inpainting", variant="kontext", image=b"i", mask=b"m", reference_image=b"r")
+        ).id
+        old = queue.claim("w1", timeout=0)
+        assert old.id == "old" and (old.job.image, old.job.mask, old.job.reference_image) == (
+            b"\x01",
+            b"\x02",
+            None,
+        )
+        claimed = queue.claim("w1", timeout=0)
+        assert claimed.id == new
+        assert (claimed.job.image, claimed.job.mask, claimed.job.reference_image) == (b"i", b"m", b"r")
+    finally:
+        queue.close()
+
+
 @pytest.mark.parametrize(
     ("mangle", "cause"),
     [

@@ -151,6 +151,56 @@ def test_jobs_queued_before_the_inputs_table_keep_their_images(paths: tuple[Path
         queue.close()
 
 
+def test_an_inputs_table_from_before_the_reference_image_gets_its_column(paths: tuple[Path, Path]) -> None:
+    """A schema v3 database (job_inputs without reference_image) with a queued inpainting job:
+    opening it adds the column once (two processes opening it at once included), the old job
+    keeps its image and mask, and a Kontext inpaint job stores and claims its reference."""
+    db_path, run_dir = paths
+    SQLiteQueue(db_path, run_dir, role="api").close()
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:  # back to the v3 inputs table
+        conn.execute("DROP TABLE job_inputs")
+        conn.execute("CREATE TABLE job_inputs (request_id TEXT PRIMARY KEY, image BLOB, mask BLOB)")
+        conn.execute(
+            "INSERT INTO jobs (id, app_id, status, priority_rank, job_json, created_at) "
+            "VALUES ('old', 'fal-ai/flux-lora', 'IN_QUEUE', 0, ?, 1.0)",
+            (make_job(task="inpainting").model_dump_json(),),
+        )
+        conn.execute("INSERT INTO job_inputs (request_id, image, mask) VALUES ('old', x'01', x'02')")
+        conn.execute("UPDATE queue_counts SET queued = queued + 1 WHERE priority_rank = 0")
+        conn.commit()
+    opened: list[SQLiteQueue] = []
+    threads = [threading.Thread(target=lambda: opened.append(SQLiteQueue(db_path, run_dir, role="api")))]
+    threads += [threading.Thread(target=lambda: opened.append(SQLiteQueue(db_path, run_dir, role="worker")))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    try:
+        assert len(opened) == 2
+        with contextlib.closing(sqlite3.connect(db_path)) as conn:
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(job_inputs)")]
+        assert columns == ["request_id", "image", "mask", "reference_image"]
+        queue = opened[0]
+        new = queue.submit(
+            make_job(task="edit-inpainting", variant="kontext", image=b"i", mask=b"m", reference_image=b"r")
+        ).id
+        old = queue.claim("w1", timeout=0)
+        assert old.id == "old" and (old.job.image, old.job.mask, old.job.reference_image) == (
+            b"\x01",
+            b"\x02",
+            None,
+        )
+        claimed = queue.claim("w1", timeout=0)
+        assert claimed.id == new and (claimed.job.image, claimed.job.mask, claimed.job.reference_image) == (
+            b"i",
+            b"m",
+            b"r",
+        )
+    finally:
+        for queue in opened:
+            queue.close()
+
+
 def test_records_survive_a_new_handle_and_images_stay_out_of_the_json(paths: tuple[Path, Path]) -> None:
     first = SQLiteQueue(*paths, role="api")
     rid = first.submit(make_job(task="image-to-image", image=bytes(range(256)) * 64)).id

@@ -9,44 +9,17 @@ functions, so a payload and a result route can never disagree.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from server.api.inputs import (
-    REDUX_FIT,
-    FitRule,
-    InputImage,
-    InputImageError,
-    load_image,
-    mask_fit,
-    target_fit,
-)
-from server.api.protocols.fal.models import (
-    AggregatorDevInput,
-    AggregatorImageToImageInput,
-    AggregatorReduxInput,
-    FalImage,
-    FalInput,
-    FalOutput,
-    FluxDevInput,
-    FluxImageToImageInput,
-    FluxLoraImageToImageInput,
-    FluxLoraInpaintingInput,
-    FluxLoraInput,
-    FluxReduxInput,
-    LoraFields,
-    SizedInput,
-    resolve_image_size,
-)
+from server.api.protocols.fal.endpoints import Route
+from server.api.protocols.fal.models import FalImage, FalOutput, LoraFields, validation_error
+from server.api.protocols.fal.task_inputs import task_inputs
 from server.api.webhooks.policy import validate_webhook_url
 from server.config import Settings
-from server.fetch import FetchPolicy
 from server.jobs import (
-    Acceleration,
     Job,
     JobError,
     JobRecord,
@@ -54,60 +27,9 @@ from server.jobs import (
     LoraRef,
     Priority,
     Status,
-    Task,
     Webhook,
-    round_size,
 )
-from server.storage import LocalStorage, image_url
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    input_model: type[FalInput]
-    task: Task
-    # What `acceleration` means when the request leaves it out (or, on the aggregator path,
-    # says "default"): the path's own document's default, unless the operator set one.
-    default_acceleration: Acceleration = "none"
-
-
-# The fal app table: app id -> endpoint (the path after the app id) -> its wire model and task.
-# fal's own app documents "none" as flux/dev's default acceleration; the aggregator page for
-# fal-ai/flux-1/dev documents "regular" (its sub-paths are documented only by fal: "none").
-APPS: dict[str, dict[str, Endpoint]] = {
-    "fal-ai/flux": {
-        "dev": Endpoint(FluxDevInput, "text-to-image"),
-        "dev/image-to-image": Endpoint(FluxImageToImageInput, "image-to-image"),
-        "dev/redux": Endpoint(FluxReduxInput, "redux"),
-    },
-    # The LoRA family; "" is the app itself (`POST /fal-ai/flux-lora`).
-    "fal-ai/flux-lora": {
-        "": Endpoint(FluxLoraInput, "text-to-image"),
-        "image-to-image": Endpoint(FluxLoraImageToImageInput, "image-to-image"),
-        "inpainting": Endpoint(FluxLoraInpaintingInput, "inpainting"),
-    },
-    "fal-ai/flux-1": {
-        "dev": Endpoint(AggregatorDevInput, "text-to-image", default_acceleration="regular"),
-        "dev/image-to-image": Endpoint(AggregatorImageToImageInput, "image-to-image"),
-        "dev/redux": Endpoint(AggregatorReduxInput, "redux"),
-    },
-}
-
-
-def find_endpoint(app_id: str, endpoint: str) -> Endpoint | None:
-    return APPS.get(app_id, {}).get(endpoint)
-
-
-def bare_apps() -> list[str]:
-    """Apps served at their own id, with no endpoint after it (`fal-ai/flux-lora`)."""
-    return [app_id for app_id, endpoints in APPS.items() if "" in endpoints]
-
-
-ERRORS_URL = "https://docs.fal.ai/errors/#"
-
-
-def validation_error(loc: list[str | int], message: str, error_type: str, **extra: Any) -> dict[str, Any]:
-    """One entry of fal's 422 `detail` list."""
-    return {"loc": loc, "msg": message, "type": error_type, "url": ERRORS_URL + error_type, **extra}
+from server.storage import Storage, image_url
 
 
 def pydantic_errors(exc: ValidationError, prefix: str = "body") -> list[dict[str, Any]]:
@@ -189,21 +111,25 @@ def parse_webhook(url: str | None, settings: Settings) -> Webhook | None:
     return Webhook(url=checked, kind="fal")
 
 
+# Job fields that only some wire models have (image-to-image's strength, Kontext's
+# resolution_mode, Fill's paste_back and resize_to_original).
+TASK_FIELDS = ("strength", "resolution_mode", "paste_back", "resize_to_original")
+
+
 async def build_job(
     *,
-    app_id: str,
-    endpoint: str,
+    route: Route,
     body: Any,
     settings: Settings,
     base_url: str,
     priority: Priority = "normal",
     start_deadline: float | None = None,
     webhook: Webhook | None = None,
-    storage: LocalStorage | None = None,
+    storage: Storage | None = None,
 ) -> Job:
-    """Validate `body` for `endpoint` of `app_id` and map it to a Job. Raises
-    RequestValidationError (and KeyError for an endpoint not in `APPS`)."""
-    spec = APPS[app_id][endpoint]
+    """Validate `body` for the endpoint of `route` and map it to a Job on the route's variant.
+    Raises RequestValidationError."""
+    spec = route.spec
     try:
         data = spec.input_model.model_validate(body)
     except ValidationError as exc:
@@ -211,89 +137,38 @@ async def build_job(
     too_long = settings.prompt_too_long(getattr(data, "prompt", None))
     if too_long:
         raise RequestValidationError([validation_error(["body", "prompt"], too_long, "string_too_long")])
-
-    image: bytes | None = None
-    mask: bytes | None = None
     loras = lora_refs(data, settings) if isinstance(data, LoraFields) else ()
-    if isinstance(data, SizedInput):
-        width, height = resolve_image_size(data.image_size)
-    # Each input is shrunk at submit to the size the model resizes it to (server/api/inputs.py).
-    if isinstance(data, FluxReduxInput):
-        image = (await load_input(data.image_url, "image_url", REDUX_FIT, settings, storage, base_url)).png
-    elif isinstance(data, (FluxImageToImageInput, FluxLoraImageToImageInput)):
-        # The output has the input's size (rounded to 16 px): known from the image's header.
-        loaded = await load_input(
-            data.image_url,
-            "image_url",
-            lambda w, h: target_fit(*output_size(w, h)),
-            settings,
-            storage,
-            base_url,
-        )
-        image = loaded.png
-        width, height = output_size(loaded.source_width, loaded.source_height)
-        if isinstance(data, FluxLoraInpaintingInput):
-            fit = mask_fit(width, height)
-            mask = (await load_input(data.mask_url, "mask_url", fit, settings, storage, base_url)).png
-
+    # Each input is shrunk at submit to the size the model resizes it to (task_inputs.py).
+    inputs = await task_inputs(spec.task, data, settings=settings, storage=storage, base_url=base_url)
+    # The task-specific fields a schema has; the others keep the Job's defaults.
+    extras = {name: getattr(data, name) for name in TASK_FIELDS if hasattr(data, name)}
     return Job(
         task=spec.task,
         prompt=getattr(data, "prompt", "") if spec.task != "redux" else "",
-        width=width,
-        height=height,
+        width=inputs.width,
+        height=inputs.height,
         num_inference_steps=data.num_inference_steps,
         guidance_scale=data.guidance_scale,
         seed=data.seed,
         num_images=data.num_images,
-        strength=getattr(data, "strength", 0.95),
-        image=image,
-        mask=mask,
+        image=inputs.image,
+        mask=inputs.mask,
+        reference_image=inputs.reference_image,
         loras=loras,
+        variant=route.variant,
         output_format=data.output_format,
         acceleration=data.acceleration or settings.default_acceleration or spec.default_acceleration,
         enable_safety_checker=data.enable_safety_checker,
         inline_images=data.sync_mode,
         protocol="fal",
-        app_id=app_id,
-        endpoint=endpoint,
+        app_id=route.app_id,
+        endpoint=route.endpoint,
         priority=priority,
         start_deadline=start_deadline,
         webhook=webhook,
         base_url=base_url,
+        **extras,
     )
-
-
-def output_size(input_width: int, input_height: int) -> tuple[int, int]:
-    """Image-to-image and inpainting: the output size for an input of this size (the input's,
-    rounded to 16 px). Raises InputImageError for one outside the output bounds."""
-    try:
-        return round_size(input_width, input_height)
-    except ValueError as exc:
-        kind = "image_too_small" if min(input_width, input_height) < 64 else "image_too_large"
-        raise InputImageError(kind, f"Input image: {exc}") from None
-
-
-async def load_input(
-    url: str, field: str, fit: FitRule, settings: Settings, storage: LocalStorage | None, base_url: str
-) -> InputImage:
-    """An input image (`image_url`, `mask_url`) shrunk by `fit`, or a 422 located at `field`."""
-    try:
-        return await load_image(
-            url,
-            max_bytes=settings.max_input_image_bytes,
-            timeout=settings.input_fetch_timeout,
-            policy=FetchPolicy.from_settings(settings),
-            fit=fit,
-            threads=settings.input_decode_threads,
-            # An upload to this server is read from the disk, not fetched over HTTP.
-            local_file=partial(storage.own_file, base_urls=(base_url, settings.public_url))
-            if storage is not None
-            else None,
-        )
-    except InputImageError as exc:
-        raise RequestValidationError(
-            [validation_error(["body", field], exc.message, exc.error_type)]
-        ) from None
 
 
 def lora_refs(data: LoraFields, settings: Settings) -> tuple[LoraRef, ...]:

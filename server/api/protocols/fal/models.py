@@ -75,16 +75,21 @@ class SizedInput(FalInput):
     @field_validator("image_size", mode="wrap")
     @classmethod
     def _check_image_size(cls, value: Any, handler: Any) -> ImageSizePreset | ImageSize:
-        try:
-            size = handler(value)
-        except ValidationError:
-            # One clear message instead of one error per member of the union.
-            presets = ", ".join(cls.image_size_names)
-            raise ValueError(
-                f"image_size must be one of {presets} or an object {{width, height}} of positive integers"
-            ) from None
-        resolve_image_size(size)  # raises ValueError for sizes out of bounds
-        return size
+        return checked_image_size(value, handler, cls.image_size_names)
+
+
+def checked_image_size(value: Any, handler: Any, names: tuple[str, ...]) -> ImageSizePreset | ImageSize:
+    """An `image_size` wrap validator's work: one clear message instead of one error per member
+    of the union, and the size's bounds checked."""
+    try:
+        size = handler(value)
+    except ValidationError:
+        presets = ", ".join(names)
+        raise ValueError(
+            f"image_size must be one of {presets} or an object {{width, height}} of positive integers"
+        ) from None
+    resolve_image_size(size)  # raises ValueError for sizes out of bounds
+    return size
 
 
 class FluxDevInput(SizedInput):
@@ -192,7 +197,14 @@ class AggregatorReduxInput(AggregatorValues, FluxReduxInput):
     """`fal-ai/flux-1/dev/redux`."""
 
 
-# --- output ---------------------------------------------------------------------------------
+# --- errors and output ---------------------------------------------------------------------
+
+ERRORS_URL = "https://docs.fal.ai/errors/#"
+
+
+def validation_error(loc: list[str | int], message: str, error_type: str, **extra: Any) -> dict[str, Any]:
+    """One entry of fal's 422 `detail` list."""
+    return {"loc": loc, "msg": message, "type": error_type, "url": ERRORS_URL + error_type, **extra}
 
 
 class FalImage(BaseModel):

@@ -19,8 +19,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server import lifecycle
 from server.api.auth import KeyProblem, api_key_dependency
 from server.api.deps import get_queue, get_settings, get_storage, public_base_url
-from server.api.protocols.fal import adapter
+from server.api.protocols.fal import adapter, endpoints
+from server.api.variants import NOT_CONFIGURED, NOT_SERVED_STATUS, VariantNotServed, require_served
 from server.api.waiting import EVENT_STREAM_HEADERS, StreamEvent, event_stream
+from server.config import Settings
 from server.jobs import Job, JobRecord, Status
 from server.queue.base import CancelOutcome
 
@@ -43,23 +45,34 @@ router = APIRouter(dependencies=[Depends(require_fal_key)], include_in_schema=Fa
 request_router = APIRouter(dependencies=[Depends(require_fal_key)], include_in_schema=False)
 
 
-def check_endpoint(owner: str, app: str, endpoint: str) -> str:
-    app_id = f"{owner}/{app}"
-    if app_id not in adapter.APPS:
-        raise HTTPException(status_code=404, detail=f"Application '{app_id}' not found")
-    if adapter.find_endpoint(app_id, endpoint) is None:
-        raise HTTPException(status_code=404, detail=f"Endpoint '{endpoint}' of '{app_id}' not found")
-    return app_id
+def find_route(owner: str, app: str, endpoint: str, settings: Settings) -> endpoints.Route:
+    """The endpoint's row and checkpoint; 404 for an unknown app or endpoint, and for one whose
+    checkpoint this server does not serve (VariantNotServed, rendered by `variant_not_served`)."""
+    try:
+        route = endpoints.resolve(owner, app, endpoint)
+    except LookupError as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
+    require_served(settings, route.variant, f"'{route.model_id}'")
+    return route
+
+
+async def variant_not_served(request: Request, exc: Exception) -> JSONResponse:
+    """fal's flat error shape (`detail`, `error_type`, and the x-fal-error-type header)."""
+    assert isinstance(exc, VariantNotServed)
+    return JSONResponse(
+        {"detail": exc.message, "error_type": NOT_CONFIGURED},
+        status_code=NOT_SERVED_STATUS,
+        headers={"x-fal-error-type": NOT_CONFIGURED},
+    )
 
 
 async def request_job(request: Request, owner: str, app: str, endpoint: str) -> Job:
     """Validate a submit into its `Job`; shared by the queue and run routes."""
-    app_id = check_endpoint(owner, app, endpoint.strip("/"))
     settings = get_settings(request)
+    route = find_route(owner, app, endpoint.strip("/"), settings)
     body = adapter.parse_body(await read_body(request))
     return await adapter.build_job(
-        app_id=app_id,
-        endpoint=endpoint.strip("/"),
+        route=route,
         body=body,
         settings=settings,
         base_url=public_base_url(request),
@@ -181,17 +194,17 @@ async def submit(owner: str, app: str, endpoint: str, request: Request) -> JSONR
     return JSONResponse(adapter.submit_body(record, record.job.base_url, position))
 
 
-def submit_to_app(app_id: str) -> Callable[[Request], Awaitable[JSONResponse]]:
-    """The route of an app served at its own id (`POST /fal-ai/flux-lora`: endpoint ""). One
-    fixed path per such app, not an `/{owner}/{app}` pattern: that would answer 405 instead of
-    404 for every unknown two-segment GET."""
-    owner, app = app_id.split("/", 1)
+def submit_to_app(app: str) -> Callable[[str, Request], Awaitable[JSONResponse]]:
+    """The route of an app served at its own id (`POST /fal-ai/flux-lora`, and a fine-tune's
+    `POST /mystyle/flux-lora`: endpoint ""). One path per such app name, not an
+    `/{owner}/{app}` pattern: that would answer 405 instead of 404 for every unknown
+    two-segment GET."""
 
-    async def submit_app(request: Request) -> JSONResponse:
+    async def submit_app(owner: str, request: Request) -> JSONResponse:
         return await submit(owner, app, "", request)
 
     return submit_app
 
 
-for _app_id in adapter.bare_apps():
-    router.add_api_route(f"/{_app_id}", submit_to_app(_app_id), methods=["POST"])
+for _app in endpoints.bare_app_names():
+    router.add_api_route(f"/{{owner}}/{_app}", submit_to_app(_app), methods=["POST"])

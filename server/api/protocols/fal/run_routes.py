@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from server import lifecycle
 from server.api.deps import get_queue, public_base_url
-from server.api.protocols.fal import adapter
+from server.api.protocols.fal import adapter, endpoints
 from server.api.protocols.fal.queue_routes import request_job, require_fal_key, result_response
 from server.api.waiting import EVENT_STREAM_HEADERS, ClientGone, StreamEvent, event_stream, submit_and_wait
 from server.jobs import JobRecord, Status
@@ -33,7 +33,7 @@ CLIENT_CLOSED = 499
 async def run(owner: str, app: str, endpoint: str, request: Request) -> Response:
     if endpoint.endswith(STREAM_SUFFIX):
         return await run_stream(owner, app, endpoint.removesuffix(STREAM_SUFFIX), request)
-    if endpoint == STREAM_SUFFIX.lstrip("/") and adapter.find_endpoint(f"{owner}/{app}", endpoint) is None:
+    if endpoint == STREAM_SUFFIX.lstrip("/") and not endpoints.is_endpoint(owner, app, endpoint):
         return await run_stream(owner, app, "", request)  # `/run/fal-ai/flux-lora/stream`
     job = await request_job(request, owner, app, endpoint)
     try:
@@ -44,19 +44,18 @@ async def run(owner: str, app: str, endpoint: str, request: Request) -> Response
     return result_response(request, finished)
 
 
-def run_app(app_id: str) -> Callable[[Request], Awaitable[Response]]:
-    """`POST /run/fal-ai/flux-lora`: an app served at its own id (endpoint ""), one fixed path
-    per such app (see queue_routes.submit_to_app)."""
-    owner, app = app_id.split("/", 1)
+def run_app(app: str) -> Callable[[str, Request], Awaitable[Response]]:
+    """`POST /run/fal-ai/flux-lora` (and `/run/mystyle/flux-lora`): an app served at its own
+    id (endpoint ""), one path per such app name (see queue_routes.submit_to_app)."""
 
-    async def run_bare_app(request: Request) -> Response:
+    async def run_bare_app(owner: str, request: Request) -> Response:
         return await run(owner, app, "", request)
 
     return run_bare_app
 
 
-for _app_id in adapter.bare_apps():
-    router.add_api_route(f"/{_app_id}", run_app(_app_id), methods=["POST"], response_model=None)
+for _app in endpoints.bare_app_names():
+    router.add_api_route(f"/{{owner}}/{_app}", run_app(_app), methods=["POST"], response_model=None)
 
 
 async def run_stream(owner: str, app: str, endpoint: str, request: Request) -> StreamingResponse:

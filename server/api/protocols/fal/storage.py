@@ -21,6 +21,14 @@ retention time or the lifetime the client's lifecycle header asks for (up to a m
 A full disk is 507 on every route here (server/api/errors.py renders it): below the free-space
 floor (--min-free-disk-bytes) nothing is started or received, and a write that fails for want
 of space (the body, a part, a reservation) keeps nothing of the upload.
+
+With object storage (`--storage-url`) the bytes still arrive here (the size limit and the
+lifetime are this server's), and go on to the bucket: a body is spooled to a local file and
+sent, a multipart upload's parts become the bucket's multipart upload's parts. The returned
+file URL is then the object's presigned (or public) URL, valid as long as the upload lives;
+fal_client's multipart `access_url` alone stays this server's (the client PUTs the parts
+under it), and that URL redirects to the bucket. A bucket that cannot be reached answers 503
+(the clients retry); nothing of the upload is kept.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -123,14 +132,16 @@ async def upload_in_one_request(request: Request) -> JSONResponse:
         request.headers.get("x-fal-file-name"),
         lifetime,
     )
-    return JSONResponse(UploadOutput(access_url=file_url(public_base_url(request), name)).model_dump())
+    access_url = readable_url(request, name, time.time() + lifetime)
+    return JSONResponse(UploadOutput(access_url=access_url).model_dump())
 
 
 @router.post("/files/upload/multipart", dependencies=authorized, response_model=MultipartStarted)
 async def start_multipart_upload(request: Request) -> JSONResponse:
     reservation = await reserve(
-        request, request.headers.get("content-type"), request.headers.get("x-fal-file-name")
+        request, request.headers.get("content-type"), request.headers.get("x-fal-file-name"), multipart=True
     )
+    # This server's URL, never the bucket's: fal_client PUTs the parts under it.
     started = MultipartStarted(
         access_url=file_url(public_base_url(request), reservation.file_name), uploadId=reservation.upload_id
     )
@@ -147,7 +158,7 @@ async def initiate_upload(body: InitiateUploadInput, request: Request) -> JSONRe
     "/storage/upload/initiate-multipart", dependencies=authorized, response_model=InitiateUploadOutput
 )
 async def initiate_multipart_upload(body: InitiateUploadInput, request: Request) -> JSONResponse:
-    reservation = await reserve(request, body.content_type, body.file_name)
+    reservation = await reserve(request, body.content_type, body.file_name, multipart=True)
     return initiated(request, reservation, multipart_url)
 
 
@@ -156,7 +167,8 @@ def initiated(
 ) -> JSONResponse:
     base_url = public_base_url(request)
     output = InitiateUploadOutput(
-        upload_url=url_for(base_url, reservation), file_url=file_url(base_url, reservation.file_name)
+        upload_url=url_for(base_url, reservation),
+        file_url=readable_url(request, reservation.file_name, reservation.expires_at),
     )
     return JSONResponse(output.model_dump())
 
@@ -167,17 +179,18 @@ def initiated(
 @router.put("/files/{name}/upload/{upload_id}", response_model=UploadOutput)
 async def put_upload(name: str, upload_id: str, request: Request) -> JSONResponse:
     storage = get_storage(request)
-    reservation = open_reservation(request, name, upload_id)
+    reservation = await open_reservation(request, name, upload_id)
     received = storage.temp_path()
     await receive_body(request, received, get_settings(request).max_upload_bytes)
     await asyncio.to_thread(storage.finish, reservation, received)
-    return JSONResponse(UploadOutput(access_url=file_url(public_base_url(request), name)).model_dump())
+    access_url = readable_url(request, name, reservation.expires_at)
+    return JSONResponse(UploadOutput(access_url=access_url).model_dump())
 
 
 @router.put("/files/{name}/multipart/{upload_id}/{part_number}", response_model=UploadedPart)
 async def put_part(name: str, upload_id: str, part_number: int, request: Request) -> JSONResponse:
     storage = get_storage(request)
-    reservation = open_reservation(request, name, upload_id)
+    reservation = await open_reservation(request, name, upload_id)
     if not 1 <= part_number <= MAX_PARTS:
         raise HTTPException(status_code=400, detail=f"Part numbers run from 1 to {MAX_PARTS}")
     parts = await asyncio.to_thread(storage.parts, reservation)
@@ -185,7 +198,10 @@ async def put_part(name: str, upload_id: str, part_number: int, request: Request
     limit = get_settings(request).max_upload_bytes
     received = storage.temp_path()
     etag = await receive_body(request, received, limit - so_far, total_limit=limit)
-    await asyncio.to_thread(storage.save_part, reservation, part_number, received, etag)
+    try:
+        etag = await asyncio.to_thread(storage.save_part, reservation, part_number, received, etag)
+    except ValueError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
     part = UploadedPart(partNumber=part_number, etag=etag)
     return JSONResponse(part.model_dump(), headers={"etag": etag})
 
@@ -193,7 +209,7 @@ async def put_part(name: str, upload_id: str, part_number: int, request: Request
 @router.post("/files/{name}/multipart/{upload_id}/complete", response_model=UploadOutput)
 async def complete_multipart(name: str, upload_id: str, request: Request) -> JSONResponse:
     storage = get_storage(request)
-    reservation = open_reservation(request, name, upload_id)
+    reservation = await open_reservation(request, name, upload_id)
     try:
         body = CompleteMultipartInput.model_validate_json(await request.body())
     except ValueError as exc:
@@ -203,24 +219,39 @@ async def complete_multipart(name: str, upload_id: str, request: Request) -> JSO
     if problem is not None:
         raise problem
     numbers = sorted(part.partNumber for part in body.parts)
-    assembled = await asyncio.to_thread(storage.assemble, reservation, numbers)
-    await asyncio.to_thread(storage.finish, reservation, assembled)
-    return JSONResponse(UploadOutput(access_url=file_url(public_base_url(request), name)).model_dump())
+    try:
+        await asyncio.to_thread(storage.complete_parts, reservation, numbers)
+    except ValueError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    access_url = readable_url(request, name, reservation.expires_at)
+    return JSONResponse(UploadOutput(access_url=access_url).model_dump())
 
 
 # --- helpers ----------------------------------------------------------------------------------
 
 
-async def reserve(request: Request, content_type: str | None, file_name: str | None) -> Reservation:
+async def reserve(
+    request: Request, content_type: str | None, file_name: str | None, *, multipart: bool = False
+) -> Reservation:
     lifetime = upload_lifetime(request, get_settings(request))
-    return await asyncio.to_thread(get_storage(request).reserve, content_type, file_name, lifetime)
+    storage = get_storage(request)
+    return await asyncio.to_thread(
+        partial(storage.reserve, content_type, file_name, lifetime, multipart=multipart)
+    )
 
 
-def open_reservation(request: Request, name: str, upload_id: str) -> Reservation:
-    reservation = get_storage(request).reservation(upload_id, name)
+async def open_reservation(request: Request, name: str, upload_id: str) -> Reservation:
+    reservation = await asyncio.to_thread(get_storage(request).reservation, upload_id, name)
     if reservation is None:
         raise HTTPException(status_code=404, detail="Upload not found, finished or expired")
     return reservation
+
+
+def readable_url(request: Request, name: str, expires_at: float) -> str:
+    """Where the client reads an upload: the bucket's URL for it when the store has one (valid
+    until the upload expires), else this server's files route."""
+    url = get_storage(request).read_url(name, expires_at - time.time())
+    return url or file_url(public_base_url(request), name)
 
 
 def upload_lifetime(request: Request, settings: Settings) -> float:

@@ -9,6 +9,7 @@ from typing import Any
 from server.api.protocols.openai.models import (
     DEFAULT_MODEL_ID,
     DEFAULT_SIZE,
+    FAMILY_MODEL_IDS,
     ImageData,
     ImageEditFields,
     ImageGenerationRequest,
@@ -16,12 +17,27 @@ from server.api.protocols.openai.models import (
     Model,
     ModelList,
 )
-from server.jobs import Acceleration, Job, JobError, JobRecord, Task, parse_wxh, round_size
+from server.api.variants import VariantNotServed
+from server.config import Settings
+from server.jobs import (
+    BASE_VARIANT,
+    Acceleration,
+    Job,
+    JobError,
+    JobRecord,
+    ResolutionMode,
+    Task,
+    parse_wxh,
+    round_size,
+)
 from server.storage import image_url
+from server.variant_names import fine_tunes, served_variants
 
 APP_ID = "openai/images"
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 3.5
+# A checkpoint's own default guidance where it is not FLUX.1 [dev]'s (fal's Kontext and Krea pages).
+VARIANT_GUIDANCE = {"kontext": 2.5, "krea": 4.5}
 EDIT_AUTO_MAX_SIDE = 1024  # "auto" edit size: the input's, scaled down to this longest side
 
 
@@ -75,24 +91,47 @@ def edit_size(size: str | None, input_width: int, input_height: int) -> tuple[in
         return DEFAULT_SIZE
 
 
+def model_variant(model: str | None, settings: Settings) -> str:
+    """The checkpoint a request's `model` names: Kontext or Krea by their ids, a fine-tune by
+    its name, anything else the base model. Raises VariantNotServed (answered 404
+    `model_not_found`) for a family member this server does not serve."""
+    name = (model or "").strip()
+    lowered = name.lower().removeprefix("black-forest-labs/")
+    variant = next((v for v, ids in FAMILY_MODEL_IDS.items() if lowered in ids), None)
+    if variant is None:
+        return name if name in fine_tunes(settings) else BASE_VARIANT
+    if variant not in served_variants(settings):
+        raise VariantNotServed(variant, f"The model '{name}'")
+    return variant
+
+
+def variant_error(exc: VariantNotServed) -> OpenAIError:
+    return OpenAIError(404, exc.message, param="model", code="model_not_found")
+
+
 def build_job(
     fields: ImageGenerationRequest | ImageEditFields,
     *,
     size: tuple[int, int],
     base_url: str,
     task: Task = "text-to-image",
+    variant: str = BASE_VARIANT,
     image: bytes | None = None,
     strength: float = 0.95,
+    resolution_mode: ResolutionMode = "match_input",
     default_acceleration: Acceleration | None = None,
 ) -> Job:
     """OpenAI's API has no preset field: the operator's `--default-acceleration`, else "none"."""
+    guidance = VARIANT_GUIDANCE.get(variant, DEFAULT_GUIDANCE)
     return Job(
         task=task,
+        variant=variant,
+        resolution_mode=resolution_mode,
         prompt=fields.prompt,
         width=size[0],
         height=size[1],
         num_inference_steps=fields.steps or DEFAULT_STEPS,
-        guidance_scale=fields.guidance if fields.guidance is not None else DEFAULT_GUIDANCE,
+        guidance_scale=fields.guidance if fields.guidance is not None else guidance,
         seed=fields.seed,
         num_images=fields.n,
         strength=strength,
@@ -103,7 +142,7 @@ def build_job(
         inline_images=fields.response_format == "b64_json",
         protocol="openai",
         app_id=APP_ID,
-        endpoint="images/edits" if task == "image-to-image" else "images/generations",
+        endpoint="images/generations" if task == "text-to-image" else "images/edits",
         base_url=base_url,
     )
 
@@ -132,16 +171,21 @@ def images_response(record: JobRecord) -> ImagesResponse:
     )
 
 
-def served_model_ids(configured_model: str) -> list[str]:
-    """The ids /v1/models lists: the canonical one, plus the configured weights' name."""
+def served_model_ids(settings: Settings) -> list[str]:
+    """The ids /v1/models lists: the canonical one, the configured weights' name, then Kontext
+    and Krea when they are served, then each fine-tune by its name."""
     ids = [DEFAULT_MODEL_ID]
-    name = Path(configured_model).name or configured_model
-    if name and name not in ids:
-        ids.append(name)
+    name = Path(settings.model).name or settings.model
+    served = served_variants(settings)
+    for model_id in (
+        name,
+        *(ids_[0] for variant, ids_ in FAMILY_MODEL_IDS.items() if variant in served),
+        *fine_tunes(settings),
+    ):
+        if model_id and model_id not in ids:
+            ids.append(model_id)
     return ids
 
 
-def model_list(configured_model: str, created: int) -> ModelList:
-    return ModelList(
-        data=[Model(id=model_id, created=created) for model_id in served_model_ids(configured_model)]
-    )
+def model_list(settings: Settings, created: int) -> ModelList:
+    return ModelList(data=[Model(id=model_id, created=created) for model_id in served_model_ids(settings)])

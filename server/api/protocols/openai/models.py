@@ -15,6 +15,13 @@ from server.jobs import SEED_LIMIT, OutputFormat
 
 DEFAULT_MODEL_ID = "flux.1-dev"
 DEFAULT_SIZE = (1024, 1024)
+# The `model` names that choose a family member (any case, with or without the
+# "black-forest-labs/" prefix); the first of each is the id /v1/models lists. A configured
+# fine-tune is chosen by its own name. Any other name runs the base model, as it always did.
+FAMILY_MODEL_IDS: dict[str, tuple[str, ...]] = {
+    "kontext": ("flux.1-kontext-dev", "flux-kontext-dev", "flux.1-kontext", "flux-kontext", "kontext"),
+    "krea": ("flux.1-krea-dev", "flux-krea-dev", "flux.1-krea", "flux-krea", "krea"),
+}
 
 ResponseFormat = Literal["url", "b64_json"]
 

@@ -1,5 +1,10 @@
 """OpenAI's images API: `POST /v1/images/generations`, `POST /v1/images/edits`, `GET /v1/models`.
 
+`model` chooses the checkpoint (adapter.model_variant): `flux.1-kontext-dev` makes an edit a
+Kontext edit (the prompt says what to change; `size` "auto" is Kontext's own auto resolution),
+`flux.1-krea-dev` runs Krea, a fine-tune's name runs the fine-tune; any other name runs the
+base model, as before. A family member the server does not serve is a 404 `model_not_found`.
+
 These calls are synchronous for the client, but the work goes through the same queue and
 workers as every other protocol: submit, wait for the record to complete, answer. A client
 that hangs up cancels its job (server/api/waiting.py says why). Every error is `{"error":
@@ -25,6 +30,7 @@ from server.api.auth import KeyProblem, api_key_dependency
 from server.api.deps import get_queue, get_settings, public_base_url
 from server.api.errors import INSUFFICIENT_STORAGE, register_error_renderer
 from server.api.inputs import FitRule, InputImage, InputImageError, decode, target_fit
+from server.api.output_sizes import conditioning_fit, kontext_size
 from server.api.protocols.openai import adapter
 from server.api.protocols.openai.adapter import OpenAIError
 from server.api.protocols.openai.models import (
@@ -33,6 +39,7 @@ from server.api.protocols.openai.models import (
     ImagesResponse,
     ModelList,
 )
+from server.api.variants import VariantNotServed
 from server.api.waiting import ClientGone, submit_and_wait
 from server.jobs import Job, JobRecord
 
@@ -69,6 +76,8 @@ class OpenAIRoute(APIRoute):
                 return await handler(request)
             except OpenAIError as exc:
                 return error_response(exc)
+            except VariantNotServed as exc:
+                return error_response(adapter.variant_error(exc))
             except RequestValidationError as exc:
                 return error_response(_validation_error(list(exc.errors())))
             except HTTPException as exc:
@@ -161,12 +170,15 @@ def _answer(record: JobRecord) -> JSONResponse:
 )
 async def generations(body: ImageGenerationRequest, request: Request) -> JSONResponse:
     check_prompt(request, body.prompt)
+    settings = get_settings(request)
+    variant = adapter.model_variant(body.model, settings)
     size = adapter.parse_size(body.size)
     job = adapter.build_job(
         body,
         size=size,
         base_url=public_base_url(request),
-        default_acceleration=get_settings(request).default_acceleration,
+        variant=variant,
+        default_acceleration=settings.default_acceleration,
     )
     return _answer(await run_job(request, job))
 
@@ -190,12 +202,26 @@ async def _read_image(form_value: Any, max_bytes: int, fit: FitRule, threads: in
         raise OpenAIError(400, exc.message, param="image", code=exc.error_type) from None
 
 
-def _edit_fit(size: str | None) -> FitRule:
+def _edit_fit(size: str | None, kontext: bool) -> FitRule:
     """The input is shrunk at submit to the output size (which "auto" derives from the input's
-    size, as its header gives it). A bad explicit size is refused before the image is read."""
-    if size is not None and size.strip().lower() not in ("", "auto"):
-        return target_fit(*adapter.parse_size(size))
+    size, as its header gives it); Kontext's to at most the ~1 MP it conditions on, its aspect
+    ratio kept. A bad explicit size is refused before the image is read."""
+    explicit = size is not None and size.strip().lower() not in ("", "auto")
+    if explicit:
+        output = adapter.parse_size(size)
+    if kontext:
+        return conditioning_fit
+    if explicit:
+        return target_fit(*output)
     return lambda width, height: target_fit(*adapter.edit_size(None, width, height))
+
+
+def _kontext_size(size: str | None, image: InputImage) -> tuple[int, int]:
+    """A Kontext edit's output: an explicit size, else Kontext's "auto" (the preferred
+    resolution nearest the input's aspect ratio)."""
+    if size is not None and size.strip().lower() not in ("", "auto"):
+        return adapter.parse_size(size)
+    return kontext_size("auto", image.source_width, image.source_height)
 
 
 @router.post(
@@ -221,23 +247,42 @@ async def edits(request: Request) -> JSONResponse:
         except ValidationError as exc:
             raise _validation_error(list(exc.errors())) from None
         check_prompt(request, fields.prompt)
+        variant = adapter.model_variant(fields.model, settings)
+        kontext = variant == "kontext"
         # Several images (the gpt-image-1 form) make sense only for models that combine them;
-        # FLUX image-to-image takes one, so the first is used.
+        # FLUX image-to-image and Kontext take one, so the first is used.
         image = await _read_image(
-            images[0], settings.max_input_image_bytes, _edit_fit(fields.size), settings.input_decode_threads
+            images[0],
+            settings.max_input_image_bytes,
+            _edit_fit(fields.size, kontext),
+            settings.input_decode_threads,
         )
     finally:
         await form.close()
-    size = adapter.edit_size(fields.size, image.source_width, image.source_height)
-    job = adapter.build_job(
-        fields,
-        size=size,
-        base_url=public_base_url(request),
-        task="image-to-image",
-        image=image.png,
-        strength=fields.strength,
-        default_acceleration=settings.default_acceleration,
-    )
+    if kontext:
+        # Kontext edits by the prompt alone: no strength. "auto" conditions on Kontext's
+        # preferred resolution; the output is `size` (or that resolution).
+        job = adapter.build_job(
+            fields,
+            size=_kontext_size(fields.size, image),
+            base_url=public_base_url(request),
+            task="edit",
+            variant=variant,
+            image=image.png,
+            resolution_mode="auto",
+            default_acceleration=settings.default_acceleration,
+        )
+    else:
+        job = adapter.build_job(
+            fields,
+            size=adapter.edit_size(fields.size, image.source_width, image.source_height),
+            base_url=public_base_url(request),
+            task="image-to-image",
+            variant=variant,
+            image=image.png,
+            strength=fields.strength,
+            default_acceleration=settings.default_acceleration,
+        )
     return _answer(await run_job(request, job))
 
 
@@ -245,13 +290,13 @@ async def edits(request: Request) -> JSONResponse:
     "/v1/models", operation_id="openai_list_models", response_model=ModelList, summary="List the served model"
 )
 async def list_models(request: Request) -> JSONResponse:
-    models = adapter.model_list(get_settings(request).model, _started(request))
+    models = adapter.model_list(get_settings(request), _started(request))
     return JSONResponse(models.model_dump())
 
 
 @router.get("/v1/models/{model_id}", operation_id="openai_get_model", summary="Describe the served model")
 async def get_model(model_id: str, request: Request) -> JSONResponse:
-    for model in adapter.model_list(get_settings(request).model, _started(request)).data:
+    for model in adapter.model_list(get_settings(request), _started(request)).data:
         if model.id == model_id:
             return JSONResponse(model.model_dump())
     raise OpenAIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")

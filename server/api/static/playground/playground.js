@@ -23,7 +23,9 @@ async function loadEndpoints() {
   state.schema = await response.json();
   for (const [path, item] of Object.entries(state.schema.paths)) {
     const operation = item.post;
-    if (operation && (operation.operationId || "").startsWith("fal_submit_")) {
+    // Endpoints whose checkpoint this server does not serve would only answer 404.
+    const served = operation && operation["x-flux-variant-served"] !== false;
+    if (served && (operation.operationId || "").startsWith("fal_submit_")) {
       const input = resolve(operation.requestBody.content["application/json"].schema);
       state.endpoints.set(path.slice(1), { operation, input });
     }

@@ -1,10 +1,8 @@
-"""Files on the local disk (generated images and client uploads), under names nobody can
-guess, and the URLs they have.
+"""Files on the local disk (generated images and client uploads), the default store.
 
-Only names this module could have produced are ever served: `path()` refuses anything with a
-separator, a leading dot, a traversal, or a symlink, so a URL cannot reach outside the folder.
-Every URL of a stored file is built here (`file_url`, `image_url`) and read back here
-(`file_name_from_url`), so the files route, the protocol adapters and the input loaders agree.
+Only names this package could have produced are ever served (server/storage/base.py):
+`path()` refuses anything with a separator, a leading dot, a traversal, or a symlink, so a
+URL cannot reach outside the folder.
 
 Layout of the files folder (a shared mount works: nothing here is per process):
 
@@ -25,51 +23,27 @@ from __future__ import annotations
 
 import contextlib
 import json
-import mimetypes
 import os
-import re
 import secrets
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from server.jobs import CONTENT_TYPES, OutputImage
-
-# Where the files route serves stored files: {base_url}/files/{name}.
-FILES_PATH = "/files"
-# secrets.token_urlsafe(24) -> 32 characters of [A-Za-z0-9_-]; then one short extension.
-_FILE_NAME = re.compile(r"[A-Za-z0-9_-]{16,64}\.[a-z0-9]{1,16}")
-_UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{32,64}")
-_CONTENT_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
-_EXTENSION = re.compile(r"[a-z0-9]{1,16}")
-DEFAULT_CONTENT_TYPE = "application/octet-stream"
-# An upload that was started must be finished within this many seconds.
-UPLOAD_WINDOW_SECONDS = 3600.0
-# Most parts a multipart upload may have (S3's limit, which fal's multipart protocol mirrors).
-MAX_PARTS = 10_000
-_IMAGE_TYPES = {**{f".{ext}": kind for ext, kind in CONTENT_TYPES.items()}, ".jpg": "image/jpeg"}
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    path: Path
-    content_type: str
-    expires_at: float | None  # None: a generated image, deleted with its request
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """An upload that was started: where its bytes go and what the finished file will be."""
-
-    upload_id: str  # unguessable: knowing it is the permission to send the bytes
-    file_name: str  # the stored name, already in the file URL handed to the client
-    content_type: str
-    original_name: str | None
-    expires_at: float  # when the finished file expires
-    deadline: float  # the upload must be finished by then
+from server.storage.base import (
+    FILE_NAME,
+    IMAGE_TYPES,
+    MAX_PARTS,
+    UPLOAD_ID,
+    UPLOAD_WINDOW_SECONDS,
+    Reservation,
+    StoredFile,
+    file_name_from_url,
+    new_name,
+    new_reservation,
+    normalize_content_type,
+)
 
 
 class LocalStorage:
@@ -80,16 +54,19 @@ class LocalStorage:
     # --- generated images ---------------------------------------------------------------
     def save(self, data: bytes, extension: str) -> str:
         """Write `data` under a fresh unguessable name; the file appears complete or not at all."""
-        name = _new_name(extension)
+        name = new_name(extension)
         partial = self.files_dir / f".{name}.partial"
         with _removed_on_failure(partial), open(partial, "wb") as handle:
             handle.write(data)
         os.replace(partial, self.files_dir / name)
         return name
 
+    def read_url(self, file_name: str, lifetime: float) -> str | None:
+        return None  # served by this server's files route, on the base URL of each request
+
     def path(self, file_name: str) -> Path | None:
         """The file for a name we could have made, or None (bad name, missing, not a plain file)."""
-        if not _FILE_NAME.fullmatch(file_name):
+        if not FILE_NAME.fullmatch(file_name):
             return None
         candidate = self.files_dir / file_name
         try:
@@ -104,7 +81,7 @@ class LocalStorage:
         if candidate is not None:
             with contextlib.suppress(FileNotFoundError):
                 candidate.unlink()
-        if _FILE_NAME.fullmatch(file_name):
+        if FILE_NAME.fullmatch(file_name):
             with contextlib.suppress(FileNotFoundError):
                 self._meta_path(file_name).unlink()
 
@@ -115,7 +92,7 @@ class LocalStorage:
             return None
         meta = _read_json(self._meta_path(file_name))
         if meta is None:
-            kind = _IMAGE_TYPES.get(path.suffix)
+            kind = IMAGE_TYPES.get(path.suffix)
             return StoredFile(path, kind, None) if kind else None
         expires_at = float(meta.get("expires_at", 0))
         if expires_at <= (time.time() if now is None else now):
@@ -135,6 +112,18 @@ class LocalStorage:
             raise FileNotFoundError(f"{url} was not found on this server or has expired")
         return info.path
 
+    def read_own(self, url: str, base_urls: Iterable[str | None], max_bytes: int) -> bytes | None:
+        path = self.own_file(url, base_urls)
+        if path is None:
+            return None
+        with open(path, "rb") as handle:
+            return handle.read(max_bytes)
+
+    def local_copy(
+        self, url: str, base_urls: Iterable[str | None], cache_dir: Path, *, fetch: bool = True
+    ) -> Path | None:
+        return self.own_file(url, base_urls)  # already on this machine: no copy
+
     # --- uploads ------------------------------------------------------------------------
     def temp_path(self) -> Path:
         """A fresh path for receiving a body; `store_upload` or `finish` moves it into place."""
@@ -142,25 +131,22 @@ class LocalStorage:
         return folder / secrets.token_urlsafe(24)
 
     def reserve(
-        self, content_type: str | None, original_name: str | None, lifetime: float, now: float | None = None
+        self,
+        content_type: str | None,
+        original_name: str | None,
+        lifetime: float,
+        now: float | None = None,
+        *,
+        multipart: bool = False,  # the same on a disk: parts are kept as files either way
     ) -> Reservation:
         """Start an upload whose bytes arrive later (a PUT, or the parts of a multipart upload)."""
-        now = time.time() if now is None else now
-        kind = normalize_content_type(content_type)
-        reservation = Reservation(
-            upload_id=secrets.token_urlsafe(32),
-            file_name=_new_name(upload_extension(kind, original_name)),
-            content_type=kind,
-            original_name=_clean_original_name(original_name),
-            expires_at=now + lifetime,
-            deadline=now + UPLOAD_WINDOW_SECONDS,
-        )
+        reservation = new_reservation(content_type, original_name, lifetime, now)
         _write_json(self._folder(".uploads") / f"{reservation.upload_id}.json", asdict(reservation))
         return reservation
 
     def reservation(self, upload_id: str, file_name: str, now: float | None = None) -> Reservation | None:
         """The open upload `upload_id` for the file `file_name`, or None (unknown or too late)."""
-        if not _UPLOAD_ID.fullmatch(upload_id) or not _FILE_NAME.fullmatch(file_name):
+        if not UPLOAD_ID.fullmatch(upload_id) or not FILE_NAME.fullmatch(file_name):
             return None
         data = _read_json(self.files_dir / ".uploads" / f"{upload_id}.json")
         if data is None:
@@ -174,8 +160,8 @@ class LocalStorage:
             return None
         return reservation
 
-    def save_part(self, reservation: Reservation, part_number: int, received: Path, etag: str) -> None:
-        """Keep part `part_number` (sent again: replaced) and the ETag it was answered with."""
+    def save_part(self, reservation: Reservation, part_number: int, received: Path, etag: str) -> str:
+        """Keep part `part_number` (sent again: replaced) and the ETag it is answered with."""
         if not 1 <= part_number <= MAX_PARTS:
             raise ValueError(f"part numbers run from 1 to {MAX_PARTS}, got {part_number}")
         with _removed_on_failure(received):
@@ -183,6 +169,7 @@ class LocalStorage:
             folder.mkdir(exist_ok=True)
             (folder / f"{part_number}.etag").write_text(etag)
             os.replace(received, folder / str(part_number))
+        return etag
 
     def parts(self, reservation: Reservation) -> dict[int, tuple[int, str]]:
         """The parts received so far: number -> (size, ETag)."""
@@ -194,6 +181,10 @@ class LocalStorage:
                     etag = (folder / f"{path.name}.etag").read_text()
                     found[int(path.name)] = (path.stat().st_size, etag)
         return found
+
+    def complete_parts(self, reservation: Reservation, part_numbers: list[int]) -> str:
+        """Join the parts in this order into the reserved file; returns its name."""
+        return self.finish(reservation, self.assemble(reservation, part_numbers))
 
     def assemble(self, reservation: Reservation, part_numbers: list[int]) -> Path:
         """Concatenate the parts in this order into one temporary file (a missing part raises
@@ -262,7 +253,7 @@ class LocalStorage:
             for entry in entries:
                 name = entry.name
                 is_partial = name.startswith(".") and name.endswith(".partial")
-                is_image = bool(_FILE_NAME.fullmatch(name)) and Path(name).suffix in _IMAGE_TYPES
+                is_image = bool(FILE_NAME.fullmatch(name)) and Path(name).suffix in IMAGE_TYPES
                 if not (is_partial or is_image) or name in uploads:
                     continue
                 try:
@@ -301,38 +292,6 @@ class LocalStorage:
         return folder
 
 
-def normalize_content_type(value: str | None) -> str:
-    """`Image/PNG; charset=x` -> `image/png`; anything unparsable -> application/octet-stream."""
-    kind = (value or "").split(";", 1)[0].strip().lower()
-    return kind if _CONTENT_TYPE.fullmatch(kind) else DEFAULT_CONTENT_TYPE
-
-
-def upload_extension(content_type: str, original_name: str | None) -> str:
-    """The stored file's extension: the original name's (`lora.safetensors` stays
-    `.safetensors`, which loaders look at), else one for the content type, else `bin`."""
-    suffix = Path(original_name or "").suffix.lower().lstrip(".")
-    if _EXTENSION.fullmatch(suffix):
-        return suffix
-    guessed = (mimetypes.guess_extension(content_type) or "").lstrip(".")
-    return guessed if _EXTENSION.fullmatch(guessed) else "bin"
-
-
-def _new_name(extension: str) -> str:
-    name = f"{secrets.token_urlsafe(24)}.{extension.lower().lstrip('.')}"
-    if not _FILE_NAME.fullmatch(name):
-        raise ValueError(f"bad file extension {extension!r}")
-    return name
-
-
-def _clean_original_name(name: str | None) -> str | None:
-    if not name:
-        return None
-    # Only the last path component, printable, bounded: it is kept for information only.
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    cleaned = "".join(ch for ch in base if ch.isprintable())[:255]
-    return cleaned or None
-
-
 @contextlib.contextmanager
 def _removed_on_failure(path: Path) -> Iterator[None]:
     """Delete `path` if the block fails (a full disk): nothing half-written stays behind."""
@@ -363,51 +322,3 @@ def _listing(folder: Path) -> list[Path]:
         return [path for path in folder.iterdir() if not path.name.startswith(".")]
     except FileNotFoundError:
         return []
-
-
-# --- URLs -------------------------------------------------------------------------------------
-
-
-def file_url(base_url: str, file_name: str) -> str:
-    """The public URL of a stored file, on the base URL the client used (or --public-url)."""
-    return f"{base_url.rstrip('/')}{FILES_PATH}/{file_name}"
-
-
-def upload_url(base_url: str, reservation: Reservation) -> str:
-    """Where the bytes of an initiated upload are PUT (the URL is the permission)."""
-    return f"{file_url(base_url, reservation.file_name)}/upload/{reservation.upload_id}"
-
-
-def multipart_url(base_url: str, reservation: Reservation) -> str:
-    """The base of a multipart upload's part URLs (`/<n>`) and its `/complete` URL; fal_client
-    builds the same URL from the file URL and the upload id."""
-    return f"{file_url(base_url, reservation.file_name)}/multipart/{reservation.upload_id}"
-
-
-def image_url(base_url: str, image: OutputImage) -> str:
-    """What a client gets for a generated image: its data URI when inline, else its file URL."""
-    if image.data_uri:
-        return image.data_uri
-    if not image.file_name:
-        raise ValueError("an output image has neither a data URI nor a file name")
-    return file_url(base_url, image.file_name)
-
-
-def file_name_from_url(url: str, base_urls: Iterable[str | None]) -> str | None:
-    """The stored file's name if `url` is one of our own file URLs on one of `base_urls`.
-
-    Lets an input URL pointing at this server (an uploaded image, mask or LoRA) be read from
-    the disk instead of over HTTP, which could loop through a proxy or fail on a private CA.
-    """
-    try:
-        parts = urlsplit(url.strip())
-    except ValueError:
-        return None
-    origin = f"{parts.scheme}://{parts.netloc}".lower()
-    if not any(origin == base.rstrip("/").lower() for base in base_urls if base):
-        return None
-    prefix = FILES_PATH + "/"
-    if parts.query or parts.fragment or not parts.path.startswith(prefix):
-        return None
-    name = parts.path[len(prefix) :]
-    return name if _FILE_NAME.fullmatch(name) else None
