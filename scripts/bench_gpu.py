@@ -296,12 +296,18 @@ class PresetBench:
         from models.presets.policy import with_tuning
 
         presets = fixed_schedule_presets()
-        row = self.preset("regular", {**presets, "regular": with_tuning(presets["regular"], pieces)})
+        tuned = {**presets, "regular": with_tuning(presets["regular"], pieces)}
+        row = self.preset("regular", tuned, tuning=True)
         regular = self.report.find("rows", "preset regular") or {}
-        row["vs_regular"] = row["seconds"] / regular["seconds"] if regular.get("seconds") else None
+        if "seconds" in row:
+            row["vs_regular"] = row["seconds"] / regular["seconds"] if regular.get("seconds") else None
         return row
 
-    def preset(self, name: str, presets: dict[str, Any] | None = None) -> dict[str, Any]:
+    def preset(
+        self, name: str, presets: dict[str, Any] | None = None, *, tuning: bool = False
+    ) -> dict[str, Any]:
+        """One preset's row. `tuning`: a tuning row, not timed when none of its pieces can run
+        here (it would time plain `regular` again); the row says why instead."""
         from models.presets.apply import PresetManager
 
         clear_dynamo_counts()
@@ -315,6 +321,9 @@ class PresetBench:
             compile_backend=self.args.compile_backend,
         )
         # The manager (its weight sets, its compiled graphs) is dropped with this frame.
+        runnable, note = manager.runnable[name]
+        if tuning and not runnable.tuning:
+            return {"skipped": f"none of its pieces can run here: {note}", "tuning_ran": []}
         size = [(self.args.width, self.args.height)]
         warm = manager.warmup(self.pipe, size, steps=2, names=[name])[name]
         result = time_mode(
