@@ -4,7 +4,8 @@
                            components_dir=None, safety_checker=Path | None,
                            device="auto" | "cpu" | "cuda",
                            presets=("none", "regular", "high"), memory_plan="auto",
-                           variants=VariantOptions(configured={"fill": "/w/fill"}, ...))
+                           variants=VariantOptions(configured={"fill": "/w/fill"}, ...),
+                           tuning=())   # tuning pieces on every preset but none
 
 The order matters: the model is resolved (checked)
 before the slow imports, components are placed by the memory plan before the img2img pipeline
@@ -71,11 +72,13 @@ def load_runtime(
     memory_plan: str = "auto",
     lora_limits: LoraLimits | None = None,
     variants: VariantOptions | None = None,
+    tuning: Sequence[str] = (),
 ) -> FluxRuntime:
     """`presets`: the acceleration presets to prepare; None or empty: the device's default
     (models.presets.policy.default_presets). `lora_limits`: per-request LoRA bounds.
     `variants`: the family's other checkpoints this worker serves (None: the base alone, or
-    every tiny variant with model "tiny": models/variants/spec.py `configured_variants`)."""
+    every tiny variant with model "tiny": models/variants/spec.py `configured_variants`).
+    `tuning`: tuning pieces (models.presets.policy.TUNING) on every preset but `none`."""
     from models.weights.check import resolve_model
     from models.weights.offline import enforce_offline
 
@@ -89,7 +92,7 @@ def load_runtime(
     from models.lora.spec import LoraLimits
     from models.memory import choose_plan, cuda_capability, vram_bytes
     from models.presets.apply import PresetManager
-    from models.presets.policy import default_presets
+    from models.presets.policy import default_presets, tuned_presets
     from models.runtime import FluxRuntime
     from models.safety import SafetyChecker
     from models.weights.load import load_components
@@ -139,11 +142,13 @@ def load_runtime(
             "has_nsfw_concepts is always false and nsfw_checked false"
         )
 
+    preset_table = tuned_presets(tuning)  # the same presets on the base and every variant
     preset_manager = PresetManager(
         pipe.transformer,
         device=device,
         enabled=list(presets) if presets else default_presets(device),
         data_dir=Path(data_dir),
+        presets=preset_table,
         memory_plan=plan,
     )
     # Compiled presets switch LoRAs by hot-swap: slots made at the first LoRA request (or now,
@@ -172,6 +177,7 @@ def load_runtime(
         device=device,
         dtype=dtype,
         presets=list(presets) if presets else default_presets(device),
+        preset_table=preset_table,
         data_dir=Path(data_dir),
         lora_limits=limits,
     )

@@ -322,7 +322,9 @@ class FluxRuntime:
         if pipe.interrupt:
             return cancelled(active.name, active.note)
 
-        with _timed(timings, "decode", self.device), torch.no_grad():
+        # The preset's VAE decode: compiled where it has the `compiled-vae` tuning piece.
+        decoding = self.presets.decoding(self.pipe.vae, active.preset)
+        with _timed(timings, "decode", self.device), torch.no_grad(), decoding:
             images = self._decode(latents, height, width)
         if request.task == "fill":
             assert input_image is not None and mask is not None

@@ -14,8 +14,15 @@ breaks). `--memory-plans` then measures each memory plan's peak on a fresh pipel
 (`--plan-steps` steps each).
 
 The report (`--out`) is written after every row, most important first (the baseline,
-`regular`, `high`, `none`, then the plans); a row that fails is recorded with its error and
-the next one runs; after a crash, `--resume` keeps what was measured (scripts/bench_rows.py).
+`regular`, `high`, `none`, then the plans, then the tuning pieces); a row that fails is recorded
+with its error and the next one runs; after a crash, `--resume` keeps what was measured
+(scripts/bench_rows.py).
+
+Tuning pieces (`--tuning`; models/presets/policy.py's TUNING): flux-fast's pieces beyond
+`regular`, each off in the shipped presets until this measurement shows it helps. Each row is
+`regular` plus the pieces named (`a+b` combines), on a fresh pipeline after the memory plans,
+with `vs_regular` beside it; a piece the machine cannot run falls back and its row says so
+(`tuning_ran` lists what ran).
 
 CPU (tests the script itself): `--tiny` uses the tiny model at 64x64, 4 steps;
 `--device cpu --model synthetic:layers=1,...` runs the synthetic path at full width.
@@ -235,19 +242,20 @@ class PresetBench:
         build_s = time.perf_counter() - started
         self.plan = choose_plan(vram_bytes(device), forced=args.memory_plan)
         apply_plan(self.pipe, self.plan, device)
-        rate = matmul_rate(device, self.pipe.transformer.dtype)
-        flops = flops_per_image(self.pipe.transformer.config, args.width, args.height, args.steps)
-        self.floor = flops / rate
-        config = self.pipe.transformer.config
-        report.data.update(
-            transformer_blocks=[config.num_layers, config.num_single_layers],
-            memory_plan=self.plan.name,
-            build_s=build_s,
-            matmul_tflops=rate / 1e12,
-            floor_s=self.floor,
-            flops_per_image=flops,
-        )
-        report.save()
+        if "floor_s" not in report.data:  # the tuning rows' pipeline keeps the presets' figures
+            rate = matmul_rate(device, self.pipe.transformer.dtype)
+            flops = flops_per_image(self.pipe.transformer.config, args.width, args.height, args.steps)
+            config = self.pipe.transformer.config
+            report.data.update(
+                transformer_blocks=[config.num_layers, config.num_single_layers],
+                memory_plan=self.plan.name,
+                build_s=build_s,
+                matmul_tflops=rate / 1e12,
+                floor_s=flops / rate,
+                flops_per_image=flops,
+            )
+            report.save()
+        self.floor = report.data["floor_s"]
         self.calls = count_block_work(self.pipe.transformer) if args.count_blocks else None
         # The baseline's final latents, for every later row's error (kept across --resume).
         self.baseline_file = Path(args.data_dir) / "bench-baseline-latents.pt"
@@ -257,12 +265,18 @@ class PresetBench:
     def run(self) -> None:
         self.report.measure("rows", BASELINE, self.baseline)
         for name in self.args.presets:
-            mode = f"preset {name}"
-            if time.time() > self.args.deadline:
-                self.report.skip("rows", mode, "the bench's time budget was spent")
-                continue
-            self.report.measure("rows", mode, lambda name=name: self.preset(name))
-            release(self.device)
+            self.row(f"preset {name}", lambda name=name: self.preset(name))
+
+    def run_tuning(self) -> None:
+        for pieces in self.args.tuning:
+            self.row(tuning_mode(pieces), lambda pieces=pieces: self.tuned(pieces))
+
+    def row(self, mode: str, measure: Any) -> None:
+        if time.time() > self.args.deadline:
+            self.report.skip("rows", mode, "the bench's time budget was spent")
+            return
+        self.report.measure("rows", mode, measure)
+        release(self.device)
 
     def baseline(self) -> dict[str, Any]:
         """The plain pipeline, nothing of ours involved."""
@@ -277,7 +291,23 @@ class PresetBench:
         torch.save(result["latents"], self.baseline_file)
         return {"warmup_s": warm, **self.finish(result), **dynamo_counts()}
 
-    def preset(self, name: str) -> dict[str, Any]:
+    def tuned(self, pieces: list[str]) -> dict[str, Any]:
+        """`regular` with tuning pieces on, beside `regular` as measured in this report."""
+        from models.presets.policy import with_tuning
+
+        presets = fixed_schedule_presets()
+        tuned = {**presets, "regular": with_tuning(presets["regular"], pieces)}
+        row = self.preset("regular", tuned, tuning=True)
+        regular = self.report.find("rows", "preset regular") or {}
+        if "seconds" in row:
+            row["vs_regular"] = row["seconds"] / regular["seconds"] if regular.get("seconds") else None
+        return row
+
+    def preset(
+        self, name: str, presets: dict[str, Any] | None = None, *, tuning: bool = False
+    ) -> dict[str, Any]:
+        """One preset's row. `tuning`: a tuning row, not timed when none of its pieces can run
+        here (it would time plain `regular` again); the row says why instead."""
         from models.presets.apply import PresetManager
 
         clear_dynamo_counts()
@@ -286,11 +316,14 @@ class PresetBench:
             device=self.device,
             enabled=[name],
             data_dir=Path(self.args.data_dir),
-            presets=fixed_schedule_presets(),
+            presets=presets or fixed_schedule_presets(),
             memory_plan=self.plan,
             compile_backend=self.args.compile_backend,
         )
         # The manager (its weight sets, its compiled graphs) is dropped with this frame.
+        runnable, note = manager.runnable[name]
+        if tuning and not runnable.tuning:
+            return {"skipped": f"none of its pieces can run here: {note}", "tuning_ran": []}
         size = [(self.args.width, self.args.height)]
         warm = manager.warmup(self.pipe, size, steps=2, names=[name])[name]
         result = time_mode(
@@ -311,6 +344,7 @@ class PresetBench:
         preset = active.preset if active is not None else None
         plain = f"plain FluxPipeline, {str(self.pipe.transformer.dtype).removeprefix('torch.')}"
         row = {**result, "ran": preset.describe() if preset is not None else plain}
+        row["tuning_ran"] = preset.tuning if preset is not None else []
         row["note"] = active.note if active is not None else None
         if preset is not None and preset.cache is not None:
             row["note"] = (row["note"] + "; " if row["note"] else "") + (
@@ -396,8 +430,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         PresetBench(args, device, report).run()
     release(device)  # the presets' pipeline is gone: each memory plan builds its own
     measure_plans(args, device, report)
+    release(device)
+    # Last: each piece is worth a few percent at most, the rows above are the targets.
+    tuning = [tuning_mode(pieces) for pieces in args.tuning]
+    if time.time() > args.deadline:  # no pipeline is built for rows that cannot start
+        for mode in tuning:
+            report.skip("rows", mode, "the bench's time budget was spent")
+    elif not all(report.done("rows", mode) for mode in tuning):
+        PresetBench(args, device, report).run_tuning()
     report.save()
     return report.data
+
+
+def tuning_mode(pieces: list[str]) -> str:
+    """A tuning row's name: "regular + CUDA graphs", "regular + inductor flags + compiled VAE decode"."""
+    from models.presets.policy import TUNING
+
+    return " + ".join(["regular", *(TUNING[piece].label for piece in pieces)])
 
 
 def installed_version(name: str) -> str | None:
@@ -435,6 +484,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--presets", default="regular,high,none", help="in this order (most important first)")
+    parser.add_argument(
+        "--tuning",
+        default=None,
+        help="tuning rows on top of regular, comma-separated, a+b to combine pieces (default: each piece "
+        "alone; '' for none)",
+    )
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -455,6 +510,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps or steps
     args.runs = args.runs or runs
     args.presets = [p for p in args.presets.split(",") if p]
+    from models.presets.policy import TUNING
+
+    rows = list(TUNING) if args.tuning is None else [row for row in args.tuning.split(",") if row]
+    args.tuning = [row.split("+") for row in rows]
+    unknown = sorted({piece for pieces in args.tuning for piece in pieces} - set(TUNING))
+    if unknown:
+        parser.error(f"unknown tuning piece(s) {', '.join(unknown)}; choose from {', '.join(TUNING)}")
     args.model = args.model or ("tiny" if args.tiny else "synthetic")
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     from models.memory import PLANS

@@ -68,6 +68,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     command += [f"--width={args.size}", f"--height={args.size}", f"--steps={args.steps}"]
     command += [f"--runs={args.runs}", f"--memory-plans={args.memory_plans}"]
     command += [f"--plan-steps={args.plan_steps}"]
+    if args.cpu_smoke:  # the smoke checks the proof; the tuning rows' CPU test is test_bench_gpu.py's
+        command += ["--tuning="]
     command += [f"--compile-backend={args.compile_backend}", f"--budget-s={args.bench_budget_s}"]
     # One deadline for every run of the script: a resumed run starts no row after it.
     command += [f"--deadline={time.time() + args.bench_budget_s}"]

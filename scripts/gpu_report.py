@@ -42,6 +42,7 @@ def bench_table(report: dict[str, Any]) -> str:
         if row.get("graph_break_reasons")
     ]
     lines += ["", *notes] if notes else []
+    lines += _tuning_table(report.get("rows", []))
     if report.get("memory_plans"):
         lines += [
             "",
@@ -58,6 +59,30 @@ def bench_table(report: dict[str, Any]) -> str:
                 f"| {fmt(plan['expected_peak_gib'], '.0f')} |"
             )
     return "\n".join(lines)
+
+
+def _tuning_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The tuning rows again, beside `regular`: a piece is kept only where it runs and is faster."""
+    tuning = [row for row in rows if row["mode"].startswith("regular + ")]
+    if not tuning:
+        return []
+    lines = [
+        "",
+        "| on top of `regular` | the pieces ran | s/image | vs regular | warm-up s | peak GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in tuning:
+        if "seconds" not in row:
+            lines.append(f"| {row['mode']} | {_not_measured(row)} | | | | |")
+            continue
+        asked = row["mode"].split(" + ")[1:]
+        missing = [piece for piece in asked if piece not in row.get("tuning_ran", [])]
+        ran = "yes" if not missing else f"no ({', '.join(missing)}: see its note)"
+        lines.append(
+            f"| {row['mode']} | {ran} | {row['seconds']:.3f} | {fmt(row.get('vs_regular'), '.3f', 'x')} "
+            f"| {row['warmup_s']:.1f} | {fmt(row['peak_gib'], '.1f')} |"
+        )
+    return lines
 
 
 def _not_measured(row: dict[str, Any]) -> str:

@@ -17,6 +17,9 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+TuningPiece = Literal[
+    "inductor-flags", "compiled-vae", "cuda-graphs", "fa3", "cudnn-attention", "static-shapes", "max-autotune"
+]
 
 
 class Settings(BaseSettings):
@@ -113,6 +116,9 @@ class Settings(BaseSettings):
     presets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     warmup_sizes: Annotated[list[str], NoDecode] = Field(default_factory=list)  # "WxH" items
     memory_plan: str = "auto"
+    # flux-fast's tuning pieces on every preset but `none`, each off until a GPU measurement shows
+    # it helps (docs/benchmarks.md); the names are models/presets/policy.py's TUNING.
+    preset_tuning: Annotated[list[TuningPiece], NoDecode] = Field(default_factory=list)
 
     # Inputs, outputs, retention
     max_input_image_bytes: int = 20 * 1024 * 1024
@@ -201,6 +207,7 @@ class Settings(BaseSettings):
         "api_key",
         "pin_variants",
         "presets",
+        "preset_tuning",
         "warmup_sizes",
         "webhook_allowlist",
         "trusted_proxy",

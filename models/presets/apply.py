@@ -9,6 +9,8 @@ How the runtime uses it (models/runtime.py):
         pipe(...)              # runs with the chosen transformer variant, compile and step cache
     active.name                # the preset that actually ran
     active.note                # why it differs from what was asked for, or None
+    with manager.decoding(pipe.vae, active.preset):   # the preset's VAE decode (compiled or not)
+        pipe.vae.decode(...)
 
 What each preset is, and how one is adapted to the machine: models/presets/policy.py.
 
@@ -17,6 +19,10 @@ The base transformer is used as is; a quantized or fused variant is a deep copy 
 nothing mutable with it. Compile is applied once per weight set and switched on and off per
 call, so `none` and `regular` never share compiled state by accident. Under a memory plan that
 keeps a single weight set (cards under ~70 GB), every preset runs on the base weights.
+
+Tuning pieces (attention backend, inductor options, CUDA graphs, static shapes, compiled VAE:
+models/presets/tuning.py) are switched on per call like compile; a weight set keeps one set of
+compiled forwards per distinct compile (mode, static or dynamic, inductor options).
 """
 
 from __future__ import annotations
@@ -28,12 +34,12 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.presets.compiling import compile_forward, is_compile_failure
+from models.presets.compiling import compile_forward, failure_summary, is_compile_failure
 from models.presets.policy import (
     PRESET_ORDER,
     PRESETS,
@@ -43,13 +49,22 @@ from models.presets.policy import (
     Preset,
     adapt_to_hardware,
     nearest_enabled,
+    without_tuning,
 )
+from models.presets.tuning import CompiledDecoder, attention_backend, attention_problem, cuda_graph_steps
 from models.presets.weights import fuse_qkv_dropping_originals, quantize, set_vae_channels_last
 
 if TYPE_CHECKING:
     from models.memory import MemoryPlan
 
 log = logging.getLogger(__name__)
+
+# How a weight set's blocks are compiled: the mode, dynamic shapes or not, inductor's options.
+CompileKey = tuple[str, bool, tuple[tuple[str, Any], ...]]
+
+
+def compile_key(preset: Preset) -> CompileKey:
+    return (preset.compile, not preset.static_shapes, tuple(sorted(preset.inductor_options().items())))
 
 
 def detect_hardware(device: str) -> Hardware:
@@ -143,12 +158,24 @@ class PresetManager:
         self.base_key = (self.base_precision, False)
         plan_name = memory_plan.name if memory_plan else ""
 
+        # CUDA graphs replay fixed addresses: a plan that moves or recasts weights per call rules them out.
+        weights_move = bool(
+            memory_plan and (memory_plan.offload != "none" or memory_plan.transformer == "fp8-storage")
+        )
+
         # name -> (the runnable preset, why it differs from the definition)
         self.runnable: dict[str, tuple[Preset, str | None]] = {}
         for name in self.enabled:
             adapted, note = adapt_to_hardware(
-                self.presets[name], self.hardware, compile_backend=str(compile_backend)
+                self.presets[name],
+                self.hardware,
+                compile_backend=str(compile_backend),
+                weights_move=weights_move,
             )
+            problem = attention_problem(adapted.attention) if adapted.attention else None
+            if problem:
+                note = _join(note, f"{problem.rstrip('.')}; ran the default attention (PyTorch SDPA)")
+                adapted = replace(adapted, attention=None)
             if self.single_weight_set and adapted.weight_set != self.base_key:
                 ran_on = "fp8" if self.base_precision == "fp8" else "the loaded"
                 extra = f"memory plan {plan_name!r} keeps one transformer weight set: ran on {ran_on} weights"
@@ -159,8 +186,10 @@ class PresetManager:
             self.runnable[name] = (adapted, note)
 
         self._variants: dict[tuple[str, bool], Any] = {}
-        # weight set -> compile mode -> {module: its compiled call}; switched on per call
-        self._compiled: dict[tuple[str, bool], dict[str, dict[Any, Any]]] = {}
+        # weight set -> how compiled -> {module: its compiled call}; switched on per call
+        self._compiled: dict[tuple[str, bool], dict[CompileKey, dict[Any, Any]]] = {}
+        # the VAE's compiled decoder, per set of inductor options (made at the first call)
+        self._decoders: dict[tuple[tuple[str, Any], ...], CompiledDecoder] = {}
         for name, (preset, note) in list(self.runnable.items()):
             variant, failure = self._variant_for(preset)
             if failure:  # quantization failed at run time: fall back to the base weights
@@ -169,19 +198,23 @@ class PresetManager:
                 self.runnable[name] = (preset, _join(note, failure))
                 variant, _ = self._variant_for(preset)
             if preset.compile != "none":
-                self._compile(preset.weight_set, variant, preset.compile)
+                self._compile(preset.weight_set, variant, preset)
 
     def demote(self, name: str, exc: BaseException) -> bool:
         """`name` failed to run: from now on it runs a simpler form, with a note saying why in
         every response that asks for it. A compile failure turns compile off (the preset keeps
         its weights and step cache); any other failure, or one of the eager form, falls back
-        to `none`. False when it already runs the plain base weights eagerly (nothing simpler
-        is left: the failure is the model's, not the preset's)."""
+        to `none`. Tuning pieces go first, whatever the failure: they are the newest parts.
+        False when it already runs the plain base weights eagerly (nothing simpler is left: the
+        failure is the model's, not the preset's)."""
         preset, note = self.runnable[name]
-        why = f"{type(exc).__name__}: {_first_line(exc)}"
+        why = failure_summary(exc)
         plain = Preset("none", precision=self.base_precision)
-        if preset.compile != "none" and is_compile_failure(exc):
-            simpler = replace(preset, compile="none")
+        if preset.tuning:
+            simpler = without_tuning(preset)
+            what = f"tuning ({', '.join(preset.tuning)}) failed ({why}); ran without it"
+        elif preset.compile != "none" and is_compile_failure(exc):
+            simpler = preset.eager()
             what = f"{preset.compile} compile failed ({why}); ran eager"
         elif preset != plain:
             simpler, what = plain, f"preset {name!r} failed ({why}); ran 'none'"
@@ -218,32 +251,39 @@ class PresetManager:
                 quantize(variant, preset.precision)
             except Exception as exc:  # e.g. torchao's assertion about the CUDA capability
                 del variant
-                why = f"{type(exc).__name__}: {_first_line(exc)}"
+                why = failure_summary(exc)
                 return self.base, f"{preset.precision} quantization failed ({why}); ran the loaded precision"
         self._variants[key] = variant
         return variant, None
 
-    def _compile(self, key: tuple[str, bool], variant: Any, mode: str) -> None:
-        """Compile once per weight set; `use` switches it on per call.
+    def _compile(self, key: tuple[str, bool], variant: Any, preset: Preset) -> None:
+        """Compile once per weight set and way of compiling; `use` switches it on per call.
 
         We compile each module's `forward` (not `nn.Module.compile`, which compiles
         `_call_impl` and would trace diffusers' cache hooks: they graph-break and guard on each
         block's hook, recompiling per block). With the compiled forward installed first, the
         cache hooks wrap it from outside and every block shares one graph."""
 
-        modes = self._compiled.setdefault(key, {})
-        if mode in modes:
+        ways = self._compiled.setdefault(key, {})
+        how = compile_key(preset)
+        if how in ways:
             return
-        if mode == "regional":
+        if preset.compile == "regional":
             modules = [m for m in variant.modules() if m.__class__.__name__ in variant._repeated_blocks]
         else:  # whole model; recompiles when the first size was square (see cpu-code-paths.md)
             modules = [variant]
-        modes[mode] = {m: compile_forward(m.forward, self.compile_backend) for m in modules}
+        options = preset.inductor_options()
+        ways[how] = {
+            m: compile_forward(
+                m.forward, self.compile_backend, dynamic=not preset.static_shapes, options=options
+            )
+            for m in modules
+        }
 
-    def _set_compiled(self, key: tuple[str, bool], mode: str | None) -> None:
-        for each_mode, forwards in self._compiled.get(key, {}).items():
+    def _set_compiled(self, key: tuple[str, bool], how: CompileKey | None) -> None:
+        for each_way, forwards in self._compiled.get(key, {}).items():
             for module, compiled_forward in forwards.items():
-                if each_mode == mode:
+                if each_way == how:
                     module.forward = compiled_forward
                 else:
                     module.__dict__.pop("forward", None)  # back to the class's eager forward
@@ -265,6 +305,10 @@ class PresetManager:
         preset, hw_note = self.runnable[name]
         if hw_note:
             notes.append(hw_note)
+        decoder = self._decoders.get(tuple(sorted(preset.inductor_options(for_vae=True).items())))
+        if preset.compile_vae and decoder is not None and decoder.failure:
+            preset = replace(preset, compile_vae=False)
+            notes.append(decoder.failure)
         return preset, ("; ".join(notes) or None)
 
     @contextmanager
@@ -302,25 +346,45 @@ class PresetManager:
             extra = f"{base_weights}: ran without {dropped}"
             note = f"{note}; {extra}" if note else extra
         if eager and preset.compile != "none":
-            preset = replace(preset, compile="none")
+            preset = preset.eager()
         variant, _ = self._variant_for(preset)
         if preset.compile != "none":
-            self._compile(preset.weight_set, variant, preset.compile)  # once; lazy until called
+            self._compile(preset.weight_set, variant, preset)  # once; lazy until called
         original = pipe.transformer
         if variant is not original:
             pipe.transformer = variant
-        self._set_compiled(preset.weight_set, preset.compile if preset.compile != "none" else None)
+        self._set_compiled(preset.weight_set, compile_key(preset) if preset.compile != "none" else None)
         set_vae_channels_last(pipe.vae, preset.vae_channels_last)
         if preset.cache is not None:
             variant.enable_cache(cache_config(preset.cache, steps))  # fresh cache state per call
         try:
-            yield ActivePreset(name=preset.name, note=note, requested=requested, preset=preset)
+            with ExitStack() as pieces:
+                pieces.enter_context(attention_backend(variant, preset.attention))
+                pieces.enter_context(cuda_graph_steps(variant, on=preset.cuda_graphs))
+                pieces.enter_context(self.decoding(pipe.vae, preset))  # a decode inside the pipeline
+                yield ActivePreset(name=preset.name, note=note, requested=requested, preset=preset)
         finally:
             if preset.cache is not None:
                 variant.disable_cache()
             self._set_compiled(preset.weight_set, None)
             if variant is not original:
                 pipe.transformer = original
+
+    @contextmanager
+    def decoding(self, vae: Any, preset: Preset | None) -> Iterator[None]:
+        """The VAE decode as `preset` runs it: compiled with its inductor options when it has
+        `compile_vae` (the runtime decodes after `use`, around its own `vae.decode`)."""
+        if preset is None or not preset.compile_vae:
+            yield
+            return
+        options = preset.inductor_options(for_vae=True)
+        key = tuple(sorted(options.items()))
+        if key not in self._decoders:
+            self._decoders[key] = CompiledDecoder(
+                vae, lambda forward: compile_forward(forward, self.compile_backend, options=options)
+            )
+        with self._decoders[key].on():
+            yield
 
     # ------------------------------------------------------------------ warm-up
 
@@ -371,7 +435,8 @@ class PresetManager:
         import torch
 
         for width, height, count in runs:
-            with self.use(pipe, name, steps=steps, base_weights=base_weights):
+            with self.use(pipe, name, steps=steps, base_weights=base_weights) as active:
+                assert active.preset is not None
                 pipe(
                     prompt="warm-up",
                     width=width,
@@ -379,7 +444,7 @@ class PresetManager:
                     num_inference_steps=steps,
                     num_images_per_prompt=count,
                     generator=torch.Generator("cpu").manual_seed(0),
-                    output_type="latent",
+                    output_type="pil" if active.preset.compile_vae else "latent",  # warms the decoder
                 )
 
 
@@ -388,11 +453,3 @@ class PresetManager:
 
 def _join(note: str | None, extra: str) -> str:
     return f"{note}; {extra}" if note else extra
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an error's message, shortened for a response note (torch's compile
-    errors run to pages; the log has them whole)."""
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else "no message"
-    return line if len(line) <= 200 else line[:197] + "..."

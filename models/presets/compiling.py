@@ -51,16 +51,25 @@ class CompileStats:
         )
 
 
-def compile_forward(forward: Any, backend: Any) -> Any:
+def compile_forward(
+    forward: Any, backend: Any, *, dynamic: bool = True, options: dict[str, Any] | None = None
+) -> Any:
     """torch.compile with dynamic shapes and without duck sizing.
 
     Duck sizing gives equal sizes one symbol: at 1024x768 FLUX has 3072 image tokens, the same
     as its hidden size, so a warm-up there would specialise and 1024x1024 would recompile.
-    (The tiny model: 16 image tokens at 64x64 = its head dim.)"""
+    (The tiny model: 16 image tokens at 64x64 = its head dim.)
+
+    `dynamic=False`: a graph per shape (static shapes). `options`: inductor's config for this
+    compile only (torch applies them around each of its compiles and restores the rest);
+    ignored by any other backend."""
     import torch
     import torch.fx.experimental._config as fx_config
 
-    compiled = torch.compile(forward, dynamic=True, backend=backend)
+    if options and backend == "inductor":
+        compiled = torch.compile(forward, dynamic=dynamic, backend=backend, options=options)
+    else:
+        compiled = torch.compile(forward, dynamic=dynamic, backend=backend)
 
     @functools.wraps(forward)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -81,3 +90,11 @@ def is_compile_failure(exc: BaseException) -> bool:
     from torch._dynamo.exc import TorchDynamoException
 
     return isinstance(exc, TorchDynamoException)
+
+
+def failure_summary(exc: BaseException) -> str:
+    """An error as one short line for a response note: its type and its message's first line
+    (torch's compile errors run to pages; the log has them whole)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else "no message"
+    return f"{type(exc).__name__}: {line if len(line) <= 200 else line[:197] + '...'}"

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from models.lora.spec import LoraLimits
     from models.memory import MemoryPlan
     from models.presets.apply import PresetManager
+    from models.presets.policy import Preset
 
 TASKS: dict[Architecture, tuple[str, ...]] = {
     "dev": ("text-to-image", "image-to-image", "inpainting", "redux"),
@@ -132,6 +133,7 @@ def build_variant(
     lora_limits: LoraLimits,
     compile_backend: Any = "inductor",
     source: str = "",
+    preset_table: dict[str, Preset] | None = None,
 ) -> Variant:
     from models.lora.manager import LoraManager
     from models.presets.apply import PresetManager
@@ -145,6 +147,7 @@ def build_variant(
         device=device,
         enabled=presets,
         data_dir=data_dir,
+        presets=preset_table,  # the base's, tuning pieces included
         memory_plan=dataclasses.replace(plan, single_weight_set=True),
         compile_backend=compile_backend,
     )

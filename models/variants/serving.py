@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from models.lora.spec import LoraLimits
     from models.memory import MemoryPlan
     from models.presets.apply import PresetManager
+    from models.presets.policy import Preset
     from models.residency import Residency
     from models.variants.pipelines import Variant
     from models.weights.check import ModelSpec
@@ -63,6 +64,7 @@ def load_variants(
     presets: list[str],
     data_dir: Path,
     lora_limits: LoraLimits,
+    preset_table: dict[str, Preset] | None = None,
 ) -> tuple[dict[str, Variant], Residency | None, dict[str, str]]:
     """Load and place every variant this worker serves; (variants, residency, unavailable)."""
     from models.residency import Residency
@@ -110,6 +112,7 @@ def load_variants(
             plan=plan,
             device=device,
             presets=presets,
+            preset_table=preset_table,
             data_dir=data_dir,
             lora_limits=lora_limits,
             compile_backend=options.compile_backend,

@@ -76,6 +76,13 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--presets", {"help": "comma-separated presets to load and warm (none,regular,high)"}),
     ("--warmup-sizes", {"help": "comma-separated WxH sizes to compile for before ready"}),
     (
+        "--preset-tuning",
+        {
+            "help": "comma-separated tuning pieces on every preset but none: inductor-flags, compiled-vae, "
+            "cuda-graphs, fa3, cudnn-attention, static-shapes, max-autotune"
+        },
+    ),
+    (
         "--memory-plan",
         {
             "help": "auto, resident, fp8-offload-text, fp8-storage-offload-text, model-offload, "

@@ -205,6 +205,7 @@ class Worker:
             memory_plan=self.settings.memory_plan,
             lora_limits=self.loras.limits(),
             variants=self.variants.options(),
+            tuning=self.settings.preset_tuning,
         )
         logger.info("model loaded in %.1f s: %s", time.perf_counter() - started, runtime.summary)
         sizes = parse_sizes(self.settings.warmup_sizes) or default_warmup_sizes(self.device)

@@ -44,7 +44,9 @@ def test_child_processes_get_the_same_files_dir_and_limits(
 def test_every_setting_survives_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     lists = {name for name, field in Settings.model_fields.items() if "list" in str(field.annotation)}
     assert {"api_key", "fetch_allow", "fetch_deny", "trusted_proxy", "cors_origin"} <= lists
-    for values in ({}, {name: ["a.lan", "10.0.0.0/8"] for name in lists - {"trusted_proxy"}}):
+    # Lists of free values get any two; preset_tuning takes only the pieces' names.
+    free = {name: ["a.lan", "10.0.0.0/8"] for name in lists - {"trusted_proxy", "preset_tuning"}}
+    for values in ({}, {**free, "preset_tuning": ["fa3", "cuda-graphs"]}):
         settings = Settings(**values, metrics_key="m", max_prompt_length=10)
         for name, value in settings.to_env().items():
             monkeypatch.setenv(name, value)
