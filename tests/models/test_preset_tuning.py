@@ -31,6 +31,7 @@ from models.presets.policy import (
 from models.request import GenerationRequest
 from models.runtime import FluxRuntime, Generation
 from server.config import Settings, TuningPiece
+from server.supervisor.cli import build_parser, settings_from_args
 
 CPU = Hardware("cpu", None, torchao=True, compiler=True)
 HOPPER = Hardware("cuda", (9, 0), torchao=True, compiler=True)  # stood in: the tensors stay on the CPU
@@ -57,6 +58,8 @@ def test_shipped_presets_have_no_tuning_and_an_operator_names_the_pieces() -> No
     assert Settings(preset_tuning="fa3,cuda-graphs").to_env()["FLUX_PRESET_TUNING"] == "fa3,cuda-graphs"
     with pytest.raises(ValidationError):
         Settings(preset_tuning="warp-drive")
+    flags = build_parser().parse_args(["serve", "--preset-tuning", "inductor-flags,compiled-vae"])
+    assert settings_from_args(flags).preset_tuning == ["inductor-flags", "compiled-vae"]
 
 
 def test_inductor_options_carry_the_flags_autotune_and_cuda_graphs() -> None:
