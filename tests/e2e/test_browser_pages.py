@@ -130,7 +130,9 @@ def test_playground_keeps_the_key_in_the_browser(auth_server, page) -> None:
 def test_api_docs_render_air_gapped(flux_server, page, path: str, rendered: str) -> None:
     page, requested = page
     page.goto(flux_server.base_url + path)
-    page.wait_for_function(rendered)
+    # The document lists every endpoint of the family (about 40 operations): Swagger UI takes
+    # seconds to lay it out on a busy 2-core machine, more than Playwright's default 30 s once.
+    page.wait_for_function(rendered, timeout=120_000)
     assert hosts(requested) == {urlsplit(flux_server.base_url).netloc}
 
 
