@@ -127,7 +127,11 @@ def test_playground_keeps_the_key_in_the_browser(auth_server, page) -> None:
         ("/redoc", "document.body.innerText.includes('/fal-ai/flux/dev')"),
     ],
 )
-def test_api_docs_render_air_gapped(flux_server, page, path: str, rendered: str) -> None:
+def test_api_docs_render_air_gapped(start_flux_server, page, path: str, rendered: str) -> None:
+    # A server of its own: in full runs (2026-12-07) Swagger UI never listed the operations of
+    # the session's shared server once the BFL flow tests had used it, while a run of this file
+    # alone passed; the cause is not found yet (see the closing note of that day).
+    flux_server = start_flux_server()
     page, requested = page
     page.goto(flux_server.base_url + path)
     # The document lists every endpoint of the family (about 40 operations): Swagger UI takes
