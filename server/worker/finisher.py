@@ -131,9 +131,11 @@ class Finisher:
             logger.exception("job %s: completing it failed; its files are kept", job.id)
             self.outcomes.abandon(job, "completion failed")
             return
-        if not done:
-            self.outcomes.abandon(job, "lease lost before completion; output discarded")
-            self._delete(images)
+        if not done:  # its files go before the job is let go (a let-go job is gone)
+            try:
+                self._delete(images)
+            finally:
+                self.outcomes.abandon(job, "lease lost before completion; output discarded")
             return
         self.outcomes.completed(job)
         lifecycle.finished(job.record, None, inference=item.seconds, images=len(images))

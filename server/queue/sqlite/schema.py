@@ -8,6 +8,7 @@ so several processes opening a new or older database at once apply each step onc
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 # The first schema. Its counts table must be filled from the jobs already queued (a database
@@ -154,7 +155,7 @@ def schema_version(conn: sqlite3.Connection) -> int:
 
 def migrate(conn: sqlite3.Connection) -> None:
     """Bring the database to `SCHEMA_VERSION` (WAL mode, every table and index)."""
-    conn.execute("PRAGMA journal_mode = WAL")
+    _use_wal(conn)
     for version, script in enumerate(MIGRATIONS, start=1):
         if schema_version(conn) >= version:
             continue
@@ -162,6 +163,24 @@ def migrate(conn: sqlite3.Connection) -> None:
             _add_missing_columns(conn)
         conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
     _add_missing_columns(conn)
+
+
+def _use_wal(conn: sqlite3.Connection, patience: float = 30.0) -> None:
+    """Switch the file to WAL (a persistent setting: a no-op once any process did it).
+
+    The switch upgrades a read lock to an exclusive one, and SQLite answers "database is
+    locked" at once, without its busy handler, while another process holds the write lock
+    (waiting could deadlock). Processes that open a new database together (the API and
+    several workers at start-up) meet exactly that, so the switch is retried here."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:

@@ -130,6 +130,39 @@ def test_a_database_of_an_earlier_version_is_migrated_in_place(paths: tuple[Path
         queue.close()
 
 
+def test_a_queue_opens_while_another_process_writes_the_new_database(paths: tuple[Path, Path]) -> None:
+    """The switch to WAL is refused at once, without SQLite's busy handler, while another
+    connection holds the write lock (the API and the workers open a new database together at
+    start-up): the queue waits for the lock instead of failing."""
+    db_path, run_dir = paths
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as other:
+        other.execute("CREATE TABLE early (x)")  # a file in rollback-journal mode, as new ones are
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO early VALUES (1)")
+        opened: list[SQLiteQueue] = []
+        errors: list[BaseException] = []
+
+        def open_queue() -> None:
+            try:
+                opened.append(SQLiteQueue(db_path, run_dir, role="worker"))
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=open_queue)
+        thread.start()
+        time.sleep(0.3)  # the fault lasts a while: the lock is held across the opening's first try
+        assert not errors, errors
+        other.execute("COMMIT")
+        thread.join(30)
+    assert not errors and len(opened) == 1
+    try:
+        with contextlib.closing(opened[0].connect()) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert schema_version(conn) == SCHEMA_VERSION
+    finally:
+        opened[0].close()
+
+
 def test_jobs_queued_before_the_inputs_table_keep_their_images(paths: tuple[Path, Path]) -> None:
     """Schema v2 kept the image in the jobs row and the mask in the JSON: a claim after the
     upgrade still hands both to the worker, and a status poll shows neither."""

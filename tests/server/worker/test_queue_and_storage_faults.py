@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,14 @@ def test_a_refused_completion_deletes_the_files_it_wrote(
         return real_complete(request_id, worker_id, result)
 
     monkeypatch.setattr(queue, "complete", taken_away_first)
+    storage = served.worker.storage  # the finisher's
+    real_delete = storage.delete
+
+    def slow_delete(file_name: str) -> None:  # a slow store: the files must still be gone first
+        time.sleep(0.2)
+        real_delete(file_name)
+
+    monkeypatch.setattr(storage, "delete", slow_delete)
     before = served.files()
     rid = api.submit(job(num_images=2)).id
     record = wait_until(completed(api, rid), what="the job")
