@@ -18,6 +18,7 @@ from enum import Enum
 from fastapi import Request
 
 from server.config import Settings
+from server.tenants import ANONYMOUS, Caller
 
 SCHEMES = ("key", "bearer")
 
@@ -73,7 +74,13 @@ def api_key_dependency(
 
     async def require_api_key(request: Request) -> None:
         if check_api_key(request):
+            request.state.caller = ANONYMOUS  # every configured key acts as the one admin tenant
             return
         raise refuse(KeyProblem.MISSING if presented_key(request) is None else KeyProblem.INVALID)
 
     return require_api_key
+
+
+def caller_of(request: Request) -> Caller:
+    """Who the request acts as (set by the protocol's key check; auth off: `ANONYMOUS`)."""
+    return getattr(request.state, "caller", ANONYMOUS)
