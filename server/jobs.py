@@ -179,6 +179,9 @@ class Job(BaseModel):
     tenant: str | None = None
     start_deadline: float | None = None  # unix time; not started by then -> request_timeout
     webhook: Webhook | None = None
+    # How long the URLs of its output images stay valid (fal's lifecycle preference on the
+    # submit), capped by the retention time; None: the retention time.
+    output_url_seconds: float | None = None
     # Scheme://host[:port] the client used (or --public-url): returned URLs and webhook
     # payloads are built on it, also when rendered later by another process.
     base_url: str = "http://127.0.0.1:8000"

@@ -165,6 +165,7 @@ class Finisher:
     def _store(self, item: Finished) -> list[OutputImage]:
         job = item.job.record.job
         kind = content_type(job.output_format)
+        lifetime = min(job.output_url_seconds or self.retention_seconds, self.retention_seconds)
         images: list[OutputImage] = []
         try:
             for image in item.generation.images:
@@ -180,8 +181,8 @@ class Finisher:
                         file_name=None if inline else self.storage.save(data, job.output_format),
                     )
                 )
-                if images[-1].file_name:  # a bucket's URL for it, valid as long as the result is kept
-                    url = self.storage.read_url(images[-1].file_name, self.retention_seconds)
+                if images[-1].file_name:  # a bucket's URL for it, valid as long as the client asked
+                    url = self.storage.read_url(images[-1].file_name, lifetime)
                     images[-1] = images[-1].model_copy(update={"url": url})
         except BaseException:
             self._delete(images)  # a job that fails leaves no files behind

@@ -105,6 +105,25 @@ def test_the_queue_run_and_stream_return_images_read_from_the_bucket(box: Box, f
     assert box.local_files() == []
 
 
+def test_the_lifecycle_preference_of_a_submit_sets_its_urls_lifetime(box: Box, fal: Any) -> None:
+    """fal's `X-Fal-Object-Lifecycle-Preference` on a submit (the JS client's
+    `storageSettings`, fal_client's `headers=`): the image URLs expire when asked, never after
+    the result is deleted; a malformed preference is the client's error."""
+    client = fal.SyncClient(key="anything")
+    for asked, expected in ((600, "600"), (10**9, "86400")):
+        preference = f'{{"expiration_duration_seconds": {asked}}}'
+        output = client.subscribe(
+            DEV, small_input(seed=5), headers={"X-Fal-Object-Lifecycle-Preference": preference}
+        )
+        box.check_image(output)
+        assert parse_qs(urlsplit(output["images"][0]["url"]).query)["X-Amz-Expires"] == [expected]
+    with box.server.client() as http:
+        answer = http.post(
+            f"/{DEV}", json=small_input(), headers={"x-fal-object-lifecycle-preference": "soon"}
+        )
+    assert answer.status_code == 422 and "Invalid lifecycle" in answer.text
+
+
 def test_python_client_uploads_land_in_the_bucket_and_feed_image_to_image(box: Box, fal: Any) -> None:
     client = fal.SyncClient(key="anything")
     picture = Image.new("RGB", (96, 64), (200, 80, 40))

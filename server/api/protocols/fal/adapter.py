@@ -126,6 +126,7 @@ async def build_job(
     start_deadline: float | None = None,
     webhook: Webhook | None = None,
     storage: Storage | None = None,
+    output_url_seconds: float | None = None,
 ) -> Job:
     """Validate `body` for the endpoint of `route` and map it to a Job on the route's variant.
     Raises RequestValidationError."""
@@ -166,6 +167,7 @@ async def build_job(
         priority=priority,
         start_deadline=start_deadline,
         webhook=webhook,
+        output_url_seconds=output_url_seconds,
         base_url=base_url,
         **extras,
     )

@@ -20,6 +20,7 @@ from server import lifecycle
 from server.api.auth import KeyProblem, api_key_dependency
 from server.api.deps import get_queue, get_settings, get_storage, public_base_url
 from server.api.protocols.fal import adapter, endpoints
+from server.api.protocols.fal.lifecycle import lifecycle_seconds
 from server.api.variants import NOT_CONFIGURED, NOT_SERVED_STATUS, VariantNotServed, require_served
 from server.api.waiting import EVENT_STREAM_HEADERS, StreamEvent, event_stream
 from server.config import Settings
@@ -82,6 +83,7 @@ async def request_job(request: Request, owner: str, app: str, endpoint: str) -> 
         ),
         webhook=adapter.parse_webhook(request.query_params.get("fal_webhook"), settings),
         storage=get_storage(request),
+        output_url_seconds=lifecycle_seconds(request),
     )
 
 

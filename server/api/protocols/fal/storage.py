@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import secrets
 import time
 from collections.abc import Callable, Coroutine
@@ -53,6 +52,7 @@ from starlette.responses import Response
 
 from server.api.auth import presented_key
 from server.api.deps import get_free_space, get_settings, get_storage, public_base_url
+from server.api.protocols.fal.lifecycle import lifecycle_seconds
 from server.api.protocols.fal.queue_routes import require_fal_key
 from server.api.protocols.fal.storage_models import (
     CompleteMultipartInput,
@@ -98,7 +98,6 @@ router = APIRouter(
 authorized = [Depends(require_fal_key)]
 
 TOKEN_SECONDS = 3600
-LIFECYCLE_HEADERS = ("x-fal-object-lifecycle", "x-fal-object-lifecycle-preference")
 # Bytes gathered from the request before one write to disk (in a thread, off the loop).
 WRITE_CHUNK = 1024 * 1024
 
@@ -255,26 +254,12 @@ def readable_url(request: Request, name: str, expires_at: float) -> str:
 
 
 def upload_lifetime(request: Request, settings: Settings) -> float:
-    """Seconds the uploaded file lives: the lifecycle header's `expiration_duration_seconds`
-    (fal's clients send it when the caller sets a lifecycle) up to the server's maximum, else
-    the retention time."""
-    for header in LIFECYCLE_HEADERS:
-        raw = request.headers.get(header)
-        if raw is None or not raw.strip():
-            continue
-        try:
-            value: Any = json.loads(raw)
-            seconds = value.get("expiration_duration_seconds") if isinstance(value, dict) else None
-            if seconds is None:
-                break  # a lifecycle without an expiry: the default
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-                raise ValueError("expiration_duration_seconds must be a positive number")
-        except ValueError as exc:
-            raise RequestValidationError(
-                [{"loc": ["header", header], "msg": f"Invalid lifecycle: {exc}", "type": "value_error"}]
-            ) from None
-        return min(float(seconds), settings.max_upload_retention_seconds)
-    return min(settings.retention_seconds, settings.max_upload_retention_seconds)
+    """Seconds the uploaded file lives: the client's lifecycle preference up to the server's
+    maximum, else the retention time."""
+    seconds = lifecycle_seconds(request)
+    if seconds is None:
+        return min(settings.retention_seconds, settings.max_upload_retention_seconds)
+    return min(seconds, settings.max_upload_retention_seconds)
 
 
 def too_large(limit: int) -> HTTPException:
