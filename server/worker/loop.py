@@ -36,7 +36,7 @@ from server.exit_codes import EXIT_DEVICE_LOST, EXIT_FAILING, EXIT_HUNG, EXIT_LO
 from server.jobs import JobRecord, cancelled_error
 from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.factory import open_queue
-from server.storage import open_storage
+from server.storage import StorageUnavailable, open_storage
 from server.worker.faults import (
     DEVICE_LOST_REQUEUED,
     FailureStreak,
@@ -54,7 +54,7 @@ from server.worker.lora.jobs import JobLoras
 from server.worker.outcomes import Outcomes
 from server.worker.progress import ProgressRelay
 from server.worker.request import generation_request, input_error, internal_error, parse_sizes
-from server.worker.retry import Backoff, QueueOutage, until_back
+from server.worker.retry import Backoff, QueueOutage, best_effort, until_back
 from server.worker.state import StateRecorder
 from server.worker.threads import hard_exit, start_helper
 from server.worker.variants import WorkerVariants
@@ -298,7 +298,12 @@ class Worker:
         started = time.perf_counter()
         idle_before: float | None = None
         try:
-            loras = tuple(self.loras.specs(record.job))  # downloads run here, inside the lease
+            # Downloads run here, inside the lease; an outage of the store is waited out.
+            specs = self.loras.specs_retrying(record.job, self._stop, self._note(queue, job))
+            if specs is None:
+                self.outcomes.requeue(job, "Worker stopping; requeued")
+                return None
+            loras = tuple(specs)
             job.enter(Stage.ENCODING)
             request = generation_request(record.job, loras)
             idle_before = self._device_idle(record)
@@ -315,6 +320,11 @@ class Worker:
         except LoraError as exc:  # names the LoRA; fal's 422 shape, located at its path
             logger.info("job %s refused: %s", job.id, exc)
             self.outcomes.fail(job, self.loras.error(record.job, exc), internal=False)
+            return None
+        except StorageUnavailable as exc:  # a LoRA upload unreadable for longer than the retries
+            logger.error("job %s failed: %s", job.id, exc)
+            error = internal_error(f"a LoRA could not be read from this server's store: {exc.strerror}", 503)
+            self.outcomes.fail(job, error, internal=True)
             return None
         except InputError as exc:  # the request's own fault (TaskUnavailable included): a 4xx
             logger.info("job %s refused: %s", job.id, exc)
@@ -368,6 +378,14 @@ class Worker:
         if record.created_at <= free_at:
             metrics.device_idle_seconds.observe(idle)
         return idle
+
+    def _note(self, queue: JobQueue, job: HeldJob) -> Callable[[str], None]:
+        """A line for the request's log, written when the queue answers (never waited on)."""
+
+        def note(line: str) -> None:
+            best_effort(lambda: queue.log(job.id, line), None, doing="logging", outage=self.outage)
+
+        return note
 
     def _on_step(self, job: HeldJob) -> Callable[[int, int], None]:
         """Runs on the denoising thread after every step: memory only, never the queue."""

@@ -3,12 +3,16 @@ LoRAs this worker already holds.
 
     loras = JobLoras(settings, storage)
     specs = loras.specs(job)                     # LoraError for a bad or unreachable LoRA
+    specs = loras.specs_retrying(job, stopping, note)  # ... waiting out an outage of the store
     loras.error(job, exc)                        # -> JobError, fal's 422 shape, naming the LoRA
     queue.claim(worker_id, timeout, prefer=loras.preference(runtime.loras.loaded))
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,9 +23,12 @@ from server.config import Settings
 from server.fetch import FetchPolicy
 from server.jobs import Job, JobError
 from server.queue.base import ClaimPreference
-from server.storage import Storage
+from server.storage import Storage, StorageUnavailable
 from server.worker.lora.cache import DownloadCache
 from server.worker.lora.sources import LoraResolver, resolve_all
+from server.worker.retry import Backoff
+
+logger = logging.getLogger(__name__)
 
 # fal's error shape for a LoRA the request named: its `type`.
 LORA_ERROR_TYPE = "lora_load_error"
@@ -70,6 +77,27 @@ class JobLoras:
         finally:
             metrics.lora_downloads_total.labels("hit").inc(self.cache.stats.hits - hits)
             metrics.lora_downloads_total.labels("miss").inc(self.cache.stats.misses - misses)
+
+    def specs_retrying(
+        self, job: Job, stopping: threading.Event, note: Callable[[str], None]
+    ) -> list[LoraSpec] | None:
+        """`specs`, tried again with backoff while this server's store is unavailable (a
+        bucket outage: the LoRA is one of its uploads), for up to `--storage-retry-seconds`,
+        the same patience as for storing outputs; then StorageUnavailable is raised. `note`
+        tells the request's log. None: the worker is stopping (the job goes back)."""
+        give_up_at = time.monotonic() + self.settings.storage_retry_seconds
+        backoff = Backoff()
+        while True:
+            try:
+                return self.specs(job)
+            except StorageUnavailable as exc:
+                left = give_up_at - time.monotonic()
+                if left <= 0:
+                    raise
+                logger.warning("reading a LoRA from the store failed: %s; retrying for %.0f s", exc, left)
+                note(f"Reading a LoRA from the store failed ({exc.strerror}); retrying for {left:.0f} s")
+                if stopping.wait(min(backoff.next_delay(), left)):
+                    return None
 
     def error(self, job: Job, exc: LoraError) -> JobError:
         """fal's validation shape, located at the LoRA's `path` when it is one of the job's."""

@@ -12,7 +12,8 @@ In this order:
 5. a Hugging Face repo id, `owner/name` or `owner/name/file.safetensors`: the local Hugging
    Face cache only (never a network call).
 
-Every failure is a LoraError naming the path as the client wrote it.
+Every failure is a LoraError naming the path as the client wrote it, except an outage of
+this server's store (StorageUnavailable), which is not the request's fault.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 
 from models.lora.errors import LoraError
 from models.lora.spec import LoraSpec
-from server.storage import Storage
+from server.storage import Storage, StorageUnavailable
 from server.worker.lora.cache import DownloadCache
 
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w./-]+\.safetensors))?$")
@@ -80,6 +81,8 @@ class LoraResolver:
             stored = self.storage.local_copy(url, own_base_urls, self.cache.folder, fetch=download)
         except FileNotFoundError:
             raise LoraError(path, "this server has no such file (expired or never uploaded)") from None
+        except StorageUnavailable:
+            raise  # the store is down for now: not the request's fault (the worker retries)
         except OSError as exc:
             raise LoraError(path, f"this server's file could not be read: {exc.strerror or exc}") from exc
         if stored is not None:

@@ -13,9 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from models.lora.tiny_loras import write_lora
 from server.config import Settings
+from server.jobs import LoraRef
 from server.queue.base import JobQueue
 from server.queue.factory import open_queue
+from server.storage import file_url
 from tests.s3_server import S3Server, running_s3_server
 from tests.server.worker.support import ThreadWorker, completed, job, make_data_dir
 from tests.support import wait_until
@@ -105,3 +108,45 @@ def test_a_longer_outage_fails_the_job_with_the_reason_and_the_worker_goes_on(se
     assert record.completed_at - record.started_at >= RETRY_SECONDS
     assert run(served).succeeded  # the bucket is back: the worker serves again
     assert served.running.thread.is_alive() and served.running.exits == []
+
+
+def lora_upload(served: Served, seed: int) -> str:
+    """A LoRA for the tiny model, uploaded into the bucket; its URL on this server."""
+    worker = served.running.worker
+    storage = worker.storage
+    received = storage.temp_path()
+    write_lora(received, worker.runtime.pipe.transformer, seed=seed)
+    name = storage.store_upload(received, "application/octet-stream", "style.safetensors", 600)
+    return file_url(job().base_url, name)
+
+
+def test_a_lora_upload_is_read_again_once_the_bucket_is_back(served: Served) -> None:
+    lora = lora_upload(served, seed=21)
+    served.s3.stop()
+    try:
+        request_id = served.api.submit(job(loras=(LoraRef(path=lora),))).id
+
+        def retrying() -> bool:
+            record = served.api.get(request_id)
+            return record is not None and any(
+                e.message.startswith("Reading a LoRA from the store failed") for e in record.logs
+            )
+
+        wait_until(retrying, 60, "the worker to retry reading the LoRA")
+    finally:
+        served.s3.start()
+    record = wait_until(completed(served.api, request_id), 60, "the job")
+    assert record.succeeded and record.attempts == 1
+
+
+def test_a_lora_upload_unreadable_for_longer_fails_as_the_servers_fault(served: Served) -> None:
+    lora = lora_upload(served, seed=22)
+    served.s3.stop()
+    try:
+        record = run(served, loras=(LoraRef(path=lora),))
+    finally:
+        served.s3.start()
+    assert record.error is not None and record.error.status_code == 503  # not the client's 422
+    assert record.error.message.startswith("a LoRA could not be read from this server's store")
+    assert record.completed_at - record.started_at >= RETRY_SECONDS
+    assert run(served, loras=(LoraRef(path=lora),)).succeeded  # the bucket is back
