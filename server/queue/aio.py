@@ -31,8 +31,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from server.disk import DiskFull, is_disk_full
-from server.jobs import Job, JobRecord, Status
+from server.jobs import Job, JobRecord, Status, new_request_id
 from server.queue.base import CancelOutcome, JobQueue, WorkerInfo
+from server.queue.idempotency import IdempotencyKey, Submitted
 
 T = TypeVar("T")
 
@@ -155,6 +156,16 @@ class AsyncQueue:
         for (_, future), result in zip(batch, stored, strict=True):
             if not future.done():
                 future.set_result(result)
+
+    async def submit_once(self, job: Job, key: IdempotencyKey) -> Submitted:
+        """A keyed submit (`JobQueue.store_once`): its own commit, outside the group commit
+        (the key's row and the job are one transaction)."""
+        return await self._call(self._submit_once, job, key)
+
+    def _submit_once(self, job: Job, key: IdempotencyKey) -> Submitted:
+        if self._admit is not None:
+            self._admit()
+        return self.sync.store_once(job, new_request_id(), key)
 
     def _submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
         if self._admit is not None:
