@@ -43,7 +43,7 @@ from server.api.protocols.fal import webhook as fal_webhook
 from server.api.protocols.fal.proxy import FalProxyMiddleware
 from server.api.protocols.openai import routes as openai_routes
 from server.api.request_ids import RequestIdMiddleware
-from server.api.routes import files, health, jwks, metrics, playground
+from server.api.routes import files, health, jwks, metrics, playground, usage
 from server.api.variants import VariantNotServed
 from server.api.webhooks.dispatch import start_dispatcher
 from server.config import Settings
@@ -104,6 +104,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.include_router(playground.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(usage.router)
     app.include_router(files.router)
     app.include_router(fal_storage.router)  # fixed paths under /files and /storage
     for module in PROTOCOL_ROUTES:

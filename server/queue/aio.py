@@ -34,6 +34,7 @@ from server.disk import DiskFull, is_disk_full
 from server.jobs import Job, JobRecord, Status, new_request_id
 from server.queue.base import CancelOutcome, JobQueue, WorkerInfo
 from server.queue.idempotency import IdempotencyKey, Submitted
+from server.queue.usage import UsageRow
 
 T = TypeVar("T")
 
@@ -195,6 +196,9 @@ class AsyncQueue:
 
     async def cancel(self, request_id: str) -> CancelOutcome:
         return await self._call(self.sync.cancel, request_id)
+
+    async def usage(self, first_day: str | None, last_day: str | None) -> list[UsageRow]:
+        return await self._call(self.sync.usage, first_day, last_day)
 
     async def workers(self) -> list[WorkerInfo]:
         return await self._call(self.sync.workers)

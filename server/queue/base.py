@@ -230,6 +230,11 @@ class JobQueue(ABC):
         unbounded), ordered by day, tenant, app id (server/queue/usage.py)."""
 
     @abstractmethod
+    def usage_totals(self) -> list[UsageRow]:
+        """Every day summed, per tenant and app id (`day` ""), ordered by tenant, app id: the
+        counters /metrics shows."""
+
+    @abstractmethod
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
         """The record, without its input images; `with_logs=False` leaves `logs` empty
         (cheaper, for status polls)."""

@@ -24,6 +24,14 @@ from server.jobs import JobError, JobResult
 NO_TENANT = ""
 DEFAULT_TENANT_LABEL = "default"
 
+# Both backends' sum over every day (the same SQL; `table` is the backend's usage table). The
+# casts keep PostgreSQL's sums of BIGINT integers (not NUMERIC).
+USAGE_TOTALS_SQL = (
+    "SELECT '', tenant, app_id, CAST(SUM(requests) AS BIGINT), CAST(SUM(failed) AS BIGINT), "
+    "CAST(SUM(images) AS BIGINT), CAST(SUM(pixels) AS BIGINT), SUM(gpu_seconds) "
+    "FROM {table} GROUP BY tenant, app_id ORDER BY tenant, app_id"
+)
+
 
 @dataclass(frozen=True)
 class Usage:

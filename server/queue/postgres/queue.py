@@ -39,7 +39,7 @@ from server.queue.postgres.maintenance import PostgresMaintenance
 from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS, REQUEUE
 from server.queue.postgres.wakeups import CHANNEL, SUBMIT_KEY
 from server.queue.records import PRIORITY_RANK, input_row, utc_timestamp, with_inputs, without_inputs
-from server.queue.usage import UsageRow
+from server.queue.usage import USAGE_TOTALS_SQL, UsageRow
 
 # A lost notification (a dropped listening connection) costs at most this long.
 FALLBACK_POLL_SECONDS = 2.0
@@ -182,6 +182,10 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                 (first_day or "", last_day or "9999-12-31"),
             ).fetchall()
         )
+        return [UsageRow(*row) for row in rows]
+
+    def usage_totals(self) -> list[UsageRow]:
+        rows = self._run(lambda conn: conn.execute(USAGE_TOTALS_SQL.format(table="flux_usage")).fetchall())
         return [UsageRow(*row) for row in rows]
 
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:

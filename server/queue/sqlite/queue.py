@@ -39,7 +39,7 @@ from server.queue.idempotency import IdempotencyKey, Submitted
 from server.queue.records import PRIORITY_RANK, file_names_in_results, input_row, without_inputs
 from server.queue.sqlite.deliveries import SQLiteDeliveries
 from server.queue.sqlite.store import RECORD_COLUMNS, WORKERS_KEY
-from server.queue.usage import UsageRow
+from server.queue.usage import USAGE_TOTALS_SQL, UsageRow
 
 # A lost datagram costs at most this long: every wait re-reads the database after it.
 FALLBACK_POLL_SECONDS = 0.5
@@ -147,6 +147,10 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
             "WHERE day >= ? AND day <= ? ORDER BY day, tenant, app_id",
             (first_day or "", last_day or "9999-12-31"),
         )
+        return [UsageRow(*row) for row in rows]
+
+    def usage_totals(self) -> list[UsageRow]:
+        rows = self._conn().execute(USAGE_TOTALS_SQL.format(table="tenant_usage"))
         return [UsageRow(*row) for row in rows]
 
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:

@@ -5,6 +5,7 @@ purge."""
 from __future__ import annotations
 
 import time
+from dataclasses import astuple
 
 from server.jobs import JobError, JobResult, OutputImage
 from server.queue.base import CancelOutcome, JobQueue
@@ -53,6 +54,9 @@ def test_completions_add_requests_images_pixels_and_gpu_seconds_per_tenant_and_a
         UsageRow(today, "acme", "fal-ai/flux", 2, 0, 3, 1024 * 768 + 512 * 512 + 64 * 48, 1.75),
     ]
     assert rows[1].megapixels == (1024 * 768 + 512 * 512 + 64 * 48) / 1e6
+    totals = api.usage_totals()  # every day summed: here the one day's rows, day ""
+    assert totals == [UsageRow("", row.tenant, row.app_id, *astuple(row)[3:]) for row in rows]
+    assert all(type(value) is int for value in astuple(totals[0])[3:7])
     assert api.usage("2000-01-01", "2000-12-31") == []  # another range: nothing
 
 
