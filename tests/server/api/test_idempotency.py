@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import ApiServer, png_bytes
+from tests.server.conftest import ApiServer, api_settings, png_bytes, run_api_server
 from tests.support import wait_until
 
 APP = "fal-ai/flux/dev"
@@ -199,3 +200,15 @@ def test_openai_sdk_generations_and_edits_with_one_key(api: ApiServer) -> None:
         assert "error" not in box, box.get("error")
     assert edits[0][1]["value"].data[0].url == edits[1][1]["value"].data[0].url
     assert api.worker.claim("test-worker", timeout=0) is None
+
+
+def test_a_key_past_the_window_makes_a_new_job(tmp_path_factory: pytest.TempPathFactory) -> None:
+    settings = api_settings(tmp_path_factory.mktemp("window"), idempotency_window_seconds=0.5)
+    with run_api_server(settings) as server:
+        key = {"Idempotency-Key": new_key()}
+        first = server.submit(f"/{APP}", {"prompt": "p"}, headers=key)["request_id"]
+        assert server.submit(f"/{APP}", {"prompt": "p"}, headers=key)["request_id"] == first
+        time.sleep(0.6)
+        # Past the window the key is new again, also for another request.
+        later = server.submit(f"/{APP}", {"prompt": "another"}, headers=key)["request_id"]
+        assert later != first and server.worker.depth() == 2

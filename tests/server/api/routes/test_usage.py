@@ -14,7 +14,7 @@ import server.api.auth
 from server.jobs import Job, JobError
 from server.queue.usage import utc_day
 from server.tenants import Caller, Role
-from tests.server.conftest import ApiServer
+from tests.server.conftest import ApiServer, api_settings, run_api_server
 
 
 def finish_one(api: ApiServer, request_id: str) -> None:
@@ -98,3 +98,11 @@ def test_a_non_admin_key_is_refused(api: ApiServer, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(server.api.auth, "ANONYMOUS", Caller(tenant="acme", role=Role.USER))
     answer = api.client.get("/admin/usage")
     assert answer.status_code == 403 and answer.json() == {"detail": "Usage is for admin keys only"}
+
+
+def test_usage_needs_a_key_when_auth_is_on(tmp_path_factory: pytest.TempPathFactory) -> None:
+    with run_api_server(api_settings(tmp_path_factory.mktemp("usage-auth"), api_key=["admin-key"])) as server:
+        assert server.client.get("/admin/usage").status_code == 401
+        assert server.client.get("/admin/usage", headers={"Authorization": "Key wrong"}).status_code == 401
+        answer = server.client.get("/admin/usage", headers={"Authorization": "Bearer admin-key"})
+        assert answer.status_code == 200 and answer.json() == {"from": None, "to": None, "rows": []}
