@@ -17,6 +17,7 @@ fal's clients retry).
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 from fastapi import Request
@@ -109,7 +110,7 @@ def idempotency_key(request: Request) -> IdempotencyKey | None:
     for part in (
         request.method,
         request.url.path,
-        "&".join(sorted(f"{k}={v}" for k, v in request.query_params.multi_items())),
+        json.dumps(sorted(request.query_params.multi_items())),  # unambiguous, in any order
         *(request.headers.get(name, "") for name in SHAPING_HEADERS),
         body,
     ):

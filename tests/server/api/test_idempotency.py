@@ -74,6 +74,7 @@ def test_the_same_key_with_another_request_is_a_fal_422(api: ApiServer, fal: fal
         (f"/{APP}", {"prompt": "a dog"}, {}),  # another body
         ("/fal-ai/flux-1/dev", {"prompt": "a cat"}, {}),  # another app
         (f"/{APP}", {"prompt": "a cat"}, {"x-fal-queue-priority": "low"}),  # another priority
+        (f"/{APP}?fal_webhook=http://127.0.0.1:9/hook", {"prompt": "a cat"}, {}),  # another query
     ):
         response = api.client.post(path, json=body, headers={"Idempotency-Key": key, **headers})
         assert response.status_code == 422, response.text
