@@ -9,7 +9,7 @@ import time
 import uuid
 
 import pytest
-from e2e_support import DEV, small_input
+from e2e_support import DEV, run_node_script, small_input
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.queue.usage import utc_day
@@ -48,3 +48,14 @@ def test_a_repeated_submit_is_one_job_and_its_usage_is_counted_once(flux_server,
     assert after["images"] - before["images"] == 1 and images_after - images_before == 1
     assert after["pixels"] - before["pixels"] == 96 * 64
     assert after["gpu_seconds"] - before["gpu_seconds"] == pytest.approx(output["timings"]["inference"])
+
+
+def test_the_js_client_sends_the_key_in_both_modes(flux_server) -> None:
+    seen = run_node_script(flux_server, "idempotency.mjs", KEY_PREFIX=f"js-{uuid.uuid4()}")
+    for mode in ("proxy", "middleware"):
+        run = seen[mode]
+        assert run["again"] == run["first"], mode
+        refused = run["refused"]
+        assert refused["thrown"] and refused["isApiError"] and refused["status"] == 422, (mode, refused)
+        assert refused["body"]["detail"][0]["type"] == "idempotency_key_reused"
+    assert seen["proxy"]["first"] != seen["middleware"]["first"]  # two keys, two jobs
