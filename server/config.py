@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     # Input images decoded at once per API process (the others wait); None: one per core.
     input_decode_threads: int | None = Field(default=None, ge=1)
     retention_seconds: float = 24 * 3600.0
+    # How long a submit's Idempotency-Key stands for its request (server/queue/idempotency.py).
+    idempotency_window_seconds: float = Field(default=24 * 3600.0, gt=0)
     # fal storage uploads: the largest file, and the longest lifetime a client's lifecycle
     # header may ask for (without one, an upload lives for retention_seconds).
     max_upload_bytes: int = Field(default=1024**3, gt=0)

@@ -1,5 +1,6 @@
 r"""A request's lifecycle events, each recorded once: a Prometheus figure (server/metrics.py)
-and one log line (server/logs.py) with the request id, the endpoint and the timings.
+and one log line (server/logs.py) with the request id, the endpoint, the tenant (its key's
+name; "default" for no named key) and the timings.
 
     submitted (API) -> started (worker) -> completed | failed (worker)
                     \-> cancelled while queued (API)
@@ -12,6 +13,7 @@ import time
 from server import metrics
 from server.jobs import Job, JobError, JobRecord
 from server.logs import event
+from server.queue.usage import tenant_label
 
 
 def endpoint_label(job: Job) -> str:
@@ -25,7 +27,14 @@ def outcome_label(error: JobError | None) -> str:
 
 def submitted(record: JobRecord, position: int | None = None) -> None:
     extra = {} if position is None else {"queue_position": position}
-    event("submitted", record.id, endpoint_label(record.job), protocol=record.job.protocol, **extra)
+    event(
+        "submitted",
+        record.id,
+        endpoint_label(record.job),
+        tenant=tenant_label(record.job.tenant),
+        protocol=record.job.protocol,
+        **extra,
+    )
 
 
 def started(record: JobRecord, worker_id: str) -> None:
@@ -33,7 +42,15 @@ def started(record: JobRecord, worker_id: str) -> None:
     endpoint = endpoint_label(record.job)
     wait = max(0.0, (record.started_at or time.time()) - record.created_at)
     metrics.queue_wait_seconds.labels(endpoint).observe(wait)
-    event("started", record.id, endpoint, worker=worker_id, queued_seconds=wait, attempt=record.attempts)
+    event(
+        "started",
+        record.id,
+        endpoint,
+        tenant=tenant_label(record.job.tenant),
+        worker=worker_id,
+        queued_seconds=wait,
+        attempt=record.attempts,
+    )
 
 
 def finished(
@@ -56,16 +73,29 @@ def finished(
         metrics.images_generated_total.labels(endpoint).inc(images)
         fields["images"] = images
     if error is None:
-        event("completed", record.id, endpoint, **fields)
+        event("completed", record.id, endpoint, tenant=tenant_label(record.job.tenant), **fields)
     else:
-        event("failed", record.id, endpoint, error_type=error.error_type, **fields)
+        event(
+            "failed",
+            record.id,
+            endpoint,
+            tenant=tenant_label(record.job.tenant),
+            error_type=error.error_type,
+            **fields,
+        )
 
 
 def cancelled_in_queue(record: JobRecord) -> None:
     """A queued request was cancelled before any worker saw it."""
     endpoint = endpoint_label(record.job)
     metrics.requests_total.labels(endpoint, "request_cancelled").inc()
-    event("cancelled", record.id, endpoint, queued_seconds=max(0.0, time.time() - record.created_at))
+    event(
+        "cancelled",
+        record.id,
+        endpoint,
+        tenant=tenant_label(record.job.tenant),
+        queued_seconds=max(0.0, time.time() - record.created_at),
+    )
 
 
 def recovered(record: JobRecord) -> None:
@@ -73,8 +103,17 @@ def recovered(record: JobRecord) -> None:
     deadline passed, or its worker was lost once more)."""
     endpoint = endpoint_label(record.job)
     if record.error is None:
-        event("requeued", record.id, endpoint, attempt=record.attempts)
+        event(
+            "requeued", record.id, endpoint, tenant=tenant_label(record.job.tenant), attempt=record.attempts
+        )
         return
     metrics.requests_total.labels(endpoint, record.error.error_type).inc()
     total = max(0.0, time.time() - record.created_at)
-    event("failed", record.id, endpoint, error_type=record.error.error_type, total_seconds=total)
+    event(
+        "failed",
+        record.id,
+        endpoint,
+        tenant=tenant_label(record.job.tenant),
+        error_type=record.error.error_type,
+        total_seconds=total,
+    )

@@ -13,7 +13,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -72,3 +72,11 @@ def link_tiny(data_dir: Path, tiny_model_dir: Path) -> None:
         link = data_dir / folder.name
         if not link.exists():
             link.symlink_to(folder, target_is_directory=True)
+
+
+def error_body(response: Any) -> dict:
+    """A 5xx answer's JSON body less its `request_id`, which must be the response's
+    `x-request-id` (server/api/request_ids.py)."""
+    body = dict(response.json())
+    assert body.pop("request_id") == response.headers["x-request-id"], body
+    return body

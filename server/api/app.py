@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.body_limit import BodyLimitMiddleware
 from server.api.errors import install_error_handlers
+from server.api.idempotency import FingerprintMiddleware
 from server.api.maintenance import maintain_queue
 from server.api.openapi import install_docs
 from server.api.protocols.bfl import routes as bfl_routes
@@ -41,7 +42,8 @@ from server.api.protocols.fal import storage as fal_storage
 from server.api.protocols.fal import webhook as fal_webhook
 from server.api.protocols.fal.proxy import FalProxyMiddleware
 from server.api.protocols.openai import routes as openai_routes
-from server.api.routes import files, health, jwks, metrics, playground
+from server.api.request_ids import RequestIdMiddleware
+from server.api.routes import files, health, jwks, metrics, playground, usage
 from server.api.variants import VariantNotServed
 from server.api.webhooks.dispatch import start_dispatcher
 from server.config import Settings
@@ -102,6 +104,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.include_router(playground.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(usage.router)
     app.include_router(files.router)
     app.include_router(fal_storage.router)  # fixed paths under /files and /storage
     for module in PROTOCOL_ROUTES:
@@ -117,9 +120,13 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     # path, then slashes are stripped, then the request-id header is added on the way out.
     app.add_middleware(RequestIdHeaderMiddleware)
     app.add_middleware(StripTrailingSlashMiddleware)
+    # Inside the body limit: hashes only what it let through (a keyed submit's body).
+    app.add_middleware(FingerprintMiddleware)
     # fal storage uploads (under /files/) have their own, larger limit (--max-upload-bytes).
     app.add_middleware(BodyLimitMiddleware, limit=settings.request_body_limit, exempt_prefix="/files/")
     app.add_middleware(FalProxyMiddleware)
+    # Around all of the above: every answer they give carries the HTTP request's id.
+    app.add_middleware(RequestIdMiddleware)
     if settings.cors_origin:
         # Outermost, so that preflights are answered before the proxy route sees them and
         # every answer (413s included) carries the headers a browser needs.
@@ -128,7 +135,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
             allow_origins=settings.cors_origin,
             allow_methods=["GET", "HEAD", "POST", "PUT"],
             allow_headers=["*"],
-            expose_headers=["x-fal-request-id"],
+            expose_headers=["x-fal-request-id", "x-request-id"],
             max_age=600,
         )
     return app

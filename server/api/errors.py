@@ -10,8 +10,12 @@ protocol claims get FastAPI's shapes, which are fal's.
 A full disk (`server.disk.DiskFull`, or any error `is_disk_full` recognises) is answered 507
 Insufficient Storage in the protocol's shape, never 500: the request was not stored.
 
-Nearly a leaf module: it imports only the leaf `server.disk`, so protocol packages can use it
-without importing the app.
+Every answer rendered here carries the HTTP request's id (server/api/request_ids.py): a 500
+from an unexpected exception is sent past the middleware that adds it elsewhere. The
+exception's text goes to the log with that id, never into the body.
+
+Nearly a leaf module: it imports only the leaves `server.disk` and `server.api.request_ids`,
+so protocol packages can use it without importing the app.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.request_ids import request_id_of, stamp
 from server.disk import DISK_FULL_MESSAGE, DiskFull, is_disk_full
 from server.storage.base import StorageUnavailable
 
@@ -72,8 +77,21 @@ async def handle_error(request: Request, exc: Exception) -> Response:
         exc = StarletteHTTPException(INSUFFICIENT_STORAGE, detail=DISK_FULL_MESSAGE)
     for prefix, renderer in request.app.state.error_renderers:
         if request.url.path.startswith(prefix):
-            return await renderer(request, exc)
-    return default_error(request, exc)
+            return stamp(await renderer(request, exc), request_id_of(request))
+    return stamp(default_error(request, exc), request_id_of(request))
+
+
+def log_unhandled(logger: logging.Logger, request: Request, exc: Exception) -> None:
+    """An unexpected exception's one log line, with its traceback and the request's id."""
+    request_id = request_id_of(request)
+    logger.error(
+        "unhandled error on %s %s (request id %s)",
+        request.method,
+        request.url.path,
+        request_id,
+        exc_info=exc,
+        extra={"http_request_id": request_id},
+    )
 
 
 def default_error(request: Request, exc: Exception) -> Response:
@@ -82,7 +100,7 @@ def default_error(request: Request, exc: Exception) -> Response:
         return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
     if isinstance(exc, StarletteHTTPException):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    log_unhandled(log, request, exc)
     return JSONResponse(
         {"detail": "Internal server error", "error_type": "internal_server_error"},
         status_code=500,

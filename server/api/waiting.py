@@ -25,6 +25,7 @@ import anyio
 from fastapi import Request
 
 from server import lifecycle
+from server.api.idempotency import keyed, submit_job
 from server.jobs import Job, JobRecord, Status
 from server.queue.aio import AsyncQueue
 from server.queue.base import CancelOutcome
@@ -53,14 +54,18 @@ async def cancel_quietly(queue: AsyncQueue, request_id: str) -> None:
 
 async def submit_and_wait(request: Request, queue: AsyncQueue, job: Job) -> JobRecord:
     """Submit `job` for a synchronous caller and return its completed record; raises
-    ClientGone (having cancelled the job) if the caller hangs up first."""
-    record, position = await queue.submit(job)
-    lifecycle.submitted(record, position)
-    return await wait_until_completed(request, queue, record.id)
+    ClientGone (having cancelled the job) if the caller hangs up first. With an
+    Idempotency-Key the job is the key's (a repeat waits on the first submit's job) and is
+    not cancelled when the caller hangs up: a client that sends a key comes back for it."""
+    submitted = await submit_job(request, job)
+    return await wait_until_completed(request, queue, submitted.record.id, cancel=not keyed(request))
 
 
-async def wait_until_completed(request: Request, queue: AsyncQueue, request_id: str) -> JobRecord:
-    """The synchronous caller's wait on a submitted job (see the module docstring)."""
+async def wait_until_completed(
+    request: Request, queue: AsyncQueue, request_id: str, *, cancel: bool = True
+) -> JobRecord:
+    """The synchronous caller's wait on a submitted job (see the module docstring); `cancel`
+    False: a caller that hangs up leaves the job running."""
     completed = False
     try:
         async with aclosing(queue.watch(request_id, timeout=WAIT_SLICE, with_logs=False)) as changes:
@@ -74,7 +79,7 @@ async def wait_until_completed(request: Request, queue: AsyncQueue, request_id: 
                 if await request.is_disconnected():
                     raise ClientGone
     finally:
-        if not completed:
+        if not completed and cancel:
             await cancel_quietly(queue, request_id)
     raise AssertionError("unreachable: watch() never ends by itself")
 

@@ -31,8 +31,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from server.disk import DiskFull, is_disk_full
-from server.jobs import Job, JobRecord, Status
+from server.jobs import Job, JobRecord, Status, new_request_id
 from server.queue.base import CancelOutcome, JobQueue, WorkerInfo
+from server.queue.idempotency import IdempotencyKey, Submitted
+from server.queue.usage import UsageRow
 
 T = TypeVar("T")
 
@@ -156,6 +158,16 @@ class AsyncQueue:
             if not future.done():
                 future.set_result(result)
 
+    async def submit_once(self, job: Job, key: IdempotencyKey) -> Submitted:
+        """A keyed submit (`JobQueue.store_once`): its own commit, outside the group commit
+        (the key's row and the job are one transaction)."""
+        return await self._call(self._submit_once, job, key)
+
+    def _submit_once(self, job: Job, key: IdempotencyKey) -> Submitted:
+        if self._admit is not None:
+            self._admit()
+        return self.sync.store_once(job, new_request_id(), key)
+
     def _submit_many(self, jobs: list[Job]) -> list[tuple[JobRecord, int]]:
         if self._admit is not None:
             self._admit()
@@ -184,6 +196,9 @@ class AsyncQueue:
 
     async def cancel(self, request_id: str) -> CancelOutcome:
         return await self._call(self.sync.cancel, request_id)
+
+    async def usage(self, first_day: str | None, last_day: str | None) -> list[UsageRow]:
+        return await self._call(self.sync.usage, first_day, last_day)
 
     async def workers(self) -> list[WorkerInfo]:
         return await self._call(self.sync.workers)

@@ -20,6 +20,9 @@ that stores it, and read back only by `claim`: every other record (`store`'s, `g
 `purge`'s) carries the job without them, so status polls cost the same whatever the job
 carries. Completing a job (any path) deletes them.
 
+Usage (server/queue/usage.py): the transaction that completes a job (any path) also adds
+it to its tenant's usage row of the day; usage rows outlive the purge.
+
 Webhooks: whenever a job with a webhook completes (any path), the transaction that completes
 it also writes its delivery row. Dispatchers lease due rows (`lease_deliveries`), so each
 attempt is made by one dispatcher at a time, across every process sharing the store.
@@ -37,6 +40,8 @@ from types import MappingProxyType
 
 from server.jobs import Job, JobError, JobRecord, JobResult, new_request_id
 from server.queue.fairshare import validated_weights
+from server.queue.idempotency import IdempotencyKey, IdempotencyMismatch, Submitted
+from server.queue.usage import UsageRow
 
 # A job whose worker vanished is tried this many times in all before it fails.
 MAX_ATTEMPTS = 2
@@ -200,6 +205,34 @@ class JobQueue(ABC):
         """Insert `(job, request id)` pairs (and their input images) in order in one
         transaction, wake the workers, and return each record, without its input images, with
         its queue position as stored."""
+
+    @abstractmethod
+    def store_once(self, job: Job, request_id: str, key: IdempotencyKey) -> Submitted:
+        """Store `job` as `store` does, unless `key` (tenant, key) was stored within its window:
+        then store nothing and return that earlier job (`repeated`), or raise
+        IdempotencyMismatch when the earlier request's hash differs. The key's row is written
+        in the job's transaction, so concurrent submits of one key, on any process or box,
+        store one job. Deletes the keys older than the window on the way."""
+
+    def _repeat(self, request_id: str, body_hash: str, key: IdempotencyKey) -> Submitted | None:
+        """A keyed submit that found its key held by `request_id` (stored with `body_hash`):
+        that job, or None when it was purged since (the caller stores anew)."""
+        if body_hash != key.body_hash:
+            raise IdempotencyMismatch(key.key)
+        record = self.get(request_id, with_logs=False)
+        if record is None:
+            return None
+        return Submitted(record, self.position(request_id), repeated=True)
+
+    @abstractmethod
+    def usage(self, first_day: str | None = None, last_day: str | None = None) -> list[UsageRow]:
+        """The usage rows of UTC days `first_day`..`last_day` (YYYY-MM-DD, both included; None:
+        unbounded), ordered by day, tenant, app id (server/queue/usage.py)."""
+
+    @abstractmethod
+    def usage_totals(self) -> list[UsageRow]:
+        """Every day summed, per tenant and app id (`day` ""), ordered by tenant, app id: the
+        counters /metrics shows."""
 
     @abstractmethod
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:

@@ -4,8 +4,9 @@ Run it with the server stopped (`serve` gives running jobs back to the queue whe
 then start every box with `--queue-url`. Queued requests keep their order and priority,
 finished ones keep their results, logs and webhook delivery state, so clients can still read
 them until retention deletes them. Queued jobs keep their input images. A job left running by
-a crash is copied as queued, with its attempts. Copying again skips what is already there, so
-an interrupted run can simply be repeated.
+a crash is copied as queued, with its attempts. Usage rows (per tenant, app id and day) and
+unexpired Idempotency-Key rows come along. Copying again skips what is already there, so an
+interrupted run can simply be repeated.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def copy_sqlite_to_postgres(db_path: Path, url: str) -> Copied:
             if _has_table(source, "job_inputs"):  # a file from before schema v3 has none
                 for row in copied:
                     _copy_inputs(source, target, row[0])
+            _copy_usage_and_keys(source, target)
     finished = sum(row[2] == "COMPLETED" for row in copied)
     return Copied(
         queued=len(copied) - finished,
@@ -135,6 +137,31 @@ def _copy_inputs(source: sqlite3.Connection, target: psycopg.Connection, request
             "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
             row,
         )
+
+
+def _copy_usage_and_keys(source: sqlite3.Connection, target: psycopg.Connection) -> None:
+    """The usage rows and Idempotency-Key rows (a file from before schema v5 has neither); a
+    row the target has already is kept as it is."""
+    if _has_table(source, "tenant_usage"):
+        rows = source.execute(
+            "SELECT day, tenant, app_id, requests, failed, images, pixels, gpu_seconds FROM tenant_usage"
+        ).fetchall()
+        with target.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO flux_usage (day, tenant, app_id, requests, failed, images, pixels, gpu_seconds) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                rows,
+            )
+    if _has_table(source, "idempotency_keys"):
+        rows = source.execute(
+            "SELECT tenant, key, body_hash, request_id, created_at FROM idempotency_keys"
+        ).fetchall()
+        with target.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO flux_idempotency_keys (tenant, key, body_hash, request_id, created_at) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                rows,
+            )
 
 
 def _copy_delivery(source: sqlite3.Connection, target: psycopg.Connection, request_id: str) -> int:

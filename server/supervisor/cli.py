@@ -90,6 +90,7 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("--retention-seconds", {"type": float}),
+    ("--idempotency-window-seconds", {"type": float}),
     ("--max-upload-bytes", {"type": int, "help": "largest file a client may upload (fal storage)"}),
     (
         "--min-free-disk-bytes",

@@ -38,7 +38,7 @@ from server.storage import Storage, StorageUnavailable
 from server.worker.faults import is_queue_outage, storage_error
 from server.worker.held import HeldJob, Stage
 from server.worker.outcomes import Outcomes
-from server.worker.request import internal_error
+from server.worker.request import unexpected_error
 from server.worker.retry import STOPPING_PATIENCE_SECONDS, Backoff, QueueOutage, best_effort, until_back
 
 if TYPE_CHECKING:
@@ -106,7 +106,8 @@ class Finisher:
             return
         except Exception as exc:  # encoding failed: ours, not the client's
             logger.exception("job %s: encoding the output failed", job.id)
-            self.outcomes.fail(job, internal_error(f"{type(exc).__name__}: {exc}"), internal=True)
+            detail = f"{type(exc).__name__}: {exc}"
+            self.outcomes.fail(job, unexpected_error(job.id), internal=True, detail=detail)
             return
         if images is None:
             self.outcomes.abandon(job, "stopping while the store was unavailable; its lease will run out")

@@ -53,7 +53,13 @@ from server.worker.held import HeldJob, HeldJobs, Stage
 from server.worker.lora.jobs import JobLoras
 from server.worker.outcomes import Outcomes
 from server.worker.progress import ProgressRelay
-from server.worker.request import generation_request, input_error, internal_error, parse_sizes
+from server.worker.request import (
+    generation_request,
+    input_error,
+    internal_error,
+    parse_sizes,
+    unexpected_error,
+)
 from server.worker.retry import Backoff, QueueOutage, best_effort, until_back
 from server.worker.state import StateRecorder
 from server.worker.threads import hard_exit, start_helper
@@ -340,7 +346,8 @@ class Worker:
                 self._device_lost(job, exc)
                 return None
             logger.exception("job %s failed", job.id)
-            self.outcomes.fail(job, internal_error(f"{type(exc).__name__}: {exc}"), internal=True)
+            detail = f"{type(exc).__name__}: {exc}"
+            self.outcomes.fail(job, unexpected_error(job.id), internal=True, detail=detail)
             self._report_gpu_memory()
             return None
 
@@ -415,11 +422,13 @@ class Worker:
         so that a fresh process gets a fresh CUDA context."""
         reason = f"{type(exc).__name__}: {exc}"
         logger.critical("job %s: the GPU failed (%s); this worker ends", job.id, reason, exc_info=exc)
+        # The CUDA error's text stays in this log; the job's log lines and error (which clients
+        # read) say only what happened.
         if device_lost_before(job.record):  # a poison job: it would take down every worker
-            message = f"the GPU failed twice running this request; giving up ({reason})"
+            message = f"the GPU failed twice running request {job.id}; giving up (details in the server log)"
             self.outcomes.fail(job, internal_error(message), internal=True)
         else:
-            self.outcomes.requeue(job, f"{DEVICE_LOST_REQUEUED}: {reason}")
+            self.outcomes.requeue(job, DEVICE_LOST_REQUEUED)
         self._ending = (EXIT_DEVICE_LOST, f"the GPU failed: {reason}; a fresh process is needed")
 
     def _hung(self, job: HeldJob, stalled: float) -> None:

@@ -34,8 +34,10 @@ class Outcomes:
         self.queue, self.worker_id, self.held = queue, worker_id, held
         self.outage, self.streak, self.stopping = outage, streak, stopping
 
-    def fail(self, job: HeldJob, error: JobError, *, internal: bool) -> None:
-        """`internal`: the server's fault (counts toward the streak), not the request's."""
+    def fail(self, job: HeldJob, error: JobError, *, internal: bool, detail: str | None = None) -> None:
+        """`internal`: the server's fault (counts toward the streak), not the request's.
+        `detail`: what the operators see of it (the worker's state) when the client's message
+        leaves it out (exception text)."""
         try:
             done = until_back(
                 lambda: self.queue.fail(job.id, self.worker_id, error),
@@ -48,7 +50,7 @@ class Outcomes:
         if done:
             lifecycle.finished(job.record, error)
         if internal:
-            self.streak.failed(error.message)
+            self.streak.failed(detail or error.message)
 
     def requeue(self, job: HeldJob, message: str) -> bool:
         """Back to the head of the queue without counting the attempt."""

@@ -46,8 +46,17 @@ def input_error(message: str) -> JobError:
 
 
 def internal_error(message: str, status_code: int = 500) -> JobError:
-    """The server's own failure."""
+    """The server's own failure, with a message meant for the client (no exception text)."""
     return JobError(message=message, error_type="internal_server_error", status_code=status_code)
+
+
+def unexpected_error(request_id: str) -> JobError:
+    """An unexpected failure as the client sees it. Exception text may carry paths, memory
+    figures and other internals, so it stays in the worker's log (logged with the job's id,
+    which this message names) and never reaches the client."""
+    return internal_error(
+        f"Internal error while running request {request_id}; the server log has the details under that id"
+    )
 
 
 def parse_sizes(items: list[str]) -> list[tuple[int, int]]:

@@ -28,6 +28,7 @@ def test_text_logs_have_one_line_per_lifecycle_event(flux_server) -> None:
     # Two processes write these lines (API, worker): a worker may log its start first.
     assert sorted(events) == ["completed", "started", "submitted"], lines
     assert all(DEV in line for line in lines)
+    assert all(" tenant=default" in line for line in lines)  # no named key: the default tenant
     (completed,) = [line for line in lines if ": completed " in line]
     assert "inference_seconds=" in completed and "total_seconds=" in completed and "images=1" in completed
 
@@ -54,6 +55,7 @@ def test_json_logs_and_a_quiet_start(start_flux_server) -> None:
     assert {r["process"] for r in mine} == {"api", "worker w0"}
     (completed,) = [r for r in mine if r["event"] == "completed"]
     assert completed["inference_seconds"] > 0 and completed["endpoint"] == DEV
+    assert {r["tenant"] for r in mine} == {"default"}
     # Every log line is JSON; only the banner (stdout, for the person starting it) is not.
     log_lines = [line for line in server.log().splitlines() if line.strip()]
     other = [line for line in log_lines if not line.startswith("{")]

@@ -27,7 +27,7 @@ from server.disk import DISK_FULL_MESSAGE, DiskFull, FreeSpace, free_bytes, is_d
 from server.jobs import Status
 from server.storage import LocalStorage
 from tests.server.conftest import ApiServer, api_settings, png_bytes, run_api_server
-from tests.support import wait_until
+from tests.support import error_body, wait_until
 
 MIB = 1024 * 1024
 FLOOR = 2 * MIB
@@ -71,12 +71,12 @@ def fill(disk: Path, leave: int) -> Path:
 def assert_fal_507(response: httpx.Response, what: str = "") -> None:
     """fal's (and BFL's) shape: {"detail": message}."""
     assert response.status_code == 507, f"{what}: {response.text}"
-    assert response.json() == {"detail": DISK_FULL_MESSAGE}, what
+    assert error_body(response) == {"detail": DISK_FULL_MESSAGE}, what
 
 
 def assert_openai_507(response: httpx.Response, what: str = "") -> None:
     assert response.status_code == 507, f"{what}: {response.text}"
-    assert response.json() == {
+    assert error_body(response) == {
         "error": {
             "message": DISK_FULL_MESSAGE,
             "type": "server_error",

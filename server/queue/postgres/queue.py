@@ -33,11 +33,13 @@ from server.queue.base import (
     QueueCounts,
 )
 from server.queue.fairshare import BatchTags, known_sql, read_known, tag_step
+from server.queue.idempotency import IdempotencyKey, Submitted
 from server.queue.postgres.deliveries import PostgresDeliveries
 from server.queue.postgres.maintenance import PostgresMaintenance
 from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS, REQUEUE
 from server.queue.postgres.wakeups import CHANNEL, SUBMIT_KEY
 from server.queue.records import PRIORITY_RANK, input_row, utc_timestamp, with_inputs, without_inputs
+from server.queue.usage import USAGE_TOTALS_SQL, UsageRow
 
 # A lost notification (a dropped listening connection) costs at most this long.
 FALLBACK_POLL_SECONDS = 2.0
@@ -65,67 +67,126 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
         """Insert the jobs (their input images into flux_job_inputs) in order in one
         transaction; each with its position. The records returned carry no image bytes."""
         now = time.time()
-        weights = self.tenant_weights
         bare_jobs = [without_inputs(job) for job, _ in entries]
-        rows = [
-            (request_id, job.app_id, PRIORITY_RANK[job.priority], bare.model_dump_json(), now,
-             job.start_deadline, job.webhook is not None, job.tenant)
-            for (job, request_id), bare in zip(entries, bare_jobs, strict=True)
-        ]  # fmt: skip
-        inputs = [(request_id, *row) for job, request_id in entries if (row := input_row(job)) is not None]
+        positions = self._tx(lambda conn: self._insert(conn, entries, bare_jobs, now))
+        return self._stored(entries, bare_jobs, positions, now)
 
-        def store(conn: psycopg.Connection) -> list[int]:
-            # Queued jobs of each class and the ones before it: one count per batch.
-            normal, everything = conn.execute(
-                "SELECT count(*) FILTER (WHERE priority_rank = 0), count(*) FROM flux_jobs "
-                "WHERE status = 'IN_QUEUE'"
-            ).fetchone()
-            ahead = [int(normal), int(everything)]
-            known = read_known(
-                [(row[2], row[7]) for row in rows], lambda p: conn.execute(_KNOWN, p).fetchone()
+    def store_once(self, job: Job, request_id: str, key: IdempotencyKey) -> Submitted:
+        now = time.time()
+        bare_jobs = [without_inputs(job)]
+
+        def store(conn: psycopg.Connection) -> tuple[str, str] | list[int]:
+            conn.execute(
+                "DELETE FROM flux_idempotency_keys WHERE created_at < %s", (now - key.window_seconds,)
             )
-            tags = BatchTags(known)
-            placed = [tags.next(row[2], row[7], tag_step(weights, row[7])) for row in rows]
-            row_tags = [tag for tag, _ in placed]
-            ranks = [row[2] for row in rows]
-            passed = [0] * len(rows)  # queued jobs each goes before: none at the tail of its class
-            inside = [index for index, (_, at_tail) in enumerate(placed) if not at_tail]
-            if inside:
-                counts = conn.execute(_PASSED, ([ranks[i] for i in inside], [row_tags[i] for i in inside]))
-                for index, (count,) in zip(inside, counts.fetchall(), strict=True):
-                    passed[index] = count
-            positions = []
-            stored: list[tuple[int, float]] = []  # the batch's jobs before this one
-            for rank, tag, already_queued in zip(ranks, row_tags, passed, strict=True):
-                # The jobs it goes before: those queued already, and the batch's earlier ones.
-                earlier = sum(1 for r, t in stored if r == rank and t > tag)
-                positions.append(ahead[rank] - already_queued - earlier)
-                stored.append((rank, tag))
-                for later in range(rank, len(ahead)):
-                    ahead[later] += 1
-            with conn.cursor() as cursor:
-                cursor.executemany(
-                    "INSERT INTO flux_jobs (id, app_id, status, priority_rank, job_json, created_at, "
-                    "start_deadline, webhook, tenant, fair_tag) "
-                    "VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s, %s)",
-                    [(*row, tag) for row, tag in zip(rows, row_tags, strict=True)],
+            # A concurrent insert of the same key (another box) makes this one wait for its
+            # commit, then do nothing: the row read next (a new snapshot) is that one.
+            inserted = conn.execute(
+                "INSERT INTO flux_idempotency_keys (tenant, key, body_hash, request_id, created_at) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tenant, key) DO NOTHING RETURNING 1",
+                (key.tenant, key.key, key.body_hash, request_id, now),
+            ).fetchone()
+            if inserted is None:
+                held = conn.execute(
+                    "SELECT k.request_id, k.body_hash, EXISTS (SELECT 1 FROM flux_jobs j "
+                    "WHERE j.id = k.request_id) FROM flux_idempotency_keys k "
+                    "WHERE k.tenant = %s AND k.key = %s FOR UPDATE",
+                    (key.tenant, key.key),
+                ).fetchone()
+                if held is not None and held[2]:
+                    return held[0], held[1]
+                conn.execute(  # its job was purged (or the row expired meanwhile): the key is free
+                    "INSERT INTO flux_idempotency_keys (tenant, key, body_hash, request_id, created_at) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tenant, key) DO UPDATE SET "
+                    "body_hash = EXCLUDED.body_hash, request_id = EXCLUDED.request_id, "
+                    "created_at = EXCLUDED.created_at",
+                    (key.tenant, key.key, key.body_hash, request_id, now),
                 )
-                if inputs:
-                    cursor.executemany(
-                        "INSERT INTO flux_job_inputs (request_id, image, mask, reference_image) "
-                        "VALUES (%s, %s, %s, %s)",
-                        inputs,
-                    )
-            self._notify(conn, [SUBMIT_KEY])
-            return positions
+            return self._insert(conn, [(job, request_id)], bare_jobs, now)
 
-        positions = self._tx(store)
+        outcome = self._tx(store)
+        if isinstance(outcome, tuple):
+            repeat = self._repeat(outcome[0], outcome[1], key)
+            return repeat if repeat is not None else self.store_once(job, request_id, key)
+        ((record, position),) = self._stored([(job, request_id)], bare_jobs, outcome, now)
+        return Submitted(record, position, repeated=False)
+
+    def _stored(
+        self, entries: list[tuple[Job, str]], bare_jobs: list[Job], positions: list[int], now: float
+    ) -> list[tuple[JobRecord, int]]:
         for (_, request_id), bare in zip(entries, bare_jobs, strict=True):
             self._jobs.put(request_id, bare)
         return [
             (JobRecord(id=request_id, job=bare, status=Status.IN_QUEUE, created_at=now), position)
             for (_, request_id), bare, position in zip(entries, bare_jobs, positions, strict=True)
         ]
+
+    def _insert(
+        self, conn: psycopg.Connection, entries: list[tuple[Job, str]], bare_jobs: list[Job], now: float
+    ) -> list[int]:
+        """Insert the jobs inside the caller's transaction; their positions."""
+        weights = self.tenant_weights
+        rows = [
+            (request_id, job.app_id, PRIORITY_RANK[job.priority], bare.model_dump_json(), now,
+             job.start_deadline, job.webhook is not None, job.tenant)
+            for (job, request_id), bare in zip(entries, bare_jobs, strict=True)
+        ]  # fmt: skip
+        inputs = [(request_id, *row) for job, request_id in entries if (row := input_row(job)) is not None]
+        # Queued jobs of each class and the ones before it: one count per batch.
+        normal, everything = conn.execute(
+            "SELECT count(*) FILTER (WHERE priority_rank = 0), count(*) FROM flux_jobs "
+            "WHERE status = 'IN_QUEUE'"
+        ).fetchone()
+        ahead = [int(normal), int(everything)]
+        known = read_known([(row[2], row[7]) for row in rows], lambda p: conn.execute(_KNOWN, p).fetchone())
+        tags = BatchTags(known)
+        placed = [tags.next(row[2], row[7], tag_step(weights, row[7])) for row in rows]
+        row_tags = [tag for tag, _ in placed]
+        ranks = [row[2] for row in rows]
+        passed = [0] * len(rows)  # queued jobs each goes before: none at the tail of its class
+        inside = [index for index, (_, at_tail) in enumerate(placed) if not at_tail]
+        if inside:
+            counts = conn.execute(_PASSED, ([ranks[i] for i in inside], [row_tags[i] for i in inside]))
+            for index, (count,) in zip(inside, counts.fetchall(), strict=True):
+                passed[index] = count
+        positions = []
+        stored: list[tuple[int, float]] = []  # the batch's jobs before this one
+        for rank, tag, already_queued in zip(ranks, row_tags, passed, strict=True):
+            # The jobs it goes before: those queued already, and the batch's earlier ones.
+            earlier = sum(1 for r, t in stored if r == rank and t > tag)
+            positions.append(ahead[rank] - already_queued - earlier)
+            stored.append((rank, tag))
+            for later in range(rank, len(ahead)):
+                ahead[later] += 1
+        with conn.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO flux_jobs (id, app_id, status, priority_rank, job_json, created_at, "
+                "start_deadline, webhook, tenant, fair_tag) "
+                "VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s, %s)",
+                [(*row, tag) for row, tag in zip(rows, row_tags, strict=True)],
+            )
+            if inputs:
+                cursor.executemany(
+                    "INSERT INTO flux_job_inputs (request_id, image, mask, reference_image) "
+                    "VALUES (%s, %s, %s, %s)",
+                    inputs,
+                )
+        self._notify(conn, [SUBMIT_KEY])
+        return positions
+
+    def usage(self, first_day: str | None = None, last_day: str | None = None) -> list[UsageRow]:
+        rows = self._run(
+            lambda conn: conn.execute(
+                "SELECT day, tenant, app_id, requests, failed, images, pixels, gpu_seconds FROM flux_usage "
+                "WHERE day >= %s AND day <= %s ORDER BY day, tenant, app_id",
+                (first_day or "", last_day or "9999-12-31"),
+            ).fetchall()
+        )
+        return [UsageRow(*row) for row in rows]
+
+    def usage_totals(self) -> list[UsageRow]:
+        rows = self._run(lambda conn: conn.execute(USAGE_TOTALS_SQL.format(table="flux_usage")).fetchall())
+        return [UsageRow(*row) for row in rows]
 
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
         # The record and its log lines in one statement: one round trip per status poll.

@@ -104,7 +104,33 @@ _V4 = """
 ALTER TABLE flux_job_inputs ADD COLUMN IF NOT EXISTS reference_image BYTEA;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
+# Usage per UTC day, tenant and app id (server/queue/usage.py), added to as each job completes
+# and never purged; and the Idempotency-Key rows of keyed submits (server/queue/idempotency.py),
+# deleted once older than their window (the index finds them).
+_V5 = """
+CREATE TABLE IF NOT EXISTS flux_usage (
+    day TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    requests BIGINT NOT NULL DEFAULT 0,
+    failed BIGINT NOT NULL DEFAULT 0,
+    images BIGINT NOT NULL DEFAULT 0,
+    pixels BIGINT NOT NULL DEFAULT 0,
+    gpu_seconds DOUBLE PRECISION NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, tenant, app_id)
+);
+CREATE TABLE IF NOT EXISTS flux_idempotency_keys (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    body_hash TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (tenant, key)
+);
+CREATE INDEX IF NOT EXISTS flux_idempotency_keys_created ON flux_idempotency_keys (created_at);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

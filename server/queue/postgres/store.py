@@ -19,6 +19,7 @@ from server.queue.postgres.connection import connect, open_pool, unavailable
 from server.queue.postgres.schema import migrate
 from server.queue.postgres.wakeups import CHANNEL, DELIVERIES_KEY, Wakeups
 from server.queue.records import JobCache, utc_timestamp
+from server.queue.usage import usage_of, utc_day
 
 T = TypeVar("T")
 
@@ -142,16 +143,23 @@ class PostgresStore:
         params: tuple = (),
     ) -> bool:
         """Mark a job COMPLETED (if `condition` holds), delete its input images, write its
-        webhook delivery row and notify its waiters: one statement, so atomic also outside a
-        transaction."""
+        webhook delivery row, add it to its tenant's usage and notify its waiters: one
+        statement, so atomic also outside a transaction."""
+        used = usage_of(result, error)
         row = conn.execute(
             "WITH done AS (UPDATE flux_jobs SET status = 'COMPLETED', completed_at = %s, "
             "lease_expires = NULL, result_json = %s, error_json = %s, progress = %s "
-            f"WHERE id = %s AND {condition} RETURNING id, webhook), "
+            f"WHERE id = %s AND {condition} RETURNING id, webhook, tenant, app_id), "
             # No worker runs a completed job again: its input images go now, not at purge.
             "inputs AS (DELETE FROM flux_job_inputs WHERE request_id IN (SELECT id FROM done)), "
             "delivery AS (INSERT INTO flux_deliveries (request_id, due_at) SELECT id, %s FROM done "
-            "WHERE webhook ON CONFLICT DO NOTHING) "
+            "WHERE webhook ON CONFLICT DO NOTHING), "
+            "used AS (INSERT INTO flux_usage (day, tenant, app_id, requests, failed, images, pixels, "
+            "gpu_seconds) SELECT %s, COALESCE(tenant, ''), app_id, 1, %s, %s, %s, %s FROM done "
+            "ON CONFLICT (day, tenant, app_id) DO UPDATE SET requests = flux_usage.requests + 1, "
+            "failed = flux_usage.failed + EXCLUDED.failed, images = flux_usage.images + EXCLUDED.images, "
+            "pixels = flux_usage.pixels + EXCLUDED.pixels, "
+            "gpu_seconds = flux_usage.gpu_seconds + EXCLUDED.gpu_seconds) "
             "SELECT pg_notify(%s, CASE WHEN webhook THEN id || E'\\n' || %s ELSE id END) FROM done",
             (
                 now,
@@ -161,6 +169,11 @@ class PostgresStore:
                 request_id,
                 *params,
                 now,
+                utc_day(now),
+                used.failed,
+                used.images,
+                used.pixels,
+                used.gpu_seconds,
                 CHANNEL,
                 DELIVERIES_KEY,
             ),

@@ -35,9 +35,11 @@ from server.queue.base import (
     WorkerInfo,
 )
 from server.queue.fairshare import BatchTags, known_sql, read_known, requeue_tag_sql, tag_step
+from server.queue.idempotency import IdempotencyKey, Submitted
 from server.queue.records import PRIORITY_RANK, file_names_in_results, input_row, without_inputs
 from server.queue.sqlite.deliveries import SQLiteDeliveries
 from server.queue.sqlite.store import RECORD_COLUMNS, WORKERS_KEY
+from server.queue.usage import USAGE_TOTALS_SQL, UsageRow
 
 # A lost datagram costs at most this long: every wait re-reads the database after it.
 FALLBACK_POLL_SECONDS = 0.5
@@ -57,6 +59,49 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
         """Insert the jobs (their input images into job_inputs) in order in one transaction
         (one commit); each with its position. The records returned carry no image bytes."""
         now = time.time()
+        with self._write() as conn:
+            bare_jobs, positions = self._insert(conn, entries, now)
+        return self._stored(entries, bare_jobs, positions, now)
+
+    def store_once(self, job: Job, request_id: str, key: IdempotencyKey) -> Submitted:
+        now = time.time()
+        with self._write() as conn:
+            # One write lock: no other submit of this key runs between the read and the insert.
+            conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (now - key.window_seconds,))
+            held = conn.execute(
+                "SELECT k.request_id, k.body_hash, j.id IS NOT NULL FROM idempotency_keys k "
+                "LEFT JOIN jobs j ON j.id = k.request_id WHERE k.tenant = ? AND k.key = ?",
+                (key.tenant, key.key),
+            ).fetchone()
+            if held is None or not held[2]:  # new, or its job was purged: the key is free
+                conn.execute(
+                    "INSERT OR REPLACE INTO idempotency_keys "
+                    "(tenant, key, body_hash, request_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (key.tenant, key.key, key.body_hash, request_id, now),
+                )
+                bare_jobs, positions = self._insert(conn, [(job, request_id)], now)
+        if held is not None and held[2]:
+            repeat = self._repeat(held[0], held[1], key)
+            return repeat if repeat is not None else self.store_once(job, request_id, key)
+        ((record, position),) = self._stored([(job, request_id)], bare_jobs, positions, now)
+        return Submitted(record, position, repeated=False)
+
+    def _stored(
+        self, entries: list[tuple[Job, str]], bare_jobs: list[Job], positions: list[int], now: float
+    ) -> list[tuple[JobRecord, int]]:
+        """After the commit: cache the jobs, wake the workers, the records to return."""
+        for (_, request_id), bare in zip(entries, bare_jobs, strict=True):
+            self._jobs.put(request_id, bare)
+        self.notifier.notify("worker")
+        return [
+            (JobRecord(id=request_id, job=bare, status=Status.IN_QUEUE, created_at=now), position)
+            for (_, request_id), bare, position in zip(entries, bare_jobs, positions, strict=True)
+        ]
+
+    def _insert(
+        self, conn: sqlite3.Connection, entries: list[tuple[Job, str]], now: float
+    ) -> tuple[list[Job], list[int]]:
+        """Insert the jobs inside the caller's transaction: the bare jobs and their positions."""
         weights = self.tenant_weights
         bare_jobs = [without_inputs(job) for job, _ in entries]
         rows = [
@@ -66,44 +111,47 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
         ]  # fmt: skip
         inputs = [(request_id, *row) for job, request_id in entries if (row := input_row(job)) is not None]
         positions = []
-        with self._write() as conn:
-            known = read_known(
-                [(row[2], row[7]) for row in rows], lambda p: conn.execute(_KNOWN, p).fetchone()
-            )
-            tags = BatchTags(known)
-            for row in rows:
-                rank, tenant = row[2], row[7]
-                tag, at_tail = tags.next(rank, tenant, tag_step(weights, tenant))
-                # Queued jobs of this class and the better ones, the new one not yet among them,
-                # less those it goes before (a larger tag); none when it joins the tail.
-                (ahead,) = conn.execute(
-                    "SELECT COALESCE(SUM(queued), 0) FROM queue_counts WHERE priority_rank <= ?", (rank,)
+        known = read_known([(row[2], row[7]) for row in rows], lambda p: conn.execute(_KNOWN, p).fetchone())
+        tags = BatchTags(known)
+        for row in rows:
+            rank, tenant = row[2], row[7]
+            tag, at_tail = tags.next(rank, tenant, tag_step(weights, tenant))
+            # Queued jobs of this class and the better ones, the new one not yet among them,
+            # less those it goes before (a larger tag); none when it joins the tail.
+            (ahead,) = conn.execute(
+                "SELECT COALESCE(SUM(queued), 0) FROM queue_counts WHERE priority_rank <= ?", (rank,)
+            ).fetchone()
+            if not at_tail:
+                (passed,) = conn.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE status = 'IN_QUEUE' AND priority_rank = ? "
+                    "AND fair_tag > ?",
+                    (rank, tag),
                 ).fetchone()
-                if not at_tail:
-                    (passed,) = conn.execute(
-                        "SELECT COUNT(*) FROM jobs WHERE status = 'IN_QUEUE' AND priority_rank = ? "
-                        "AND fair_tag > ?",
-                        (rank, tag),
-                    ).fetchone()
-                    ahead -= passed
-                positions.append(int(ahead))
-                conn.execute(
-                    "INSERT INTO jobs (id, app_id, status, priority_rank, job_json, created_at, "
-                    "start_deadline, webhook, tenant, fair_tag) "
-                    "VALUES (?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?, ?, ?)",
-                    (*row, tag),
-                )
-            conn.executemany(
-                "INSERT INTO job_inputs (request_id, image, mask, reference_image) VALUES (?, ?, ?, ?)",
-                inputs,
+                ahead -= passed
+            positions.append(int(ahead))
+            conn.execute(
+                "INSERT INTO jobs (id, app_id, status, priority_rank, job_json, created_at, "
+                "start_deadline, webhook, tenant, fair_tag) "
+                "VALUES (?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?, ?, ?)",
+                (*row, tag),
             )
-        for (_, request_id), bare in zip(entries, bare_jobs, strict=True):
-            self._jobs.put(request_id, bare)
-        self.notifier.notify("worker")
-        return [
-            (JobRecord(id=request_id, job=bare, status=Status.IN_QUEUE, created_at=now), position)
-            for (_, request_id), bare, position in zip(entries, bare_jobs, positions, strict=True)
-        ]
+        conn.executemany(
+            "INSERT INTO job_inputs (request_id, image, mask, reference_image) VALUES (?, ?, ?, ?)",
+            inputs,
+        )
+        return bare_jobs, positions
+
+    def usage(self, first_day: str | None = None, last_day: str | None = None) -> list[UsageRow]:
+        rows = self._conn().execute(
+            "SELECT day, tenant, app_id, requests, failed, images, pixels, gpu_seconds FROM tenant_usage "
+            "WHERE day >= ? AND day <= ? ORDER BY day, tenant, app_id",
+            (first_day or "", last_day or "9999-12-31"),
+        )
+        return [UsageRow(*row) for row in rows]
+
+    def usage_totals(self) -> list[UsageRow]:
+        rows = self._conn().execute(USAGE_TOTALS_SQL.format(table="tenant_usage"))
+        return [UsageRow(*row) for row in rows]
 
     def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
         conn = self._conn()

@@ -132,8 +132,34 @@ CREATE INDEX IF NOT EXISTS jobs_tenant_queue ON jobs ((COALESCE(tenant, '')), pr
     WHERE status = 'IN_QUEUE';
 """
 
+# Usage per UTC day, tenant and app id (server/queue/usage.py), added to as each job completes
+# and never purged; and the Idempotency-Key rows of keyed submits (server/queue/idempotency.py),
+# deleted once older than their window (the index finds them).
+_V5 = """
+CREATE TABLE IF NOT EXISTS tenant_usage (
+    day TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    images INTEGER NOT NULL DEFAULT 0,
+    pixels INTEGER NOT NULL DEFAULT 0,
+    gpu_seconds REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, tenant, app_id)
+);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    body_hash TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (tenant, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at);
+"""
+
 # Every statement is idempotent, so a step that two processes both saw as missing is harmless.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5)
 
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -20,6 +20,7 @@ from server.jobs import Job, JobError, JobRecord, JobResult, LogEntry, Status, s
 from server.queue.notify import Notifier
 from server.queue.records import JobCache, utc_timestamp, with_inputs
 from server.queue.sqlite.schema import migrate, open_connection
+from server.queue.usage import usage_of, utc_day
 
 # Notifier key the API is woken with whenever a webhook delivery becomes due.
 DELIVERIES_KEY = "deliveries"
@@ -155,8 +156,8 @@ class SQLiteStore:
         condition: str = "status != 'COMPLETED'",
         params: tuple = (),
     ) -> bool:
-        """Mark a job COMPLETED (if `condition` holds) and queue its webhook delivery in the
-        same transaction."""
+        """Mark a job COMPLETED (if `condition` holds), add it to its tenant's usage and queue
+        its webhook delivery in the same transaction."""
         cursor = conn.execute(
             "UPDATE jobs SET status = 'COMPLETED', completed_at = ?, lease_expires = NULL, "
             f"result_json = ?, error_json = ?, progress = ? WHERE id = ? AND {condition}",
@@ -171,6 +172,15 @@ class SQLiteStore:
         )
         if cursor.rowcount != 1:
             return False
+        used = usage_of(result, error)
+        conn.execute(
+            "INSERT INTO tenant_usage (day, tenant, app_id, requests, failed, images, pixels, gpu_seconds) "
+            "SELECT ?, COALESCE(tenant, ''), app_id, 1, ?, ?, ?, ? FROM jobs WHERE id = ? "
+            "ON CONFLICT (day, tenant, app_id) DO UPDATE SET requests = requests + 1, "
+            "failed = failed + excluded.failed, images = images + excluded.images, "
+            "pixels = pixels + excluded.pixels, gpu_seconds = gpu_seconds + excluded.gpu_seconds",
+            (utc_day(now), used.failed, used.images, used.pixels, used.gpu_seconds, request_id),
+        )
         # No worker runs a completed job again: its input images go now, not at purge.
         conn.execute("DELETE FROM job_inputs WHERE request_id = ?", (request_id,))
         conn.execute(

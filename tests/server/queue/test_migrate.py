@@ -9,7 +9,8 @@ from pathlib import Path
 
 import psycopg
 
-from server.jobs import Status, Webhook
+from server.jobs import Status, Webhook, new_request_id
+from server.queue.idempotency import IdempotencyKey
 from server.queue.postgres import PostgresQueue
 from server.queue.sqlite import SQLiteQueue
 from tests.pg_server import PostgresServer
@@ -59,12 +60,15 @@ def test_queued_and_finished_requests_move_across_once(
         )
     ).id
     crashed = sqlite.submit(make_job(prompt="was running")).id
-    later = sqlite.submit(make_job(prompt="later")).id
+    key = IdempotencyKey(tenant="", key="k1", body_hash="h", window_seconds=3600)
+    later = sqlite.store_once(make_job(prompt="later"), new_request_id(), key).record.id
     assert sqlite.claim("w0", timeout=0).id == normal
     sqlite.requeue(normal, "w0")  # as `serve` does when it stops
     assert sqlite.claim("w0", timeout=0).id == normal
     assert sqlite.claim("w0", timeout=0).id == crashed  # left running, as after a crash
     sqlite.requeue(normal, "w0")
+    sqlite_usage = sqlite.usage()
+    assert [row.requests for row in sqlite_usage] == [1]
     sqlite.close()
 
     url = postgres_server.fresh_database_url()
@@ -93,6 +97,9 @@ def test_queued_and_finished_requests_move_across_once(
         with psycopg.connect(url) as conn:  # the tenant column, which fair share reads, came along
             tenant = conn.execute("SELECT tenant FROM flux_jobs WHERE id = %s", (low,)).fetchone()
         assert tenant == ("team-b",)
+        # Usage (here the finished request's) and the Idempotency-Key rows came along once.
+        assert queue.usage() == sqlite_usage
+        assert queue.store_once(make_job(), new_request_id(), key).record.id == later
         assert queue.claim("box-w0", timeout=0).id == crashed
         claimed = queue.claim("box-w0", timeout=0)
         assert claimed.id == normal

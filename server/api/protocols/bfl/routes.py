@@ -20,10 +20,10 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import lifecycle
 from server.api.auth import KeyProblem, api_key_dependency
 from server.api.deps import get_queue, get_settings, public_base_url
-from server.api.errors import register_error_renderer
+from server.api.errors import log_unhandled, register_error_renderer
+from server.api.idempotency import submit_job
 from server.api.inputs import REDUX_FIT, InputImageError, decode, fetch_bytes
 from server.api.protocols.bfl import adapter
 from server.api.protocols.bfl.models import AsyncResponse, AsyncWebhookResponse, FluxDevInputs, ResultResponse
@@ -70,7 +70,7 @@ async def render_error(request: Request, exc: Exception) -> Response:
         return validation_response(exc)
     if isinstance(exc, StarletteHTTPException):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    log_unhandled(logger, request, exc)
     return JSONResponse({"detail": "Internal server error"}, status_code=500)
 
 
@@ -152,8 +152,7 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
     job = adapter.inputs_to_job(
         inputs, base_url=base_url, image_png=image_png, default_acceleration=settings.default_acceleration
     )
-    record, position = await get_queue(request).submit(job)
-    lifecycle.submitted(record, position)
+    record = (await submit_job(request, job)).record  # a repeated Idempotency-Key: the first one's
     polling_url = adapter.polling_url(base_url, record.id)
     body: AsyncResponse | AsyncWebhookResponse
     if inputs.webhook_url:

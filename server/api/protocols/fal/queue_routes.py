@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server import lifecycle
 from server.api.auth import KeyProblem, api_key_dependency
 from server.api.deps import get_queue, get_settings, get_storage, public_base_url
+from server.api.idempotency import submit_job
 from server.api.protocols.fal import adapter, endpoints
 from server.api.protocols.fal.lifecycle import lifecycle_seconds
 from server.api.variants import NOT_CONFIGURED, NOT_SERVED_STATUS, VariantNotServed, require_served
@@ -190,10 +191,10 @@ async def result(owner: str, app: str, request_id: str, request: Request) -> JSO
 @router.post("/{owner}/{app}/{endpoint:path}")
 async def submit(owner: str, app: str, endpoint: str, request: Request) -> JSONResponse:
     job = await request_job(request, owner, app, endpoint)
-    record, position = await get_queue(request).submit(job)
-    lifecycle.submitted(record, position)
+    submitted = await submit_job(request, job)  # a repeated Idempotency-Key: the first one's
+    record = submitted.record
     request.state.fal_request_id = record.id
-    return JSONResponse(adapter.submit_body(record, record.job.base_url, position))
+    return JSONResponse(adapter.submit_body(record, record.job.base_url, submitted.position))
 
 
 def submit_to_app(app: str) -> Callable[[str, Request], Awaitable[JSONResponse]]:

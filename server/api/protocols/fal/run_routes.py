@@ -15,8 +15,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from server import lifecycle
 from server.api.deps import get_queue, public_base_url
+from server.api.idempotency import keyed, submit_job
 from server.api.protocols.fal import adapter, endpoints
 from server.api.protocols.fal.queue_routes import request_job, require_fal_key, result_response
 from server.api.waiting import EVENT_STREAM_HEADERS, ClientGone, StreamEvent, event_stream, submit_and_wait
@@ -61,8 +61,7 @@ for _app in endpoints.bare_app_names():
 async def run_stream(owner: str, app: str, endpoint: str, request: Request) -> StreamingResponse:
     job = await request_job(request, owner, app, endpoint)
     queue = get_queue(request)
-    record, position = await queue.submit(job)
-    lifecycle.submitted(record, position)
+    record = (await submit_job(request, job)).record  # a repeated Idempotency-Key: the first one's
     request.state.fal_request_id = record.id
     base_url = public_base_url(request)
     last_state: tuple | None = None
@@ -83,7 +82,10 @@ async def run_stream(owner: str, app: str, endpoint: str, request: Request) -> S
         last_state, logs_sent = state, len(record.logs)
         return StreamEvent(event)
 
-    events = event_stream(request, queue, record.id, render, with_logs=True, cancel_on_disconnect=True)
+    # A keyed stream's job outlives a dropped connection: its client streams it again.
+    events = event_stream(
+        request, queue, record.id, render, with_logs=True, cancel_on_disconnect=not keyed(request)
+    )
     return StreamingResponse(events, media_type="text/event-stream", headers=EVENT_STREAM_HEADERS)
 
 

@@ -28,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.auth import KeyProblem, api_key_dependency
 from server.api.deps import get_queue, get_settings, public_base_url
-from server.api.errors import INSUFFICIENT_STORAGE, register_error_renderer
+from server.api.errors import INSUFFICIENT_STORAGE, log_unhandled, register_error_renderer
+from server.api.idempotency import IdempotencyKeyRefused
 from server.api.inputs import FitRule, InputImage, InputImageError, decode, target_fit
 from server.api.output_sizes import conditioning_fit, kontext_size
 from server.api.protocols.openai import adapter
@@ -78,6 +79,8 @@ class OpenAIRoute(APIRoute):
                 return error_response(exc)
             except VariantNotServed as exc:
                 return error_response(adapter.variant_error(exc))
+            except IdempotencyKeyRefused as exc:  # a 422, as on the other protocols
+                return error_response(OpenAIError(422, exc.message, code=exc.error_type))
             except RequestValidationError as exc:
                 return error_response(_validation_error(list(exc.errors())))
             except HTTPException as exc:
@@ -103,7 +106,7 @@ async def render_error(request: Request, exc: Exception) -> Response:
         return error_response(_validation_error(list(exc.errors())))
     if isinstance(exc, StarletteHTTPException):
         return error_response(http_error(exc))
-    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    log_unhandled(logger, request, exc)
     return error_response(OpenAIError(500, "Internal server error", error_type="server_error"))
 
 

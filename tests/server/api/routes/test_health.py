@@ -10,7 +10,7 @@ import pytest
 
 from tests.pg_server import PostgresServer, remove, start_postgres
 from tests.server.conftest import ApiServer, api_settings, run_api_server
-from tests.support import wait_until
+from tests.support import error_body, wait_until
 
 
 def ready(api: ApiServer, *worker_ids: str) -> None:
@@ -30,7 +30,7 @@ def test_nothing_is_ready_until_a_worker_is_but_the_api_is_alive(tmp_path: Path)
         assert body["safety_checker"] == "configured"
         ready_answer = api.client.get("/health/ready")
         assert ready_answer.status_code == 503
-        assert ready_answer.json() == {
+        assert error_body(ready_answer) == {
             "status": "unavailable",
             "workers_ready": 0,
             "workers_needed": 1,

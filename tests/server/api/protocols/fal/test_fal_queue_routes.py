@@ -15,7 +15,7 @@ from PIL import Image
 
 from server.jobs import REDUX_INPUT_SIDE, JobError, Status
 from tests.server.conftest import png_bytes
-from tests.support import png_header_only, wait_until
+from tests.support import error_body, png_header_only, wait_until
 
 PNG_URI = "data:image/png;base64," + base64.b64encode(png_bytes(100, 70)).decode()
 
@@ -203,7 +203,7 @@ def test_result_failure_returns_the_error_status_and_body(api):
     assert (status["error"], status["error_type"]) == ("CUDA out of memory", "internal_server_error")
     response = api.client.get(f"/fal-ai/flux/requests/{request_id}")
     assert response.status_code == 500
-    assert response.json() == {"detail": "CUDA out of memory", "error_type": "internal_server_error"}
+    assert error_body(response) == {"detail": "CUDA out of memory", "error_type": "internal_server_error"}
     assert response.headers["x-fal-error-type"] == "internal_server_error"
     assert response.headers["x-fal-request-id"] == request_id
 

@@ -9,7 +9,7 @@ import threading
 import httpx
 
 from server.jobs import JobError
-from tests.support import wait_until
+from tests.support import error_body, wait_until
 
 
 def in_thread(target) -> tuple[threading.Thread, dict]:
@@ -55,7 +55,7 @@ def test_sync_run_failure_returns_the_error(api):
     thread.join(10)
     response = box["value"]
     assert response.status_code == 500
-    assert response.json() == {"detail": "boom", "error_type": "internal_server_error"}
+    assert error_body(response) == {"detail": "boom", "error_type": "internal_server_error"}
     assert response.headers["x-fal-error-type"] == "internal_server_error"
     assert response.headers["x-fal-request-id"] == record.id
 
