@@ -50,6 +50,7 @@ from server.queue.aio import AsyncQueue
 from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.factory import open_queue
 from server.storage.base import StorageUnavailable
+from server.tenants.keys import KeysWatcher
 
 log = logging.getLogger("flux_server.api")
 
@@ -87,7 +88,10 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.api_keys = settings.all_api_keys()  # read once: not a file read per request
+    # The keys in force, re-read when the keys file changes (a revoked key is refused within
+    # seconds); the queue's fair-share weights follow them.
+    app.state.keys = KeysWatcher(settings.keys_path, settings.api_key, required=True)
+    app.state.keys.on_change(lambda ring: queue.set_tenant_weights(ring.weights()))
     app.state.queue = queue
     app.state.storage = open_storage(settings)
     free_space = app.state.free_space = FreeSpace(settings.watched_disks, settings.min_free_disk_bytes)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.config import Settings
+from server.tenants.keys import KeysFileError
 
 if TYPE_CHECKING:
     from server.supervisor.gpus import WorkerSlot
@@ -49,10 +50,10 @@ def check_settings(settings: Settings) -> None:
     """Refuse configurations that would be unsafe or cannot work. Raises ConfigError."""
     if not settings.host_is_loopback() and not settings.insecure_no_auth:
         try:
-            keys = settings.all_api_keys()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --api-keys-file: {exc}") from exc
-        if not keys:
+            ring = settings.key_ring()
+        except (OSError, KeysFileError) as exc:
+            raise ConfigError(f"cannot read the keys file {settings.keys_path}: {exc}") from exc
+        if not ring.enabled:
             raise ConfigError(
                 f"refusing to listen on {settings.host} (not a loopback address) without an API key: "
                 "give --api-key KEY (or --api-keys-file FILE), or --insecure-no-auth to accept "
@@ -228,7 +229,7 @@ def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
         f"  public   {settings.public_url}" if settings.public_url else None,
         f"  model    {settings.model}",
         f"  workers  {len(slots)}: {devices}",
-        f"  auth     {'on (' + str(len(settings.all_api_keys())) + ' key(s))' if auth else 'off'}",
+        f"  auth     {'on (' + str(settings.key_ring().count) + ' key(s))' if auth else 'off'}",
         f"  TLS      {'on' if tls else 'off'}",
         f"  data     {settings.data_dir}",
         f"  storage  {settings.storage_url}" if settings.storage_url else None,
