@@ -16,8 +16,6 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from server.tenants.keys import KeyRing, default_keys_path, load
-
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 TuningPiece = Literal[
     "inductor-flags", "compiled-vae", "cuda-graphs", "fa3", "cudnn-attention", "static-shapes", "max-autotune"
@@ -274,14 +272,9 @@ class Settings(BaseSettings):
 
     @property
     def keys_path(self) -> Path:
-        """The keys file to read and watch: --api-keys-file, else <data_dir>/keys.json."""
-        return self.api_keys_file or default_keys_path(self.data_dir)
-
-    def key_ring(self) -> KeyRing:
-        """The keys in force now (--api-key and the keys file, read afresh)."""
-        path = self.keys_path
-        keys = load(path) if self.api_keys_file is not None or path.is_file() else None
-        return KeyRing.build(self.api_key, keys)
+        """The keys file to read and watch (server/tenants/keys.py): --api-keys-file, else
+        <data_dir>/keys.json (used when it exists)."""
+        return self.api_keys_file or self.data_dir / "keys.json"
 
     @property
     def request_body_limit(self) -> int:
@@ -296,10 +289,6 @@ class Settings(BaseSettings):
                 f"The prompt is {len(prompt)} characters long; at most {self.max_prompt_length} are accepted"
             )
         return None
-
-    @property
-    def auth_enabled(self) -> bool:
-        return self.key_ring().enabled
 
     def is_trusted_proxy(self, address: str | None) -> bool:
         if not address or not self.trusted_proxy:

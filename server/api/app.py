@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -50,7 +51,8 @@ from server.queue.aio import AsyncQueue
 from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.factory import open_queue
 from server.storage.base import StorageUnavailable
-from server.tenants.keys import KeysWatcher
+from server.tenants.keys import watcher_of
+from server.tenants.quotas import QuotaCounters
 
 log = logging.getLogger("flux_server.api")
 
@@ -90,9 +92,11 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     app.state.settings = settings
     # The keys in force, re-read when the keys file changes (a revoked key is refused within
     # seconds); the queue's fair-share weights follow them.
-    app.state.keys = KeysWatcher(settings.keys_path, settings.api_key, required=True)
+    app.state.keys = watcher_of(settings)
     app.state.keys.on_change(lambda ring: queue.set_tenant_weights(ring.weights()))
     app.state.queue = queue
+    app.state.quota_counters = QuotaCounters()  # per-minute and per-day counts of this process
+    app.state.submits_in_flight = Counter()  # see server/api/tenancy.py
     app.state.storage = open_storage(settings)
     free_space = app.state.free_space = FreeSpace(settings.watched_disks, settings.min_free_disk_bytes)
     async_queue = app.state.async_queue = AsyncQueue(queue, admit=free_space.check)

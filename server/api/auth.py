@@ -20,7 +20,7 @@ from fastapi import Request
 
 from server.config import Settings
 from server.tenants import ANONYMOUS, Caller, Role
-from server.tenants.keys import KeyRing
+from server.tenants.keys import KeyRing, ring_of
 
 SCHEMES = ("key", "bearer")
 
@@ -45,7 +45,7 @@ def key_ring(request: Request) -> KeyRing:
 
 def key_is_valid(settings: Settings, key: str | None) -> bool:
     """Whether `key` is accepted by `settings`' keys (read afresh, keys file included)."""
-    ring = settings.key_ring()
+    ring = ring_of(settings)
     return not ring.enabled or ring.resolve(key) is not None
 
 

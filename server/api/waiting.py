@@ -25,6 +25,7 @@ import anyio
 from fastapi import Request
 
 from server import lifecycle
+from server.api import tenancy
 from server.jobs import Job, JobRecord, Status
 from server.queue.aio import AsyncQueue
 from server.queue.base import CancelOutcome
@@ -54,8 +55,7 @@ async def cancel_quietly(queue: AsyncQueue, request_id: str) -> None:
 async def submit_and_wait(request: Request, queue: AsyncQueue, job: Job) -> JobRecord:
     """Submit `job` for a synchronous caller and return its completed record; raises
     ClientGone (having cancelled the job) if the caller hangs up first."""
-    record, position = await queue.submit(job)
-    lifecycle.submitted(record, position)
+    record, _ = await tenancy.submit(request, job)
     return await wait_until_completed(request, queue, record.id)
 
 

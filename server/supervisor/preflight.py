@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.config import Settings
-from server.tenants.keys import KeysFileError
+from server.tenants.keys import KeysFileError, auth_enabled, ring_of
 
 if TYPE_CHECKING:
     from server.supervisor.gpus import WorkerSlot
@@ -50,7 +50,7 @@ def check_settings(settings: Settings) -> None:
     """Refuse configurations that would be unsafe or cannot work. Raises ConfigError."""
     if not settings.host_is_loopback() and not settings.insecure_no_auth:
         try:
-            ring = settings.key_ring()
+            ring = ring_of(settings)
         except (OSError, KeysFileError) as exc:
             raise ConfigError(f"cannot read the keys file {settings.keys_path}: {exc}") from exc
         if not ring.enabled:
@@ -220,7 +220,7 @@ def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
     url = base_url(settings)
     hostport = url.split("://", 1)[1]
     tls = settings.ssl_certfile is not None
-    auth = settings.auth_enabled
+    auth = auth_enabled(settings)
     devices = ", ".join(f"{s.worker_id} on {s.device}" for s in slots)
     lines: list[str | None] = [
         "flux-server",
@@ -229,7 +229,7 @@ def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
         f"  public   {settings.public_url}" if settings.public_url else None,
         f"  model    {settings.model}",
         f"  workers  {len(slots)}: {devices}",
-        f"  auth     {'on (' + str(settings.key_ring().count) + ' key(s))' if auth else 'off'}",
+        f"  auth     {'on (' + str(ring_of(settings).count) + ' key(s))' if auth else 'off'}",
         f"  TLS      {'on' if tls else 'off'}",
         f"  data     {settings.data_dir}",
         f"  storage  {settings.storage_url}" if settings.storage_url else None,

@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from server.config import Settings
 from server.tenants.caller import Caller, Quotas, Role
 
 log = logging.getLogger("flux_server.keys")
@@ -44,7 +45,6 @@ log = logging.getLogger("flux_server.keys")
 TOKEN_PREFIX = "flux_"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RECHECK_SECONDS = 1.0  # how often a watcher looks at the file's mtime at most
-DEFAULT_FILE_NAME = "keys.json"  # in the data directory, used when it exists
 
 
 class KeysFileError(ValueError):
@@ -284,8 +284,21 @@ class KeyRing:
         return {entry.name: entry.weight for entry in self.entries}
 
 
-def default_keys_path(data_dir: Path) -> Path:
-    return Path(data_dir) / DEFAULT_FILE_NAME
+def ring_of(settings: Settings) -> KeyRing:
+    """The keys in force now (--api-key and the keys file, read afresh; KeysFileError or
+    OSError for an unreadable file)."""
+    path = settings.keys_path
+    keys = load(path) if settings.api_keys_file is not None or path.is_file() else None
+    return KeyRing.build(settings.api_key, keys)
+
+
+def auth_enabled(settings: Settings) -> bool:
+    return ring_of(settings).enabled
+
+
+def watcher_of(settings: Settings) -> KeysWatcher:
+    """A watcher on the settings' keys (a broken keys file fails here, at start-up)."""
+    return KeysWatcher(settings.keys_path, settings.api_key, required=True)
 
 
 class KeysWatcher:

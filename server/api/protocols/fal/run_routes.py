@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from server import lifecycle
+from server.api import tenancy
 from server.api.deps import get_queue, public_base_url
 from server.api.protocols.fal import adapter, endpoints
 from server.api.protocols.fal.queue_routes import request_job, require_fal_key, result_response
@@ -61,8 +61,7 @@ for _app in endpoints.bare_app_names():
 async def run_stream(owner: str, app: str, endpoint: str, request: Request) -> StreamingResponse:
     job = await request_job(request, owner, app, endpoint)
     queue = get_queue(request)
-    record, position = await queue.submit(job)
-    lifecycle.submitted(record, position)
+    record, _ = await tenancy.submit(request, job)
     request.state.fal_request_id = record.id
     base_url = public_base_url(request)
     last_state: tuple | None = None

@@ -1,0 +1,78 @@
+"""Ownership and quotas on the API's side: every submit of every protocol goes through
+`submit`, every read of a request through `owned`.
+
+A submit is stamped with the caller's tenant (Job.tenant) and checked against its quotas;
+over a limit it is refused with 429 and `Retry-After`, raised as an HTTPException that each
+protocol renders in its own shape (server/api/errors.py). A request another tenant owns is
+answered exactly as an unknown id (`owned` returns None), so a tenant cannot learn that it
+exists; an admin sees every tenant's requests.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from fastapi import Request
+from starlette.exceptions import HTTPException
+
+from server import lifecycle
+from server.api.auth import caller_of
+from server.api.deps import get_queue
+from server.jobs import Job, JobRecord
+from server.tenants import Caller
+from server.tenants.quotas import OverQuota, QuotaCounters, check_queued
+
+TOO_MANY_REQUESTS = 429
+
+
+def owned(request: Request, record: JobRecord | None) -> JobRecord | None:
+    """`record` when the caller may see it, else None (the same answer as an unknown id)."""
+    if record is None or not caller_of(request).owns(record.job.tenant):
+        return None
+    return record
+
+
+def quota_counters(request: Request) -> QuotaCounters:
+    return request.app.state.quota_counters
+
+
+def in_flight(request: Request) -> Counter[str | None]:
+    """Submits per tenant admitted by this process and not yet stored: the queue's count does
+    not hold them yet, so a burst cannot slip past the `queued` limit in between."""
+    return request.app.state.submits_in_flight
+
+
+def refusal(over: OverQuota) -> HTTPException:
+    return HTTPException(
+        TOO_MANY_REQUESTS, detail=over.message, headers={"Retry-After": str(over.retry_after)}
+    )
+
+
+async def submit(request: Request, job: Job) -> tuple[JobRecord, int]:
+    """Stamp `job` with the caller's tenant, check its quotas, store it; (record, position)."""
+    caller = caller_of(request)
+    job = job.model_copy(update={"tenant": caller.tenant})
+    if caller.quotas.unlimited:  # the common case costs nothing more than before
+        record, position = await get_queue(request).submit(job)
+    else:
+        record, position = await _submit_within_quotas(request, caller, job)
+    lifecycle.submitted(record, position)
+    return record, position
+
+
+async def _submit_within_quotas(request: Request, caller: Caller, job: Job) -> tuple[JobRecord, int]:
+    pending = in_flight(request)
+    pending[caller.tenant] += 1
+    try:
+        if caller.quotas.queued is not None:
+            active = await get_queue(request).active_count(caller.tenant)
+            # This submit itself is one of `pending`; the others are not in `active` yet.
+            over = check_queued(caller, active + pending[caller.tenant] - 1)
+            if over is not None:
+                raise refusal(over)
+        over = quota_counters(request).check(caller, job.num_images)
+        if over is not None:
+            raise refusal(over)
+        return await get_queue(request).submit(job)
+    finally:
+        pending[caller.tenant] -= 1
