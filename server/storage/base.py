@@ -23,6 +23,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from server.jobs import CONTENT_TYPES, OutputImage
+from server.storage.signing import SIGNATURE_PARAMS, signed_query
 
 # Where the files route serves stored files: {base_url}/files/{name}.
 FILES_PATH = "/files"
@@ -193,20 +194,28 @@ def clean_original_name(name: str | None) -> str | None:
 # --- URLs -------------------------------------------------------------------------------------
 
 
-def file_url(base_url: str, file_name: str) -> str:
-    """The public URL of a stored file, on the base URL the client used (or --public-url)."""
+def plain_file_url(base_url: str, file_name: str) -> str:
     return f"{base_url.rstrip('/')}{FILES_PATH}/{file_name}"
+
+
+def file_url(base_url: str, file_name: str, expires_at: float | None = None) -> str:
+    """The public URL of a stored file, on the base URL the client used (or --public-url);
+    signed, until `expires_at` (default: retention from now), when auth is on
+    (server/storage/signing.py)."""
+    url = plain_file_url(base_url, file_name)
+    query = signed_query(file_name, expires_at)
+    return f"{url}?{query}" if query else url
 
 
 def upload_url(base_url: str, reservation: Reservation) -> str:
     """Where the bytes of an initiated upload are PUT (the URL is the permission)."""
-    return f"{file_url(base_url, reservation.file_name)}/upload/{reservation.upload_id}"
+    return f"{plain_file_url(base_url, reservation.file_name)}/upload/{reservation.upload_id}"
 
 
 def multipart_url(base_url: str, reservation: Reservation) -> str:
     """The base of a multipart upload's part URLs (`/<n>`) and its `/complete` URL; fal_client
     builds the same URL from the file URL and the upload id."""
-    return f"{file_url(base_url, reservation.file_name)}/multipart/{reservation.upload_id}"
+    return f"{plain_file_url(base_url, reservation.file_name)}/multipart/{reservation.upload_id}"
 
 
 def image_url(base_url: str, image: OutputImage) -> str:
@@ -235,7 +244,10 @@ def file_name_from_url(url: str, base_urls: Iterable[str | None]) -> str | None:
     if not any(origin == base.rstrip("/").lower() for base in base_urls if base):
         return None
     prefix = FILES_PATH + "/"
-    if parts.query or parts.fragment or not parts.path.startswith(prefix):
+    # A signed URL's query (exp, sig) is allowed: an input names the file, which is read from
+    # the store by its unguessable name (the signature guards GET /files, not this path).
+    query_keys = {item.partition("=")[0] for item in parts.query.split("&") if item}
+    if not query_keys <= SIGNATURE_PARAMS or parts.fragment or not parts.path.startswith(prefix):
         return None
     name = parts.path[len(prefix) :]
     return name if FILE_NAME.fullmatch(name) else None

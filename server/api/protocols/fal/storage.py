@@ -65,7 +65,7 @@ from server.api.protocols.fal.storage_models import (
 )
 from server.config import Settings
 from server.disk import DiskFull, is_disk_full
-from server.storage import MAX_PARTS, Reservation, file_url, multipart_url, upload_url
+from server.storage import MAX_PARTS, Reservation, file_url, multipart_url, plain_file_url, upload_url
 
 
 class StorageRoute(APIRoute):
@@ -141,9 +141,13 @@ async def start_multipart_upload(request: Request) -> JSONResponse:
     reservation = await reserve(
         request, request.headers.get("content-type"), request.headers.get("x-fal-file-name"), multipart=True
     )
-    # This server's URL, never the bucket's: fal_client PUTs the parts under it.
+    # This server's URL, never the bucket's: fal_client PUTs the parts under it, so unsigned
+    # (a query would break the part URLs); fal_client also returns it as the file's URL, which
+    # works as an input on this server, but with auth on GET /files needs the signed URL of
+    # the `complete` answer.
     started = MultipartStarted(
-        access_url=file_url(public_base_url(request), reservation.file_name), uploadId=reservation.upload_id
+        access_url=plain_file_url(public_base_url(request), reservation.file_name),
+        uploadId=reservation.upload_id,
     )
     return JSONResponse(started.model_dump())
 
@@ -251,7 +255,7 @@ def readable_url(request: Request, name: str, expires_at: float) -> str:
     """Where the client reads an upload: the bucket's URL for it when the store has one (valid
     until the upload expires), else this server's files route."""
     url = get_storage(request).read_url(name, expires_at - time.time())
-    return url or file_url(public_base_url(request), name)
+    return url or file_url(public_base_url(request), name, expires_at)
 
 
 def upload_lifetime(request: Request, settings: Settings) -> float:
