@@ -23,7 +23,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from server.jobs import CONTENT_TYPES, OutputImage
-from server.storage.signing import SIGNATURE_PARAMS, signed_query
+from server.storage.signing import SIGNATURE_SEGMENT, signature_segment
 
 # Where the files route serves stored files: {base_url}/files/{name}.
 FILES_PATH = "/files"
@@ -202,9 +202,10 @@ def file_url(base_url: str, file_name: str, expires_at: float | None = None) -> 
     """The public URL of a stored file, on the base URL the client used (or --public-url);
     signed, until `expires_at` (default: retention from now), when auth is on
     (server/storage/signing.py)."""
-    url = plain_file_url(base_url, file_name)
-    query = signed_query(file_name, expires_at)
-    return f"{url}?{query}" if query else url
+    segment = signature_segment(file_name, expires_at)
+    if segment is None:
+        return plain_file_url(base_url, file_name)
+    return f"{base_url.rstrip('/')}{FILES_PATH}/{segment}/{file_name}"
 
 
 def upload_url(base_url: str, reservation: Reservation) -> str:
@@ -244,10 +245,12 @@ def file_name_from_url(url: str, base_urls: Iterable[str | None]) -> str | None:
     if not any(origin == base.rstrip("/").lower() for base in base_urls if base):
         return None
     prefix = FILES_PATH + "/"
-    # A signed URL's query (exp, sig) is allowed: an input names the file, which is read from
-    # the store by its unguessable name (the signature guards GET /files, not this path).
-    query_keys = {item.partition("=")[0] for item in parts.query.split("&") if item}
-    if not query_keys <= SIGNATURE_PARAMS or parts.fragment or not parts.path.startswith(prefix):
+    if parts.query or parts.fragment or not parts.path.startswith(prefix):
         return None
     name = parts.path[len(prefix) :]
+    # A signed URL (`<exp>.<sig>/<name>`) names the file too: an input is read from the store by
+    # its unguessable name (the signature guards GET /files, not this path).
+    segment, slash, rest = name.partition("/")
+    if slash and SIGNATURE_SEGMENT.fullmatch(segment):
+        name = rest
     return name if FILE_NAME.fullmatch(name) else None

@@ -1,10 +1,12 @@
-"""Signed file URLs: `/files/<name>?exp=<unix time>&sig=<HMAC>`, usable in a plain `<img src>`.
+"""Signed file URLs: `/files/<exp>.<sig>/<name>`, usable in a plain `<img src>`.
 
 With authentication on, every file URL the server returns (generated images, uploads) carries
-an expiry and an HMAC-SHA256 of (name, expiry) under the server's URL-signing key, and
-`GET /files/<name>` serves only such URLs, without an API key: the URL is the permission,
+an expiry (unix time) and an HMAC-SHA256 of (name, expiry) under the server's URL-signing
+key, and `GET /files/...` serves only such URLs, without an API key: the URL is the permission,
 it cannot be altered to reach another file or to live longer, and it stops working when it
-expires (the file's own expiry: an upload's lifecycle, or retention for an output).
+expires (the file's own expiry: an upload's lifecycle, or retention for an output). The
+signature is a path segment, not a query: the URL still ends with the file's extension, and
+fal_client's multipart upload, which appends `/multipart/...` to the URL it was given, works.
 
 With authentication off (no key configured), URLs are plain, as before: every caller may
 read every file anyway.
@@ -25,15 +27,16 @@ import hashlib
 import hmac
 import math
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
-from urllib.parse import urlencode
 
 KEY_FILE_NAME = "url-signing.key"
-SIGNATURE_PARAMS = frozenset({"exp", "sig"})
+# `<expiry>.<43 characters of unpadded base64url HMAC-SHA256>`
+SIGNATURE_SEGMENT = re.compile(r"[0-9]{1,12}\.[A-Za-z0-9_-]{43}")
 ROUND_SECONDS = 3600  # output URLs' expiry rounded up to the hour: stable across status polls
 
 
@@ -51,24 +54,24 @@ class UrlSigner:
         digest = hmac.new(self._key, f"{name}\n{expires}".encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
-    def query(self, name: str, expires_at: float | None = None, now: float | None = None) -> str:
-        """`exp=...&sig=...` for `name`, valid until `expires_at` (default: now + lifetime,
+    def segment(self, name: str, expires_at: float | None = None, now: float | None = None) -> str:
+        """`<exp>.<sig>` for `name`, valid until `expires_at` (default: now + lifetime,
         rounded up to the hour)."""
         if expires_at is None:
             now = time.time() if now is None else now
             expires = math.ceil((now + self.lifetime) / ROUND_SECONDS) * ROUND_SECONDS
         else:
             expires = math.ceil(expires_at)
-        return urlencode({"exp": expires, "sig": self.signature(name, expires)})
+        return f"{expires}.{self.signature(name, expires)}"
 
-    def verify(self, name: str, exp: str | None, sig: str | None, now: float | None = None) -> str | None:
-        """None when the signature is valid and unexpired, else why not (for the 403)."""
-        if not exp or not sig:
-            return "This file URL needs its signature (exp and sig): use the URL the server returned"
-        try:
-            expires = int(exp)
-        except ValueError:
+    def verify(self, name: str, segment: str | None, now: float | None = None) -> str | None:
+        """None when `segment` signs `name` and has not expired, else why not (for the 403)."""
+        if segment is None:
+            return "This file URL is not signed: use the URL the server returned"
+        if not SIGNATURE_SEGMENT.fullmatch(segment):
             return "This file URL's signature is not valid"
+        exp, _, sig = segment.partition(".")
+        expires = int(exp)
         if not hmac.compare_digest(self.signature(name, expires), sig):
             return "This file URL's signature is not valid"
         if expires <= (time.time() if now is None else now):
@@ -79,12 +82,12 @@ class UrlSigner:
 current_signer: ContextVar[UrlSigner | None] = ContextVar("flux_url_signer", default=None)
 
 
-def signed_query(name: str, expires_at: float | None = None) -> str | None:
-    """The query that signs a URL of `name` in the current context, or None (plain URLs)."""
+def signature_segment(name: str, expires_at: float | None = None) -> str | None:
+    """The path segment that signs a URL of `name` in the current context, or None (plain)."""
     signer = current_signer.get()
     if signer is None or not signer.active:
         return None
-    return signer.query(name, expires_at)
+    return signer.segment(name, expires_at)
 
 
 def load_signing_key(configured: str | None, data_dir: Path) -> bytes:

@@ -9,6 +9,7 @@
     PUT  /files/{name}/upload/{upload_id}        the bytes of an initiated upload
     PUT  /files/{name}/multipart/{upload_id}/{n} part n of a multipart upload
     POST /files/{name}/multipart/{upload_id}/complete
+    (the last two also under a signed file URL, /files/<exp>.<sig>/{name}/...)
 
 The routes that start an upload, and the one-request upload, are behind the API keys. The PUT
 and complete routes are authorised by their upload id instead: the JS client sends those
@@ -65,7 +66,7 @@ from server.api.protocols.fal.storage_models import (
 )
 from server.config import Settings
 from server.disk import DiskFull, is_disk_full
-from server.storage import MAX_PARTS, Reservation, file_url, multipart_url, plain_file_url, upload_url
+from server.storage import MAX_PARTS, Reservation, file_url, multipart_url, upload_url
 
 
 class StorageRoute(APIRoute):
@@ -141,12 +142,10 @@ async def start_multipart_upload(request: Request) -> JSONResponse:
     reservation = await reserve(
         request, request.headers.get("content-type"), request.headers.get("x-fal-file-name"), multipart=True
     )
-    # This server's URL, never the bucket's: fal_client PUTs the parts under it, so unsigned
-    # (a query would break the part URLs); fal_client also returns it as the file's URL, which
-    # works as an input on this server, but with auth on GET /files needs the signed URL of
-    # the `complete` answer.
+    # This server's URL, never the bucket's: fal_client PUTs the parts under it (the routes
+    # below take the signed form too) and returns it as the finished file's URL.
     started = MultipartStarted(
-        access_url=plain_file_url(public_base_url(request), reservation.file_name),
+        access_url=file_url(public_base_url(request), reservation.file_name, reservation.expires_at),
         uploadId=reservation.upload_id,
     )
     return JSONResponse(started.model_dump())
@@ -229,6 +228,31 @@ async def complete_multipart(name: str, upload_id: str, request: Request) -> JSO
         raise HTTPException(status_code=400, detail=str(exc)) from None
     access_url = readable_url(request, name, reservation.expires_at)
     return JSONResponse(UploadOutput(access_url=access_url).model_dump())
+
+
+# fal_client sends a multipart upload's parts and its completion under the access URL it was
+# given, which is signed while auth is on (`/files/<exp>.<sig>/<name>`): the same routes. The
+# upload id is the permission here, as above.
+@router.put(
+    "/files/{signature}/{name}/multipart/{upload_id}/{part_number}",
+    response_model=UploadedPart,
+    include_in_schema=False,
+)
+async def put_part_signed(
+    signature: str, name: str, upload_id: str, part_number: int, request: Request
+) -> JSONResponse:
+    return await put_part(name, upload_id, part_number, request)
+
+
+@router.post(
+    "/files/{signature}/{name}/multipart/{upload_id}/complete",
+    response_model=UploadOutput,
+    include_in_schema=False,
+)
+async def complete_multipart_signed(
+    signature: str, name: str, upload_id: str, request: Request
+) -> JSONResponse:
+    return await complete_multipart(name, upload_id, request)
 
 
 # --- helpers ----------------------------------------------------------------------------------
