@@ -5,6 +5,8 @@ restart, signed file URLs, and the legacy keys that keep working."""
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Iterator
 
@@ -232,3 +234,49 @@ def test_keys_never_appear_in_error_bodies(api):
         "/fal-ai/flux/requests/x/status", headers={"authorization": "Key flux_secret-value"}
     )
     assert wrong.status_code == 401 and "flux_secret-value" not in wrong.text
+
+
+def test_run_and_stream_submits_belong_to_their_tenant_and_count_against_its_quota(api):
+    # /run waits for the job; the test plays the worker meanwhile.
+    with httpx.Client(base_url=api.base_url, timeout=20) as client:
+        answers: list[httpx.Response] = []
+        waiting = threading.Thread(
+            target=lambda: answers.append(
+                client.post("/run/fal-ai/flux/dev", json=FAL_BODY, headers=as_("team-b"))
+            )
+        )
+        waiting.start()
+        record = api.claim(timeout=10)
+        assert record.job.tenant == "team-b"
+        api.complete(record)
+        waiting.join(20)
+    assert (
+        answers[0].status_code == 200 and httpx.get(answers[0].json()["images"][0]["url"]).status_code == 200
+    )
+    # The queued quota counts /run and /stream submits too.
+    fal_submit(api, "tight")
+    fal_submit(api, "tight")
+    for path in ("/run/fal-ai/flux/dev", "/run/fal-ai/flux/dev/stream"):
+        refused = api.client.post(path, json=FAL_BODY, headers=as_("tight"))
+        assert refused.status_code == 429 and refused.headers["retry-after"], path
+
+
+def test_a_webhook_carries_signed_urls(api):
+    from tests.server.api.webhooks.test_webhook_dispatch import Receiver
+
+    receiver = Receiver([])
+    try:
+        submitted = api.client.post(
+            "/fal-ai/flux/dev",
+            params={"fal_webhook": f"{receiver.url}/hook"},
+            json=FAL_BODY,
+            headers=as_("team-a"),
+        )
+        assert submitted.status_code == 200, submitted.text
+        api.complete(api.claim(submitted.json()["request_id"]))
+        wait_until(lambda: receiver.calls, 20, "the webhook")
+        body = json.loads(receiver.calls[0][2])
+        url = body["payload"]["images"][0]["url"]
+        assert url.count("/") == 5 and httpx.get(url).status_code == 200  # /files/<exp>.<sig>/<name>
+    finally:
+        receiver.close()
