@@ -51,7 +51,8 @@ def refusal(over: OverQuota) -> HTTPException:
 async def submit(request: Request, job: Job) -> tuple[JobRecord, int]:
     """Stamp `job` with the caller's tenant, check its quotas, store it; (record, position)."""
     caller = caller_of(request)
-    job = job.model_copy(update={"tenant": caller.tenant})
+    if job.tenant != caller.tenant:
+        job = job.model_copy(update={"tenant": caller.tenant})
     if caller.quotas.unlimited:  # the common case costs nothing more than before
         record, position = await get_queue(request).submit(job)
     else:

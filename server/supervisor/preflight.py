@@ -48,24 +48,23 @@ class StartupError(Exception):
 
 def check_settings(settings: Settings) -> None:
     """Refuse configurations that would be unsafe or cannot work. Raises ConfigError."""
-    if not settings.host_is_loopback() and not settings.insecure_no_auth:
-        try:
-            ring = ring_of(settings)
-        except (OSError, KeysFileError) as exc:
-            raise ConfigError(f"cannot read the keys file {settings.keys_path}: {exc}") from exc
-        if not ring.enabled:
-            raise ConfigError(
-                f"refusing to listen on {settings.host} (not a loopback address) without an API key: "
-                "give --api-key KEY (or --api-keys-file FILE), or --insecure-no-auth to accept "
-                "requests from anyone who can reach this port"
-            )
+    if settings.api_keys_file is not None and not Path(settings.api_keys_file).is_file():
+        raise ConfigError(f"--api-keys-file {settings.api_keys_file}: no such file")
+    try:  # a broken keys file stops the start here, with its reason (never the keys themselves)
+        ring = ring_of(settings)
+    except (OSError, KeysFileError) as exc:
+        raise ConfigError(f"cannot read the keys file {settings.keys_path}: {exc}") from exc
+    if not settings.host_is_loopback() and not settings.insecure_no_auth and not ring.enabled:
+        raise ConfigError(
+            f"refusing to listen on {settings.host} (not a loopback address) without an API key: "
+            "give --api-key KEY (or --api-keys-file FILE), or --insecure-no-auth to accept "
+            "requests from anyone who can reach this port"
+        )
     if (settings.ssl_certfile is None) != (settings.ssl_keyfile is None):
         raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile (only one was given)")
     for flag, path in (("--ssl-certfile", settings.ssl_certfile), ("--ssl-keyfile", settings.ssl_keyfile)):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{flag} {path}: no such file")
-    if settings.api_keys_file is not None and not Path(settings.api_keys_file).is_file():
-        raise ConfigError(f"--api-keys-file {settings.api_keys_file}: no such file")
     if settings.workers is not None and settings.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {settings.workers}")
 
