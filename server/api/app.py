@@ -105,6 +105,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     )
     app.state.quota_counters = QuotaCounters()  # per-minute and per-day counts of this process
     app.state.submits_in_flight = Counter()  # see server/api/tenancy.py
+    app.state.admission_locks = {}  # per tenant with a `queued` quota (server/api/tenancy.py)
     app.state.storage = open_storage(settings)
     free_space = app.state.free_space = FreeSpace(settings.watched_disks, settings.min_free_disk_bytes)
     async_queue = app.state.async_queue = AsyncQueue(queue, admit=free_space.check)

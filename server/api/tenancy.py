@@ -10,6 +10,7 @@ exists; an admin sees every tenant's requests.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from fastapi import Request
@@ -42,6 +43,13 @@ def in_flight(request: Request) -> Counter[str | None]:
     return request.app.state.submits_in_flight
 
 
+def admission_lock(request: Request, tenant: str | None) -> asyncio.Lock:
+    """One admission at a time per tenant with a `queued` quota (in this process): each sees
+    the count the previous one left, so a burst admits exactly up to the limit."""
+    locks: dict[str | None, asyncio.Lock] = request.app.state.admission_locks
+    return locks.setdefault(tenant, asyncio.Lock())
+
+
 def refusal(over: OverQuota) -> HTTPException:
     return HTTPException(
         TOO_MANY_REQUESTS, detail=over.message, headers={"Retry-After": str(over.retry_after)}
@@ -63,17 +71,21 @@ async def submit(request: Request, job: Job) -> tuple[JobRecord, int]:
 
 async def _submit_within_quotas(request: Request, caller: Caller, job: Job) -> tuple[JobRecord, int]:
     pending = in_flight(request)
-    pending[caller.tenant] += 1
-    try:
-        if caller.quotas.queued is not None:
+    if caller.quotas.queued is not None:
+        async with admission_lock(request, caller.tenant):
             active = await get_queue(request).active_count(caller.tenant)
-            # This submit itself is one of `pending`; the others are not in `active` yet.
-            over = check_queued(caller, active + pending[caller.tenant] - 1)
+            over = check_queued(caller, active + pending[caller.tenant])
+            if over is None:
+                over = quota_counters(request).check(caller, job.num_images)
             if over is not None:
                 raise refusal(over)
+            pending[caller.tenant] += 1  # admitted: counted until the queue holds it
+    else:
         over = quota_counters(request).check(caller, job.num_images)
         if over is not None:
             raise refusal(over)
+        pending[caller.tenant] += 1
+    try:
         return await get_queue(request).submit(job)
     finally:
         pending[caller.tenant] -= 1

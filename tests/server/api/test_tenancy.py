@@ -5,6 +5,7 @@ restart, signed file URLs, and the legacy keys that keep working."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -280,3 +281,14 @@ def test_a_webhook_carries_signed_urls(api):
         assert url.count("/") == 5 and httpx.get(url).status_code == 200  # /files/<exp>.<sig>/<name>
     finally:
         receiver.close()
+
+
+@pytest.mark.anyio
+async def test_a_burst_admits_exactly_up_to_the_queued_quota(api):
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=20) as client:
+        answers = await asyncio.gather(
+            *(client.post("/fal-ai/flux/dev", json=FAL_BODY, headers=as_("tight")) for _ in range(12))
+        )
+    codes = sorted(answer.status_code for answer in answers)
+    assert codes == [200, 200] + [429] * 10
+    assert api.worker.active_count("tight") == 2
