@@ -297,7 +297,10 @@ def auth_enabled(settings: Settings) -> bool:
 
 
 def watcher_of(settings: Settings) -> KeysWatcher:
-    """A watcher on the settings' keys (a broken keys file fails here, at start-up)."""
+    """A watcher on the settings' keys. A broken keys file, or a missing --api-keys-file,
+    fails here, at start-up: never a server that starts with fewer keys (or none: auth off)."""
+    if settings.api_keys_file is not None and not Path(settings.api_keys_file).is_file():
+        raise FileNotFoundError(f"--api-keys-file {settings.api_keys_file}: no such file")
     return KeysWatcher(settings.keys_path, settings.api_key, required=True)
 
 

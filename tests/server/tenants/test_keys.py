@@ -146,3 +146,12 @@ def test_the_watcher_sees_a_keys_file_created_after_start(tmp_path):
     save(path, KeysFile().with_entry(entry("late", token)))
     time.sleep(0.06)
     assert watcher.ring().resolve(token).tenant == "late"
+
+
+def test_a_missing_explicit_keys_file_fails_at_start(tmp_path):
+    from server.config import Settings
+    from server.tenants.keys import watcher_of
+
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        watcher_of(Settings(data_dir=tmp_path, api_keys_file=tmp_path / "missing.json"))
+    assert not watcher_of(Settings(data_dir=tmp_path, api_key=[])).ring().enabled  # default: optional
