@@ -31,7 +31,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -308,7 +308,8 @@ class KeysWatcher:
     """A `KeyRing` kept current with the keys file. `ring()` is called per request: it
     stats the file at most once per `recheck` seconds and re-reads it when it changed. A file
     that becomes unreadable or invalid keeps the last good ring (logged); one that disappears
-    leaves only the `--api-key` keys (a deleted file revokes its keys)."""
+    revokes its keys but keeps auth on (only `--api-key` keys are accepted): deleting the file
+    never opens the server."""
 
     def __init__(
         self,
@@ -325,10 +326,10 @@ class KeysWatcher:
         self._signature: tuple[int, int, int] | None = None
         self._checked_at = 0.0
         self._ring = KeyRing.build(self.api_keys, None)
-        self._listeners: list[Any] = []
+        self._listeners: list[Callable[[KeyRing], None]] = []
         self._refresh(raise_errors=required)
 
-    def on_change(self, listener: Any) -> None:
+    def on_change(self, listener: Callable[[KeyRing], None]) -> None:
         """Call `listener(ring)` now and after every reload (fair-share weights follow)."""
         self._listeners.append(listener)
         listener(self._ring)
@@ -349,9 +350,9 @@ class KeysWatcher:
             stat = self.path.stat()
         except FileNotFoundError:
             if self._signature is not None:
-                log.warning("keys file %s disappeared: only --api-key keys are accepted now", self.path)
+                log.warning("keys file %s disappeared: its keys are refused, auth stays on", self.path)
                 self._signature = None
-                self._set(KeyRing.build(self.api_keys, None))
+                self._set(KeyRing.build(self.api_keys, KeysFile()))
             return
         signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         if signature == self._signature:

@@ -125,10 +125,21 @@ def test_the_watcher_follows_changes_within_its_recheck_period(tmp_path):
     time.sleep(0.06)
     assert watcher.ring().enabled and watcher.ring().resolve(token) is None
 
-    # A deleted file revokes its keys; the --api-key keys stay.
+    # A deleted file revokes its keys; the --api-key keys stay, and auth stays on.
     path.unlink()
     time.sleep(0.06)
-    assert watcher.ring().resolve("flag-key") is ADMIN and not watcher.ring().has_file
+    assert watcher.ring().resolve("flag-key") is ADMIN and watcher.ring().enabled
+
+
+def test_deleting_the_only_keys_never_turns_auth_off(tmp_path):
+    path = tmp_path / "keys.json"
+    token = new_token()
+    save(path, KeysFile().with_entry(entry("only", token)))
+    watcher = KeysWatcher(path, recheck=0.05, required=True)
+    path.unlink()
+    time.sleep(0.06)
+    ring = watcher.ring()
+    assert ring.enabled and ring.resolve(token) is None and ring.resolve("anything") is None
 
 
 def test_the_watcher_refuses_a_broken_file_at_start(tmp_path):
