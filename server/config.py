@@ -82,7 +82,12 @@ class Settings(BaseSettings):
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Named keys (JSON, hashes only; `flux-server keys add`) or legacy plain keys, one a line.
+    # None: <data_dir>/keys.json, used when it exists. Re-read on change (server/tenants/keys.py).
     api_keys_file: Path | None = None
+    # HMAC key that signs returned /files URLs (server/api/signing.py); None: a key generated
+    # once into <data_dir>/url-signing.key. Boxes sharing a files mount must share this key.
+    url_signing_key: str | None = None
     insecure_no_auth: bool = False
     metrics_key: str | None = None  # accepted on /metrics instead of the API keys
     # API processes sharing the port (uvicorn workers); each is a full API on the same queue.
@@ -267,14 +272,11 @@ class Settings(BaseSettings):
         """Sockets used to wake processes (short paths: AF_UNIX limits them to ~100 bytes)."""
         return self.data_dir / "run"
 
-    def all_api_keys(self) -> set[str]:
-        keys = set(self.api_key)
-        if self.api_keys_file is not None:
-            for line in self.api_keys_file.read_text().splitlines():
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    keys.add(line)
-        return keys
+    @property
+    def keys_path(self) -> Path:
+        """The keys file to read and watch (server/tenants/keys.py): --api-keys-file, else
+        <data_dir>/keys.json (used when it exists)."""
+        return self.api_keys_file or self.data_dir / "keys.json"
 
     @property
     def request_body_limit(self) -> int:
@@ -289,10 +291,6 @@ class Settings(BaseSettings):
                 f"The prompt is {len(prompt)} characters long; at most {self.max_prompt_length} are accepted"
             )
         return None
-
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.all_api_keys())
 
     def is_trusted_proxy(self, address: str | None) -> bool:
         if not address or not self.trusted_proxy:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -52,6 +53,9 @@ from server.queue.aio import AsyncQueue
 from server.queue.base import JobQueue, QueueUnavailable
 from server.queue.factory import open_queue
 from server.storage.base import StorageUnavailable
+from server.storage.signing import UrlSigner, current_signer, load_signing_key
+from server.tenants.keys import watcher_of
+from server.tenants.quotas import QuotaCounters
 
 log = logging.getLogger("flux_server.api")
 
@@ -67,6 +71,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        current_signer.set(app.state.url_signer)  # the background tasks (webhooks) sign URLs too
         tasks = [asyncio.create_task(maintain_queue(queue, app.state.storage, settings))]
         tasks += [asyncio.create_task(run_forever(factory)) for factory in app.state.background]
         try:
@@ -89,8 +94,20 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.api_keys = settings.all_api_keys()  # read once: not a file read per request
+    # The keys in force, re-read when the keys file changes (a revoked key is refused within
+    # seconds); the queue's fair-share weights follow them.
+    app.state.keys = watcher_of(settings)
+    app.state.keys.on_change(lambda ring: queue.set_tenant_weights(ring.weights()))
     app.state.queue = queue
+    # Signs returned file URLs while auth is on (server/storage/signing.py).
+    app.state.url_signer = UrlSigner(
+        load_signing_key(settings.url_signing_key, settings.data_dir),
+        settings.retention_seconds,
+        active=lambda: app.state.keys.ring().enabled,
+    )
+    app.state.quota_counters = QuotaCounters()  # per-minute and per-day counts of this process
+    app.state.submits_in_flight = Counter()  # see server/api/tenancy.py
+    app.state.admission_locks = {}  # per tenant with a `queued` quota (server/api/tenancy.py)
     app.state.storage = open_storage(settings)
     free_space = app.state.free_space = FreeSpace(settings.watched_disks, settings.min_free_disk_bytes)
     async_queue = app.state.async_queue = AsyncQueue(queue, admit=free_space.check)
@@ -119,6 +136,7 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     # Added innermost first: the proxy rewrites the path, then the body limit applies to that
     # path, then slashes are stripped, then the request-id header is added on the way out.
     app.add_middleware(RequestIdHeaderMiddleware)
+    app.add_middleware(UrlSignerMiddleware, signer=app.state.url_signer)
     app.add_middleware(StripTrailingSlashMiddleware)
     # Inside the body limit: hashes only what it let through (a keyed submit's body).
     app.add_middleware(FingerprintMiddleware)
@@ -176,6 +194,21 @@ class StripTrailingSlashMiddleware:
             if scope.get("raw_path"):
                 scope["raw_path"] = scope["raw_path"].rstrip(b"/") or b"/"
         await self.app(scope, receive, send)
+
+
+class UrlSignerMiddleware:
+    """Every request renders file URLs with this app's signer (see server/storage/signing.py)."""
+
+    def __init__(self, app: ASGIApp, signer: UrlSigner) -> None:
+        self.app = app
+        self.signer = signer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = current_signer.set(self.signer)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current_signer.reset(token)
 
 
 class RequestIdHeaderMiddleware:

@@ -2,7 +2,9 @@
 
 With no key configured, authentication is off (the API process refuses to listen on a
 non-loopback address in that case unless told `--insecure-no-auth`). Keys are compared whole,
-so fal's `Key id:secret` form works when the configured key is `id:secret`.
+so fal's `Key id:secret` form works when the configured key is `id:secret`. Each key resolves
+to a `Caller` (server/tenants): a named key of the keys file to its tenant, role, quotas and
+weight; `--api-key` and legacy keys to one unnamed admin.
 
 Every protocol builds its route dependency with `api_key_dependency`, handing in how it
 refuses a request in its own error shape (fal: 401 `{"detail": ...}`, BFL: 401/403, OpenAI:
@@ -11,14 +13,14 @@ refuses a request in its own error shape (fal: 401 `{"detail": ...}`, BFL: 401/4
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from enum import Enum
 
 from fastapi import Request
 
 from server.config import Settings
-from server.tenants import ANONYMOUS, Caller
+from server.tenants import ANONYMOUS, Caller, Role
+from server.tenants.keys import KeyRing, ring_of
 
 SCHEMES = ("key", "bearer")
 
@@ -36,45 +38,47 @@ def presented_key(request: Request) -> str | None:
     return None
 
 
-def key_is_valid(settings: Settings, key: str | None, keys: set[str] | None = None) -> bool:
-    """`keys` defaults to the settings' keys (read afresh, keys file included)."""
-    if keys is None:
-        keys = settings.all_api_keys()
-    if not keys:
-        return True
-    if key is None:
-        return False
-    # Compare against every key without stopping early, so timing reveals nothing.
-    matched = False
-    for candidate in keys:
-        matched |= hmac.compare_digest(candidate.encode(), key.encode())
-    return matched
+def key_ring(request: Request) -> KeyRing:
+    """The keys in force (the app's watcher re-reads a changed keys file within a second)."""
+    return request.app.state.keys.ring()
+
+
+def key_is_valid(settings: Settings, key: str | None) -> bool:
+    """Whether `key` is accepted by `settings`' keys (read afresh, keys file included)."""
+    ring = ring_of(settings)
+    return not ring.enabled or ring.resolve(key) is not None
+
+
+def resolve_caller(request: Request) -> Caller | None:
+    """Who the request acts as: ANONYMOUS when auth is off, the key's caller, or None (no
+    key, or one that is unknown or revoked)."""
+    ring = key_ring(request)
+    if not ring.enabled:
+        return ANONYMOUS  # auth is off: no need to parse headers
+    return ring.resolve(presented_key(request))
 
 
 def check_api_key(request: Request) -> bool:
-    """True when auth is off or the request carries a configured key."""
-    state = request.app.state
-    # create_app reads the keys (file included) once; a changed keys file needs a restart.
-    keys = getattr(state, "api_keys", None)
-    if keys is not None and not keys:
-        return True  # auth is off: no need to parse headers
-    return key_is_valid(state.settings, presented_key(request), keys)
+    """True when auth is off or the request carries a key in force (of any role)."""
+    return resolve_caller(request) is not None
 
 
 class KeyProblem(str, Enum):
     MISSING = "missing"  # no key in any of the accepted headers
-    INVALID = "invalid"  # a key that is not configured
+    INVALID = "invalid"  # a key that is not configured, was revoked, or may only read /metrics
 
 
 def api_key_dependency(
     refuse: Callable[[KeyProblem], Exception],
 ) -> Callable[[Request], Awaitable[None]]:
-    """A FastAPI dependency that lets a request through when auth is off or its key is
-    valid, and otherwise raises `refuse(problem)`, the protocol's own error."""
+    """A FastAPI dependency that lets a request through when auth is off or its key is in
+    force, puts its `Caller` on `request.state.caller`, and otherwise raises
+    `refuse(problem)`, the protocol's own error. A metrics key is refused like an unknown one."""
 
     async def require_api_key(request: Request) -> None:
-        if check_api_key(request):
-            request.state.caller = ANONYMOUS  # every configured key acts as the one admin tenant
+        caller = resolve_caller(request)
+        if caller is not None and caller.role is not Role.METRICS:
+            request.state.caller = caller
             return
         raise refuse(KeyProblem.MISSING if presented_key(request) is None else KeyProblem.INVALID)
 

@@ -24,7 +24,6 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import lifecycle
 from server.api.auth import caller_of
 from server.api.deps import get_queue, get_settings
 from server.jobs import Job
@@ -139,22 +138,15 @@ def keyed(request: Request) -> bool:
     return HEADER in request.headers
 
 
-async def submit_job(request: Request, job: Job) -> Submitted:
-    """The one submit of every protocol's routes: stores `job` for the caller's tenant, or,
-    for a repeated Idempotency-Key, returns the key's job without storing anything."""
-    tenant = caller_of(request).tenant
-    if job.tenant is None and tenant is not None:
-        job = job.model_copy(update={"tenant": tenant})
+async def store(request: Request, job: Job) -> Submitted:
+    """Store `job` (already stamped with its tenant and admitted by server/api/tenancy.py),
+    or, for a repeated Idempotency-Key, return the key's job without storing anything."""
     key = idempotency_key(request)
     queue = get_queue(request)
     if key is None:
         record, position = await queue.submit(job)
-        submitted = Submitted(record, position, repeated=False)
-    else:
-        try:
-            submitted = await queue.submit_once(job, key)
-        except IdempotencyMismatch as exc:
-            raise IdempotencyKeyRefused(str(exc), key.key, "idempotency_key_reused") from None
-    if not submitted.repeated:
-        lifecycle.submitted(submitted.record, submitted.position)
-    return submitted
+        return Submitted(record, position, repeated=False)
+    try:
+        return await queue.submit_once(job, key)
+    except IdempotencyMismatch as exc:
+        raise IdempotencyKeyRefused(str(exc), key.key, "idempotency_key_reused") from None

@@ -19,13 +19,14 @@ from fastapi import FastAPI
 from server.api.app import create_app
 from server.config import Settings
 from server.logs import configure_logging
+from server.tenants.keys import auth_enabled
 
 EXIT_UNSAFE = 2
 
 
 def unsafe_listen_reason(settings: Settings) -> str | None:
     """Why the settings must not be served, or None: no API key on a non-loopback address."""
-    if settings.host_is_loopback() or settings.auth_enabled or settings.insecure_no_auth:
+    if settings.host_is_loopback() or auth_enabled(settings) or settings.insecure_no_auth:
         return None
     return (
         f"refusing to listen on {settings.host} without an API key: anyone who can reach it could "

@@ -25,7 +25,8 @@ import anyio
 from fastapi import Request
 
 from server import lifecycle
-from server.api.idempotency import keyed, submit_job
+from server.api import tenancy
+from server.api.idempotency import keyed
 from server.jobs import Job, JobRecord, Status
 from server.queue.aio import AsyncQueue
 from server.queue.base import CancelOutcome
@@ -57,7 +58,7 @@ async def submit_and_wait(request: Request, queue: AsyncQueue, job: Job) -> JobR
     ClientGone (having cancelled the job) if the caller hangs up first. With an
     Idempotency-Key the job is the key's (a repeat waits on the first submit's job) and is
     not cancelled when the caller hangs up: a client that sends a key comes back for it."""
-    submitted = await submit_job(request, job)
+    submitted = await tenancy.submit(request, job)
     return await wait_until_completed(request, queue, submitted.record.id, cancel=not keyed(request))
 
 

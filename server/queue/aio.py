@@ -191,6 +191,9 @@ class AsyncQueue:
     async def position(self, request_id: str) -> int | None:
         return await self._call(self.sync.position, request_id)
 
+    async def active_count(self, tenant: str | None) -> int:
+        return await self._call(self.sync.active_count, tenant)
+
     async def depth(self) -> int:
         return await self._call(self.sync.depth)
 

@@ -250,6 +250,11 @@ class JobQueue(ABC):
         """Number of queued jobs."""
 
     @abstractmethod
+    def active_count(self, tenant: str | None) -> int:
+        """The tenant's jobs queued or running (its `queued` quota); None is the unnamed
+        tenant. One indexed read: queued jobs by tenant, running ones (few) by lease."""
+
+    @abstractmethod
     def counts(self) -> QueueCounts:
         """Queued jobs per priority (every priority named, zeros included) and running jobs."""
 

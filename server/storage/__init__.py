@@ -28,6 +28,7 @@ from server.storage.base import (
     image_url,
     multipart_url,
     normalize_content_type,
+    plain_file_url,
     upload_extension,
     upload_url,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "multipart_url",
     "normalize_content_type",
     "open_storage",
+    "plain_file_url",
     "upload_extension",
     "upload_url",
 ]

@@ -23,6 +23,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from server.jobs import CONTENT_TYPES, OutputImage
+from server.storage.signing import SIGNATURE_SEGMENT, signature_segment
 
 # Where the files route serves stored files: {base_url}/files/{name}.
 FILES_PATH = "/files"
@@ -193,20 +194,29 @@ def clean_original_name(name: str | None) -> str | None:
 # --- URLs -------------------------------------------------------------------------------------
 
 
-def file_url(base_url: str, file_name: str) -> str:
-    """The public URL of a stored file, on the base URL the client used (or --public-url)."""
+def plain_file_url(base_url: str, file_name: str) -> str:
     return f"{base_url.rstrip('/')}{FILES_PATH}/{file_name}"
+
+
+def file_url(base_url: str, file_name: str, expires_at: float | None = None) -> str:
+    """The public URL of a stored file, on the base URL the client used (or --public-url);
+    signed, until `expires_at` (default: retention from now), when auth is on
+    (server/storage/signing.py)."""
+    segment = signature_segment(file_name, expires_at)
+    if segment is None:
+        return plain_file_url(base_url, file_name)
+    return f"{base_url.rstrip('/')}{FILES_PATH}/{segment}/{file_name}"
 
 
 def upload_url(base_url: str, reservation: Reservation) -> str:
     """Where the bytes of an initiated upload are PUT (the URL is the permission)."""
-    return f"{file_url(base_url, reservation.file_name)}/upload/{reservation.upload_id}"
+    return f"{plain_file_url(base_url, reservation.file_name)}/upload/{reservation.upload_id}"
 
 
 def multipart_url(base_url: str, reservation: Reservation) -> str:
     """The base of a multipart upload's part URLs (`/<n>`) and its `/complete` URL; fal_client
     builds the same URL from the file URL and the upload id."""
-    return f"{file_url(base_url, reservation.file_name)}/multipart/{reservation.upload_id}"
+    return f"{plain_file_url(base_url, reservation.file_name)}/multipart/{reservation.upload_id}"
 
 
 def image_url(base_url: str, image: OutputImage) -> str:
@@ -238,4 +248,9 @@ def file_name_from_url(url: str, base_urls: Iterable[str | None]) -> str | None:
     if parts.query or parts.fragment or not parts.path.startswith(prefix):
         return None
     name = parts.path[len(prefix) :]
+    # A signed URL (`<exp>.<sig>/<name>`) names the file too: an input is read from the store by
+    # its unguessable name (the signature guards GET /files, not this path).
+    segment, slash, rest = name.partition("/")
+    if slash and SIGNATURE_SEGMENT.fullmatch(segment):
+        name = rest
     return name if FILE_NAME.fullmatch(name) else None

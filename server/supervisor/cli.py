@@ -1,4 +1,4 @@
-"""`flux-server` command line: serve | api | worker | health | generate | migrate-queue | make-cert.
+"""`flux-server` command line: serve | api | worker | health | generate | keys | migrate-queue | make-cert.
 
 Every subcommand's work lives in its own module, imported lazily so that the API process
 never imports torch.
@@ -15,6 +15,7 @@ from typing import Any
 
 from server.config import Settings
 from server.exit_codes import EXIT_USAGE
+from server.supervisor import keys_cli
 
 # Flags shared by serve/api/worker; each maps to a Settings field (env FLUX_<NAME>).
 _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
@@ -57,7 +58,11 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--ssl-certfile", {}),
     ("--ssl-keyfile", {}),
     ("--api-key", {"action": "append", "help": "accepted API key (repeatable)"}),
-    ("--api-keys-file", {"help": "file with one API key per line"}),
+    (
+        "--api-keys-file",
+        {"help": "named keys (flux-server keys add) or one key a line; default <data-dir>/keys.json"},
+    ),
+    ("--url-signing-key", {"help": "secret that signs /files URLs (default: generated into the data dir)"}),
     ("--insecure-no-auth", {"action": "store_true", "default": None}),
     ("--metrics-key", {"help": "key that reads /metrics (default: the API keys)"}),
     (
@@ -205,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--data-dir", default=None, help="the data directory holding queue.sqlite3")
     migrate.add_argument("--queue-url", required=True, help="postgresql://user:password@host:port/dbname")
 
+    keys_cli.add_parser(sub)
+
     cert = sub.add_parser("make-cert", help="write a local CA and a server certificate")
     cert.add_argument("--out", required=True)
     cert.add_argument("--host", action="append", default=[], help="extra DNS name or IP (repeatable)")
@@ -253,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.queue.migrate import migrate_queue_command
 
         return migrate_queue_command(Path(args.data_dir or Settings().data_dir), args.queue_url)
+    if args.command == "keys":
+        return keys_cli.run_keys(args)
     if args.command == "make-cert":
         from server.tls import make_cert_command
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.config import Settings
+from server.tenants.keys import KeysFileError, auth_enabled, ring_of
 
 if TYPE_CHECKING:
     from server.supervisor.gpus import WorkerSlot
@@ -47,24 +48,23 @@ class StartupError(Exception):
 
 def check_settings(settings: Settings) -> None:
     """Refuse configurations that would be unsafe or cannot work. Raises ConfigError."""
-    if not settings.host_is_loopback() and not settings.insecure_no_auth:
-        try:
-            keys = settings.all_api_keys()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --api-keys-file: {exc}") from exc
-        if not keys:
-            raise ConfigError(
-                f"refusing to listen on {settings.host} (not a loopback address) without an API key: "
-                "give --api-key KEY (or --api-keys-file FILE), or --insecure-no-auth to accept "
-                "requests from anyone who can reach this port"
-            )
+    if settings.api_keys_file is not None and not Path(settings.api_keys_file).is_file():
+        raise ConfigError(f"--api-keys-file {settings.api_keys_file}: no such file")
+    try:  # a broken keys file stops the start here, with its reason (never the keys themselves)
+        ring = ring_of(settings)
+    except (OSError, KeysFileError) as exc:
+        raise ConfigError(f"cannot read the keys file {settings.keys_path}: {exc}") from exc
+    if not settings.host_is_loopback() and not settings.insecure_no_auth and not ring.enabled:
+        raise ConfigError(
+            f"refusing to listen on {settings.host} (not a loopback address) without an API key: "
+            "give --api-key KEY (or --api-keys-file FILE), or --insecure-no-auth to accept "
+            "requests from anyone who can reach this port"
+        )
     if (settings.ssl_certfile is None) != (settings.ssl_keyfile is None):
         raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile (only one was given)")
     for flag, path in (("--ssl-certfile", settings.ssl_certfile), ("--ssl-keyfile", settings.ssl_keyfile)):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{flag} {path}: no such file")
-    if settings.api_keys_file is not None and not Path(settings.api_keys_file).is_file():
-        raise ConfigError(f"--api-keys-file {settings.api_keys_file}: no such file")
     if settings.workers is not None and settings.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {settings.workers}")
 
@@ -219,7 +219,7 @@ def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
     url = base_url(settings)
     hostport = url.split("://", 1)[1]
     tls = settings.ssl_certfile is not None
-    auth = settings.auth_enabled
+    auth = auth_enabled(settings)
     devices = ", ".join(f"{s.worker_id} on {s.device}" for s in slots)
     lines: list[str | None] = [
         "flux-server",
@@ -228,7 +228,7 @@ def banner(settings: Settings, slots: list[WorkerSlot]) -> str:
         f"  public   {settings.public_url}" if settings.public_url else None,
         f"  model    {settings.model}",
         f"  workers  {len(slots)}: {devices}",
-        f"  auth     {'on (' + str(len(settings.all_api_keys())) + ' key(s))' if auth else 'off'}",
+        f"  auth     {'on (' + str(ring_of(settings).count) + ' key(s))' if auth else 'off'}",
         f"  TLS      {'on' if tls else 'off'}",
         f"  data     {settings.data_dir}",
         f"  storage  {settings.storage_url}" if settings.storage_url else None,

@@ -172,6 +172,12 @@ def test_credentials_come_from_secrets_and_every_setting_exists(overlay: str) ->
 
         assert secret_ref(variables, "FLUX_QUEUE_URL") == ("flux-queue", "FLUX_QUEUE_URL", False)
         assert secret_ref(variables, "FLUX_METRICS_KEY") == ("flux-metrics", "FLUX_METRICS_KEY", False)
+        # One URL-signing key for every pod: a file URL returned by one opens on any other.
+        assert secret_ref(variables, "FLUX_URL_SIGNING_KEY") == (
+            "flux-url-signing",
+            "FLUX_URL_SIGNING_KEY",
+            False,
+        )
         for name in STORAGE_ENV:
             optional = name in ("AWS_ENDPOINT_URL", "AWS_REGION")  # a cloud bucket needs neither
             assert secret_ref(variables, name) == ("flux-storage", name, optional)

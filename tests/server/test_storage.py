@@ -17,6 +17,7 @@ from server.storage import (
     normalize_content_type,
     upload_extension,
 )
+from server.storage.signing import UrlSigner, current_signer, load_signing_key
 
 
 def test_save_path_url_and_delete(tmp_path: Path) -> None:
@@ -95,6 +96,55 @@ def test_file_name_from_url_reads_back_only_our_own_file_urls() -> None:
         "not a url",
     ]:
         assert file_name_from_url(url, ours) is None, url
+
+
+def test_signed_file_urls_are_made_in_a_signers_context_and_read_back_as_ours() -> None:
+    name = "B" * 32 + ".png"
+    signer = UrlSigner(b"k" * 32, lifetime=3600)
+    token = current_signer.set(signer)
+    try:
+        url = file_url("https://flux.local:8443", name)
+        upload = file_url("https://flux.local:8443", name, expires_at=2_000_000_000)
+    finally:
+        current_signer.reset(token)
+    segment = url.removeprefix("https://flux.local:8443/files/").removesuffix(f"/{name}")
+    assert signer.verify(name, segment) is None and url.endswith(".png")
+    assert upload == f"https://flux.local:8443/files/{signer.segment(name, 2_000_000_000)}/{name}"
+    assert file_url("https://flux.local:8443", name) == f"https://flux.local:8443/files/{name}"  # no signer
+    inactive = current_signer.set(UrlSigner(b"k" * 32, lifetime=3600, active=lambda: False))
+    try:
+        assert file_url("https://flux.local:8443", name) == f"https://flux.local:8443/files/{name}"
+    finally:
+        current_signer.reset(inactive)
+    # As an input, a signed URL of ours names the file (read from the store, not over HTTP).
+    ours = ["https://flux.local:8443"]
+    assert file_name_from_url(url, ours) == name
+    for other in (
+        f"https://flux.local:8443/files/not-a-signature/{name}",
+        f"https://elsewhere/files/{segment}/{name}",
+    ):
+        assert file_name_from_url(other, ours) is None
+
+
+def test_a_signature_is_refused_altered_expired_or_for_another_name() -> None:
+    signer = UrlSigner(b"k" * 32, lifetime=3600)
+    name, now = "C" * 32 + ".png", 1_800_000_000.0
+    good = signer.segment(name, now=now)
+    assert int(good.split(".")[0]) % 3600 == 0 and int(good.split(".")[0]) >= now + 3600  # rounded up
+    assert signer.verify(name, good, now=now) is None
+    assert signer.verify("D" * 32 + ".png", good, now=now) == "This file URL's signature is not valid"
+    assert signer.verify(name, good, now=now + 7201) == "This file URL has expired"
+    assert "not signed" in signer.verify(name, None, now=now)
+    other_key = UrlSigner(b"x" * 32, lifetime=3600)
+    assert other_key.verify(name, good, now=now) == "This file URL's signature is not valid"
+
+
+def test_the_signing_key_is_generated_once_and_kept(tmp_path: Path) -> None:
+    first = load_signing_key(None, tmp_path)
+    assert load_signing_key(None, tmp_path) == first and len(first) >= 48
+    assert oct((tmp_path / "url-signing.key").stat().st_mode & 0o777) == "0o600"
+    assert load_signing_key("configured", tmp_path) == b"configured"
+    assert [p.name for p in tmp_path.iterdir()] == ["url-signing.key"]
 
 
 def test_uploads_keep_their_type_and_expire(tmp_path: Path) -> None:

@@ -1,8 +1,11 @@
 """`GET /files/{name}`: generated images and uploads, at stable unguessable URLs, cacheable
 for as long as they live.
 
-Names are random tokens chosen by the storage; anything that is not a plain file name of that
-shape is a 404 before the file system is touched, so no path can escape the files directory.
+With auth on, a file is served only at a signed URL (`/files/<exp>.<sig>/<name>`, the form of
+every URL the server returns; server/storage/signing.py), checked before anything else: a
+missing, altered or expired signature is a 403. Names are random tokens chosen by the storage; anything
+that is not a plain file name of that shape is a 404 before the file system is touched, so no
+path can escape the files directory.
 An upload is served with the content type its client declared, under a sandboxing policy so
 that an uploaded page cannot run scripts on this server's origin. With object storage
 (`--storage-url`) the answer is a redirect to the object's presigned (or public) URL.
@@ -25,8 +28,23 @@ SAFETY_HEADERS = {"x-content-type-options": "nosniff", "content-security-policy"
 
 
 @router.head("/files/{name}", include_in_schema=False)
-@router.get("/files/{name}", operation_id="get_file", summary="A generated image")
+@router.get("/files/{name}", operation_id="get_file", summary="A generated image or an upload")
 async def get_file(name: str, request: Request) -> Response:
+    return await serve_file(name, None, request)
+
+
+@router.head("/files/{signature}/{name}", include_in_schema=False)
+@router.get("/files/{signature}/{name}", operation_id="get_signed_file", summary="A file, at its signed URL")
+async def get_signed_file(signature: str, name: str, request: Request) -> Response:
+    return await serve_file(name, signature, request)
+
+
+async def serve_file(name: str, signature: str | None, request: Request) -> Response:
+    signer = request.app.state.url_signer
+    if signer.active:  # auth on: the URL's signature is the permission (no API key needed)
+        problem = signer.verify(name, signature)
+        if problem is not None:
+            raise HTTPException(status_code=403, detail=problem)
     try:
         info = await asyncio.to_thread(get_storage(request).file_info, name)
     except StorageUnavailable:

@@ -227,6 +227,18 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
         )
         return int(row[0]) if row else 0
 
+    def active_count(self, tenant: str | None) -> int:
+        row = self._run(
+            lambda conn: conn.execute(
+                # Two reads, each on a partial index: queued by tenant, running by lease.
+                "SELECT (SELECT count(*) FROM flux_jobs WHERE COALESCE(tenant, '') = %(t)s "
+                "AND status = 'IN_QUEUE') + (SELECT count(*) FROM flux_jobs "
+                "WHERE status = 'IN_PROGRESS' AND COALESCE(tenant, '') = %(t)s)",
+                {"t": tenant or ""},
+            ).fetchone()
+        )
+        return int(row[0]) if row else 0
+
     def counts(self) -> QueueCounts:
         # Queued and running rows only (completed ones, the bulk of the table, are not read).
         row = self._run(

@@ -187,6 +187,20 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
         (count,) = self._conn().execute("SELECT COALESCE(SUM(queued), 0) FROM queue_counts").fetchone()
         return int(count)
 
+    def active_count(self, tenant: str | None) -> int:
+        (count,) = (
+            self._conn()
+            .execute(
+                "SELECT (SELECT COUNT(*) FROM jobs INDEXED BY jobs_tenant_queue "
+                "WHERE COALESCE(tenant, '') = ?1 AND status = 'IN_QUEUE') + "
+                "(SELECT COUNT(*) FROM jobs INDEXED BY jobs_lease "
+                "WHERE status = 'IN_PROGRESS' AND COALESCE(tenant, '') = ?1)",
+                (tenant or "",),
+            )
+            .fetchone()
+        )
+        return int(count)
+
     def counts(self) -> QueueCounts:
         conn = self._conn()
         by_rank = dict(conn.execute("SELECT priority_rank, queued FROM queue_counts").fetchall())

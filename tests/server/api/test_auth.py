@@ -6,6 +6,7 @@ import pytest
 
 from server.api.auth import key_is_valid
 from server.config import Settings
+from server.tenants.keys import auth_enabled
 from tests.server.conftest import api_settings, run_api_server
 
 
@@ -74,13 +75,17 @@ def test_missing_or_wrong_keys_are_401(secured, headers):
 
 def test_public_routes_need_no_key(secured):
     assert secured.client.get("/health").status_code == 503  # no worker, but not 401
-    assert secured.client.get("/files/AAAAAAAAAAAAAAAAAAAAAAAA.png").status_code == 404
+    # Files need no key, but with auth on their URL's signature (docs/tenants.md).
+    name = "AAAAAAAAAAAAAAAAAAAAAAAA.png"
+    assert secured.client.get(f"/files/{name}").status_code == 403
+    signature = secured.app.state.url_signer.segment(name)
+    assert secured.client.get(f"/files/{signature}/{name}").status_code == 404  # signed, but no such file
     jwks = secured.client.get("/.well-known/jwks.json")
     assert jwks.status_code == 200 and jwks.json()["keys"]
 
 
 def test_auth_off_without_keys(api):
-    assert not api.settings.auth_enabled
+    assert not auth_enabled(api.settings)
     assert api.client.post("/fal-ai/flux/dev", json={"prompt": "p"}).status_code == 200
     assert (
         api.client.post(

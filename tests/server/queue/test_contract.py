@@ -61,6 +61,19 @@ def test_counts_of_queued_by_priority_and_running(api: JobQueue, worker: JobQueu
     assert api.counts() == QueueCounts(queued={"normal": 1, "low": 1}, running=1)
 
 
+def test_active_count_is_per_tenant_queued_and_running(api: JobQueue, worker: JobQueue) -> None:
+    """The `queued` quota's count: a tenant's queued and running jobs, nobody else's."""
+    stored = api.submit_many([make_job(tenant="a"), make_job(tenant="a"), make_job(tenant="b"), make_job()])
+    assert (api.active_count("a"), api.active_count("b"), api.active_count(None)) == (2, 1, 1)
+    claimed = worker.claim("w1", timeout=0)
+    assert claimed is not None and claimed.job.tenant == "a"
+    assert api.active_count("a") == 2  # one queued, one running
+    assert worker.complete(claimed.id, "w1", make_result())
+    assert api.active_count("a") == 1
+    assert api.cancel(stored[1][0].id) is CancelOutcome.CANCELLED
+    assert api.active_count("a") == 0 and api.active_count("nobody") == 0
+
+
 def test_submit_with_a_given_id_and_an_input_image(api: JobQueue, worker: JobQueue) -> None:
     image = bytes(range(256)) * 64
     api.submit(make_job(task="image-to-image", image=image), request_id="fixed-id")

@@ -217,3 +217,9 @@ def test_serve_refuses_a_broken_variant_with_exit_2(
         and "never downloads" in err
         and "fetch_weights.py --variant kontext" in err
     )
+
+
+def test_a_broken_keys_file_stops_the_start_with_its_reason(tmp_path):
+    (tmp_path / "keys.json").write_text('{"keys": [{"name": "a", "sha256": "nothex"}]}')
+    with pytest.raises(ConfigError, match="64 hex digits"):
+        check_settings(settings(data_dir=tmp_path))

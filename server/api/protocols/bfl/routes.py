@@ -20,10 +20,10 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api import tenancy
 from server.api.auth import KeyProblem, api_key_dependency
 from server.api.deps import get_queue, get_settings, public_base_url
 from server.api.errors import log_unhandled, register_error_renderer
-from server.api.idempotency import submit_job
 from server.api.inputs import REDUX_FIT, InputImageError, decode, fetch_bytes
 from server.api.protocols.bfl import adapter
 from server.api.protocols.bfl.models import AsyncResponse, AsyncWebhookResponse, FluxDevInputs, ResultResponse
@@ -152,7 +152,7 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
     job = adapter.inputs_to_job(
         inputs, base_url=base_url, image_png=image_png, default_acceleration=settings.default_acceleration
     )
-    record = (await submit_job(request, job)).record  # a repeated Idempotency-Key: the first one's
+    record = (await tenancy.submit(request, job)).record  # a repeated Idempotency-Key: the first one's
     polling_url = adapter.polling_url(base_url, record.id)
     body: AsyncResponse | AsyncWebhookResponse
     if inputs.webhook_url:
@@ -170,7 +170,8 @@ async def flux_dev(inputs: FluxDevInputs, request: Request) -> JSONResponse:
 async def get_result(
     request: Request, id: str = Query(..., description="Task id from the submit")
 ) -> JSONResponse:
-    record = await get_queue(request).get(id, with_logs=False)
+    # Another tenant's task is as unknown as a made-up id (server/api/tenancy.py).
+    record = tenancy.owned(request, await get_queue(request).get(id, with_logs=False))
     if record is not None and record.job.protocol != "bfl":
         record = None  # another protocol's request: BFL clients cannot tell it exists
     return JSONResponse(adapter.record_to_result(record, id).model_dump(mode="json"))

@@ -17,9 +17,9 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import lifecycle
+from server.api import tenancy
 from server.api.auth import KeyProblem, api_key_dependency
 from server.api.deps import get_queue, get_settings, get_storage, public_base_url
-from server.api.idempotency import submit_job
 from server.api.protocols.fal import adapter, endpoints
 from server.api.protocols.fal.lifecycle import lifecycle_seconds
 from server.api.variants import NOT_CONFIGURED, NOT_SERVED_STATUS, VariantNotServed, require_served
@@ -98,9 +98,11 @@ async def find_record(
     request: Request, owner: str, app: str, request_id: str, *, with_logs: bool = False
 ) -> tuple[JobRecord, int | None] | None:
     """The fal request `request_id` of app `owner/app` and its queue position while queued,
-    or None (unknown or another app's)."""
+    or None (unknown, another app's or another tenant's)."""
     request.state.fal_request_id = request_id
     record, position = await get_queue(request).get_with_position(request_id, with_logs=with_logs)
+    # Another tenant's request is as unknown as a made-up id (server/api/tenancy.py).
+    record = tenancy.owned(request, record)
     if record is None or not is_fal_request(record, owner, app):
         return None
     return record, position
@@ -191,7 +193,7 @@ async def result(owner: str, app: str, request_id: str, request: Request) -> JSO
 @router.post("/{owner}/{app}/{endpoint:path}")
 async def submit(owner: str, app: str, endpoint: str, request: Request) -> JSONResponse:
     job = await request_job(request, owner, app, endpoint)
-    submitted = await submit_job(request, job)  # a repeated Idempotency-Key: the first one's
+    submitted = await tenancy.submit(request, job)  # a repeated Idempotency-Key: the first one's
     record = submitted.record
     request.state.fal_request_id = record.id
     return JSONResponse(adapter.submit_body(record, record.job.base_url, submitted.position))

@@ -15,8 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
+from server.api import tenancy
 from server.api.deps import get_queue, public_base_url
-from server.api.idempotency import keyed, submit_job
+from server.api.idempotency import keyed
 from server.api.protocols.fal import adapter, endpoints
 from server.api.protocols.fal.queue_routes import request_job, require_fal_key, result_response
 from server.api.waiting import EVENT_STREAM_HEADERS, ClientGone, StreamEvent, event_stream, submit_and_wait
@@ -61,7 +62,7 @@ for _app in endpoints.bare_app_names():
 async def run_stream(owner: str, app: str, endpoint: str, request: Request) -> StreamingResponse:
     job = await request_job(request, owner, app, endpoint)
     queue = get_queue(request)
-    record = (await submit_job(request, job)).record  # a repeated Idempotency-Key: the first one's
+    record = (await tenancy.submit(request, job)).record  # a repeated Idempotency-Key: the first one's
     request.state.fal_request_id = record.id
     base_url = public_base_url(request)
     last_state: tuple | None = None

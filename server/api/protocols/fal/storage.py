@@ -9,6 +9,7 @@
     PUT  /files/{name}/upload/{upload_id}        the bytes of an initiated upload
     PUT  /files/{name}/multipart/{upload_id}/{n} part n of a multipart upload
     POST /files/{name}/multipart/{upload_id}/complete
+    (the last two also under a signed file URL, /files/<exp>.<sig>/{name}/...)
 
 The routes that start an upload, and the one-request upload, are behind the API keys. The PUT
 and complete routes are authorised by their upload id instead: the JS client sends those
@@ -140,9 +141,11 @@ async def start_multipart_upload(request: Request) -> JSONResponse:
     reservation = await reserve(
         request, request.headers.get("content-type"), request.headers.get("x-fal-file-name"), multipart=True
     )
-    # This server's URL, never the bucket's: fal_client PUTs the parts under it.
+    # This server's URL, never the bucket's: fal_client PUTs the parts under it (the routes
+    # below take the signed form too) and returns it as the finished file's URL.
     started = MultipartStarted(
-        access_url=file_url(public_base_url(request), reservation.file_name), uploadId=reservation.upload_id
+        access_url=file_url(public_base_url(request), reservation.file_name, reservation.expires_at),
+        uploadId=reservation.upload_id,
     )
     return JSONResponse(started.model_dump())
 
@@ -226,6 +229,31 @@ async def complete_multipart(name: str, upload_id: str, request: Request) -> JSO
     return JSONResponse(UploadOutput(access_url=access_url).model_dump())
 
 
+# fal_client sends a multipart upload's parts and its completion under the access URL it was
+# given, which is signed while auth is on (`/files/<exp>.<sig>/<name>`): the same routes. The
+# upload id is the permission here, as above.
+@router.put(
+    "/files/{signature}/{name}/multipart/{upload_id}/{part_number}",
+    response_model=UploadedPart,
+    include_in_schema=False,
+)
+async def put_part_signed(
+    signature: str, name: str, upload_id: str, part_number: int, request: Request
+) -> JSONResponse:
+    return await put_part(name, upload_id, part_number, request)
+
+
+@router.post(
+    "/files/{signature}/{name}/multipart/{upload_id}/complete",
+    response_model=UploadOutput,
+    include_in_schema=False,
+)
+async def complete_multipart_signed(
+    signature: str, name: str, upload_id: str, request: Request
+) -> JSONResponse:
+    return await complete_multipart(name, upload_id, request)
+
+
 # --- helpers ----------------------------------------------------------------------------------
 
 
@@ -250,7 +278,7 @@ def readable_url(request: Request, name: str, expires_at: float) -> str:
     """Where the client reads an upload: the bucket's URL for it when the store has one (valid
     until the upload expires), else this server's files route."""
     url = get_storage(request).read_url(name, expires_at - time.time())
-    return url or file_url(public_base_url(request), name)
+    return url or file_url(public_base_url(request), name, expires_at)
 
 
 def upload_lifetime(request: Request, settings: Settings) -> float:

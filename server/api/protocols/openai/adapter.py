@@ -52,8 +52,10 @@ class OpenAIError(Exception):
         error_type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers  # e.g. Retry-After on a 429
         self.status_code = status_code
         self.message = message
         self.error_type = error_type

@@ -40,6 +40,7 @@ from server.api.protocols.openai.models import (
     ImagesResponse,
     ModelList,
 )
+from server.api.tenancy import TOO_MANY_REQUESTS
 from server.api.variants import VariantNotServed
 from server.api.waiting import ClientGone, submit_and_wait
 from server.jobs import Job, JobRecord
@@ -63,7 +64,7 @@ def _validation_error(errors: list[Any]) -> OpenAIError:
 
 
 def error_response(error: OpenAIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status_code)
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
 
 class OpenAIRoute(APIRoute):
@@ -92,6 +93,14 @@ class OpenAIRoute(APIRoute):
 def http_error(exc: StarletteHTTPException) -> OpenAIError:
     """An HTTP error in OpenAI's shape: the server's own trouble (a full disk, the queue
     unavailable) is a `server_error`, anything else the request's."""
+    if exc.status_code == TOO_MANY_REQUESTS:  # a tenant's quota (server/api/tenancy.py)
+        return OpenAIError(
+            exc.status_code,
+            str(exc.detail),
+            error_type="requests",
+            code="rate_limit_exceeded",
+            headers=exc.headers,
+        )
     if exc.status_code < 500:
         return OpenAIError(exc.status_code, str(exc.detail))
     code = "insufficient_storage" if exc.status_code == INSUFFICIENT_STORAGE else None

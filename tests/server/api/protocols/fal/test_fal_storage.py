@@ -92,7 +92,9 @@ def test_initiate_then_put_without_credentials(secured):
     )
     assert response.status_code == 200, response.text
     urls = response.json()
-    assert urls["upload_url"].startswith(urls["file_url"] + "/upload/")
+    # The file's URL is signed (auth is on); the upload URL is the plain file path + the upload id.
+    name = urls["file_url"].rsplit("/", 1)[1]
+    assert urls["upload_url"].startswith(f"{secured.base_url}/files/{name}/upload/")
     assert served(secured, urls["file_url"]).status_code == 404  # nothing until the bytes arrive
     data = png_bytes(8, 8)
     put = httpx.put(urls["upload_url"], content=data, headers={"content-type": "image/png"})
@@ -279,7 +281,8 @@ def test_an_upload_is_an_input_image_read_from_the_disk(secured):
 
 def test_generated_images_are_still_served_by_extension(secured):
     name = LocalStorage(secured.settings.files_dir).save(png_bytes(4, 4), "png")
-    got = secured.client.get(f"/files/{name}")
+    signature = secured.app.state.url_signer.segment(name)  # auth is on: URLs are signed
+    got = secured.client.get(f"/files/{signature}/{name}")
     assert got.status_code == 200 and got.headers["content-type"] == "image/png"
     assert got.content == png_bytes(4, 4)
 

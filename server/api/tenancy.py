@@ -1,0 +1,97 @@
+"""Ownership and quotas on the API's side: every submit of every protocol goes through
+`submit`, every read of a request through `owned`.
+
+A submit is stamped with the caller's tenant (Job.tenant) and checked against its quotas;
+over a limit it is refused with 429 and `Retry-After`, raised as an HTTPException that each
+protocol renders in its own shape (server/api/errors.py). A request another tenant owns is
+answered exactly as an unknown id (`owned` returns None), so a tenant cannot learn that it
+exists; an admin sees every tenant's requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from fastapi import Request
+from starlette.exceptions import HTTPException
+
+from server import lifecycle
+from server.api.auth import caller_of
+from server.api.deps import get_queue
+from server.api.idempotency import store
+from server.jobs import Job, JobRecord
+from server.queue.idempotency import Submitted
+from server.tenants import Caller
+from server.tenants.quotas import OverQuota, QuotaCounters, check_queued
+
+TOO_MANY_REQUESTS = 429
+
+
+def owned(request: Request, record: JobRecord | None) -> JobRecord | None:
+    """`record` when the caller may see it, else None (the same answer as an unknown id)."""
+    if record is None or not caller_of(request).owns(record.job.tenant):
+        return None
+    return record
+
+
+def quota_counters(request: Request) -> QuotaCounters:
+    return request.app.state.quota_counters
+
+
+def in_flight(request: Request) -> Counter[str | None]:
+    """Submits per tenant admitted by this process and not yet stored: the queue's count does
+    not hold them yet, so a burst cannot slip past the `queued` limit in between."""
+    return request.app.state.submits_in_flight
+
+
+def admission_lock(request: Request, tenant: str | None) -> asyncio.Lock:
+    """One admission at a time per tenant with a `queued` quota (in this process): each sees
+    the count the previous one left, so a burst admits exactly up to the limit."""
+    locks: dict[str | None, asyncio.Lock] = request.app.state.admission_locks
+    return locks.setdefault(tenant, asyncio.Lock())
+
+
+def refusal(over: OverQuota) -> HTTPException:
+    return HTTPException(
+        TOO_MANY_REQUESTS, detail=over.message, headers={"Retry-After": str(over.retry_after)}
+    )
+
+
+async def submit(request: Request, job: Job) -> Submitted:
+    """The one submit of every protocol's routes: stamp `job` with the caller's tenant, check
+    its quotas, store it (a repeated Idempotency-Key: the key's job, nothing stored)."""
+    caller = caller_of(request)
+    if job.tenant != caller.tenant:
+        job = job.model_copy(update={"tenant": caller.tenant})
+    if caller.quotas.unlimited:  # the common case costs nothing more than before
+        submitted = await store(request, job)
+    else:
+        submitted = await _submit_within_quotas(request, caller, job)
+    if not submitted.repeated:
+        lifecycle.submitted(submitted.record, submitted.position)
+    return submitted
+
+
+async def _submit_within_quotas(request: Request, caller: Caller, job: Job) -> Submitted:
+    # A repeated Idempotency-Key is admitted like a new submit (and counted): the quotas are
+    # checked before the queue says whether the key was seen.
+    pending = in_flight(request)
+    if caller.quotas.queued is not None:
+        async with admission_lock(request, caller.tenant):
+            active = await get_queue(request).active_count(caller.tenant)
+            over = check_queued(caller, active + pending[caller.tenant])
+            if over is None:
+                over = quota_counters(request).check(caller, job.num_images)
+            if over is not None:
+                raise refusal(over)
+            pending[caller.tenant] += 1  # admitted: counted until the queue holds it
+    else:
+        over = quota_counters(request).check(caller, job.num_images)
+        if over is not None:
+            raise refusal(over)
+        pending[caller.tenant] += 1
+    try:
+        return await store(request, job)
+    finally:
+        pending[caller.tenant] -= 1

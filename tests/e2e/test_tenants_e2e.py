@@ -1,0 +1,238 @@
+"""Tenants end to end: keys made by `flux-server keys add` in the data directory of a real
+`flux-server serve` (tiny model), then the real clients of each protocol as two tenants and
+an admin: fal_client, @fal-ai/client (both of its modes), the openai SDK and curl for BFL.
+A request is invisible to the other tenant, its output URL opens without a key, quotas answer
+429 with Retry-After, and a key revoked while its request runs is refused within seconds
+while the request completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from e2e_support import APP, BLOCKER_INPUT, DEV, run_node_script, small_input
+
+from tests.conftest import FluxServer
+from tests.support import wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def keys_command(data_dir: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_")}
+    return subprocess.run(
+        [sys.executable, "-m", "server.supervisor.cli", "keys", "--data-dir", str(data_dir), *argv],
+        capture_output=True, text=True, env=env, timeout=60, check=True,
+    )  # fmt: skip
+
+
+def add_key(data_dir: Path, name: str, *flags: str) -> str:
+    return keys_command(data_dir, "add", name, *flags).stdout.strip()
+
+
+@dataclass
+class Tenants:
+    server: FluxServer
+    data_dir: Path
+    keys: dict[str, str]
+    fal: object  # the fal_client module
+
+    def fal_client(self, who: str):
+        return self.fal.SyncClient(key=self.keys[who])
+
+    def http(self, who: str | None = None) -> httpx.Client:
+        headers = {"authorization": f"Key {self.keys[who]}"} if who else {}
+        return httpx.Client(
+            base_url=self.server.base_url, verify=self.server.verify, headers=headers, timeout=60
+        )
+
+
+@pytest.fixture(scope="module")
+def tenants(tmp_path_factory, tiny_model_dir, certs, launch_flux_server) -> Iterator[Tenants]:
+    data_dir = tmp_path_factory.mktemp("tenants-e2e")
+    keys = {
+        "team-a": add_key(data_dir, "team-a"),
+        "team-b": add_key(data_dir, "team-b"),
+        "boss": add_key(data_dir, "boss", "--role", "admin"),
+        "tight": add_key(data_dir, "tight", "--queued", "1"),
+        "leaver": add_key(data_dir, "leaver"),
+    }
+    server = launch_flux_server(data_dir, tiny_model_dir=tiny_model_dir, certs=certs)
+    hostport = f"127.0.0.1:{server.port}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SSL_CERT_FILE", str(certs.bundle))
+        patch.setenv("FAL_QUEUE_RUN_HOST", hostport)
+        patch.setenv("FAL_RUN_HOST", f"{hostport}/run")
+        import fal_client
+        import fal_client.client
+
+        patch.setattr(fal_client.client, "RUN_URL_FORMAT", f"https://{hostport}/run/")
+        patch.setattr(fal_client.client, "QUEUE_URL_FORMAT", f"https://{hostport}/")
+        patch.setattr(fal_client.client, "REST_URL", server.base_url)  # uploads come here too
+        patch.setattr(fal_client.client, "CDN_URL", server.base_url)
+        try:
+            yield Tenants(server=server, data_dir=data_dir, keys=keys, fal=fal_client)
+        finally:
+            server.stop()
+
+
+def test_keys_never_reach_the_process_list(tenants):
+    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    for token in tenants.keys.values():
+        assert token not in listing
+
+
+def test_fal_client_tenants_see_only_their_own_requests(tenants):
+    a, b, boss = tenants.fal_client("team-a"), tenants.fal_client("team-b"), tenants.fal_client("boss")
+    handle = a.submit(DEV, small_input(seed=21))
+    output = handle.get()
+    assert output["seed"] == 21
+    HTTPError = tenants.fal.FalClientHTTPError
+    for call in (
+        lambda: b.status(DEV, handle.request_id),
+        lambda: b.result(DEV, handle.request_id),
+        lambda: b.cancel(DEV, handle.request_id),
+    ):
+        with pytest.raises(HTTPError) as caught:
+            call()
+        assert caught.value.status_code == 404
+    assert isinstance(boss.status(DEV, handle.request_id), tenants.fal.Completed)
+    assert boss.result(DEV, handle.request_id)["seed"] == 21
+    # The output opens in a plain <img src>: no key, no header.
+    url = output["images"][0]["url"]
+    image = httpx.get(url, verify=tenants.server.verify)
+    assert image.status_code == 200 and image.headers["content-type"].startswith("image/")
+    name = url.rsplit("/", 1)[1]
+    unsigned = httpx.get(f"{tenants.server.base_url}/files/{name}", verify=tenants.server.verify)
+    assert unsigned.status_code == 403
+
+
+def test_fal_client_uploads_belong_to_their_signed_url(tenants):
+    a = tenants.fal_client("team-a")
+    data = b"\x89PNG\r\n\x1a\n" + b"0" * 64
+    urls = [
+        a.upload(data, "image/png", "a.png"),  # one request
+        a.upload(data, "image/png", "b.png", repository="fal"),  # initiate + PUT
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        # Multipart (above 100 MB in real use; lowered here): fal_client sends the parts under
+        # the signed URL it was given, and returns that URL as the file's.
+        patch.setattr(tenants.fal.client, "MULTIPART_THRESHOLD", 64)
+        patch.setattr(tenants.fal.client, "MULTIPART_CHUNK_SIZE", 40)
+        urls.append(a.upload(data, "image/png", "c.png"))
+    for url in urls:
+        assert url.startswith(f"{tenants.server.base_url}/files/"), url
+        got = httpx.get(url, verify=tenants.server.verify)  # no key: the URL is the permission
+        assert got.status_code == 200 and got.content == data, url
+        name = url.rsplit("/", 1)[1]
+        unsigned = httpx.get(f"{tenants.server.base_url}/files/{name}", verify=tenants.server.verify)
+        assert unsigned.status_code == 403
+
+
+@pytest.mark.parametrize("mode", ["middleware", "proxy"])
+def test_fal_js_client_tenants_see_only_their_own_requests(tenants, mode):
+    seen = run_node_script(
+        tenants.server,
+        "tenants.mjs",
+        FAL_MODE=mode,
+        KEY_A=tenants.keys["team-a"],
+        KEY_B=tenants.keys["team-b"],
+    )
+    assert seen["ownResult"]["ok"] and seen["ownResult"]["value"]["data"]["seed"] == 3
+    unknown = seen["otherStatus"]
+    assert not unknown["ok"] and unknown["status"] == 404
+    for name in ("foreignStatus", "foreignResult", "foreignCancel"):
+        assert not seen[name]["ok"] and seen[name]["status"] == 404, (name, seen[name])
+    assert seen["foreignStatus"]["body"] == unknown["body"]
+    assert seen["ownRun"]["ok"] and seen["ownRun"]["value"]["data"]["seed"] == 4
+
+
+def test_bfl_with_curl_isolation_and_signed_sample(tenants):
+    base, ca = tenants.server.base_url, str(tenants.server.certs.ca)
+
+    def curl(*argv: str) -> dict:
+        done = subprocess.run(
+            ["curl", "-sS", "--cacert", ca, *argv], capture_output=True, text=True, check=True
+        )
+        return json.loads(done.stdout)
+
+    submitted = curl(
+        "-X", "POST", f"{base}/v1/flux-dev", "-H", f"x-key: {tenants.keys['team-a']}",
+        "-H", "content-type: application/json",
+        "-d", json.dumps({"prompt": "a fox", "width": 256, "height": 256, "steps": 2}),
+    )  # fmt: skip
+    task = submitted["id"]
+    poll = ("-G", f"{base}/v1/get_result", "--data-urlencode", f"id={task}")
+    foreign = curl(*poll, "-H", f"x-key: {tenants.keys['team-b']}")
+    assert foreign["status"] == "Task not found"
+    ready = wait_until(
+        lambda: (r := curl(*poll, "-H", f"x-key: {tenants.keys['team-a']}"))["status"] == "Ready" and r,
+        60,
+        "the BFL task",
+    )
+    sample = ready["result"]["sample"]
+    assert (
+        subprocess.run(["curl", "-sSf", "--cacert", ca, "-o", "/dev/null", sample], check=False).returncode
+        == 0
+    )
+    assert curl(*poll, "-H", f"x-key: {tenants.keys['team-b']}")["status"] == "Task not found"
+
+
+def test_openai_sdk_quota_is_a_rate_limit_error_with_retry_after(tenants):
+    # The tenant's one slot is taken by a long fal request; the SDK's next call is refused.
+    with tenants.http("tight") as http:
+        blocker = http.post(f"/{DEV}", json=BLOCKER_INPUT)
+        assert blocker.status_code == 200, blocker.text
+        request_id = blocker.json()["request_id"]
+        http_client = httpx.Client(verify=tenants.server.verify, timeout=60)
+        client = openai.OpenAI(
+            base_url=f"{tenants.server.base_url}/v1",
+            api_key=tenants.keys["tight"],
+            http_client=http_client,
+            max_retries=0,
+        )
+        with client, pytest.raises(openai.RateLimitError) as caught:
+            client.images.generate(prompt="p", size="64x64", extra_body={"steps": 2})
+        assert caught.value.response.headers["retry-after"]
+        assert caught.value.body["code"] == "rate_limit_exceeded"
+        assert http.put(f"/{APP}/requests/{request_id}/cancel").status_code == 202
+    # Another tenant's generation meanwhile works, and its URL opens without a key.
+    with openai.OpenAI(
+        base_url=f"{tenants.server.base_url}/v1",
+        api_key=tenants.keys["team-b"],
+        http_client=httpx.Client(verify=tenants.server.verify, timeout=120),
+        max_retries=0,
+    ) as client:
+        image = client.images.generate(prompt="p", size="64x64", extra_body={"steps": 2}).data[0]
+    assert httpx.get(image.url, verify=tenants.server.verify).status_code == 200
+
+
+def test_a_key_revoked_while_its_request_runs(tenants):
+    leaver = tenants.fal_client("leaver")
+    handle = leaver.submit(DEV, {**BLOCKER_INPUT, "num_inference_steps": 6})
+    with tenants.http("leaver") as http:
+        wait_until(
+            lambda: http.get(f"/{APP}/requests/{handle.request_id}/status").json()["status"] == "IN_PROGRESS",
+            60,
+            "the request to start",
+        )
+        keys_command(tenants.data_dir, "revoke", "leaver")
+        revoked_at = time.monotonic()
+        wait_until(
+            lambda: http.get(f"/{APP}/requests/{handle.request_id}/status").status_code == 401,
+            10,
+            "the refusal",
+        )
+        assert time.monotonic() - revoked_at < 5
+    boss = tenants.fal_client("boss")
+    output = boss.result(DEV, handle.request_id)  # it ran to the end
+    assert output["images"] and output["seed"] == BLOCKER_INPUT["seed"]
