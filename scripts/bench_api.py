@@ -16,6 +16,7 @@ cores the API needs.
 
     .venv/bin/python scripts/bench_api.py [--burst 1000] [--api-processes N] [--out results.json]
     .venv/bin/python scripts/bench_api.py --queue-url [postgresql://...]   # the same on PostgreSQL
+    .venv/bin/python scripts/bench_api.py --tenant-key   # auth on, a named key with quotas
 
 With `--queue-url` and no URL the script starts a local PostgreSQL server of its own (the
 binaries of the `pgserver` package, else Debian's); with a URL, that database's flux_* tables
@@ -50,10 +51,22 @@ from server.config import Settings  # noqa: E402
 from server.jobs import Status  # noqa: E402
 from server.queue.base import JobQueue  # noqa: E402
 from server.queue.factory import open_queue  # noqa: E402
+from server.tenants import Quotas, Role  # noqa: E402
+from server.tenants.keys import KeyEntry, KeysFile, hash_token, new_token, save  # noqa: E402
 
 START_POSTGRES = "start"  # `--queue-url` given without a URL
 INPUT = {"prompt": "bench", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
 SUBMIT_PATH = "/fal-ai/flux/dev"
+# With --tenant-key: the Authorization header of every request, a named user key whose quotas
+# are all checked on each submit (high enough never to refuse one).
+HEADERS: dict[str, str] = {}
+TENANT_TOKEN = new_token()
+TENANT = KeyEntry(
+    name="bench",
+    role=Role.USER,
+    sha256=hash_token(TENANT_TOKEN),
+    quotas=Quotas(queued=10**6, per_minute=10**6, images_per_day=10**7),
+)
 
 
 def free_port() -> int:
@@ -67,6 +80,8 @@ def running_server(
     data_dir: Path, workers: int, api_processes: int = 1, queue_url: str | None = None
 ) -> Iterator[str]:
     port = free_port()
+    if HEADERS:  # --tenant-key: the key file the server reads from its data directory
+        save(data_dir / "keys.json", KeysFile().with_entry(TENANT))
     log = open(data_dir / f"serve-{workers}.log", "w")  # noqa: SIM115 - closed below
     # No workers: the API process alone (`flux-server api`), as on a box whose workers run
     # elsewhere.
@@ -120,7 +135,7 @@ def wait_completed(queue: JobQueue, ids: list[str], timeout: float = 300) -> lis
 
 def measure_dispatch(base: str, queue: JobQueue, n: int) -> dict:
     latencies = []
-    with httpx.Client(base_url=base) as client:
+    with httpx.Client(base_url=base, headers=HEADERS) as client:
         for _ in range(n):
             sent = time.time()
             request_id = client.post(SUBMIT_PATH, json=INPUT).json()["request_id"]
@@ -131,7 +146,7 @@ def measure_dispatch(base: str, queue: JobQueue, n: int) -> dict:
 
 
 def measure_gap(base: str, queue: JobQueue, n: int) -> dict:
-    with httpx.Client(base_url=base) as client:
+    with httpx.Client(base_url=base, headers=HEADERS) as client:
         ids = [client.post(SUBMIT_PATH, json=INPUT).json()["request_id"] for _ in range(n)]
     records = sorted(wait_completed(queue, ids), key=lambda r: r.started_at)
     # Between the first and the last claim the worker ran n-1 whole jobs; what is not inside
@@ -144,9 +159,10 @@ def measure_gap(base: str, queue: JobQueue, n: int) -> dict:
 
 async def _burst(port: int, n: int) -> list[tuple[int, float]]:
     body = json.dumps(INPUT).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in HEADERS.items())
     request = (
         f"POST {SUBMIT_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"{extra}Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     # Connect first, then fire every request at once: the burst measures the server, not
     # 1000 TCP handshakes queued in the listen backlog.
@@ -182,7 +198,7 @@ def measure_burst(base: str, queue: JobQueue, n: int) -> dict:
 
 
 def measure_status_rps(base: str, queue: JobQueue, waiting: int, seconds: int) -> dict:
-    with httpx.Client(base_url=base) as client:
+    with httpx.Client(base_url=base, headers=HEADERS) as client:
         ids = [client.post(SUBMIT_PATH, json=INPUT).json()["request_id"] for _ in range(waiting)]
     target = f"{base}/fal-ai/flux/requests/{ids[len(ids) // 2]}/status?logs=1"
     return status_rate(target, seconds, queue.depth())
@@ -191,7 +207,8 @@ def measure_status_rps(base: str, queue: JobQueue, waiting: int, seconds: int) -
 def status_rate(target: str, seconds: int, queued: int) -> dict:
     """Requests per second on one status URL: `wrk -t1 -c32` when installed, else httpx."""
     if shutil.which("wrk"):
-        out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", "--latency", target],
+        headers = [arg for name, value in HEADERS.items() for arg in ("-H", f"{name}: {value}")]
+        out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", "--latency", *headers, target],
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
         rps = float(next(line.split()[1] for line in out.splitlines() if line.startswith("Requests/sec")))
         p99 = next(line.split()[1] for line in out.splitlines() if line.strip().startswith("99%"))
@@ -202,7 +219,7 @@ def status_rate(target: str, seconds: int, queued: int) -> dict:
 async def _status_loop(target: str, seconds: int, queued: int) -> dict:
     count = 0
     deadline = time.perf_counter() + seconds
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=HEADERS) as client:
 
         async def loop() -> None:
             nonlocal count
@@ -279,12 +296,18 @@ def main() -> int:
     parser.add_argument("--waiting", type=int, default=500)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--api-processes", type=int, default=1, help="passed to `serve` and `api`")
+    parser.add_argument(
+        "--tenant-key", action="store_true",
+        help="auth on: every request with a named user key whose three quotas are checked",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument(
         "--queue-url", nargs="?", const=START_POSTGRES, default=None,
         help="PostgreSQL queue: this URL (its flux_* tables are emptied), or with no URL a local server",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.tenant_key:
+        HEADERS["Authorization"] = f"Key {TENANT_TOKEN}"
     ensure_wrk()
 
     results: dict = {
@@ -292,6 +315,7 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "python": platform.python_version(),
         "api_processes": args.api_processes,
+        "tenant_key": args.tenant_key,
     }
     with tempfile.TemporaryDirectory(prefix="flux-bench-") as tmp:
         queues = Queues(args.queue_url, Path(tmp))

@@ -204,6 +204,9 @@ class OutputImage(BaseModel):
     # Where clients read it when not on this server's files route: a presigned or public
     # object-storage URL (server/storage/s3.py), valid as long as the result is kept.
     url: str | None = None
+    # When its URLs stop working, if sooner than the result's deletion (the submit's lifecycle
+    # preference, Job.output_url_seconds): signed file URLs on this server expire then.
+    url_expires_at: float | None = None
 
 
 class JobResult(BaseModel):

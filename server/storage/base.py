@@ -228,7 +228,7 @@ def image_url(base_url: str, image: OutputImage) -> str:
         return image.url
     if not image.file_name:
         raise ValueError("an output image has neither a data URI nor a file name")
-    return file_url(base_url, image.file_name)
+    return file_url(base_url, image.file_name, image.url_expires_at)
 
 
 def file_name_from_url(url: str, base_urls: Iterable[str | None]) -> str | None:

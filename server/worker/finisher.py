@@ -167,6 +167,8 @@ class Finisher:
         job = item.job.record.job
         kind = content_type(job.output_format)
         lifetime = min(job.output_url_seconds or self.retention_seconds, self.retention_seconds)
+        # Signed file URLs (auth on, local files) expire then too; None: with the result.
+        expires_at = time.time() + lifetime if job.output_url_seconds else None
         images: list[OutputImage] = []
         try:
             for image in item.generation.images:
@@ -184,7 +186,7 @@ class Finisher:
                 )
                 if images[-1].file_name:  # a bucket's URL for it, valid as long as the client asked
                     url = self.storage.read_url(images[-1].file_name, lifetime)
-                    images[-1] = images[-1].model_copy(update={"url": url})
+                    images[-1] = images[-1].model_copy(update={"url": url, "url_expires_at": expires_at})
         except BaseException:
             self._delete(images)  # a job that fails leaves no files behind
             raise

@@ -236,3 +236,31 @@ def test_a_key_revoked_while_its_request_runs(tenants):
     boss = tenants.fal_client("boss")
     output = boss.result(DEV, handle.request_id)  # it ran to the end
     assert output["images"] and output["seed"] == BLOCKER_INPUT["seed"]
+
+
+def test_an_output_url_expires_when_the_submits_lifecycle_asks(tenants):
+    """fal's lifecycle preference on a submit (fal_client's `headers=`) sets the expiry signed
+    into the output URL; without one, the URL lives as long as the result (the retention)."""
+    a = tenants.fal_client("team-a")
+    preference = {"X-Fal-Object-Lifecycle-Preference": '{"expiration_duration_seconds": 600}'}
+    started = time.time()
+    short = a.subscribe(DEV, small_input(seed=31), headers=preference)["images"][0]["url"]
+    default = a.subscribe(DEV, small_input(seed=32))["images"][0]["url"]
+    expiry = int(short.rsplit("/", 2)[1].split(".")[0])
+    assert started + 600 <= expiry <= time.time() + 601
+    assert int(default.rsplit("/", 2)[1].split(".")[0]) >= started + 24 * 3600 - 1  # the retention
+    assert httpx.get(short, verify=tenants.server.verify).status_code == 200
+
+
+def test_an_idempotency_key_is_the_tenants_own(tenants):
+    """The same Idempotency-Key from two tenants makes two requests; from one tenant, one."""
+    a, b = tenants.fal_client("team-a"), tenants.fal_client("team-b")
+    headers = {"Idempotency-Key": "nightly-batch-7"}
+    first = a.submit(DEV, small_input(seed=41), headers=headers).request_id
+    again = a.submit(DEV, small_input(seed=41), headers=headers).request_id
+    other = b.submit(DEV, small_input(seed=41), headers=headers).request_id
+    assert first == again and other != first
+    with pytest.raises(tenants.fal.FalClientHTTPError) as caught:
+        b.status(DEV, first)  # still another tenant's request
+    assert caught.value.status_code == 404
+    assert a.result(DEV, first)["seed"] == 41 and b.result(DEV, other)["seed"] == 41

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-import server.api.auth
 from server.jobs import Job, JobError
 from server.queue.usage import utc_day
-from server.tenants import Caller, Role
+from server.tenants import Role
+from server.tenants.keys import KeyEntry, KeysFile, hash_token, new_token, save
 from tests.server.conftest import ApiServer, api_settings, run_api_server
 
 
@@ -93,11 +93,17 @@ def test_bad_ranges_and_formats_are_422(api: ApiServer, params: dict, status: in
     assert answer.status_code == status and "detail" in answer.json()
 
 
-def test_a_non_admin_key_is_refused(api: ApiServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Every valid key acts as the admin tenant until named keys exist: a user caller stands in.
-    monkeypatch.setattr(server.api.auth, "ANONYMOUS", Caller(tenant="acme", role=Role.USER))
-    answer = api.client.get("/admin/usage")
-    assert answer.status_code == 403 and answer.json() == {"detail": "Usage is for admin keys only"}
+def test_a_user_key_is_refused_and_an_admin_key_reads_it(tmp_path_factory: pytest.TempPathFactory) -> None:
+    data_dir = tmp_path_factory.mktemp("usage-roles")
+    user, admin = new_token(), new_token()
+    keys = KeysFile()
+    for name, token, role in (("acme", user, Role.USER), ("boss", admin, Role.ADMIN)):
+        keys = keys.with_entry(KeyEntry(name=name, role=role, sha256=hash_token(token)))
+    save(data_dir / "keys.json", keys)
+    with run_api_server(api_settings(data_dir)) as server:
+        answer = server.client.get("/admin/usage", headers={"Authorization": f"Key {user}"})
+        assert answer.status_code == 403 and answer.json() == {"detail": "Usage is for admin keys only"}
+        assert server.client.get("/admin/usage", headers={"Authorization": f"Key {admin}"}).status_code == 200
 
 
 def test_usage_needs_a_key_when_auth_is_on(tmp_path_factory: pytest.TempPathFactory) -> None:
