@@ -107,7 +107,10 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
     )
     app.state.quota_counters = QuotaCounters()  # per-minute and per-day counts of this process
     app.state.submits_in_flight = Counter()  # see server/api/tenancy.py
-    app.state.admission_locks = {}  # per tenant with a `queued` quota (server/api/tenancy.py)
+    # Per tenant with a `queued` quota: its last count, the read in progress (server/api/tenancy.py).
+    app.state.active_counts = {}
+    app.state.count_reads = {}
+    app.state.admissions = Counter()
     app.state.storage = open_storage(settings)
     free_space = app.state.free_space = FreeSpace(settings.watched_disks, settings.min_free_disk_bytes)
     async_queue = app.state.async_queue = AsyncQueue(queue, admit=free_space.check)

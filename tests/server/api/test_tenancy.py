@@ -14,13 +14,16 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from server.api import tenancy
 from server.jobs import Status
 from server.tenants import Quotas, Role
 from server.tenants.keys import KeyEntry, KeysFile, hash_token, load, new_token, save
 from tests.server.conftest import ApiServer, api_settings, run_api_server
 from tests.support import wait_until
 
-TOKENS = {name: new_token() for name in ("team-a", "team-b", "boss", "scraper", "tight", "slow", "daily")}
+TOKENS = {
+    name: new_token() for name in ("team-a", "team-b", "boss", "scraper", "tight", "roomy", "slow", "daily")
+}
 LEGACY = "legacy-admin-key"
 FAL_BODY = {"prompt": "a fox", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 2}
 
@@ -29,6 +32,7 @@ def key_entries() -> KeysFile:
     roles = {"boss": Role.ADMIN, "scraper": Role.METRICS}
     quotas = {
         "tight": Quotas(queued=2),
+        "roomy": Quotas(queued=100),
         "slow": Quotas(per_minute=2),
         "daily": Quotas(images_per_day=3),
     }
@@ -292,3 +296,34 @@ async def test_a_burst_admits_exactly_up_to_the_queued_quota(api):
     codes = sorted(answer.status_code for answer in answers)
     assert codes == [200, 200] + [429] * 10
     assert api.worker.active_count("tight") == 2
+
+
+@pytest.mark.anyio
+async def test_a_burst_reads_the_count_once_and_a_freed_slot_is_seen_at_once(api, monkeypatch):
+    """The queued count read for one admission serves the next ones (one query per burst, not
+    one per submit), yet a refusal always rests on a count read after the submit arrived."""
+    monkeypatch.setattr(tenancy, "ACTIVE_COUNT_REUSE_SECONDS", 60.0)  # any count may be reused
+    api.app.state.active_counts.clear()
+    queue = api.app.state.async_queue
+    real_count, reads = queue.active_count, []
+
+    async def counting(tenant):  # type: ignore[no-untyped-def]
+        reads.append(tenant)
+        return await real_count(tenant)
+
+    monkeypatch.setattr(queue, "active_count", counting)
+
+    def submit(client: httpx.AsyncClient, who: str):  # type: ignore[no-untyped-def]
+        return client.post("/fal-ai/flux/dev", json=FAL_BODY, headers=as_(who))
+
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=20) as client:
+        roomy = await asyncio.gather(*(submit(client, "roomy") for _ in range(12)))
+        assert [answer.status_code for answer in roomy] == [200] * 12
+        assert reads == ["roomy"]  # one query for the twelve admissions
+        api.drain()
+        first = (await submit(client, "tight")).json()["request_id"]
+        assert (await submit(client, "tight")).status_code == 200
+        assert (await submit(client, "tight")).status_code == 429  # full, read afresh to say so
+        api.complete(api.claim(first))  # a slot frees; the count this process holds says full
+        again = await submit(client, "tight")
+    assert again.status_code == 200 and api.worker.active_count("tight") == 2
