@@ -29,7 +29,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.body_limit import BodyLimitMiddleware
 from server.api.errors import install_error_handlers
@@ -138,7 +138,6 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
 
     # Added innermost first: the proxy rewrites the path, then the body limit applies to that
     # path, then slashes are stripped, then the request-id header is added on the way out.
-    app.add_middleware(RequestIdHeaderMiddleware)
     app.add_middleware(UrlSignerMiddleware, signer=app.state.url_signer)
     app.add_middleware(StripTrailingSlashMiddleware)
     # Inside the body limit: hashes only what it let through (a keyed submit's body).
@@ -212,27 +211,3 @@ class UrlSignerMiddleware:
             await self.app(scope, receive, send)
         finally:
             current_signer.reset(token)
-
-
-class RequestIdHeaderMiddleware:
-    """Adds `x-fal-request-id` to responses of routes that set `request.state.fal_request_id`."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                request_id = state.get("fal_request_id")
-                if request_id:
-                    headers = list(message.get("headers", []))
-                    headers.append((b"x-fal-request-id", str(request_id).encode("latin-1", "replace")))
-                    message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)

@@ -7,7 +7,8 @@ says only that something failed: exception text, paths and memory figures stay i
 
 The id is the server's own (a client's `x-request-id` is not trusted: it would let a client
 make log lines look like another request's). Distinct from a job's request id, which fal's
-clients see as `request_id` in submit answers and `x-fal-request-id`.
+clients see as `request_id` in submit answers and as `x-fal-request-id` on the responses of
+routes that set `request.state.fal_request_id` (added by the same middleware).
 
 A leaf module (Starlette types only): the error handlers and the protocols use it.
 """
@@ -26,6 +27,8 @@ _HEADER_BYTES = HEADER.encode()
 # Where the id lives in the ASGI scope's state (`request.state.http_request_id`).
 STATE_KEY = "http_request_id"
 BODY_FIELD = "request_id"
+_FAL_HEADER_BYTES = b"x-fal-request-id"
+_FAL_STATE_KEY = "fal_request_id"  # a job's id, set by fal's routes
 
 
 def request_id_of(request: Request) -> str:
@@ -64,7 +67,8 @@ def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
 
 class RequestIdMiddleware:
     """Gives each HTTP request its id, adds the header to every response and the body field
-    to every 5xx JSON response (held until complete: error bodies are small)."""
+    to every 5xx JSON response (held until complete: error bodies are small); adds
+    `x-fal-request-id` where a route named the job it answers for."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -74,7 +78,8 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = uuid.uuid4().hex
-        scope.setdefault("state", {})[STATE_KEY] = request_id
+        state = scope.setdefault("state", {})
+        state[STATE_KEY] = request_id
         held: Message | None = None  # a 5xx JSON start, sent with its rewritten body
         chunks: list[bytes] = []
 
@@ -84,6 +89,10 @@ class RequestIdMiddleware:
                 headers = list(message.get("headers", []))
                 if not any(name.lower() == _HEADER_BYTES for name, _ in headers):
                     headers.append((_HEADER_BYTES, request_id.encode()))
+                if state.get(_FAL_STATE_KEY):
+                    headers.append(
+                        (_FAL_HEADER_BYTES, str(state[_FAL_STATE_KEY]).encode("latin-1", "replace"))
+                    )
                 message = {**message, "headers": headers}
                 if message["status"] >= 500 and _is_json(headers):
                     held = message

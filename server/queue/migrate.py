@@ -139,28 +139,24 @@ def _copy_inputs(source: sqlite3.Connection, target: psycopg.Connection, request
         )
 
 
+# Tables copied whole (a file from before schema v5 has neither): (SQLite table, PostgreSQL
+# table, columns, the same in both).
+_COPIED_TABLES = (
+    ("tenant_usage", "flux_usage", "day, tenant, app_id, requests, failed, images, pixels, gpu_seconds"),
+    ("idempotency_keys", "flux_idempotency_keys", "tenant, key, body_hash, request_id, created_at"),
+)
+
+
 def _copy_usage_and_keys(source: sqlite3.Connection, target: psycopg.Connection) -> None:
-    """The usage rows and Idempotency-Key rows (a file from before schema v5 has neither); a
-    row the target has already is kept as it is."""
-    if _has_table(source, "tenant_usage"):
-        rows = source.execute(
-            "SELECT day, tenant, app_id, requests, failed, images, pixels, gpu_seconds FROM tenant_usage"
-        ).fetchall()
+    """The usage rows and Idempotency-Key rows; a row the target has already is kept as it is."""
+    for source_table, target_table, columns in _COPIED_TABLES:
+        if not _has_table(source, source_table):
+            continue
+        rows = source.execute(f"SELECT {columns} FROM {source_table}").fetchall()
+        placeholders = ", ".join(["%s"] * len(columns.split(",")))
         with target.cursor() as cursor:
             cursor.executemany(
-                "INSERT INTO flux_usage (day, tenant, app_id, requests, failed, images, pixels, gpu_seconds) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                rows,
-            )
-    if _has_table(source, "idempotency_keys"):
-        rows = source.execute(
-            "SELECT tenant, key, body_hash, request_id, created_at FROM idempotency_keys"
-        ).fetchall()
-        with target.cursor() as cursor:
-            cursor.executemany(
-                "INSERT INTO flux_idempotency_keys (tenant, key, body_hash, request_id, created_at) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                rows,
+                f"INSERT INTO {target_table} ({columns}) VALUES ({placeholders}) ON CONFLICT DO NOTHING", rows
             )
 
 

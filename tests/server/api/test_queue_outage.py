@@ -9,6 +9,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from server.api import tenancy
+from server.tenants import Quotas, Role
+from server.tenants.keys import KeyEntry, KeysFile, hash_token, new_token, save
 from tests.pg_server import PostgresServer, remove, start_postgres
 from tests.server.conftest import ApiServer, api_settings, run_api_server
 from tests.support import error_body
@@ -69,3 +72,36 @@ def test_every_protocol_answers_503_in_its_shape_then_recovers(
     assert status.json()["status"] == "IN_QUEUE"
     assert call(api, *FAL_SUBMIT).status_code == 200
     assert call(api, "GET", f"/v1/get_result?id={bfl_id}").json()["status"] == "Pending"
+
+
+def test_a_quota_keys_submit_is_503_while_its_count_cannot_be_read_then_admitted(
+    own_postgres: PostgresServer, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key with a `queued` quota makes the submit read the tenant's count from the queue
+    (server/api/tenancy.py): with the database down that read fails for every waiting submit
+    at once, as a 503, and a failed read is not kept: the next submit reads again."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    token = new_token()
+    entry = KeyEntry(name="team", role=Role.USER, sha256=hash_token(token), quotas=Quotas(queued=5))
+    save(data_dir / "keys.json", KeysFile().with_entry(entry))
+    settings = api_settings(data_dir, queue_url=own_postgres.fresh_database_url())
+    with run_api_server(settings) as api:
+        headers = {"authorization": f"Key {token}"}
+        assert (
+            api.client.post("/fal-ai/flux/dev", json={"prompt": "a fox"}, headers=headers).status_code == 200
+        )
+        own_postgres.stop()
+        try:
+            time.sleep(tenancy.ACTIVE_COUNT_REUSE_SECONDS)  # the count read above is too old now
+            refused = api.client.post("/fal-ai/flux/dev", json={"prompt": "a fox"}, headers=headers)
+            assert refused.status_code == 503 and set(error_body(refused)) == {"detail"}
+        finally:
+            own_postgres.start()
+        deadline = time.monotonic() + 20
+        while (
+            answer := api.client.post("/fal-ai/flux/dev", json={"prompt": "a fox"}, headers=headers)
+        ).status_code != 200:
+            assert answer.status_code == 503 and time.monotonic() < deadline, answer.text
+            time.sleep(0.2)
+        assert api.worker.active_count("team") == 2

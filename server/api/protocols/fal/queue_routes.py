@@ -4,7 +4,7 @@ Paths follow fal's queue API (docs/api/fal.md): submit uses the full model id
 `/{owner}/{app}/{endpoint}`; status, result and cancel use only `/{owner}/{app}` and find the
 request whatever endpoint it was submitted on. Trailing slashes are stripped by the app's
 middleware before routing. Every response about a request carries `x-fal-request-id` (set
-through `request.state.fal_request_id`, see server/api/app.py). Status reads, waits and streams go
+through `request.state.fal_request_id`, see server/api/request_ids.py). Status reads, waits and streams go
 through the app's `AsyncQueue` (server/queue/aio.py), never blocking the event loop.
 """
 
