@@ -237,7 +237,7 @@ class KeyRing:
     configured at all (auth off); a JSON file whose keys are all revoked keeps auth on."""
 
     unnamed: frozenset[str] = frozenset()
-    by_hash: dict[str, KeyEntry] = field(default_factory=dict)
+    by_hash: dict[str, Caller] = field(default_factory=dict)  # unrevoked named keys' callers
     entries: tuple[KeyEntry, ...] = ()  # every named entry, revoked ones included
     has_file: bool = False
 
@@ -248,7 +248,7 @@ class KeyRing:
         if keys is not None:
             unnamed |= keys.legacy
             entries = keys.entries
-        by_hash = {entry.sha256: entry for entry in entries if not entry.revoked}
+        by_hash = {entry.sha256: entry.caller() for entry in entries if not entry.revoked}
         return cls(
             unnamed=frozenset(unnamed),
             by_hash=by_hash,
@@ -276,8 +276,7 @@ class KeyRing:
             matched |= hmac.compare_digest(candidate.encode(), token.encode())
         if matched:
             return ADMIN
-        entry = self.by_hash.get(hash_token(token))
-        return entry.caller() if entry is not None else None
+        return self.by_hash.get(hash_token(token))
 
     def weights(self) -> dict[str, float]:
         """Fair-share weights of the named tenants (revoked ones too: their jobs still run)."""

@@ -44,6 +44,16 @@ class QuotaCounters:
     def __init__(self) -> None:
         self._recent: dict[str | None, deque[float]] = {}
         self._images: dict[str | None, tuple[str, int]] = {}  # tenant -> (UTC day, images)
+        self._day = (0.0, 0.0, "")  # the UTC day last seen: its start, end (epoch s) and date
+
+    def _utc_day(self, now: float) -> str:
+        """`utc_day(now)`, formatted once per day (a check runs on every submit)."""
+        start, end, day = self._day
+        if not start <= now < end:
+            day = utc_day(now)
+            start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+            self._day = (start, start + 86400, day)
+        return day
 
     def check(self, caller: Caller, images: int, now: float | None = None) -> OverQuota | None:
         """Refuse or count a submit of `images` images (counted only when admitted)."""
@@ -58,7 +68,7 @@ class QuotaCounters:
                 f"Rate limit: at most {quotas.per_minute} submits per minute for this key",
                 max(1, math.ceil(wait)),
             )
-        day = utc_day(now)
+        day = self._utc_day(now)
         counted_day, used = self._images.get(caller.tenant, (day, 0))
         used = used if counted_day == day else 0
         if quotas.images_per_day is not None and used + images > quotas.images_per_day:

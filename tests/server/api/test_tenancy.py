@@ -327,3 +327,51 @@ async def test_a_burst_reads_the_count_once_and_a_freed_slot_is_seen_at_once(api
         api.complete(api.claim(first))  # a slot frees; the count this process holds says full
         again = await submit(client, "tight")
     assert again.status_code == 200 and api.worker.active_count("tight") == 2
+
+
+@pytest.mark.anyio
+async def test_a_burst_after_slots_freed_admits_exactly_up_to_the_limit(api, monkeypatch):
+    """A count that says full, held while the tenant's jobs finish, makes every submit of the
+    next burst read afresh (a refusal rests on a read after its arrival); those reads overlap,
+    and the admissions must add to the one count the next submits see."""
+    monkeypatch.setattr(tenancy, "ACTIVE_COUNT_REUSE_SECONDS", 0.0)  # every count is stale...
+    monkeypatch.setattr(tenancy, "ACTIVE_COUNT_STALE_SECONDS", 60.0)  # ...yet still usable
+    fal_submit(api, "tight")
+    fal_submit(api, "tight")
+    assert api.client.post("/fal-ai/flux/dev", json=FAL_BODY, headers=as_("tight")).status_code == 429
+    api.drain()  # both slots free; this process still holds "2 of 2"
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=20) as client:
+        answers = await asyncio.gather(
+            *(client.post("/fal-ai/flux/dev", json=FAL_BODY, headers=as_("tight")) for _ in range(12))
+        )
+    assert sorted(answer.status_code for answer in answers) == [200, 200] + [429] * 10
+    assert api.worker.active_count("tight") == 2
+
+
+@pytest.mark.anyio
+async def test_a_usable_count_admits_without_waiting_for_its_refresh(api, monkeypatch):
+    """A count older than the reuse interval still admits at once while a new read runs in
+    the background: a slow count query holds no submit back."""
+    monkeypatch.setattr(tenancy, "ACTIVE_COUNT_REUSE_SECONDS", 0.0)
+    monkeypatch.setattr(tenancy, "ACTIVE_COUNT_STALE_SECONDS", 60.0)
+    fal_submit(api, "roomy")  # a count is read and kept
+    queue = api.app.state.async_queue
+    real_count = queue.active_count
+    release = threading.Event()  # set by the test; the read waits on the server's loop
+    started: list[str] = []
+
+    async def slow_count(tenant):  # type: ignore[no-untyped-def]
+        started.append(tenant)
+        await asyncio.to_thread(release.wait, 30)
+        return await real_count(tenant)
+
+    monkeypatch.setattr(queue, "active_count", slow_count)
+    try:
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=20) as client:
+            answers = [
+                await client.post("/fal-ai/flux/dev", json=FAL_BODY, headers=as_("roomy")) for _ in range(3)
+            ]
+        assert [answer.status_code for answer in answers] == [200] * 3
+        assert started == ["roomy"]  # one refresh, in the background, shared by the three
+    finally:
+        release.set()

@@ -141,8 +141,10 @@ async def build_job(
     loras = lora_refs(data, settings) if isinstance(data, LoraFields) else ()
     # Each input is shrunk at submit to the size the model resizes it to (task_inputs.py).
     inputs = await task_inputs(spec.task, data, settings=settings, storage=storage, base_url=base_url)
-    # The task-specific fields a schema has; the others keep the Job's defaults.
-    extras = {name: getattr(data, name) for name in TASK_FIELDS if hasattr(data, name)}
+    # The task-specific fields a schema has; the others keep the Job's defaults. (Looked up in
+    # the class's fields: `hasattr` on a pydantic model raises and catches for each missing one.)
+    fields = type(data).model_fields
+    extras = {name: getattr(data, name) for name in TASK_FIELDS if name in fields}
     return Job(
         task=spec.task,
         prompt=getattr(data, "prompt", "") if spec.task != "redux" else "",
