@@ -1,10 +1,11 @@
 """App factory: one FastAPI app carrying every protocol, on one queue.
 
-Router order matters: fal's submit routes are path patterns (`/{owner}/{app}/...`) that would
-also match `/v1/...`, so the fixed-path routers (health, files, the other protocol packages)
-come before them, then fal's `/run/...` routes, then fal's submit routes last. Only a
-request's own routes (`.../requests/{id}/status` and the like) come first of all: their
-fixed `requests` segment matches nothing else, and status polls are the most frequent call.
+Routes are tried in order, and fal's, the most called (status polls, then submits), come
+first. Their paths are patterns (`/{owner}/{app}/...`) that would also match `/v1/...` or
+`/files/...`: fal's `{owner}` therefore never matches the first segment of another route
+(`FalOwner` in server/api/protocols/fal/queue_routes.py), and the fixed-path routers (health,
+files, the other protocol packages) follow in any order. The routes are added to the app's
+own list (`add_routes`), not through `include_router`.
 
 A protocol package's `routes` module exposes `router: APIRouter` and may expose `setup(app:
 FastAPI) -> None` (called once, e.g. to register its error renderer with server/api/errors.py);
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -43,6 +43,7 @@ from server.api.protocols.fal import storage as fal_storage
 from server.api.protocols.fal import webhook as fal_webhook
 from server.api.protocols.fal.proxy import FalProxyMiddleware
 from server.api.protocols.openai import routes as openai_routes
+from server.api.queued_counts import QueuedCounts
 from server.api.request_ids import RequestIdMiddleware
 from server.api.routes import files, health, jwks, metrics, playground, usage
 from server.api.variants import VariantNotServed
@@ -74,6 +75,9 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
         current_signer.set(app.state.url_signer)  # the background tasks (webhooks) sign URLs too
         tasks = [asyncio.create_task(maintain_queue(queue, app.state.storage, settings))]
         tasks += [asyncio.create_task(run_forever(factory)) for factory in app.state.background]
+        tasks.append(
+            asyncio.create_task(app.state.queued_counts.warm(app.state.keys.ring().queued_tenants()))
+        )
         try:
             yield
         finally:
@@ -106,26 +110,24 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
         active=lambda: app.state.keys.ring().enabled,
     )
     app.state.quota_counters = QuotaCounters()  # per-minute and per-day counts of this process
-    app.state.submits_in_flight = Counter()  # see server/api/tenancy.py
-    # Per tenant with a `queued` quota: its last count, the read in progress (server/api/tenancy.py).
-    app.state.active_counts = {}
-    app.state.count_reads = {}
-    app.state.admissions = Counter()
     app.state.storage = open_storage(settings)
     free_space = app.state.free_space = FreeSpace(settings.watched_disks, settings.min_free_disk_bytes)
     async_queue = app.state.async_queue = AsyncQueue(queue, admit=free_space.check)
+    # Per tenant with a `queued` quota: its count as this process keeps it (server/api/queued_counts.py).
+    app.state.queued_counts = QueuedCounts(async_queue.active_count)
     app.state.background = []
     install_error_handlers(app, unavailable=(QueueUnavailable, StorageUnavailable))
     # A fal endpoint whose checkpoint is not configured (OpenAI's routes render their own).
     app.add_exception_handler(VariantNotServed, queue_routes.variant_not_served)
 
-    add_routes(app, queue_routes.request_router)  # first: see queue_routes.request_router
+    # fal's routes first: a request's own routes (status polls are the most frequent call),
+    # then the submits. Their `{owner}` excludes the first segments of every other route.
+    add_routes(app, queue_routes.request_router)
+    add_routes(app, queue_routes.router)
+    add_routes(app, run_routes.router)
     install_docs(app)
-    add_routes(app, playground.router)
-    add_routes(app, health.router)
-    add_routes(app, metrics.router)
-    add_routes(app, usage.router)
-    add_routes(app, files.router)
+    for router in (playground.router, health.router, metrics.router, usage.router, files.router):
+        add_routes(app, router)
     add_routes(app, fal_storage.router)  # fixed paths under /files and /storage
     for module in PROTOCOL_ROUTES:
         add_routes(app, module.router)
@@ -133,8 +135,6 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
             module.setup(app)
     renderers = {"fal": fal_webhook.webhook_renderer(settings), "bfl": bfl_webhook.render_webhook}
     app.state.background.append(start_dispatcher(settings, queue, renderers))
-    add_routes(app, run_routes.router)
-    add_routes(app, queue_routes.router)  # last: its patterns match almost any path
 
     # Added innermost first: the proxy rewrites the path, then the body limit applies to that
     # path, then slashes are stripped, then the request-id header is added on the way out.

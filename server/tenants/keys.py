@@ -278,6 +278,10 @@ class KeyRing:
             return ADMIN
         return self.by_hash.get(hash_token(token))
 
+    def queued_tenants(self) -> list[str | None]:
+        """The tenants whose keys have a `queued` quota."""
+        return [caller.tenant for caller in self.by_hash.values() if caller.quotas.queued is not None]
+
     def weights(self) -> dict[str, float]:
         """Fair-share weights of the named tenants (revoked ones too: their jobs still run)."""
         return {entry.name: entry.weight for entry in self.entries}

@@ -164,3 +164,30 @@ def test_every_name_the_storage_makes_is_served(api):
     for name in names:
         if name[0] in "-_":
             assert api.client.get(f"/files/{name}").status_code == 200
+
+
+def test_fals_patterns_come_first_and_never_take_another_routes_path(tmp_path):
+    """fal's routes are tried first (server/api/app.py); their `{owner}` must exclude the first
+    segment of every other route, or a fal pattern would answer that route's requests."""
+    from server.api.protocols.fal.queue_routes import FalOwner
+
+    app = create_app(api_settings(tmp_path))
+    fal = [route for route in app.routes if getattr(route, "path", "").startswith("/{owner:fal_owner}/")]
+    assert fal and app.routes.index(fal[-1]) == len(fal)  # right after FastAPI's /openapi.json
+    others = {route.path.split("/")[1] for route in app.routes if route not in fal}
+    assert others - {""} <= set(FalOwner.RESERVED)  # "": the playground's "/"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "answer"),
+    [
+        ("POST", "/storage/auth/token", 200, "token"),  # fal storage's, not a submit to "auth/token"
+        ("POST", "/v1/images/generations", 400, "error"),  # OpenAI's (its shape), not fal's
+        ("GET", "/files/a/requests/b", 404, "File not found"),  # a file, not a fal status route
+        ("GET", "/fal-ai/flux/requests/b", 404, "Request not found"),  # fal's status route
+        ("POST", "/fal-ai/flux/dev", 422, "prompt"),  # fal's submit, with an empty body
+    ],
+)
+def test_each_path_reaches_its_own_route(api, method, path, status, answer):
+    response = api.client.request(method, path, json={})
+    assert response.status_code == status and answer in response.text, response.text

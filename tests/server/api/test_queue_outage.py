@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from server.api import tenancy
 from server.tenants import Quotas, Role
 from server.tenants.keys import KeyEntry, KeysFile, hash_token, new_token, save
 from tests.pg_server import PostgresServer, remove, start_postgres
@@ -77,9 +76,10 @@ def test_every_protocol_answers_503_in_its_shape_then_recovers(
 def test_a_quota_keys_submit_is_503_while_its_count_cannot_be_read_then_admitted(
     own_postgres: PostgresServer, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A key with a `queued` quota makes the submit read the tenant's count from the queue
-    (server/api/tenancy.py): with the database down that read fails for every waiting submit
-    at once, as a 503, and a failed read is not kept: the next submit reads again."""
+    """A key with a `queued` quota makes a submit with no count kept read the tenant's count
+    from the queue (server/api/queued_counts.py): with the database down that read fails for
+    every waiting submit at once, as a 503, and a failed read is not kept: the next submit
+    reads again."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     token = new_token()
@@ -93,7 +93,7 @@ def test_a_quota_keys_submit_is_503_while_its_count_cannot_be_read_then_admitted
         )
         own_postgres.stop()
         try:
-            time.sleep(tenancy.ACTIVE_COUNT_REUSE_SECONDS)  # the count read above is too old now
+            api.app.state.queued_counts.forget()  # as after a restart: the count must be read
             refused = api.client.post("/fal-ai/flux/dev", json={"prompt": "a fox"}, headers=headers)
             assert refused.status_code == 503 and set(error_body(refused)) == {"detail"}
         finally:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from server.api import tenancy
+from server.api import queued_counts
 from server.jobs import Status
 from server.tenants import Quotas, Role
 from server.tenants.keys import KeyEntry, KeysFile, hash_token, load, new_token, save
@@ -302,16 +302,16 @@ async def test_a_burst_admits_exactly_up_to_the_queued_quota(api):
 async def test_a_burst_reads_the_count_once_and_a_freed_slot_is_seen_at_once(api, monkeypatch):
     """The queued count read for one admission serves the next ones (one query per burst, not
     one per submit), yet a refusal always rests on a count read after the submit arrived."""
-    monkeypatch.setattr(tenancy, "ACTIVE_COUNT_REUSE_SECONDS", 60.0)  # any count may be reused
-    api.app.state.active_counts.clear()
-    queue = api.app.state.async_queue
-    real_count, reads = queue.active_count, []
+    monkeypatch.setattr(queued_counts, "REUSE_SECONDS", 60.0)  # any count may be reused
+    api.app.state.queued_counts.forget()
+    counts = api.app.state.queued_counts
+    real_count, reads = counts.read, []
 
     async def counting(tenant):  # type: ignore[no-untyped-def]
         reads.append(tenant)
         return await real_count(tenant)
 
-    monkeypatch.setattr(queue, "active_count", counting)
+    monkeypatch.setattr(counts, "read", counting)
 
     def submit(client: httpx.AsyncClient, who: str):  # type: ignore[no-untyped-def]
         return client.post("/fal-ai/flux/dev", json=FAL_BODY, headers=as_(who))
@@ -334,8 +334,8 @@ async def test_a_burst_after_slots_freed_admits_exactly_up_to_the_limit(api, mon
     """A count that says full, held while the tenant's jobs finish, makes every submit of the
     next burst read afresh (a refusal rests on a read after its arrival); those reads overlap,
     and the admissions must add to the one count the next submits see."""
-    monkeypatch.setattr(tenancy, "ACTIVE_COUNT_REUSE_SECONDS", 0.0)  # every count is stale...
-    monkeypatch.setattr(tenancy, "ACTIVE_COUNT_STALE_SECONDS", 60.0)  # ...yet still usable
+    monkeypatch.setattr(queued_counts, "REUSE_SECONDS", 0.0)  # every count is stale...
+    monkeypatch.setattr(queued_counts, "USABLE_SECONDS", 60.0)  # ...yet still usable
     fal_submit(api, "tight")
     fal_submit(api, "tight")
     assert api.client.post("/fal-ai/flux/dev", json=FAL_BODY, headers=as_("tight")).status_code == 429
@@ -352,11 +352,11 @@ async def test_a_burst_after_slots_freed_admits_exactly_up_to_the_limit(api, mon
 async def test_a_usable_count_admits_without_waiting_for_its_refresh(api, monkeypatch):
     """A count older than the reuse interval still admits at once while a new read runs in
     the background: a slow count query holds no submit back."""
-    monkeypatch.setattr(tenancy, "ACTIVE_COUNT_REUSE_SECONDS", 0.0)
-    monkeypatch.setattr(tenancy, "ACTIVE_COUNT_STALE_SECONDS", 60.0)
+    monkeypatch.setattr(queued_counts, "REUSE_SECONDS", 0.0)
+    monkeypatch.setattr(queued_counts, "USABLE_SECONDS", 60.0)
     fal_submit(api, "roomy")  # a count is read and kept
-    queue = api.app.state.async_queue
-    real_count = queue.active_count
+    counts = api.app.state.queued_counts
+    real_count = counts.read
     release = threading.Event()  # set by the test; the read waits on the server's loop
     started: list[str] = []
 
@@ -365,7 +365,7 @@ async def test_a_usable_count_admits_without_waiting_for_its_refresh(api, monkey
         await asyncio.to_thread(release.wait, 30)
         return await real_count(tenant)
 
-    monkeypatch.setattr(queue, "active_count", slow_count)
+    monkeypatch.setattr(counts, "read", slow_count)
     try:
         async with httpx.AsyncClient(base_url=api.base_url, timeout=20) as client:
             answers = [
@@ -375,3 +375,12 @@ async def test_a_usable_count_admits_without_waiting_for_its_refresh(api, monkey
         assert started == ["roomy"]  # one refresh, in the background, shared by the three
     finally:
         release.set()
+
+
+def test_the_queued_counts_of_quota_keys_are_read_at_start_up(tmp_path):
+    """So that a tenant's first burst waits for no count read (server/api/queued_counts.py)."""
+    save(tmp_path / "keys.json", key_entries())
+    with run_api_server(api_settings(tmp_path)) as api:
+        counts = api.app.state.queued_counts
+        wait_until(lambda: counts.known("tight") and counts.known("roomy"), 10, "the counts read")
+        assert counts.known("tight").value == 0 and counts.known("team-a") is None  # no quota

@@ -10,11 +10,13 @@ through the app's `AsyncQueue` (server/queue/aio.py), never blocking the event l
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from server import lifecycle
 from server.api import tenancy
@@ -38,6 +40,21 @@ def fal_key_refusal(problem: KeyProblem) -> HTTPException:
 
 
 require_fal_key = api_key_dependency(fal_key_refusal)
+
+
+class FalOwner(StringConvertor):
+    """fal's `{owner}` path segment: any segment but the first segment of this server's other
+    routes, so that fal's patterns, which would match those routes' paths too, can be tried
+    first. The app tries routes in order; a submit matched after the other 40 paid 0.05-0.1 ms
+    for it (docs/benchmarks.md, "The submit path's CPU"). tests/server/api/test_app.py checks
+    that every other route starts with one of these."""
+
+    RESERVED = (".well-known", "admin", "docs", "files", "health", "metrics", "openapi.json")
+    RESERVED += ("redoc", "run", "static", "storage", "v1")
+    regex = "(?!(?:" + "|".join(map(re.escape, RESERVED)) + ")(?:/|$))[^/]+"
+
+
+register_url_convertor("fal_owner", FalOwner())
 # Path patterns document nothing useful: server/api/protocols/fal/openapi.py describes each
 # app and endpoint of the app table instead.
 router = APIRouter(dependencies=[Depends(require_fal_key)], include_in_schema=False)
@@ -135,7 +152,7 @@ def result_response(request: Request, record: JobRecord) -> JSONResponse:
     raise HTTPException(status_code=400, detail="Request is still in progress")
 
 
-@request_router.get("/{owner}/{app}/requests/{request_id}/status/stream")
+@request_router.get("/{owner:fal_owner}/{app}/requests/{request_id}/status/stream")
 async def status_stream(owner: str, app: str, request_id: str, request: Request) -> StreamingResponse:
     await require_record(request, owner, app, request_id)
     with_logs = logs_requested(request)
@@ -158,7 +175,7 @@ async def status_stream(owner: str, app: str, request_id: str, request: Request)
     return StreamingResponse(events, media_type="text/event-stream", headers=EVENT_STREAM_HEADERS)
 
 
-@request_router.get("/{owner}/{app}/requests/{request_id}/status")
+@request_router.get("/{owner:fal_owner}/{app}/requests/{request_id}/status")
 async def status(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
     with_logs = logs_requested(request)
     record, position = await require_record(request, owner, app, request_id, with_logs=with_logs)
@@ -166,7 +183,7 @@ async def status(owner: str, app: str, request_id: str, request: Request) -> JSO
     return JSONResponse(body, status_code=200 if record.status is Status.COMPLETED else 202)
 
 
-@request_router.put("/{owner}/{app}/requests/{request_id}/cancel")
+@request_router.put("/{owner:fal_owner}/{app}/requests/{request_id}/cancel")
 async def cancel(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
     found = await find_record(request, owner, app, request_id)
     if found is None:
@@ -181,7 +198,7 @@ async def cancel(owner: str, app: str, request_id: str, request: Request) -> JSO
     return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
 
 
-@request_router.get("/{owner}/{app}/requests/{request_id}")
+@request_router.get("/{owner:fal_owner}/{app}/requests/{request_id}")
 async def result(owner: str, app: str, request_id: str, request: Request) -> JSONResponse:
     record, _ = await require_record(request, owner, app, request_id)
     if record.status is not Status.COMPLETED:
@@ -190,7 +207,7 @@ async def result(owner: str, app: str, request_id: str, request: Request) -> JSO
     return result_response(request, record)
 
 
-@router.post("/{owner}/{app}/{endpoint:path}")
+@router.post("/{owner:fal_owner}/{app}/{endpoint:path}")
 async def submit(owner: str, app: str, endpoint: str, request: Request) -> JSONResponse:
     job = await request_job(request, owner, app, endpoint)
     submitted = await tenancy.submit(request, job)  # a repeated Idempotency-Key: the first one's
@@ -212,4 +229,4 @@ def submit_to_app(app: str) -> Callable[[str, Request], Awaitable[JSONResponse]]
 
 
 for _app in endpoints.bare_app_names():
-    router.add_api_route(f"/{{owner}}/{_app}", submit_to_app(_app), methods=["POST"])
+    router.add_api_route(f"/{{owner:fal_owner}}/{_app}", submit_to_app(_app), methods=["POST"])
