@@ -4,8 +4,8 @@ as last read from the queue, plus what this process admitted since.
 The queue's count is the truth every process and box shares, but reading it for each submit
 would make every submit of a burst wait for a query (measured: a count query per submit,
 serialized, added 50 to 80 % to a 1000-submit burst; each submit waiting for a shared read,
-another 10 to 15 %). So a process keeps a count per tenant and adds its own admissions to
-it:
+about 10 %: docs/benchmarks.md). So a process keeps a count per tenant and adds its own
+admissions to it:
 
 - a count read less than `REUSE_SECONDS` ago serves as it is;
 - an older one, up to `USABLE_SECONDS`, serves too, while a new read runs in the background;
