@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from e2e_support import APP, BLOCKER_INPUT, DEV, run_node_script, small_input
+from e2e_support import APP, BLOCKER_INPUT, DEV, blocking_job, run_node_script, small_input
 
 from tests.conftest import FluxServer
 from tests.support import wait_until
@@ -264,3 +265,24 @@ def test_an_idempotency_key_is_the_tenants_own(tenants):
         b.status(DEV, first)  # still another tenant's request
     assert caught.value.status_code == 404
     assert a.result(DEV, first)["seed"] == 41 and b.result(DEV, other)["seed"] == 41
+
+
+def test_fal_client_a_tenants_backlog_delays_anothers_request_by_at_most_one_job(tenants):
+    """Fair share with the real client and the real worker: 200 requests of team-a wait
+    behind a running one; team-b's single request, submitted after them all, is second in
+    line and the next but one to start."""
+    a, b = tenants.fal_client("team-a"), tenants.fal_client("team-b")
+    with tenants.http("team-a") as http:
+        with blocking_job(http):
+            backlog = [a.submit(DEV, small_input(seed=n)).request_id for n in range(200)]
+            single = b.submit(DEV, small_input()).request_id
+            waiting = b.status(DEV, single)
+            assert isinstance(waiting, tenants.fal.Queued) and waiting.position == 1
+        assert b.result(DEV, single)["images"]  # the blocker is cancelled: the worker goes on
+        ours = {*backlog, single}
+        with sqlite3.connect(tenants.data_dir / "queue.sqlite3") as db:
+            rows = db.execute("SELECT id FROM jobs WHERE started_at IS NOT NULL ORDER BY started_at")
+            started = [request_id for (request_id,) in rows if request_id in ours]
+        assert single in started[:2], started[:3]
+        for request_id in backlog:  # the rest of the backlog would hold the module's worker
+            http.put(f"/{APP}/requests/{request_id}/cancel")
