@@ -164,9 +164,9 @@ def create_app(settings: Settings, *, queue: JobQueue | None = None) -> FastAPI:
 def add_routes(app: FastAPI, router: APIRouter) -> None:
     """Append `router`'s routes to the app's own list, in order, instead of `include_router`.
     Since FastAPI 0.137 an included router stays one more node of the route tree that every
-    request walks, matching its routes twice; a submit, matched after every other router, paid
-    about 0.2 ms for it (docs/benchmarks.md, "What changed (the submit path's CPU)"). Each route already
-    carries its router's prefix, dependencies and tags."""
+    request walks, matching its routes twice: 0.15-0.25 ms of CPU per submit (docs/
+    benchmarks.md, "What changed"). Each route already carries its router's prefix,
+    dependencies and tags."""
     app.router.routes.extend(router.routes)
 
 

@@ -46,7 +46,7 @@ class FalOwner(StringConvertor):
     """fal's `{owner}` path segment: any segment but the first segment of this server's other
     routes, so that fal's patterns, which would match those routes' paths too, can be tried
     first. The app tries routes in order; a submit matched after the other 40 paid 0.05-0.1 ms
-    for it (docs/benchmarks.md, "What changed (the submit path's CPU)"). tests/server/api/test_app.py checks
+    of CPU for it (docs/benchmarks.md, "What changed"). tests/server/api/test_app.py checks
     that every other route starts with one of these."""
 
     RESERVED = (".well-known", "admin", "docs", "files", "health", "metrics", "openapi.json")
@@ -55,6 +55,7 @@ class FalOwner(StringConvertor):
 
 
 register_url_convertor("fal_owner", FalOwner())
+
 # Path patterns document nothing useful: server/api/protocols/fal/openapi.py describes each
 # app and endpoint of the app table instead.
 router = APIRouter(dependencies=[Depends(require_fal_key)], include_in_schema=False)
