@@ -5,8 +5,8 @@ server/queue/fairshare.py), then `seq` from a sequence; a job put back takes the
 and its `seq` from a second sequence counting down from 0, so it goes to the head. Claims take the
 head with `FOR UPDATE SKIP LOCKED` in one short transaction: workers on many boxes never wait
 for each other and never take the same job. Pool, transactions and row steps are in
-store.py, the tables in schema.py, webhook deliveries in deliveries.py, recovery, purge and
-the worker registry in maintenance.py, wake-ups in wakeups.py.
+store.py, the tables in schema.py, the reads in reads.py, webhook deliveries in deliveries.py,
+recovery, purge and the worker registry in maintenance.py, wake-ups in wakeups.py.
 """
 
 from __future__ import annotations
@@ -30,16 +30,15 @@ from server.queue.base import (
     ClaimPreference,
     Heartbeats,
     JobQueue,
-    QueueCounts,
 )
 from server.queue.fairshare import BatchTags, known_sql, read_known, tag_step
 from server.queue.idempotency import IdempotencyKey, Submitted
 from server.queue.postgres.deliveries import PostgresDeliveries
 from server.queue.postgres.maintenance import PostgresMaintenance
+from server.queue.postgres.reads import PostgresReads
 from server.queue.postgres.store import DB_NOW, RECORD_COLUMNS, REQUEUE
 from server.queue.postgres.wakeups import CHANNEL, SUBMIT_KEY
 from server.queue.records import PRIORITY_RANK, input_row, utc_timestamp, with_inputs, without_inputs
-from server.queue.usage import USAGE_TOTALS_SQL, UsageRow
 
 # A lost notification (a dropped listening connection) costs at most this long.
 FALLBACK_POLL_SECONDS = 2.0
@@ -56,7 +55,7 @@ _PASSED = (
 )
 
 
-class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
+class PostgresQueue(PostgresReads, PostgresMaintenance, PostgresDeliveries, JobQueue):
     def __init__(self, url: str, *, role: str, lease_seconds: float = 30.0) -> None:
         super().__init__(url, role=role, lease_seconds=lease_seconds)
         self._interrupted = threading.Event()
@@ -173,86 +172,6 @@ class PostgresQueue(PostgresMaintenance, PostgresDeliveries, JobQueue):
                 )
         self._notify(conn, [SUBMIT_KEY])
         return positions
-
-    def usage(self, first_day: str | None = None, last_day: str | None = None) -> list[UsageRow]:
-        rows = self._run(
-            lambda conn: conn.execute(
-                "SELECT day, tenant, app_id, requests, failed, images, pixels, gpu_seconds FROM flux_usage "
-                "WHERE day >= %s AND day <= %s ORDER BY day, tenant, app_id",
-                (first_day or "", last_day or "9999-12-31"),
-            ).fetchall()
-        )
-        return [UsageRow(*row) for row in rows]
-
-    def usage_totals(self) -> list[UsageRow]:
-        rows = self._run(lambda conn: conn.execute(USAGE_TOTALS_SQL.format(table="flux_usage")).fetchall())
-        return [UsageRow(*row) for row in rows]
-
-    def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
-        # The record and its log lines in one statement: one round trip per status poll.
-        row = self._run(
-            lambda conn: conn.execute(
-                f"SELECT {RECORD_COLUMNS}, CASE WHEN %s THEN (SELECT json_agg(json_build_array("
-                "ts, level, source, message) ORDER BY l.id) FROM flux_logs l WHERE l.request_id = j.id) END "
-                "FROM flux_jobs j WHERE j.id = %s",
-                (with_logs, request_id),
-            ).fetchone()
-        )
-        if row is None:
-            return None
-        logs = [
-            LogEntry(timestamp=ts, level=level, source=source, message=message)
-            for ts, level, source, message in row[-1] or []
-        ]
-        return self._record(row[:-1], logs)
-
-    def position(self, request_id: str) -> int | None:
-        # One range count over the queue index: the cost grows with the position, not with
-        # the length of the queue.
-        row = self._run(
-            lambda conn: conn.execute(
-                "SELECT j.status, (SELECT count(*) FROM flux_jobs q WHERE q.status = 'IN_QUEUE' "
-                "AND (q.priority_rank, q.fair_tag, q.seq) < (j.priority_rank, j.fair_tag, j.seq)) "
-                "FROM flux_jobs j WHERE j.id = %s",
-                (request_id,),
-            ).fetchone()
-        )
-        if row is None or row[0] != Status.IN_QUEUE.value:
-            return None
-        return int(row[1])
-
-    def depth(self) -> int:
-        row = self._run(
-            lambda conn: conn.execute("SELECT count(*) FROM flux_jobs WHERE status = 'IN_QUEUE'").fetchone()
-        )
-        return int(row[0]) if row else 0
-
-    def active_count(self, tenant: str | None) -> int:
-        row = self._run(
-            lambda conn: conn.execute(
-                # Two reads, each on a partial index: queued by tenant, running by lease.
-                "SELECT (SELECT count(*) FROM flux_jobs WHERE COALESCE(tenant, '') = %(t)s "
-                "AND status = 'IN_QUEUE') + (SELECT count(*) FROM flux_jobs "
-                "WHERE status = 'IN_PROGRESS' AND COALESCE(tenant, '') = %(t)s)",
-                {"t": tenant or ""},
-            ).fetchone()
-        )
-        return int(row[0]) if row else 0
-
-    def counts(self) -> QueueCounts:
-        # Queued and running rows only (completed ones, the bulk of the table, are not read).
-        row = self._run(
-            lambda conn: conn.execute(
-                "SELECT count(*) FILTER (WHERE status = 'IN_QUEUE' AND priority_rank = 0), "
-                "count(*) FILTER (WHERE status = 'IN_QUEUE' AND priority_rank = 1), "
-                "count(*) FILTER (WHERE status = 'IN_PROGRESS') FROM flux_jobs "
-                "WHERE status IN ('IN_QUEUE', 'IN_PROGRESS')"
-            ).fetchone()
-        )
-        normal, low, running = row if row else (0, 0, 0)
-        by_rank = {0: int(normal), 1: int(low)}
-        queued = {priority: by_rank.get(rank, 0) for priority, rank in PRIORITY_RANK.items()}
-        return QueueCounts(queued=queued, running=int(running))
 
     def cancel(self, request_id: str) -> CancelOutcome:
         def cancel(conn: psycopg.Connection) -> CancelOutcome:

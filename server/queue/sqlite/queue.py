@@ -4,7 +4,7 @@ Ordering: `priority_rank` (0 normal, 1 low), then `fair_tag` (fair share between
 server/queue/fairshare.py), then `seq`, an INTEGER PRIMARY KEY that grows with every submit. A
 job that goes back to the queue gets the smallest tag and a `seq` below every other one: the head.
 Connections, transactions and the row helpers are in store.py, the tables in schema.py, the
-webhook deliveries in deliveries.py.
+webhook deliveries in deliveries.py, the reads in reads.py.
 """
 
 from __future__ import annotations
@@ -31,15 +31,14 @@ from server.queue.base import (
     ClaimPreference,
     Heartbeats,
     JobQueue,
-    QueueCounts,
     WorkerInfo,
 )
 from server.queue.fairshare import BatchTags, known_sql, read_known, requeue_tag_sql, tag_step
 from server.queue.idempotency import IdempotencyKey, Submitted
 from server.queue.records import PRIORITY_RANK, file_names_in_results, input_row, without_inputs
 from server.queue.sqlite.deliveries import SQLiteDeliveries
+from server.queue.sqlite.reads import SQLiteReads
 from server.queue.sqlite.store import RECORD_COLUMNS, WORKERS_KEY
-from server.queue.usage import USAGE_TOTALS_SQL, UsageRow
 
 # A lost datagram costs at most this long: every wait re-reads the database after it.
 FALLBACK_POLL_SECONDS = 0.5
@@ -48,7 +47,7 @@ _REQUEUE = f"{requeue_tag_sql('jobs', 'MIN')}, seq = (SELECT MIN(seq) FROM jobs)
 _KNOWN = known_sql("jobs", "?")
 
 
-class SQLiteQueue(SQLiteDeliveries, JobQueue):
+class SQLiteQueue(SQLiteReads, SQLiteDeliveries, JobQueue):
     def __init__(self, db_path: Path, run_dir: Path, *, role: str, lease_seconds: float = 30.0) -> None:
         super().__init__(db_path, run_dir, role=role, lease_seconds=lease_seconds)
         self._interrupted = threading.Event()  # set by `interrupt_claim`, cleared by `claim`
@@ -140,76 +139,6 @@ class SQLiteQueue(SQLiteDeliveries, JobQueue):
             inputs,
         )
         return bare_jobs, positions
-
-    def usage(self, first_day: str | None = None, last_day: str | None = None) -> list[UsageRow]:
-        rows = self._conn().execute(
-            "SELECT day, tenant, app_id, requests, failed, images, pixels, gpu_seconds FROM tenant_usage "
-            "WHERE day >= ? AND day <= ? ORDER BY day, tenant, app_id",
-            (first_day or "", last_day or "9999-12-31"),
-        )
-        return [UsageRow(*row) for row in rows]
-
-    def usage_totals(self) -> list[UsageRow]:
-        rows = self._conn().execute(USAGE_TOTALS_SQL.format(table="tenant_usage"))
-        return [UsageRow(*row) for row in rows]
-
-    def get(self, request_id: str, *, with_logs: bool = True) -> JobRecord | None:
-        conn = self._conn()
-        row = conn.execute(f"SELECT {RECORD_COLUMNS} FROM jobs WHERE id = ?", (request_id,)).fetchone()
-        if row is None:
-            return None
-        return self._record(row, self._logs(conn, request_id) if with_logs else [])
-
-    def position(self, request_id: str) -> int | None:
-        # The higher classes' counts, then one index range count of the jobs before it in its
-        # own class: the cost grows with the position in the class, not with the queue length.
-        row = (
-            self._conn()
-            .execute(
-                "SELECT j.status, "
-                "(SELECT COALESCE(SUM(queued), 0) FROM queue_counts c "
-                "WHERE c.priority_rank < j.priority_rank) + "
-                # Two plain index ranges: a row-value comparison would filter row by row.
-                "(SELECT COUNT(*) FROM jobs q WHERE q.status = 'IN_QUEUE' "
-                "AND q.priority_rank = j.priority_rank AND q.fair_tag < j.fair_tag) + "
-                "(SELECT COUNT(*) FROM jobs q WHERE q.status = 'IN_QUEUE' "
-                "AND q.priority_rank = j.priority_rank AND q.fair_tag = j.fair_tag AND q.seq < j.seq) "
-                "FROM jobs j WHERE j.id = ?",
-                (request_id,),
-            )
-            .fetchone()
-        )
-        if row is None or row[0] != Status.IN_QUEUE.value:
-            return None
-        return int(row[1])
-
-    def depth(self) -> int:
-        (count,) = self._conn().execute("SELECT COALESCE(SUM(queued), 0) FROM queue_counts").fetchone()
-        return int(count)
-
-    def active_count(self, tenant: str | None) -> int:
-        (count,) = (
-            self._conn()
-            .execute(
-                "SELECT (SELECT COUNT(*) FROM jobs INDEXED BY jobs_tenant_queue "
-                "WHERE COALESCE(tenant, '') = ?1 AND status = 'IN_QUEUE') + "
-                "(SELECT COUNT(*) FROM jobs INDEXED BY jobs_lease "
-                "WHERE status = 'IN_PROGRESS' AND COALESCE(tenant, '') = ?1)",
-                (tenant or "",),
-            )
-            .fetchone()
-        )
-        return int(count)
-
-    def counts(self) -> QueueCounts:
-        conn = self._conn()
-        by_rank = dict(conn.execute("SELECT priority_rank, queued FROM queue_counts").fetchall())
-        queued = {priority: int(by_rank.get(rank, 0)) for priority, rank in PRIORITY_RANK.items()}
-        # The lease index holds exactly the running jobs.
-        (running,) = conn.execute(
-            "SELECT COUNT(*) FROM jobs INDEXED BY jobs_lease WHERE status = 'IN_PROGRESS'"
-        ).fetchone()
-        return QueueCounts(queued=queued, running=int(running))
 
     def cancel(self, request_id: str) -> CancelOutcome:
         now = time.time()
