@@ -91,6 +91,13 @@ requests_total = Counter(
     ["endpoint", "outcome"],
 )
 images_generated_total = Counter(PREFIX + "images_generated", "Images generated and stored", ["endpoint"])
+# API side: a submit refused over one of its key's quotas (server/api/tenancy.py); the tenant
+# is the key's name, so the label stays as few as the keys with quotas.
+quota_refusals_total = Counter(
+    PREFIX + "quota_refusals",
+    "Submits refused over a tenant's quota, by tenant and quota (queued, per_minute, images_per_day)",
+    ["tenant", "quota"],
+)
 webhook_deliveries_total = Counter(
     PREFIX + "webhook_deliveries",
     "Webhook delivery attempts by outcome (delivered, retry, gave_up)",

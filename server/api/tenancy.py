@@ -15,12 +15,13 @@ import time
 from fastapi import Request
 from starlette.exceptions import HTTPException
 
-from server import lifecycle
+from server import lifecycle, metrics
 from server.api.auth import caller_of
 from server.api.idempotency import store
 from server.api.queued_counts import ActiveCount, QueuedCounts
 from server.jobs import Job, JobRecord
 from server.queue.idempotency import Submitted
+from server.queue.usage import tenant_label
 from server.tenants import Caller
 from server.tenants.quotas import OverQuota, QuotaCounters, check_queued
 
@@ -42,7 +43,8 @@ def queued_counts(request: Request) -> QueuedCounts:
     return request.app.state.queued_counts
 
 
-def refusal(over: OverQuota) -> HTTPException:
+def refusal(caller: Caller, over: OverQuota) -> HTTPException:
+    metrics.quota_refusals_total.labels(tenant_label(caller.tenant), over.quota).inc()
     return HTTPException(
         TOO_MANY_REQUESTS, detail=over.message, headers={"Retry-After": str(over.retry_after)}
     )
@@ -80,7 +82,7 @@ async def _submit_within_quotas(request: Request, caller: Caller, job: Job) -> S
     if over is None:
         over = quota_counters(request).check(caller, job.num_images)
     if over is not None:
-        raise refusal(over)
+        raise refusal(caller, over)
     if active is None:
         return await store(request, job)
     counts.admit(caller.tenant, active)

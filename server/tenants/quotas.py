@@ -27,6 +27,7 @@ class OverQuota:
 
     message: str
     retry_after: int
+    quota: str  # which: "queued", "per_minute" or "images_per_day"
 
 
 def utc_day(now: float) -> str:
@@ -67,6 +68,7 @@ class QuotaCounters:
             return OverQuota(
                 f"Rate limit: at most {quotas.per_minute} submits per minute for this key",
                 max(1, math.ceil(wait)),
+                "per_minute",
             )
         day = self._utc_day(now)
         counted_day, used = self._images.get(caller.tenant, (day, 0))
@@ -76,6 +78,7 @@ class QuotaCounters:
                 f"Daily quota: at most {quotas.images_per_day} images per UTC day for this key "
                 f"({used} used today, this request asks for {images})",
                 seconds_to_next_utc_day(now),
+                "images_per_day",
             )
         recent.append(now)
         self._images[caller.tenant] = (day, used + images)
@@ -89,5 +92,6 @@ def check_queued(caller: Caller, active: int) -> OverQuota | None:
         return OverQuota(
             f"Too many requests in progress: at most {limit} queued or running for this key",
             QUEUED_RETRY_AFTER,
+            "queued",
         )
     return None

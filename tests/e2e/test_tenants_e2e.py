@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,3 +288,28 @@ def test_fal_client_a_tenants_backlog_delays_anothers_request_by_at_most_one_job
         assert single in started[:2], started[:3]
         for request_id in backlog:  # the rest of the backlog would hold the module's worker
             http.put(f"/{APP}/requests/{request_id}/cancel")
+
+
+def queued_refusals(admin: httpx.Client, tenant: str) -> float:
+    """fluxserver_quota_refusals_total for the tenant's queued quota, as /metrics sums it."""
+    metrics = admin.get("/metrics")
+    assert metrics.status_code == 200, metrics.text
+    pattern = rf'^fluxserver_quota_refusals_total{{quota="queued",tenant="{tenant}"}} (\S+)$'
+    found = re.search(pattern, metrics.text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_fal_client_waits_out_a_queued_quota_by_itself(tenants):
+    """fal_client retries a 429 with backoff on its own: a submit over the queued quota goes
+    through as soon as the tenant's slot frees, and each refusal shows in /metrics."""
+    tight = tenants.fal_client("tight")
+    with tenants.http("tight") as http, tenants.http("boss") as boss:
+        blocker = http.post(f"/{DEV}", json=BLOCKER_INPUT).json()["request_id"]
+        refused_before = queued_refusals(boss, "tight")
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(tight.submit, DEV, small_input())
+            wait_until(lambda: queued_refusals(boss, "tight") > refused_before, 30, "a refusal")
+            assert not waiting.done()  # refused, and retrying
+            assert http.put(f"/{APP}/requests/{blocker}/cancel").status_code == 202
+            handle = waiting.result(timeout=120)
+    assert tight.result(DEV, handle.request_id)["images"]

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from server.api import queued_counts
 from server.jobs import Status
@@ -171,6 +172,7 @@ def test_a_metrics_key_reads_metrics_only_and_a_user_key_cannot_read_metrics(api
 
 
 def test_the_queued_quota_is_429_with_retry_after_on_every_protocol(api):
+    counted = refusals("tight", "queued")
     first, second = fal_submit(api, "tight"), fal_submit(api, "tight")
     fal = api.client.post("/fal-ai/flux/dev", json=FAL_BODY, headers=as_("tight"))
     assert fal.status_code == 429 and int(fal.headers["retry-after"]) > 0
@@ -184,6 +186,7 @@ def test_the_queued_quota_is_429_with_retry_after_on_every_protocol(api):
     )
     assert openai.status_code == 429 and openai.headers["retry-after"]
     assert openai.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refusals("tight", "queued") == counted + 3  # one per protocol
     # Other tenants are not held back, and a finished job frees a slot: running counts too.
     fal_submit(api, "team-b")
     api.complete(api.claim(first))
@@ -191,7 +194,17 @@ def test_the_queued_quota_is_429_with_retry_after_on_every_protocol(api):
     fal_submit(api, "tight")
 
 
+def refusals(tenant: str, quota: str) -> float:
+    """fluxserver_quota_refusals_total of this process (the app runs in the test's process)."""
+    value = REGISTRY.get_sample_value("fluxserver_quota_refusals_total", {"tenant": tenant, "quota": quota})
+    return value or 0.0
+
+
 def test_submits_per_minute_and_images_per_day_are_429_with_retry_after(api):
+    counted = {
+        quota: refusals(tenant, quota)
+        for tenant, quota in (("slow", "per_minute"), ("daily", "images_per_day"))
+    }
     fal_submit(api, "slow")
     fal_submit(api, "slow")
     third = api.client.post("/fal-ai/flux/dev", json=FAL_BODY, headers=as_("slow"))
@@ -203,6 +216,8 @@ def test_submits_per_minute_and_images_per_day_are_429_with_retry_after(api):
     assert over.status_code == 429 and "3 images per UTC day" in over.json()["detail"]
     assert 0 < int(over.headers["retry-after"]) <= 86400
     fal_submit(api, "daily", {**FAL_BODY, "num_images": 1})  # exactly up to the limit
+    assert refusals("slow", "per_minute") == counted["per_minute"] + 1
+    assert refusals("daily", "images_per_day") == counted["images_per_day"] + 1
 
 
 def test_a_revoked_key_is_refused_within_seconds_and_its_requests_live_on(api):
