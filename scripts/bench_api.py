@@ -157,7 +157,7 @@ def measure_gap(base: str, queue: JobQueue, n: int) -> dict:
     return {"n": n, "idle_per_job_ms": per_job_ms, "generate_mean_ms": generate / (n - 1) * 1000}
 
 
-async def _burst(port: int, n: int) -> list[tuple[int, float]]:
+async def fire_burst(port: int, n: int) -> list[tuple[int, float]]:
     body = json.dumps(INPUT).encode()
     extra = "".join(f"{name}: {value}\r\n" for name, value in HEADERS.items())
     request = (
@@ -189,7 +189,7 @@ async def _burst(port: int, n: int) -> list[tuple[int, float]]:
 
 def measure_burst(base: str, queue: JobQueue, n: int) -> dict:
     before = queue.depth()
-    results = asyncio.run(_burst(int(base.rsplit(":", 1)[1]), n))
+    results = asyncio.run(fire_burst(int(base.rsplit(":", 1)[1]), n))
     latencies = [ms for _, ms in results]
     accepted = sum(1 for status, _ in results if status == 200)
     return {"n": n, "accepted": accepted, "stored": queue.depth() - before,

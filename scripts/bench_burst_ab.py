@@ -97,7 +97,7 @@ def burst(server: Server, n: int) -> tuple[float, float]:
     bench_api.HEADERS.clear()
     if server.with_key:
         bench_api.HEADERS["Authorization"] = f"Key {bench_api.TENANT_TOKEN}"
-    results = asyncio.run(bench_api._burst(server.port, n))
+    results = asyncio.run(bench_api.fire_burst(server.port, n))
     refused = [status for status, _ in results if status != 200]
     if refused:
         raise RuntimeError(f"{server.name}: {len(refused)} of {n} submits refused ({set(refused)})")
