@@ -45,16 +45,15 @@ class QuotaCounters:
     def __init__(self) -> None:
         self._recent: dict[str | None, deque[float]] = {}
         self._images: dict[str | None, tuple[str, int]] = {}  # tenant -> (UTC day, images)
-        self._day = (0.0, 0.0, "")  # the UTC day last seen: its start, end (epoch s) and date
+        self._day = (-1.0, "")  # the UTC day last seen: its start (epoch s) and date
 
     def _utc_day(self, now: float) -> str:
-        """`utc_day(now)`, formatted once per day (a check runs on every submit)."""
-        start, end, day = self._day
-        if not start <= now < end:
-            day = utc_day(now)
-            start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
-            self._day = (start, start + 86400, day)
-        return day
+        """`utc_day(now)`, formatted once per day (a check runs on every submit). Epoch time
+        counts no leap seconds: every UTC day starts at a multiple of 86400."""
+        start = now - now % 86400
+        if start != self._day[0]:
+            self._day = (start, utc_day(now))
+        return self._day[1]
 
     def check(self, caller: Caller, images: int, now: float | None = None) -> OverQuota | None:
         """Refuse or count a submit of `images` images (counted only when admitted)."""

@@ -5,12 +5,14 @@ by hand (the API's tests run it against the real queue: test_tenancy.py)."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 
 import pytest
 
 from server.api import queued_counts
-from server.api.queued_counts import QueuedCounts
+from server.api.queued_counts import ActiveCount, QueuedCounts
 
 
 class HandAnsweredCount:
@@ -43,6 +45,16 @@ async def started(task: asyncio.Task[object]) -> None:
     assert not task.done()
 
 
+async def read_now(
+    counts: QueuedCounts, queue: HandAnsweredCount, value: int, *, read_after: float = -math.inf
+) -> ActiveCount:
+    """A count that waits for a read, the read answered `value`: what the waiter got."""
+    reading = asyncio.ensure_future(counts.count("a", read_after=read_after))
+    await started(reading)
+    await queue.answer(value)
+    return reading.result()
+
+
 @pytest.mark.anyio
 async def test_submits_without_a_count_share_one_read_and_see_each_others_admissions():
     queue = HandAnsweredCount()
@@ -62,10 +74,7 @@ async def test_an_older_count_admits_at_once_while_one_read_refreshes_it(monkeyp
     monkeypatch.setattr(queued_counts, "REUSE_SECONDS", 0.0)
     queue = HandAnsweredCount()
     counts = QueuedCounts(queue)
-    reading = asyncio.ensure_future(counts.count("a"))
-    await started(reading)
-    await queue.answer(1)
-    kept = reading.result()
+    kept = await read_now(counts, queue, 1)
     # Older than REUSE_SECONDS: served at once, twice, with one background read for both.
     assert (await counts.count("a")) is kept and (await counts.count("a")) is kept
     await settle()
@@ -80,15 +89,10 @@ async def test_an_older_count_admits_at_once_while_one_read_refreshes_it(monkeyp
 async def test_a_count_too_old_to_use_is_waited_for(monkeypatch):
     queue = HandAnsweredCount()
     counts = QueuedCounts(queue)
-    reading = asyncio.ensure_future(counts.count("a"))
-    await started(reading)
-    await queue.answer(0)
+    await read_now(counts, queue, 0)
     monkeypatch.setattr(queued_counts, "REUSE_SECONDS", 0.0)
     monkeypatch.setattr(queued_counts, "USABLE_SECONDS", 0.0)
-    waiting = asyncio.ensure_future(counts.count("a"))
-    await started(waiting)
-    await queue.answer(3)
-    assert waiting.result().value == 3
+    assert (await read_now(counts, queue, 3)).value == 3
 
 
 @pytest.mark.anyio
@@ -97,9 +101,7 @@ async def test_overlapping_reads_keep_the_newest_and_admissions_land_on_it():
     reads may end in any order, and each waiter must get (and add to) the newest count."""
     queue = HandAnsweredCount()
     counts = QueuedCounts(queue)
-    reading = asyncio.ensure_future(counts.count("a"))
-    await started(reading)
-    await queue.answer(2)
+    await read_now(counts, queue, 2)
     first = asyncio.ensure_future(counts.count("a", read_after=time.monotonic()))
     await started(first)
     second = asyncio.ensure_future(counts.count("a", read_after=time.monotonic()))
@@ -122,11 +124,7 @@ async def test_a_failed_read_fails_its_waiters_and_is_not_kept():
     for task in waiting:
         with pytest.raises(ConnectionError):
             task.result()
-    again = asyncio.ensure_future(counts.count("a"))
-    await started(again)
-    assert len(queue.asked) == 2  # read again
-    await queue.answer(0)
-    assert again.result().value == 0
+    assert (await read_now(counts, queue, 0)).value == 0 and len(queue.asked) == 2  # read again
 
 
 @pytest.mark.anyio
@@ -135,19 +133,12 @@ async def test_a_stored_submit_leaves_the_in_flight_count():
     holds them and they are not added twice."""
     queue = HandAnsweredCount()
     counts = QueuedCounts(queue)
-    reading = asyncio.ensure_future(counts.count("a"))
-    await started(reading)
-    await queue.answer(0)
-    counts.admit("a", reading.result())
-    refresh = asyncio.ensure_future(counts.count("a", read_after=time.monotonic()))
-    await started(refresh)
-    await queue.answer(0)  # not stored yet: in flight
-    assert refresh.result().value == 1
+    counts.admit("a", await read_now(counts, queue, 0))
+    # Not stored yet (the queue holds 0): in flight, added.
+    assert (await read_now(counts, queue, 0, read_after=time.monotonic())).value == 1
     counts.stored("a")
-    refresh = asyncio.ensure_future(counts.count("a", read_after=time.monotonic()))
-    await started(refresh)
-    await queue.answer(1)  # stored now
-    assert refresh.result().value == 1
+    # Stored now (the queue holds 1): not added again.
+    assert (await read_now(counts, queue, 1, read_after=time.monotonic())).value == 1
 
 
 @pytest.mark.anyio
@@ -160,7 +151,28 @@ async def test_warm_reads_each_quota_tenant_and_survives_a_failed_read():
     await queue.answer(ConnectionError("database down"), which=1)
     await warming  # no error: a failed read is left to the submits
     assert (await counts.count("a")).value == 3 and len(queue.asked) == 2
-    reading = asyncio.ensure_future(counts.count("b"))
+    reading = asyncio.ensure_future(counts.count("b"))  # b's failed read was not kept
     await started(reading)
     await queue.answer(2)
     assert reading.result().value == 2
+
+
+@pytest.mark.anyio
+async def test_a_failed_background_refresh_keeps_the_usable_count_and_is_tried_again(monkeypatch, caplog):
+    """The database goes down while a usable count is kept: submits go on being admitted on
+    it (their store then fails on its own), the failure is not an unretrieved task error,
+    and the next admission starts a new read."""
+    monkeypatch.setattr(queued_counts, "REUSE_SECONDS", 0.0)
+    queue = HandAnsweredCount()
+    counts = QueuedCounts(queue)
+    kept = await read_now(counts, queue, 1)
+    assert (await counts.count("a")) is kept  # starts a refresh in the background
+    await settle()
+    with caplog.at_level(logging.DEBUG, logger="flux_server.api"):
+        await queue.answer(ConnectionError("database down"))
+    assert "count read for tenant 'a' failed: database down" in caplog.text
+    assert (await counts.count("a")) is kept  # still served, and a new refresh starts
+    await settle()
+    assert len(queue.asked) == 3
+    await queue.answer(0)
+    assert (await counts.count("a")).value == 0
